@@ -1,0 +1,219 @@
+"""The backbone card: the one file between pretraining and transfer.
+
+A ``torch.save``d dict, loadable with ``torch.load(..., weights_only=True)``::
+
+    {"format": "ringbench-backbone/1",
+     "arch": "resnet18" | "resnet50" | <timm model name>,
+     "stem": "imagenet" | "cifar",
+     "state_dict": {torchvision ResNet keys, no fc},
+     "meta": {"method", "loss", "loss_params", "dataset", "epochs", "image_size",
+              "mean", "std", "seed", "config", "code_version", "created", ...}}
+
+The card carries its own input normalisation so transfer never guesses it. Two-stream
+cards (CMC) set ``meta["streams"]`` to the stream names and prefix state-dict keys with
+``"<stream>."``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from pretrain import __version__
+from pretrain.cli import UserError
+from pretrain.fileio import atomic_save
+
+FORMAT_NAME = "ringbench-backbone"
+FORMAT_VERSION = 1
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+
+STEMS = ("imagenet", "cifar")
+REQUIRED_META = ("method", "loss", "dataset", "image_size", "mean", "std")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class BackboneCard:
+    """In-memory form of a card. ``state_dict`` uses torchvision ResNet keys (no ``fc``)."""
+
+    arch: str
+    state_dict: dict[str, torch.Tensor]
+    stem: str = "imagenet"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.meta.get("mean", IMAGENET_MEAN))
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.meta.get("std", IMAGENET_STD))
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """Stream names of a multi-stream card (CMC: ``("l", "ab")``); empty for one stream."""
+        return tuple(self.meta.get("streams", ()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "arch": self.arch,
+            "stem": self.stem,
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()},
+            "meta": _plain(self.meta),
+        }
+
+
+def make_meta(**fields: Any) -> dict[str, Any]:
+    """Card metadata with ``code_version`` and ``created`` filled in."""
+    meta = {"code_version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    meta.update(fields)
+    return meta
+
+
+def save_card(card: BackboneCard, path: str | os.PathLike) -> Path:
+    """Validate and atomically write ``card`` to ``path``."""
+    data = card.to_dict()
+    validate_card_dict(data, source=str(path))
+    atomic_save(data, path)
+    return Path(path)
+
+
+def load_card(path: str | os.PathLike) -> BackboneCard:
+    """Read and validate a card; any problem is a :class:`UserError` naming the file."""
+    data = load_checkpoint_file(path)
+    if not is_card(data):
+        raise UserError(f"{path}: not a ringbench backbone card (no 'format': '{FORMAT_NAME}/N' entry)")
+    validate_card_dict(data, source=str(path))
+    return BackboneCard(arch=data["arch"], stem=data["stem"], state_dict=dict(data["state_dict"]), meta=dict(data["meta"]))
+
+
+def is_card(data: Any) -> bool:
+    return isinstance(data, Mapping) and str(data.get("format", "")).startswith(FORMAT_NAME + "/")
+
+
+def validate_card_dict(data: Mapping[str, Any], source: str = "card") -> None:
+    """Check a card dict against the format; raise :class:`UserError` with what is wrong."""
+    fmt = str(data.get("format", ""))
+    name, _, version = fmt.partition("/")
+    if name != FORMAT_NAME or not version.isdigit():
+        raise UserError(f"{source}: unknown card format {fmt!r} (expected {FORMAT!r})")
+    if int(version) > FORMAT_VERSION:
+        raise UserError(
+            f"{source}: card format {fmt!r} is newer than this code reads ({FORMAT!r}); upgrade ringbench"
+        )
+    arch = data.get("arch")
+    if not isinstance(arch, str) or not arch:
+        raise UserError(f"{source}: card has no architecture ('arch')")
+    if data.get("stem") not in STEMS:
+        raise UserError(f"{source}: card stem {data.get('stem')!r} is not one of {list(STEMS)}")
+    state = data.get("state_dict")
+    if not isinstance(state, Mapping) or not state:
+        raise UserError(f"{source}: card has an empty or missing 'state_dict'")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{source}: state_dict entries are not tensors: {bad[:5]}")
+    heads = [k for k in state if k.split(".")[0] == "fc" or ".fc." in k]
+    if heads:
+        raise UserError(f"{source}: a card holds the backbone only, found classifier keys {heads[:5]}")
+    meta = data.get("meta")
+    if not isinstance(meta, Mapping):
+        raise UserError(f"{source}: card has no 'meta' dict")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise UserError(f"{source}: card meta is missing {missing}")
+    for key in ("mean", "std"):
+        values = meta[key]
+        if not isinstance(values, (list, tuple)) or len(values) != 3:
+            raise UserError(f"{source}: card meta {key!r} must be 3 numbers, got {values!r}")
+    if any(float(s) <= 0 for s in meta["std"]):
+        raise UserError(f"{source}: card meta 'std' must be positive, got {meta['std']!r}")
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` with ``weights_only=True`` and clear errors for every way a file can be bad.
+
+    This is the one place the suite reads a checkpoint file from disk.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a checkpoint file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file, not a checkpoint")
+    if path.suffix == ".pkl":
+        return _load_detectron2_pickle(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise UserError(
+                f"{path}: refused by torch.load(weights_only=True): it holds Python objects, not just "
+                f"tensors ({first[:160]}). Re-save its state_dict, or convert it with a trusted script"
+            ) from exc
+        raise UserError(f"{path}: not a PyTorch checkpoint ({first[:160]})") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise UserError(f"{path}: truncated or not a PyTorch checkpoint ({msg})") from exc
+
+
+def _load_detectron2_pickle(path: Path) -> Any:
+    """Detectron2 ``.pkl`` model files: a dict of numpy arrays, sometimes under ``"model"``.
+
+    Unpickled with a restricted loader that only admits numpy arrays and builtins.
+    """
+    import numpy as np
+
+    class _Restricted(pickle.Unpickler):
+        _allowed = {
+            ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"),
+        }
+
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) in self._allowed:
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights pickle")
+
+    try:
+        with open(path, "rb") as handle:
+            data = _Restricted(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
+        raise UserError(f"{path}: not a Detectron2 weights pickle ({' '.join(str(exc).split())[:160]})") from exc
+    if isinstance(data, Mapping) and "model" in data and isinstance(data["model"], Mapping):
+        data = data["model"]
+    if not isinstance(data, Mapping):
+        raise UserError(f"{path}: Detectron2 pickle does not hold a dict of weights")
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, np.ndarray):
+            out[key] = torch.from_numpy(np.ascontiguousarray(value))
+        elif isinstance(value, torch.Tensor):
+            out[key] = value
+    return {"__detectron2__": True, "state_dict": out}
+
+
+def _plain(value: Any) -> Any:
+    """Meta as plain Python (lists, dicts, str, numbers) so ``weights_only`` loading accepts it."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return str(value)

@@ -1,0 +1,52 @@
+"""Command-line conventions shared by every ringbench entry point.
+
+Bad input raises :class:`UserError`; :func:`run_main` turns it (and the usual file errors) into
+one line on stderr and exit code 2. ``--debug`` keeps the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+
+class UserError(Exception):
+    """An error caused by the user's input (file, flag, config); reported in one line, exit 2."""
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every entry point has: ``--debug`` (tracebacks, debug logging)."""
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logging")
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)``; map user errors to a one-line message and exit code 2.
+
+    Exceptions other than :class:`UserError` (and missing files / bad values, which are nearly
+    always the user's) are bugs: they keep their traceback and exit 1.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        code = main(args)
+    except (UserError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        if debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) if not isinstance(exc, OSError) or not exc.filename else f"{exc.strerror}: {exc.filename}"
+    return " ".join(text.split()) or type(exc).__name__

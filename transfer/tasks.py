@@ -1,0 +1,109 @@
+"""The task registry: ``name -> Task``.
+
+A task evaluates one backbone on one downstream problem and returns metrics. Task families
+register themselves from their own modules (listed in ``_TASK_MODULES``) so that importing
+the registry is cheap and a family whose dependencies are missing fails only when used.
+
+Contract, used by ``transfer/run.py``:
+
+* ``task.add_arguments(parser)`` (optional) adds task-family flags to the shared CLI.
+* ``task.make_config(args) -> dict``: every setting that changes the result, resolved to plain
+  JSON values. Its hash is part of a record's identity (a rerun with the same backbone, task
+  and config is skipped unless ``--force``).
+* ``task.validate(backbone, config)``: raise :class:`pretrain.cli.UserError` on anything that
+  would fail later (unsupported arch, missing data files), before any work starts.
+* ``task.run(backbone, config, ctx) -> TaskResult``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pretrain.cli import UserError
+
+# Modules that call ``register`` at import time, one per task family.
+_TASK_MODULES = (
+    "transfer.d2.tasks",
+    "metadataset.tasks",
+    "transfer.linear",
+)
+
+
+@dataclass
+class TaskResult:
+    """What a task returns; ``transfer/run.py`` turns it into a result record."""
+
+    metrics: dict[str, float]
+    ci95: dict[str, float] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. per-seed metrics, skipped images
+    engine_versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TaskContext:
+    """Where a task may write (its own output folder) and how it should run."""
+
+    output_dir: Path
+    device: str = "cpu"
+    data_root: Path | None = None
+    cache_dir: Path | None = None
+    debug: bool = False
+
+
+@dataclass
+class Task:
+    name: str
+    family: str  # "detectron2" | "fewshot" | "linear"
+    description: str
+    make_config: Callable[[argparse.Namespace], dict[str, Any]]
+    run: Callable[[Any, dict[str, Any], TaskContext], TaskResult]
+    validate: Callable[[Any, dict[str, Any]], None] = lambda backbone, config: None
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    primary_metric: str = ""
+    needs_data: bool = False  # False: runs on an embedded default with nothing on disk
+
+
+_REGISTRY: dict[str, Task] = {}
+_LOADED = False
+_LOAD_ERRORS: dict[str, str] = {}
+
+
+def register(task: Task) -> Task:
+    if task.name in _REGISTRY and _REGISTRY[task.name] is not task:
+        raise ValueError(f"task {task.name!r} registered twice")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    for module in _TASK_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            # A family not built yet, or whose optional dependency is absent: its tasks are
+            # simply not listed; the reason is shown when one of them is asked for.
+            _LOAD_ERRORS[module] = str(exc)
+    _LOADED = True
+
+
+def all_tasks() -> dict[str, Task]:
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_task(name: str) -> Task:
+    tasks = all_tasks()
+    if name not in tasks:
+        hint = ""
+        if _LOAD_ERRORS:
+            hint = " (not loaded: " + "; ".join(f"{m}: {e}" for m, e in _LOAD_ERRORS.items()) + ")"
+        raise UserError(f"unknown task {name!r}; available: {', '.join(tasks) or 'none'}{hint}")
+    return tasks[name]
