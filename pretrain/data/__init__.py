@@ -1,0 +1,1 @@
+"""Datasets for pretraining and the shared synthetic shape renderer (the embedded default)."""
