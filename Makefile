@@ -1,0 +1,35 @@
+# ringbench: two commands on a fresh machine.
+#   make test   set up if needed, then run the default (fast) test suite
+#   make demo   set up if needed, then run the main job on the embedded synthetic data
+PY ?= python3.11
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.ringbench-setup
+
+.PHONY: setup test test-slow demo bench clean-venv
+
+setup: $(STAMP)
+
+# Re-runs when the dependency files change. torch/torchvision come from the pins in
+# constraints.txt; Detectron2 is installed by its own installer (see README, "Detectron2").
+$(STAMP): pyproject.toml constraints.txt transfer/d2/install.py
+	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (Python 3.11 is needed; set PY=...)"; exit 2; }
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[test,detectron2]'
+	$(PYTHON) -m transfer.d2.install
+	@touch $(STAMP)
+
+test: setup
+	$(PYTHON) -m pytest
+
+test-slow: setup
+	$(PYTHON) -m pytest -m slow
+
+demo: setup
+	$(PYTHON) -m transfer.demo
+
+bench: setup
+	for script in bench/*.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,147 @@
+"""Evaluate one backbone on one downstream task and append a result record.
+
+    python transfer/run.py --backbone ring_moco.pth --task coco_det
+    python transfer/run.py --backbone ring_moco.pth --task fewshot_digits --probe logreg
+    python transfer/run.py --list-tasks
+
+The backbone may be a ringbench card or any format ``transfer.backbones`` reads. A run whose
+record already exists (same backbone hash, task and config hash) is skipped unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run by path: make the repository importable without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.cli import UserError, add_common_flags, run_main  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from transfer.tasks import all_tasks
+
+    parser = argparse.ArgumentParser(
+        prog="transfer/run.py",
+        description="Evaluate a pretrained backbone on one transfer task (Detectron2 detection/segmentation/"
+        "keypoints, Meta-Dataset few-shot, linear evaluation) and append one result record to the results store.",
+        epilog="Tasks: `--list-tasks`. Records: <results>/records.jsonl; tables: transfer/leaderboard.py.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--backbone", type=Path, help="checkpoint: ringbench card (.pth), MoCo, Lightning, "
+                        "torchvision, timm or Detectron2 .pkl")
+    parser.add_argument("--task", help="task name (see --list-tasks)")
+    parser.add_argument("--name", help="backbone name in results (default: the file's stem)")
+    parser.add_argument("--arch", help="architecture, only for timm checkpoints that do not record it")
+    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (records.jsonl)")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="where tasks keep logs and weights")
+    parser.add_argument("--cache-dir", type=Path, default=Path("cache"), help="feature caches")
+    parser.add_argument("--data-root", type=Path, help="dataset root (else the task's environment variable)")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'")
+    parser.add_argument("--force", action="store_true", help="run even if a record with this config exists")
+    parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
+    add_common_flags(parser)
+    seen = set()
+    for task in all_tasks().values():
+        if task.add_arguments is not None and task.add_arguments not in seen:
+            seen.add(task.add_arguments)
+            task.add_arguments(parser)
+    return parser
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def list_tasks() -> str:
+    from tabulate import tabulate
+
+    from transfer.tasks import all_tasks
+
+    rows = [(t.name, t.family, "no" if t.needs_data else "yes", t.description) for t in all_tasks().values()]
+    return tabulate(rows, headers=["task", "family", "runs with no data", "description"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_tasks:
+        print(list_tasks())
+        return 0
+    if args.backbone is None or args.task is None:
+        raise UserError("--backbone and --task are required (see --help; --list-tasks lists tasks)")
+
+    from transfer.backbones import load_backbone
+    from transfer.results import append_record, config_hash, find_record, make_record
+    from transfer.tasks import TaskContext, get_task
+
+    task = get_task(args.task)
+    backbone = load_backbone(args.backbone, name=args.name, arch=args.arch)
+    config = task.make_config(args)
+    cfg_hash = config_hash(config)
+    existing = find_record(args.results, backbone.sha256, task.name, cfg_hash)
+    if existing and not args.force:
+        print(f"skipped: {backbone.name} on {task.name} (config {cfg_hash}) is already in {args.results}; "
+              f"--force to run again")
+        print(format_metrics(existing))
+        return 0
+    task.validate(backbone, config)
+    ctx = TaskContext(
+        output_dir=args.output_dir / f"{backbone.name}-{backbone.sha256[:8]}" / task.name / cfg_hash,
+        device=resolve_device(args.device),
+        data_root=args.data_root,
+        cache_dir=args.cache_dir,
+        debug=args.debug,
+    )
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{task.name}: {backbone.name} ({backbone.arch}, {backbone.source_format}, sha256 {backbone.sha256[:12]}) "
+          f"on {ctx.device}; output {ctx.output_dir}", file=sys.stderr)
+    start = time.perf_counter()
+    result = task.run(backbone, config, ctx)
+    record = make_record(
+        backbone=backbone.name,
+        backbone_sha256=backbone.sha256,
+        task=task.name,
+        metrics=result.metrics,
+        ci95=result.ci95,
+        seeds=result.seeds,
+        config=config,
+        engine_versions=result.engine_versions or None,
+        wall_s=time.perf_counter() - start,
+        family=task.family,
+        backbone_meta=_meta_summary(backbone.meta),
+        extra=result.extra,
+    )
+    path = append_record(args.results, record)
+    print(format_metrics(record))
+    print(f"record appended to {path}", file=sys.stderr)
+    return 0
+
+
+def _meta_summary(meta: dict) -> dict:
+    """The card metadata a leaderboard needs (method, loss and its parameters, data, epochs)."""
+    keys = ("method", "loss", "loss_params", "dataset", "epochs", "arch", "streams", "pair", "image_size")
+    return {k: meta[k] for k in keys if k in meta}
+
+
+def format_metrics(record: dict) -> str:
+    from tabulate import tabulate
+
+    ci = record.get("ci95") or {}
+    rows = [(k, f"{v:.3f}" if isinstance(v, float) else v, f"± {ci[k]:.3f}" if k in ci else "")
+            for k, v in record["metrics"].items()]
+    title = f"{record['backbone']} / {record['task']}"
+    return title + "\n" + tabulate(rows, headers=["metric", "value", "ci95"])
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
