@@ -45,7 +45,7 @@ def create_backbone(arch: str, stem: str = "imagenet") -> nn.Module:
     if stem == "cifar":
         raise UserError(f"stem 'cifar' is only defined for torchvision ResNets, not {arch!r}")
     model = timm.create_model(arch, pretrained=False, num_classes=0)
-    model.feature_dim = int(model.num_features)
+    model.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
     return model
 
 

@@ -162,8 +162,9 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
                 f"tensors ({first[:160]}). Re-save its state_dict, or convert it with a trusted script"
             ) from exc
         raise UserError(f"{path}: not a PyTorch checkpoint ({first[:160]})") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        msg = " ".join(str(exc).split())[:200]
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as exc:
+        # torch.load reports damaged files through many exception types; none is the user's bug.
+        msg = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise UserError(f"{path}: truncated or not a PyTorch checkpoint ({msg})") from exc
 
 

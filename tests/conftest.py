@@ -1,0 +1,19 @@
+"""Shared fixtures (helpers live in tests/helpers.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import write_card
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def card_path(tmp_path: Path) -> Path:
+    """A ResNet-18 CIFAR-stem backbone card."""
+    return write_card(tmp_path / "card.pth")

@@ -1,0 +1,34 @@
+"""Test helpers: small real backbone cards and running the CLIs as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def resnet_state(arch: str = "resnet18", stem: str = "imagenet", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A randomly initialised backbone's state dict (torchvision keys, no fc)."""
+    from pretrain.backbones import create_backbone
+
+    torch.manual_seed(seed)
+    return create_backbone(arch, stem).state_dict()
+
+
+def write_card(path: Path, arch: str = "resnet18", stem: str = "cifar", seed: int = 0, **meta) -> Path:
+    from pretrain.checkpoint import BackboneCard, make_meta, save_card
+
+    fields = dict(method="moco", loss="ring", loss_params={"t": 0.07}, dataset="synthetic", epochs=1,
+                  image_size=32 if stem == "cifar" else 224, mean=[0.5, 0.4, 0.3], std=[0.25, 0.25, 0.25], seed=seed,
+                  config={})
+    fields.update(meta)
+    return save_card(BackboneCard(arch=arch, stem=stem, state_dict=resnet_state(arch, stem, seed), meta=make_meta(**fields)), path)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` from the repository root, as a user would."""
+    return subprocess.run([sys.executable, *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
