@@ -65,7 +65,12 @@ class Task:
     validate: Callable[[Any, dict[str, Any]], None] = lambda backbone, config: None
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     primary_metric: str = ""
+    headline: tuple[str, ...] = ()  # metrics the leaderboard shows by default (else primary_metric)
     needs_data: bool = False  # False: runs on an embedded default with nothing on disk
+
+    @property
+    def headline_metrics(self) -> tuple[str, ...]:
+        return self.headline or ((self.primary_metric,) if self.primary_metric else ())
 
 
 _REGISTRY: dict[str, Task] = {}
