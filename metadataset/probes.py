@@ -1,0 +1,368 @@
+"""Probes on frozen features: one interface, ``fit_predict(support_x, support_y, query_x) -> query_pred``.
+
+* :class:`LogisticRegressionProbe`: multinomial logistic regression on L2-normalised features,
+  ``min_{W,b} mean_i CE(W^T x_i + b, y_i) + (lambda/2) ||W||^2`` (the bias is not penalised; this is
+  scikit-learn's ``LogisticRegression(C=1/(lambda n))``). ``lambda`` is fixed, or chosen per episode
+  by stratified cross-validation on the support set over a log grid. Many episodes (and all
+  grid points and folds of each) are solved at once as one batched problem with L-BFGS
+  (:func:`solve_logreg`).
+* :class:`CentroidProbe`: nearest class mean under cosine similarity (ProtoNet-style).
+* :class:`KNNProbe`: k nearest support examples under cosine similarity, majority vote.
+
+Few-shot speed-up, exact: the minimiser's ``W`` lies in the span of the training features (the
+gradient of the data term is ``X^T G``), so with fewer support examples than dimensions the problem
+is solved in an orthonormal basis of that span (``r <= n`` coordinates instead of ``D``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pretrain.cli import UserError
+
+DEFAULT_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+_MASKED = -1e9  # logit of a padding class
+
+
+def l2_normalise(x: np.ndarray | torch.Tensor, eps: float = 1e-12):
+    if isinstance(x, torch.Tensor):
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def solver_dtype(device: str | torch.device) -> torch.dtype:
+    """float64 on CPU (cheap there, and matches reference solvers closely); float32 on GPUs."""
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+# --- the batched solver -----------------------------------------------------------------------
+
+
+def logreg_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x (B, N, D)``, ``weight (B, D, P, K)``, ``bias (B, P, K)`` -> logits ``(B, N, P, K)``.
+
+    ``P`` problems per batch item share its features (grid points, folds): one matmul, no copies.
+    """
+    b, d, p, k = weight.shape
+    return torch.bmm(x, weight.reshape(b, d, p * k)).reshape(b, x.shape[1], p, k) + bias[:, None]
+
+
+def logreg_objective(
+    x: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor,
+    lam: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+) -> torch.Tensor:
+    """Per-problem ``(B, P)`` objective: weighted mean cross-entropy + ``lam/2 ||W||^2``."""
+    logits = logreg_logits(x, weight, bias).masked_fill(~class_mask[:, None, None, :], _MASKED)
+    index = y[:, :, None, None].expand(-1, -1, logits.shape[2], 1)
+    ce = torch.logsumexp(logits, dim=-1) - logits.gather(-1, index).squeeze(-1)  # (B, N, P)
+    w = sample_weight.transpose(1, 2)  # (B, N, P)
+    data = (ce * w).sum(1) / w.sum(1).clamp_min(1.0)
+    return data + 0.5 * lam * weight.pow(2).sum(dim=(1, 3))
+
+
+def solve_logreg(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sample_weight: torch.Tensor,
+    class_mask: torch.Tensor,
+    lam: torch.Tensor,
+    max_iter: int = 500,
+    tol: float = 1e-6,
+    history: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve ``B x P`` independent L2-regularised multinomial logistic regressions at once.
+
+    ``x (B, N, D)`` features (padding rows arbitrary), ``y (B, N)`` labels in ``[0, K)``,
+    ``sample_weight (B, P, N)`` (0 drops a sample: padding, or a held-out fold), ``class_mask (B, K)``
+    (False: a padding class), ``lam (B, P)``. Returns ``weight (B, D, P, K)``, ``bias (B, P, K)``.
+
+    Batched L-BFGS (Nocedal & Wright, Algorithm 7.4/7.5) in which every problem keeps its own
+    curvature pairs, step length (Armijo backtracking) and stopping test (max |gradient| < ``tol``),
+    so that a badly conditioned problem (small ``lambda``) does not slow down the others. One
+    function evaluation serves all problems: the objectives are independent, so the gradient of
+    their sum is every problem's gradient.
+    """
+    b, _, d = x.shape
+    p, k = lam.shape[1], class_mask.shape[1]
+    shape = (b, p, d + 1, k)
+
+    def objective(theta: torch.Tensor) -> torch.Tensor:
+        weight = theta[:, :, :d].permute(0, 2, 1, 3).contiguous()
+        return logreg_objective(x, y, sample_weight, class_mask, lam, weight, theta[:, :, d])
+
+    def value_and_grad(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            theta = theta.detach().requires_grad_(True)
+            f = objective(theta)
+            (g,) = torch.autograd.grad(f.sum(), theta)
+        return f.detach(), g
+
+    def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (u * v).sum(dim=(2, 3))
+
+    def per(v: torch.Tensor) -> torch.Tensor:  # (B, P) -> broadcastable over a parameter tensor
+        return v[:, :, None, None]
+
+    theta = torch.zeros(shape, dtype=x.dtype, device=x.device)
+    f, g = value_and_grad(theta)
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    gamma = 1.0 / g.abs().sum(dim=(2, 3)).clamp_min(1.0)  # first step as torch's L-BFGS
+    active = g.abs().amax(dim=(2, 3)) > tol
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        # two-loop recursion, per problem
+        q = g.clone()
+        alphas = []
+        for s, yv, rho in reversed(pairs):
+            a = rho * dot(s, q)
+            q -= per(a) * yv
+            alphas.append(a)
+        r = per(gamma) * q
+        for (s, yv, rho), a in zip(pairs, reversed(alphas)):
+            r += per(a - rho * dot(yv, r)) * s
+        direction = -r
+        slope = dot(g, direction)
+        uphill = slope >= 0
+        if uphill.any():  # not a descent direction: restart with steepest descent
+            direction = torch.where(per(uphill), -g * per(gamma), direction)
+            slope = dot(g, direction)
+        # Armijo backtracking, per problem
+        step = torch.ones_like(f)
+        todo = active.clone()
+        new_theta, new_f = theta.clone(), f.clone()
+        for _ in range(40):
+            with torch.no_grad():
+                trial = theta + per(step) * direction
+                f_trial = objective(trial)
+            ok = todo & (f_trial <= f + 1e-4 * step * slope)
+            new_theta = torch.where(per(ok), trial, new_theta)
+            new_f = torch.where(ok, f_trial, new_f)
+            todo &= ~ok
+            if not todo.any():
+                break
+            step = torch.where(todo, step * 0.5, step)
+        active &= ~todo  # no decrease possible: converged to machine precision
+        new_f, new_g = value_and_grad(new_theta)
+        s, yv = new_theta - theta, new_g - g
+        sy = dot(s, yv)
+        good = sy > 1e-10
+        rho = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy))
+        pairs = (pairs + [(s, yv, rho)])[-history:]
+        gamma = torch.where(good, sy / dot(yv, yv).clamp_min(1e-30), gamma)
+        theta, f, g = new_theta, new_f, new_g
+        active &= g.abs().amax(dim=(2, 3)) > tol
+    return theta[:, :, :d].permute(0, 2, 1, 3).contiguous(), theta[:, :, d].contiguous()
+
+
+# --- episodes in batches ----------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    """Episodes padded to common sizes; support features projected onto their own span."""
+
+    x: torch.Tensor  # (B, N, r)
+    y: torch.Tensor  # (B, N)
+    valid: torch.Tensor  # (B, N) bool
+    class_mask: torch.Tensor  # (B, K) bool
+    query: torch.Tensor  # (B, M, r)
+
+
+def _pad_batch(tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], device, dtype, project: bool) -> _Batch:
+    b = len(tasks)
+    n = max(len(t[1]) for t in tasks)
+    m = max(len(t[2]) for t in tasks)
+    d = tasks[0][0].shape[1]
+    k = max(int(t[1].max()) + 1 for t in tasks)
+    x = torch.zeros(b, n, d, dtype=dtype)
+    q = torch.zeros(b, m, d, dtype=dtype)
+    y = torch.zeros(b, n, dtype=torch.long)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    class_mask = torch.zeros(b, k, dtype=torch.bool)
+    for i, (sx, sy, qx) in enumerate(tasks):
+        x[i, : len(sy)] = torch.as_tensor(l2_normalise(sx), dtype=dtype)
+        q[i, : len(qx)] = torch.as_tensor(l2_normalise(qx), dtype=dtype)
+        y[i, : len(sy)] = torch.as_tensor(sy)
+        valid[i, : len(sy)] = True
+        class_mask[i, np.unique(sy)] = True
+    x, q, y, valid, class_mask = (t.to(device) for t in (x, q, y, valid, class_mask))
+    if project and n < d:
+        basis, _ = torch.linalg.qr(x.transpose(1, 2))  # (B, D, n): spans every support set
+        x, q = torch.bmm(x, basis), torch.bmm(q, basis)
+    return _Batch(x, y, valid, class_mask, q)
+
+
+def stratified_folds(y: torch.Tensor, valid: torch.Tensor, folds: int) -> torch.Tensor:
+    """Fold index of every support example: its rank within its class, modulo ``folds``."""
+    onehot = torch.nn.functional.one_hot(y, int(y.max()) + 1) * valid[..., None]
+    rank = (onehot.cumsum(1) - 1).gather(-1, y[..., None]).squeeze(-1)
+    return rank % folds
+
+
+@dataclass
+class LogisticRegressionProbe:
+    """L2-regularised multinomial logistic regression; ``weight_decay`` a number or ``"cv"``."""
+
+    weight_decay: float | str = "cv"
+    grid: Sequence[float] = DEFAULT_GRID
+    folds: int = 3
+    max_iter: int = 500
+    tol: float = 1e-6
+    device: str = "cpu"
+    max_batch_elements: int = 1 << 24  # bound on B * N * P * K per solve (memory)
+    name: str = field(default="logreg", init=False)
+
+    def __post_init__(self) -> None:
+        if self.weight_decay != "cv":
+            try:
+                self.weight_decay = float(self.weight_decay)
+            except (TypeError, ValueError):
+                raise UserError(f"weight decay must be a number or 'cv', got {self.weight_decay!r}") from None
+            if self.weight_decay < 0:
+                raise UserError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if self.folds < 2:
+            raise UserError(f"cross-validation needs at least 2 folds, got {self.folds}")
+
+    def config(self) -> dict[str, Any]:
+        cfg = {"probe": self.name, "weight_decay": self.weight_decay, "max_iter": self.max_iter, "tol": self.tol}
+        if self.weight_decay == "cv":
+            cfg.update(grid=[float(g) for g in self.grid], folds=self.folds)
+        return cfg
+
+    def fit_predict(self, support_x: np.ndarray, support_y: np.ndarray, query_x: np.ndarray) -> np.ndarray:
+        return self.fit_predict_many([(support_x, support_y, query_x)])[0]
+
+    def fit_predict_many(self, tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Predictions for many episodes, solved in as few batched problems as memory allows."""
+        remapped = [_remap(sy) for _, sy, _ in tasks]
+        problems = len(self.grid) * self.folds if self.weight_decay == "cv" else 1
+        out: list[np.ndarray] = []
+        start = 0
+        while start < len(tasks):
+            stop = start + 1
+            n = len(tasks[start][1])
+            k = len(remapped[start][0])
+            while stop < len(tasks):
+                n2, k2 = max(n, len(tasks[stop][1])), max(k, len(remapped[stop][0]))
+                if (stop + 1 - start) * n2 * max(n2, k2) * problems * k2 > self.max_batch_elements:
+                    break
+                n, k, stop = n2, k2, stop + 1
+            chunk = [(sx, remapped[i][1], qx) for i, (sx, _, qx) in enumerate(tasks[start:stop], start)]
+            preds = self._solve_chunk(chunk)
+            out.extend(remapped[i][0][p] for i, p in zip(range(start, stop), preds))
+            start = stop
+        return out
+
+    def _solve_chunk(self, tasks) -> list[np.ndarray]:
+        dtype = solver_dtype(self.device)
+        batch = _pad_batch(tasks, self.device, dtype, project=True)
+        lam = self._choose_weight_decay(batch) if self.weight_decay == "cv" else torch.full(
+            (len(tasks), 1), float(self.weight_decay), dtype=dtype, device=self.device)
+        weight, bias = solve_logreg(batch.x, batch.y, batch.valid[:, None].to(dtype), batch.class_mask, lam,
+                                    self.max_iter, self.tol)
+        logits = logreg_logits(batch.query, weight, bias)[:, :, 0].masked_fill(~batch.class_mask[:, None], _MASKED)
+        pred = logits.argmax(-1).cpu().numpy()
+        return [pred[i, : len(t[2])] for i, t in enumerate(tasks)]
+
+    def _choose_weight_decay(self, batch: _Batch) -> torch.Tensor:
+        """Per-episode ``lambda`` maximising stratified k-fold accuracy on the support set
+        (ties broken by validation log-loss); all folds and grid points in one solve."""
+        dtype = batch.x.dtype
+        grid = torch.tensor(list(self.grid), dtype=dtype, device=batch.x.device)
+        g, f = len(grid), self.folds
+        fold = stratified_folds(batch.y, batch.valid, f)  # (B, N)
+        fold_of_problem = torch.arange(f, device=fold.device).repeat(g)  # problem p = grid i * f + fold j
+        held_out = (fold[:, None, :] == fold_of_problem[None, :, None]) & batch.valid[:, None]  # (B, P, N)
+        train = (~held_out & batch.valid[:, None]).to(dtype)
+        lam = grid.repeat_interleave(f)[None].expand(len(batch.x), -1).contiguous()
+        weight, bias = solve_logreg(batch.x, batch.y, train, batch.class_mask, lam, self.max_iter, self.tol)
+        logits = logreg_logits(batch.x, weight, bias).masked_fill(~batch.class_mask[:, None, None], _MASKED)
+        correct = (logits.argmax(-1) == batch.y[..., None]).to(dtype).transpose(1, 2)  # (B, P, N)
+        index = batch.y[:, :, None, None].expand(-1, -1, logits.shape[2], 1)
+        nll = (torch.logsumexp(logits, -1) - logits.gather(-1, index).squeeze(-1)).transpose(1, 2)
+        mask = held_out.to(dtype)
+        acc = (correct * mask).sum(-1).reshape(-1, g, f).sum(-1) / mask.sum(-1).reshape(-1, g, f).sum(-1)
+        loss = (nll * mask).sum(-1).reshape(-1, g, f).sum(-1) / mask.sum(-1).reshape(-1, g, f).sum(-1)
+        best = (acc - 1e-6 * loss).argmax(-1)
+        return grid[best][:, None]
+
+
+def _remap(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Arbitrary labels -> ``(classes, codes in 0..K-1)``."""
+    classes, codes = np.unique(np.asarray(labels), return_inverse=True)
+    return classes, codes.astype(np.int64)
+
+
+class _PerEpisode:
+    """Probes cheap enough to run episode by episode."""
+
+    name = ""
+
+    def fit_predict_many(self, tasks):
+        return [self.fit_predict(*t) for t in tasks]
+
+
+@dataclass
+class CentroidProbe(_PerEpisode):
+    """Nearest class centroid of L2-normalised features, cosine similarity."""
+
+    name: str = field(default="centroid", init=False)
+
+    def config(self) -> dict[str, Any]:
+        return {"probe": self.name}
+
+    def fit_predict(self, support_x, support_y, query_x) -> np.ndarray:
+        classes, codes = _remap(support_y)
+        sx = l2_normalise(support_x)
+        centroids = np.zeros((len(classes), sx.shape[1]), dtype=np.float64)
+        np.add.at(centroids, codes, sx)
+        centroids = l2_normalise(centroids / np.bincount(codes)[:, None])
+        return classes[np.argmax(l2_normalise(query_x) @ centroids.T, axis=1)]
+
+
+@dataclass
+class KNNProbe(_PerEpisode):
+    """k nearest support examples under cosine similarity; majority vote, ties to the larger
+    summed similarity."""
+
+    k: int = 1
+    name: str = field(default="knn", init=False)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise UserError(f"k-NN needs k >= 1, got {self.k}")
+
+    def config(self) -> dict[str, Any]:
+        return {"probe": self.name, "k": self.k}
+
+    def fit_predict(self, support_x, support_y, query_x) -> np.ndarray:
+        classes, codes = _remap(support_y)
+        sim = l2_normalise(query_x) @ l2_normalise(support_x).T
+        k = min(self.k, len(codes))
+        nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        votes = np.zeros((len(query_x), len(classes)))
+        near_sim = np.take_along_axis(sim, nearest, axis=1)
+        np.add.at(votes, (np.arange(len(query_x))[:, None], codes[nearest]), 1.0)
+        scores = np.zeros_like(votes)
+        np.add.at(scores, (np.arange(len(query_x))[:, None], codes[nearest]), near_sim)
+        return classes[np.argmax(votes + 1e-3 * scores / (k + 1), axis=1)]
+
+
+PROBES = ("logreg", "centroid", "knn")
+
+
+def make_probe(name: str, weight_decay: float | str = "cv", knn_k: int = 1, device: str = "cpu", **kwargs):
+    """Build a probe by name (``logreg``, ``centroid``, ``knn``)."""
+    if name == "logreg":
+        return LogisticRegressionProbe(weight_decay=weight_decay, device=device, **kwargs)
+    if name == "centroid":
+        return CentroidProbe()
+    if name == "knn":
+        return KNNProbe(k=knn_k)
+    raise UserError(f"unknown probe {name!r}; choose one of {list(PROBES)}")
