@@ -1,0 +1,308 @@
+"""Contrastive losses as pure functions on tensors (no state, no I/O).
+
+Embeddings are L2-normalised inside each function, so every similarity is a cosine; logits are
+cosine / temperature ``t``. Every loss is a mean over anchors.
+
+* :func:`nce_loss`: InfoNCE with the positive at index 0 (MoCo, IR with a memory bank).
+* :func:`ring_loss`: conditional negative sampling ("ring", Wu et al., ICLR 2021): negatives whose
+  similarity rank to the anchor lies in ``[floor(w_inner * outer), outer)``, ``outer = floor(w_outer * K)``.
+* :func:`nt_xent_loss`, :func:`hcl_loss`, :func:`dcl_loss`: SimCLR in-batch losses with hard
+  (Robinson et al., ICLR 2021) and debiased (Chuang et al., NeurIPS 2020) negatives, in log space.
+* :func:`ring_threshold`: the schedule of ``w_outer`` over training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.cli import UserError
+
+RING_SCHEDULES = ("constant", "linear", "step", "exponential")
+HCL_ESTIMATORS = ("hard", "easy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def check_temperature(t: float) -> None:
+    if not t > 0:
+        raise UserError(f"loss temperature t must be > 0, got {t}")
+
+
+def check_ring(w_outer: float, w_inner: float, num_samples: int | None = None) -> None:
+    """The ring parameters on their own (before the number of negatives is known)."""
+    if not 0 < w_outer <= 1:
+        raise UserError(f"ring w_outer must be in (0, 1], got {w_outer}")
+    if not 0 <= w_inner < 1:
+        raise UserError(f"ring w_inner must be in [0, 1), got {w_inner}")
+    if num_samples is not None and num_samples < 1:
+        raise UserError(f"ring num_samples must be >= 1, got {num_samples}")
+
+
+def ring_bounds(num_negatives: int, w_outer: float, w_inner: float) -> tuple[int, int]:
+    """Rank bounds ``(inner, outer)`` of the ring among ``num_negatives`` negatives ("dynamic inner").
+
+    ``outer = floor(w_outer * K)``, ``inner = floor(w_inner * outer)``; the ring is ranks
+    ``[inner, outer)`` with rank 0 the negative most similar to the anchor.
+    """
+    check_ring(w_outer, w_inner)
+    outer = int(math.floor(w_outer * num_negatives + 1e-9))
+    inner = int(math.floor(w_inner * outer + 1e-9))
+    if outer - inner < 1:
+        raise UserError(
+            f"ring is empty: {num_negatives} negatives with w_outer={w_outer}, w_inner={w_inner} give ranks "
+            f"[{inner}, {outer}); raise w_outer or the number of negatives"
+        )
+    return inner, outer
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit helpers
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+def pair_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive logits ``(B,)`` and negative logits ``(B, K)``.
+
+    ``negatives`` is either a shared ``(K, D)`` set (queue, memory bank) or per-anchor ``(B, K, D)``.
+    """
+    check_temperature(t)
+    q, k, negatives = _normalise(q), _normalise(k), _normalise(negatives)
+    pos = (q * k).sum(-1) / t
+    if negatives.dim() == 2:
+        neg = q @ negatives.t() / t
+    elif negatives.dim() == 3:
+        neg = torch.einsum("bd,bkd->bk", q, negatives) / t
+    else:
+        raise ValueError(f"negatives must be (K, D) or (B, K, D), got shape {tuple(negatives.shape)}")
+    return pos, neg
+
+
+def contrastive_from_logits(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """``-mean(pos - logsumexp([pos, neg]))``: InfoNCE with the positive counted in the partition."""
+    return -(pos - torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1)).mean()
+
+
+def in_batch_logits(z1: torch.Tensor, z2: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimCLR logits for the ``2B`` anchors of two views: positives ``(2B,)``, negatives ``(2B, 2B-2)``.
+
+    Anchor ``i`` of view 1 has positive ``i`` of view 2 (and vice versa); the negatives are the other
+    ``2B - 2`` embeddings of the batch, in batch order.
+    """
+    check_temperature(t)
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"z1 and z2 must be equal (B, D) tensors, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    batch = z1.shape[0]
+    if batch < 2:
+        raise UserError("in-batch negatives need a batch of at least 2 images")
+    z = _normalise(torch.cat([z1, z2], dim=0))
+    sim = z @ z.t() / t
+    n = 2 * batch
+    idx = torch.arange(n, device=z.device)
+    partner = (idx + batch) % n
+    pos = sim[idx, partner]
+    keep = torch.ones(n, n, dtype=torch.bool, device=z.device)
+    keep[idx, idx] = False
+    keep[idx, partner] = False
+    neg = sim[keep].view(n, n - 2)
+    return pos, neg
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def nce_loss(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float = 0.07) -> torch.Tensor:
+    """InfoNCE (Oord et al. 2018; MoCo eq. 1): cross-entropy with the positive ``k`` at index 0."""
+    pos, neg = pair_logits(q, k, negatives, t)
+    logits = torch.cat([pos[:, None], neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+def _outer_candidates(neg: torch.Tensor, outer: int, sample: int = 4096) -> torch.Tensor:
+    """A ``(B, M)`` superset of each row's top ``outer`` logits, ``M`` a little above ``outer``.
+
+    For large K (a 65,536-entry queue) a threshold below each row's ``outer``-th largest logit is
+    read from a strided subsample of the columns (with a 4-sigma binomial margin); the logits above
+    it are packed row by row and padded with ``-inf``. Rows where the estimate falls short (rare)
+    make the whole batch fall back to the full row. The selection is exact either way; only the
+    work differs.
+    """
+    rows, k = neg.shape
+    if k < 4 * sample or 2 * outer > k:
+        return neg
+    with torch.no_grad():
+        sub = neg[:, :: k // sample]
+        frac = outer / k
+        rank = min(sub.shape[1], math.ceil(frac * sub.shape[1] + 4 * math.sqrt(frac * (1 - frac) * sub.shape[1]) + 8))
+        low = torch.topk(sub, rank, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+        row, col = (neg >= low).nonzero().unbind(1)
+        counts = torch.bincount(row, minlength=rows)
+        if bool((counts < outer).any()):
+            return neg
+        slot = torch.arange(len(row), device=neg.device) - (torch.cumsum(counts, 0) - counts)[row]
+    padded = neg.new_full((rows, int(counts.max())), -math.inf)
+    return padded.index_put((row, slot), neg[row, col])
+
+
+def ring_logits(
+    neg: torch.Tensor,
+    w_outer: float,
+    w_inner: float,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Select the ring from negative logits ``(B, K)``: ``(B, ring size)`` or ``(B, num_samples)``.
+
+    No row is sorted: the rank thresholds are selected with two partial selections (``topk``,
+    unsorted) on a small candidate set -- drop all but the ``outer`` largest, then the ``inner``
+    largest -- and the ring members are returned in column order (the loss does not depend on
+    their order). With ``num_samples``, draw that many ring members per anchor uniformly with
+    replacement (IR flavour), from ``generator``.
+    """
+    check_ring(w_outer, w_inner, num_samples)
+    inner, outer = ring_bounds(neg.shape[1], w_outer, w_inner)
+    cand = _outer_candidates(neg, outer)
+    with torch.no_grad():
+        drop = torch.zeros(cand.shape, dtype=torch.bool, device=cand.device)
+        if cand.shape[1] > outer:
+            drop.scatter_(1, torch.topk(cand, cand.shape[1] - outer, dim=1, largest=False, sorted=False).indices, True)
+        if inner > 0:
+            kept = cand.masked_fill(drop, -math.inf)
+            drop.scatter_(1, torch.topk(kept, inner, dim=1, sorted=False).indices, True)
+    ring = cand[~drop].view(len(cand), outer - inner)
+    if num_samples is None:
+        return ring
+    device = generator.device if generator is not None else ring.device
+    picks = torch.randint(0, outer - inner, (ring.shape[0], num_samples), generator=generator, device=device)
+    return ring.gather(1, picks.to(ring.device))
+
+
+def ring_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    negatives: torch.Tensor,
+    t: float = 0.07,
+    w_outer: float = 0.1,
+    w_inner: float = 0.1,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Conditional negative sampling (Wu et al., ICLR 2021, "ring" / CNCE).
+
+    Negatives are ranked by similarity to the anchor ``q``; those of rank in
+    ``[floor(w_inner * outer), outer)``, ``outer = floor(w_outer * K)``, form the ring. MoCo flavour
+    (``num_samples=None``): the partition is the whole ring; IR flavour: ``num_samples`` draws from
+    the ring with replacement. ``loss = -mean(pos - logsumexp([pos, ring]))``.
+    """
+    check_ring(w_outer, w_inner, num_samples)
+    pos, neg = pair_logits(q, k, negatives, t)
+    return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator))
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5) -> torch.Tensor:
+    """SimCLR's NT-Xent over the ``2B`` anchors of a batch (Chen et al. 2020, eq. 1)."""
+    pos, neg = in_batch_logits(z1, z2, t)
+    return contrastive_from_logits(pos, neg)
+
+
+def in_batch_ring_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    t: float = 0.5,
+    w_outer: float = 0.1,
+    w_inner: float = 0.1,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The ring over SimCLR's in-batch negatives (each anchor ranks its own ``2B - 2`` negatives)."""
+    check_ring(w_outer, w_inner, num_samples)
+    pos, neg = in_batch_logits(z1, z2, t)
+    return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator))
+
+
+def _log_sub_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log(exp(a) - exp(b))`` where ``a > b``, ``-inf`` elsewhere (gradient-safe)."""
+    gap = torch.clamp(b - a, max=-1e-12)
+    return torch.where(a > b, a + torch.log(-torch.expm1(gap)), torch.full_like(a, -math.inf))
+
+
+def hcl_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    t: float = 0.5,
+    tau_plus: float = 0.1,
+    beta: float = 1.0,
+    estimator: str = "hard",
+) -> torch.Tensor:
+    """Hard negative sampling (Robinson et al., ICLR 2021, eq. 6 / their reference loss), in log space.
+
+    With ``s`` cosine similarities and ``N = 2B - 2`` in-batch negatives per anchor:
+    ``imp = exp(beta * s_neg / t)``, ``reweight = sum(imp * exp(s_neg / t)) / mean(imp)``,
+    ``Ng = max((-tau_plus * N * exp(s_pos / t) + reweight) / (1 - tau_plus), N * exp(-1 / t))``,
+    ``loss = -log(exp(s_pos / t) / (exp(s_pos / t) + Ng))``. ``estimator="easy"``: ``Ng = sum(exp(s_neg / t))``.
+    """
+    if estimator not in HCL_ESTIMATORS:
+        raise UserError(f"unknown HCL estimator {estimator!r}; expected one of {list(HCL_ESTIMATORS)}")
+    if not 0 <= tau_plus < 1:
+        raise UserError(f"tau_plus must be in [0, 1), got {tau_plus}")
+    pos, neg = in_batch_logits(z1, z2, t)
+    n = neg.shape[1]
+    if estimator == "easy":
+        log_ng = torch.logsumexp(neg, dim=1)
+    else:
+        log_mean_imp = torch.logsumexp(beta * neg, dim=1) - math.log(n)
+        log_reweight = torch.logsumexp((beta + 1.0) * neg, dim=1) - log_mean_imp
+        log_prior = math.log(tau_plus * n) + pos if tau_plus > 0 else torch.full_like(pos, -math.inf)
+        log_debiased = _log_sub_exp(log_reweight, log_prior) - math.log(1.0 - tau_plus)
+        log_ng = torch.clamp(log_debiased, min=math.log(n) - 1.0 / t)
+    return -(pos - torch.logaddexp(pos, log_ng)).mean()
+
+
+def dcl_loss(z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5, tau_plus: float = 0.1) -> torch.Tensor:
+    """Debiased contrastive loss (Chuang et al., NeurIPS 2020): :func:`hcl_loss` with ``beta = 0``."""
+    return hcl_loss(z1, z2, t=t, tau_plus=tau_plus, beta=0.0, estimator="hard")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+
+
+def ring_threshold(
+    epoch: float,
+    schedule: str = "constant",
+    w_outer: float = 0.1,
+    w_outer_start: float = 1.0,
+    anneal_epochs: int = 100,
+    steps: int = 4,
+) -> float:
+    """``w_outer`` at ``epoch`` (0-based): the ring shrinks from ``w_outer_start`` to ``w_outer``.
+
+    ``constant``: always ``w_outer`` (the official default). Over ``anneal_epochs``, then constant:
+    ``linear`` interpolation; ``step``: ``steps`` equal drops, the last one at ``anneal_epochs``;
+    ``exponential``: geometric interpolation ``start * (end / start) ** progress``.
+    """
+    if schedule not in RING_SCHEDULES:
+        raise UserError(f"unknown ring schedule {schedule!r}; expected one of {list(RING_SCHEDULES)}")
+    check_ring(w_outer, 0.0)
+    check_ring(w_outer_start, 0.0)
+    if schedule == "constant":
+        return float(w_outer)
+    if anneal_epochs < 1:
+        raise UserError(f"ring anneal_epochs must be >= 1, got {anneal_epochs}")
+    progress = min(max(epoch / anneal_epochs, 0.0), 1.0)
+    if schedule == "linear":
+        return float(w_outer_start + (w_outer - w_outer_start) * progress)
+    if schedule == "step":
+        if steps < 1:
+            raise UserError(f"ring schedule steps must be >= 1, got {steps}")
+        progress = math.floor(progress * steps + 1e-9) / steps
+        return float(w_outer_start + (w_outer - w_outer_start) * progress)
+    return float(w_outer_start * (w_outer / w_outer_start) ** progress)
