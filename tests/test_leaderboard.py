@@ -119,7 +119,8 @@ def test_html_is_self_contained(records):
     assert page.startswith("<!DOCTYPE html>") and "<table>" in page and "<b>" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) >= 2  # one bar chart per family
+    assert len(images) == 3  # one bar chart per family, and the ring backbone's schedule
+    assert 'alt="ring threshold schedule"' in page
     assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
 
 

@@ -76,7 +76,7 @@ def schedule_curve(meta: Mapping[str, Any]) -> tuple[list[int], list[float]] | N
         return None
     from pretrain.losses import ring_threshold
 
-    names = ("schedule", "w_outer_start", "w_outer", "anneal_epochs")
+    names = ("schedule", "w_outer_start", "w_outer", "anneal_epochs", "steps")
     kwargs = {k: params[k] for k in names if k in params}
     kwargs.setdefault("schedule", "constant")
     points = list(range(epochs + 1))
