@@ -1,0 +1,230 @@
+"""Few-shot transfer tasks: ``md_<source>`` (ten Meta-Dataset sources), ``md_all``,
+``fewshot_synthetic`` and ``fewshot_digits`` (embedded data, nothing on disk).
+
+    python transfer/run.py --backbone X.pth --task md_all --md-root /data/records --probe logreg
+    python transfer/run.py --backbone X.pth --task fewshot_digits --episodes 200 --probe centroid
+
+Settings come from the command line, else from ``--fewshot-config`` (a YAML file such as
+``configs/metadataset/meta_dataset.yaml``), else from the defaults below. Meta-Dataset tasks use
+variable-way variable-shot episodes; the embedded tasks use fixed 5-way 5-shot 15-query episodes;
+``--ways/--shots/--queries`` (or ``--episode-mode fixed``) select fixed episodes anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from metadataset.evaluate import SourceResult, evaluate_source, summarise, table_rows
+from metadataset.features import POOLINGS, extract_features
+from metadataset.probes import PROBES, make_probe, probe_from_config
+from metadataset.sampling import FixedEpisodes, VariableEpisodes
+from metadataset.sources import MD_SOURCES, limit_per_class, open_source
+from pretrain.cli import UserError
+from transfer.tasks import Task, TaskContext, TaskResult, register
+
+MD_ROOT_ENV = "RINGBENCH_MD_ROOT"
+DEFAULTS: dict[str, Any] = {
+    "probe": "logreg",
+    "weight_decay": "cv",
+    "knn_k": 1,
+    "episodes": 600,
+    "episode_mode": None,  # None: variable for Meta-Dataset sources, fixed for the embedded ones
+    "ways": 5,
+    "shots": 5,
+    "queries": 15,
+    "episode_seed": 0,
+    "md_split": "test",
+    "image_size": None,  # None: the backbone card's image size
+    "pooling": "avg",
+    "max_images_per_class": None,
+    "synthetic_classes": 32,
+    "synthetic_images": 40,
+}
+_FLAGS = {  # setting -> (flag, type, help)
+    "probe": ("--probe", str, f"few-shot probe: {' | '.join(PROBES)}"),
+    "weight_decay": ("--weight-decay", str, "logreg L2 weight: a number, or 'cv' (chosen per episode by "
+                     "cross-validation on the support set)"),
+    "knn_k": ("--knn-k", int, "neighbours of the k-NN probe"),
+    "episodes": ("--episodes", int, "episodes per source (Meta-Dataset: 600)"),
+    "episode_mode": ("--episode-mode", str, "'variable' (Meta-Dataset's variable-way variable-shot) or 'fixed' "
+                     "(N-way K-shot Q-query); default: variable for md_* tasks, fixed for fewshot_*"),
+    "ways": ("--ways", int, "fixed episodes: classes per episode (implies --episode-mode fixed)"),
+    "shots": ("--shots", int, "fixed episodes: support images per class (implies fixed)"),
+    "queries": ("--queries", int, "fixed episodes: query images per class (implies fixed)"),
+    "episode_seed": ("--episode-seed", int, "seed of the episodes (same seed: same episodes for every backbone)"),
+    "md_split": ("--md-split", str, "class split of the sources: train | valid | test"),
+    "image_size": ("--image-size", int, "resize images to this square size (default: the backbone card's)"),
+    "pooling": ("--pooling", str, f"feature pooling: {' | '.join(POOLINGS)}"),
+    "max_images_per_class": ("--max-images-per-class", int, "use at most this many images per class (the first "
+                             "ones in the source's order); default all"),
+    "synthetic_classes": ("--synthetic-classes", int, "fewshot_synthetic: number of shape classes"),
+    "synthetic_images": ("--synthetic-images", int, "fewshot_synthetic: images per class"),
+}
+
+
+def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
+    """The few-shot family's flags (added once to the shared ``transfer/run.py`` parser)."""
+    if "--probe" in parser._option_string_actions:
+        return
+    group = parser.add_argument_group("few-shot tasks (md_*, fewshot_*)")
+    for setting, (flag, kind, text) in _FLAGS.items():
+        group.add_argument(flag, dest=setting, type=kind, default=None,
+                           help=f"{text} (default: {DEFAULTS[setting]})")
+    group.add_argument("--md-root", type=Path, default=None,
+                       help=f"folder holding the converted Meta-Dataset sources (e.g. <root>/omniglot/"
+                            f"dataset_spec.json); default --data-root, else ${MD_ROOT_ENV}")
+    group.add_argument("--fewshot-config", type=Path, default=None,
+                       help="YAML file of few-shot settings (configs/metadataset/*.yaml); flags override it")
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"--fewshot-config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"--fewshot-config {path}: not valid YAML ({exc})") from exc
+    unknown = sorted(set(data) - set(DEFAULTS))
+    if not isinstance(data, dict) or unknown:
+        raise UserError(f"--fewshot-config {path}: unknown settings {unknown}; known: {sorted(DEFAULTS)}")
+    return data
+
+
+def resolve_settings(args: argparse.Namespace, sources: list[str]) -> dict[str, Any]:
+    """Command line over YAML over defaults, checked and resolved to plain values."""
+    settings = dict(DEFAULTS)
+    config_file = getattr(args, "fewshot_config", None)
+    if config_file:
+        settings.update(_load_yaml(Path(config_file)))
+    given = {k: getattr(args, k, None) for k in DEFAULTS}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    embedded = all(s in ("synthetic", "digits") for s in sources)
+    if settings["episode_mode"] is None:
+        fixed_flags = any(given[k] is not None for k in ("ways", "shots", "queries"))
+        settings["episode_mode"] = "fixed" if embedded or fixed_flags else "variable"
+    if settings["episode_mode"] not in ("variable", "fixed"):
+        raise UserError(f"--episode-mode must be 'variable' or 'fixed', got {settings['episode_mode']!r}")
+    if settings["probe"] not in PROBES:
+        raise UserError(f"--probe must be one of {list(PROBES)}, got {settings['probe']!r}")
+    if settings["weight_decay"] != "cv":
+        try:
+            settings["weight_decay"] = float(settings["weight_decay"])
+        except ValueError:
+            raise UserError(f"--weight-decay must be a number or 'cv', got {settings['weight_decay']!r}") from None
+    for key in ("episodes", "ways", "shots", "queries", "knn_k"):
+        if int(settings[key]) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {settings[key]}")
+    if settings["episode_mode"] == "fixed" and settings["ways"] < 2:
+        raise UserError("--ways must be at least 2")
+    return settings
+
+
+def _md_root(args: argparse.Namespace) -> str | None:
+    root = getattr(args, "md_root", None) or getattr(args, "data_root", None) or os.environ.get(MD_ROOT_ENV)
+    return str(Path(root).expanduser().resolve()) if root else None
+
+
+def _probe(settings: dict[str, Any], device: str = "cpu"):
+    return make_probe(settings["probe"], weight_decay=settings["weight_decay"], knn_k=settings["knn_k"], device=device)
+
+
+def _rules(settings: dict[str, Any]) -> VariableEpisodes | FixedEpisodes:
+    if settings["episode_mode"] == "fixed":
+        return FixedEpisodes(settings["ways"], settings["shots"], settings["queries"])
+    return VariableEpisodes()
+
+
+def make_fewshot_task(name: str, sources: list[str], description: str, needs_data: bool) -> Task:
+    def make_config(args: argparse.Namespace) -> dict[str, Any]:
+        settings = resolve_settings(args, sources)
+        rules = _rules(settings)
+        config = {
+            "sources": sources,
+            "split": settings["md_split"] if needs_data else "test",
+            "episodes": settings["episodes"],
+            "episode_mode": settings["episode_mode"],
+            "episode_rules": dict(vars(rules)),
+            "episode_seed": settings["episode_seed"],
+            "probe": _probe(settings).config(),
+            "image_size": settings["image_size"],
+            "pooling": settings["pooling"],
+            "max_images_per_class": settings["max_images_per_class"],
+        }
+        if needs_data:
+            config["md_root"] = _md_root(args)
+        if "synthetic" in sources:
+            config["synthetic"] = {"classes": settings["synthetic_classes"], "images": settings["synthetic_images"]}
+        return config
+
+    def validate(backbone: Any, config: dict[str, Any]) -> None:
+        if config["pooling"] not in POOLINGS:
+            raise UserError(f"--pooling must be one of {list(POOLINGS)}, got {config['pooling']!r}")
+        for source in sources:
+            _open(source, config, backbone)
+
+    def run(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
+        return run_fewshot(backbone, config, ctx)
+
+    return Task(name=name, family="fewshot", description=description, make_config=make_config, run=run,
+                validate=validate, add_arguments=add_fewshot_arguments,
+                primary_metric="acc_avg" if len(sources) > 1 else "acc", needs_data=needs_data)
+
+
+def _open(source: str, config: dict[str, Any], backbone: Any):
+    image_size = config["image_size"] or backbone.default_image_size
+    extra = {}
+    if source == "synthetic":
+        extra = {"num_classes": config["synthetic"]["classes"], "images_per_class": config["synthetic"]["images"]}
+    image_set = open_source(source, root=config.get("md_root"), split=config["split"], image_size=image_size, **extra)
+    return limit_per_class(image_set, config["max_images_per_class"])
+
+
+def run_fewshot(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
+    """Extract (or re-read) each source's features, run the episodes, summarise."""
+    from tabulate import tabulate
+
+    rules = (FixedEpisodes(**config["episode_rules"]) if config["episode_mode"] == "fixed"
+             else VariableEpisodes(**config["episode_rules"]))
+    probe = probe_from_config(config["probe"], device=ctx.device)
+    cache_dir = Path(ctx.cache_dir) if ctx.cache_dir else Path(ctx.output_dir) / "cache"
+    results: list[SourceResult] = []
+    extra: dict[str, Any] = {"episode_accuracies": {}, "skipped_images": {}, "skipped_refs": {}, "feature_cache": {},
+                             "images": {}, "classes": {}, "mean_ways": {}, "mean_support": {}, "probe_seconds": {}}
+    for source in config["sources"]:
+        image_set = _open(source, config, backbone)
+        feats = extract_features(backbone, image_set, cache_dir, image_size=config["image_size"],
+                                 pooling=config["pooling"], device=ctx.device, progress=not ctx.debug)
+        result = evaluate_source(source, feats.features, feats.labels, feats.class_names, probe, rules,
+                                 episodes=config["episodes"], seed=config["episode_seed"],
+                                 structure=image_set.structure)
+        results.append(result)
+        extra["episode_accuracies"][source] = [round(float(a), 5) for a in result.accuracies]
+        extra["skipped_images"][source] = len(feats.skipped)
+        extra["skipped_refs"][source] = feats.skipped[:20]
+        extra["feature_cache"][source] = {"hit": feats.from_cache, "path": str(feats.path),
+                                          "extract_seconds": round(feats.seconds, 2)}
+        extra["images"][source] = int(len(feats.labels))
+        extra["classes"][source] = feats.num_classes
+        extra["mean_ways"][source] = float(result.ways.mean())
+        extra["mean_support"][source] = float(result.support_sizes.mean())
+        extra["probe_seconds"][source] = round(result.seconds, 3)
+    metrics, ci = summarise(results)
+    print(tabulate(table_rows(results), headers=["source", "accuracy (%)", "episodes"]), file=sys.stderr)
+    return TaskResult(metrics=metrics, ci95=ci, seeds=[config["episode_seed"]], extra=extra)
+
+
+for _short in MD_SOURCES:
+    register(make_fewshot_task(f"md_{_short}", [_short], f"Meta-Dataset {MD_SOURCES[_short]}: few-shot episodes "
+                               "on frozen features (official records or image folder)", needs_data=True))
+register(make_fewshot_task("md_all", list(MD_SOURCES), "Meta-Dataset, all ten sources: per-source accuracy and "
+                           "their average", needs_data=True))
+register(make_fewshot_task("fewshot_synthetic", ["synthetic"], "few-shot episodes on held-out synthetic shape "
+                           "classes (embedded)", needs_data=False))
+register(make_fewshot_task("fewshot_digits", ["digits"], "few-shot episodes on scikit-learn's handwritten digits "
+                           "(embedded, 10 classes)", needs_data=False))
