@@ -1,0 +1,73 @@
+"""MoCo v2 augmentations sized to the data, evaluation transforms, and the multi-view wrapper."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torchvision import transforms as T
+
+
+def moco_v2_augmentation(
+    image_size: int, mean: Sequence[float], std: Sequence[float], blur: bool | None = None
+) -> Callable:
+    """MoCo v2 (Chen et al. 2020): random resized crop (scale 0.2-1), colour jitter 0.4/0.4/0.4/0.1
+    with p=0.8, grayscale p=0.2, Gaussian blur (sigma 0.1-2, p=0.5), horizontal flip.
+
+    ``blur=None`` keeps the blur only for images of 96 px and above: at 32 px (CIFAR) it erases
+    the image, and the CIFAR recipes leave it out.
+    """
+    if blur is None:
+        blur = image_size >= 96
+    steps: list[Any] = [
+        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+    ]
+    if blur:
+        kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # ~10% of the side, odd
+        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+    steps += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], native_size: int | None = None) -> Callable:
+    """Deterministic transform for features: small images as they are (resized if the size differs),
+    ImageNet-style resize to ``size * 256 / 224`` then centre crop for large ones."""
+    steps: list[Any] = []
+    if native_size is None or native_size != image_size:
+        resize = image_size if image_size <= 96 else int(round(image_size * 256 / 224))
+        steps += [T.Resize(resize), T.CenterCrop(image_size)]
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+class MultiView:
+    """Apply ``transform`` ``views`` times to one image: the two-crop wrapper (``views=2``)."""
+
+    def __init__(self, transform: Callable, views: int = 2) -> None:
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        self.transform = transform
+        self.views = views
+
+    def __call__(self, image: Any) -> list[torch.Tensor]:
+        return [self.transform(image) for _ in range(self.views)]
+
+    def __repr__(self) -> str:
+        return f"MultiView(views={self.views}, transform={self.transform!r})"
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """``(views, index)`` items: the index addresses memory-bank entries (IR, CMC)."""
+
+    def __init__(self, base: torch.utils.data.Dataset, transform: Callable) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, _ = self.base[index]
+        return self.transform(image), index

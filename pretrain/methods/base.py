@@ -1,0 +1,141 @@
+"""The method interface: a method owns its encoder(s), its negatives store and its loss.
+
+A method is an ``nn.Module`` whose ``forward`` is :meth:`Method.training_step` (so that DDP can
+wrap it): ``(views, index) -> (loss, logs)``. Everything that changes state outside the optimizer
+(momentum encoders, queues, memory banks) happens inside the step, under ``no_grad``.
+The trainer calls :meth:`set_epoch` at the start of every epoch (loss schedules, seeded
+generators), :meth:`features` for the kNN monitor, and :meth:`card_streams` for the card.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain import losses
+from pretrain.backbones import create_backbone
+
+
+class ProjectionHead(nn.Sequential):
+    """MLP head ``feature_dim -> hidden -> out`` with ReLU (MoCo v2, SimCLR), or one linear layer."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int | None = None, mlp: bool = True) -> None:
+        if mlp:
+            hidden = hidden_dim or in_dim
+            super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+        else:
+            super().__init__(nn.Linear(in_dim, out_dim))
+
+
+class Encoder(nn.Module):
+    """Backbone + projection head; ``forward`` returns unit-norm embeddings."""
+
+    def __init__(self, arch: str, stem: str, head_dim: int, hidden_dim: int | None = None, mlp: bool = True) -> None:
+        super().__init__()
+        self.backbone = create_backbone(arch, stem)
+        self.head = ProjectionHead(self.backbone.feature_dim, head_dim, hidden_dim, mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(x)), dim=1)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name``, ``views`` (augmented views per image) and implement
+    :meth:`training_step`; single-stream methods keep their card backbone in ``self.encoder.backbone``."""
+
+    name: ClassVar[str] = ""
+    views: ClassVar[int] = 2
+
+    def __init__(self, cfg: Mapping[str, Any], dataset_size: int, stem: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.loss_cfg = dict(cfg["loss"])
+        self.dataset_size = dataset_size
+        self.stem = stem
+        self.seed = int(cfg["train"]["seed"])
+        self.epoch = 0
+        self.w_outer = float(self.loss_cfg["w_outer"])
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    # -- called by the trainer ---------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Loss schedules for this epoch; reseed the method's generator (same on every process,
+        so that a resumed run draws what an uninterrupted one would)."""
+        self.epoch = epoch
+        lc = self.loss_cfg
+        self.w_outer = losses.ring_threshold(
+            epoch, lc["schedule"], lc["w_outer"], lc["w_outer_start"], lc["anneal_epochs"], lc["schedule_steps"]
+        )
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
+
+    def training_step(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.training_step(views, index)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features for the kNN monitor (what transfer will see), L2-normalised."""
+        return F.normalize(self.encoder.backbone(x), dim=1)
+
+    def card_streams(self) -> dict[str, nn.Module]:
+        """Backbone(s) that become the card: ``{"": backbone}``, or one entry per stream (CMC)."""
+        return {"": self.encoder.backbone}
+
+    def loss_params(self) -> dict[str, Any]:
+        """The loss parameters recorded in the card (the ring schedule included)."""
+        lc = self.loss_cfg
+        keys = {
+            "nce": ("t",),
+            "ring": ("t", "w_outer", "w_inner", "num_samples", "schedule", "w_outer_start", "anneal_epochs", "schedule_steps"),
+            "ntxent": ("t",),
+            "hcl": ("t", "tau_plus", "beta", "beta_anneal_epochs", "estimator"),
+            "dcl": ("t", "tau_plus"),
+        }[lc["name"]]
+        return {k: lc[k] for k in keys}
+
+    # -- shared by the methods ---------------------------------------------------------------
+    def contrast(
+        self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, num_samples: int | None = None
+    ) -> torch.Tensor:
+        """InfoNCE or the ring over a negatives store, as the config says."""
+        lc = self.loss_cfg
+        if lc["name"] == "ring":
+            return losses.ring_loss(
+                q, k, negatives, lc["t"], self.w_outer, lc["w_inner"],
+                num_samples=num_samples, generator=self.generator,
+            )
+        return losses.nce_loss(q, k, negatives, lc["t"])
+
+
+class MemoryBank(nn.Module):
+    """``size x dim`` unit vectors updated by momentum (Wu et al. 2018): ``v <- norm(m v + (1-m) z)``.
+
+    Under DDP the update gathers every process's entries, so all banks stay identical.
+    """
+
+    def __init__(self, size: int, dim: int, momentum: float, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.momentum = momentum
+        self.register_buffer("memory", F.normalize(torch.randn(size, dim, generator=g), dim=1))
+
+    def __len__(self) -> int:
+        return self.memory.shape[0]
+
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` entries drawn uniformly (shared by the batch)."""
+        idx = torch.randint(0, len(self), (count,), generator=generator)
+        return self.memory[idx.to(self.memory.device)]
+
+    @torch.no_grad()
+    def update(self, index: torch.Tensor, z: torch.Tensor) -> None:
+        from pretrain.distributed import all_gather_cat
+
+        index, z = all_gather_cat(index), all_gather_cat(z.float())
+        mixed = self.momentum * self.memory[index] + (1 - self.momentum) * z
+        self.memory[index] = F.normalize(mixed, dim=1)

@@ -1,0 +1,37 @@
+"""Instance discrimination with a memory bank (Wu et al., CVPR 2018), plain and ring.
+
+One augmented view per image; its embedding is contrasted with its own bank entry (the
+positive) and negatives from the bank: ``num_negatives`` drawn uniformly (shared by the batch)
+for NCE, or -- ring variant -- drawn per anchor from the ring of the whole bank ranked by
+similarity to the anchor (the anchor's own entry ranks first and falls in the inner cut).
+After the step the bank entries of the batch move towards the new embeddings (momentum 0.5).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pretrain.methods.base import Encoder, MemoryBank, Method
+
+
+class InstanceDiscrimination(Method):
+    name = "ir"
+    views = 1
+
+    def __init__(self, cfg, dataset_size: int, stem: str) -> None:
+        super().__init__(cfg, dataset_size, stem)
+        ic = cfg["ir"]
+        self.encoder = Encoder(cfg["arch"], stem, ic["head_dim"], mlp=False)
+        self.bank = MemoryBank(dataset_size, ic["head_dim"], ic["bank_momentum"], seed=self.seed)
+        self.num_negatives = min(int(ic["num_negatives"]), dataset_size)
+
+    def training_step(self, views, index):
+        z = self.encoder(views[0])
+        positives = self.bank.memory[index].detach()
+        if self.loss_cfg["name"] == "ring":
+            samples = self.loss_cfg["num_samples"] or self.num_negatives
+            loss = self.contrast(z, positives, self.bank.memory.detach(), num_samples=samples)
+        else:
+            loss = self.contrast(z, positives, self.bank.sample(self.num_negatives, self.generator))
+        self.bank.update(index, z.detach())
+        return loss, {"loss": loss.detach().item()}

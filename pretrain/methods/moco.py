@@ -1,0 +1,76 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020), plain and ring.
+
+A query encoder trained by SGD and a key encoder that follows it by EMA (``m = 0.999``); a
+queue of past keys are the negatives (``K = 65,536``, at most the dataset size); a 2-layer MLP
+head to 128-d. The key encoder sees the batch shuffled so that batch-norm statistics do not leak
+which key belongs to which query: across processes under DDP (gather, shuffle, shard, unshuffle),
+and in one process by splitting the shuffled batch into ``shuffle_groups`` groups that each get
+their own BN statistics (the per-GPU batches of the multi-GPU recipe).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from pretrain import distributed as dist
+from pretrain.methods.base import Encoder, Method
+
+
+class MoCo(Method):
+    name = "moco"
+    views = 2
+
+    def __init__(self, cfg, dataset_size: int, stem: str) -> None:
+        super().__init__(cfg, dataset_size, stem)
+        mc = cfg["moco"]
+        self.momentum = float(mc["momentum"])
+        self.shuffle_groups = int(mc["shuffle_groups"])
+        self.encoder = Encoder(cfg["arch"], stem, mc["head_dim"], mlp=mc["mlp"])
+        self.key_encoder = copy.deepcopy(self.encoder)
+        for p in self.key_encoder.parameters():
+            p.requires_grad_(False)
+        size = min(int(mc["queue_size"]), dataset_size)
+        g = torch.Generator().manual_seed(self.seed + 1)
+        self.register_buffer("queue", torch.nn.functional.normalize(torch.randn(size, mc["head_dim"], generator=g), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        for p_k, p_q in zip(self.key_encoder.parameters(), self.encoder.parameters()):
+            p_k.mul_(self.momentum).add_(p_q.detach(), alpha=1 - self.momentum)
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Key embeddings with shuffled batch norm (across processes, or in groups in one)."""
+        if dist.world_size() > 1:
+            everything = dist.all_gather_cat(x)
+            perm = torch.randperm(len(everything), generator=self.generator).to(x.device)
+            dist.broadcast_(perm)
+            mine = perm.view(dist.world_size(), -1)[dist.rank()]
+            k = dist.all_gather_cat(self.key_encoder(everything[mine]))
+            start = dist.rank() * len(x)
+            return k[torch.argsort(perm)][start:start + len(x)]
+        perm = torch.randperm(len(x), generator=self.generator).to(x.device)
+        groups = max(1, min(self.shuffle_groups, len(x) // 2))
+        k = torch.cat([self.key_encoder(chunk) for chunk in x[perm].chunk(groups)])
+        return k[torch.argsort(perm)]
+
+    @torch.no_grad()
+    def enqueue(self, k: torch.Tensor) -> None:
+        """Replace the oldest keys (every process enqueues the keys of the whole global batch)."""
+        k = dist.all_gather_cat(k.float())[-len(self.queue):]
+        ptr = int(self.queue_ptr)
+        slots = (torch.arange(len(k), device=k.device) + ptr) % len(self.queue)
+        self.queue[slots] = k
+        self.queue_ptr.fill_((ptr + len(k)) % len(self.queue))
+
+    def training_step(self, views, index):
+        x_q, x_k = views[0], views[1]
+        q = self.encoder(x_q)
+        self.momentum_update()
+        k = self.keys(x_k)
+        loss = self.contrast(q, k, self.queue.clone().detach())
+        self.enqueue(k)
+        return loss, {"loss": loss.detach().item()}

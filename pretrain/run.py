@@ -1,0 +1,85 @@
+"""Pretrain a backbone and write its card.
+
+Examples::
+
+    python pretrain/run.py --config configs/pretrain/moco_ring.yaml --data synthetic --profile demo --out ring_moco.pth
+    python pretrain/run.py --config configs/pretrain/moco_ring.yaml --data cifar10 --data-root ~/data --out ring_moco.pth
+    torchrun --nproc_per_node 8 pretrain/run.py --config configs/pretrain/moco.yaml --data imagefolder --data-root /imagenet
+
+Settings come from the YAML config, then ``--profile``, then the flags, then ``key=value``
+overrides (e.g. ``loss.w_outer=0.05 train.seed=1``); an unknown key is an error. A work folder
+keeps ``checkpoint.pth`` (written every epoch; a rerun with the same config resumes from it) and
+``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pretrain.cli import UserError, add_common_flags, run_main
+from pretrain.config import DATASETS, PROFILES, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, help="YAML config (configs/pretrain/*.yaml); defaults if omitted")
+    parser.add_argument("--profile", choices=sorted(PROFILES),
+                        help="preset overrides; 'demo' = small synthetic run of a few minutes on CPU")
+    parser.add_argument("--data", choices=DATASETS, help="dataset (sets data.name); 'synthetic' needs no files")
+    parser.add_argument("--data-root", type=Path, help="folder holding the dataset in torchvision's layout")
+    parser.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
+    parser.add_argument("--batch-size", type=int, help="global batch size (train.batch_size)")
+    parser.add_argument("--lr", type=float, help="base learning rate (optim.lr)")
+    parser.add_argument("--seed", type=int, help="random seed (train.seed)")
+    parser.add_argument("--arch", help="resnet18, resnet50, ... or a timm model name")
+    parser.add_argument("--out", type=Path, help="backbone card to write (default: WORKDIR/card.pth)")
+    parser.add_argument("--workdir", type=Path,
+                        help="checkpoints and log.jsonl (default: runs/pretrain/<config name>-<dataset>)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the work folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. loss.w_outer=0.05")
+    add_common_flags(parser)
+    return parser
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    pairs = {
+        "data.name": args.data, "data.root": args.data_root, "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size, "optim.lr": args.lr, "train.seed": args.seed, "arch": args.arch,
+    }
+    return [f"{key}={value}" for key, value in pairs.items() if value is not None]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for item in args.overrides:
+        if "=" not in item:
+            raise UserError(f"unexpected argument {item!r}: overrides look like key=value (see --help)")
+    cfg = load_config(args.config, [*flag_overrides(args), *args.overrides], profile=args.profile)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg, sort_keys=False))
+        return 0
+    name = args.config.stem if args.config else "default"
+    workdir = args.workdir or Path("runs") / "pretrain" / f"{name}-{cfg['data']['name']}"
+    out = args.out or workdir / "card.pth"
+    from pretrain.train import train
+
+    result = train(cfg, out, workdir, device=args.device, fresh=args.fresh, progress=not args.no_progress)
+    if result.card_path is not None:
+        last = result.history[-1] if result.history else {}
+        knn = f", kNN top-1 {last['knn_top1']:.1f}%" if "knn_top1" in last else ""
+        print(f"wrote {result.card_path}{knn}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

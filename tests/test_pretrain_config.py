@@ -1,0 +1,88 @@
+"""Config loading, overrides and validation; the shipped configs; the CLI's bad-input errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pretrain.cli import UserError
+from pretrain.config import DEFAULTS, PROFILES, load_config, resolved_stem
+from pretrain.train import learning_rate
+from tests.helpers import REPO, run_cli
+
+CONFIGS = REPO / "configs" / "pretrain"
+
+
+@pytest.mark.parametrize("name", ["ir", "ir_ring", "moco", "moco_ring"])
+def test_shipped_configs_hold_official_hyperparameters(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg["method"] == name.split("_")[0]
+    assert cfg["loss"]["name"] == ("ring" if name.endswith("ring") else "nce")
+    assert cfg["optim"] == {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
+                            "milestones": [0.68, 0.83], "gamma": 0.1}
+    assert (cfg["train"]["epochs"], cfg["train"]["batch_size"]) == (200, 256)
+    assert cfg["data"]["name"] == "synthetic"
+    if name.endswith("ring"):
+        assert (cfg["loss"]["t"], cfg["loss"]["w_outer"], cfg["loss"]["w_inner"]) == (0.07, 0.1, 0.1)
+
+
+def test_overrides_profile_and_types(tmp_path: Path):
+    cfg = load_config(CONFIGS / "moco_ring.yaml", ["train.epochs=3", "loss.w_outer=0.2", "optim.milestones=[0.5]",
+                                                   "loss.num_samples=null"], profile="demo")
+    assert cfg["train"]["epochs"] == 3 and cfg["loss"]["w_outer"] == 0.2 and cfg["optim"]["milestones"] == [0.5]
+    assert cfg["train"]["batch_size"] == PROFILES["demo"]["train.batch_size"]
+    assert isinstance(load_config(None, ["optim.lr=1"])["optim"]["lr"], float)
+    assert DEFAULTS["train"]["epochs"] == 200  # defaults are never mutated
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["train.epoch=3"], "unknown config key 'train.epoch'"),
+        (["nonsense=1"], "unknown config key 'nonsense'"),
+        (["method=byol"], "unknown method"),
+        (["loss.name=focal"], "unknown loss"),
+        (["method=moco", "loss.name=hcl"], "does not apply"),
+        (["arch=resnet_nonexistent"], "unknown architecture"),
+        (["loss.w_inner=1.0"], "w_inner"),
+        (["loss.w_outer=0"], "w_outer"),
+        (["loss.w_outer=1.5"], "w_outer"),
+        (["loss.num_samples=0"], "num_samples"),
+        (["train.epochs=abc"], "must be a int"),
+        (["train.batch_size=0"], "batch_size"),
+        (["data.name=cifar10"], "needs data.root"),
+        (["optim.milestones=[1.5]"], "milestones"),
+        (["loss.schedule=cosine"], "loss.schedule"),
+    ],
+)
+def test_bad_config_is_a_clear_error(overrides, match):
+    with pytest.raises(UserError, match=match):
+        load_config(None, overrides)
+
+
+def test_unknown_key_in_yaml_file(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("method: moco\nloss:\n  name: ring\n  w_outr: 0.2\n")
+    with pytest.raises(UserError, match=r"bad.yaml: unknown config key 'loss.w_outr'"):
+        load_config(path)
+
+
+def test_lr_schedule_and_stem():
+    cfg = load_config(CONFIGS / "moco.yaml")
+    lrs = [learning_rate(cfg, e) for e in range(200)]
+    assert lrs[135] == pytest.approx(0.03) and lrs[136] == pytest.approx(0.003)
+    assert lrs[165] == pytest.approx(0.003) and lrs[166] == pytest.approx(0.0003)
+    assert resolved_stem(cfg, 32) == "cifar" and resolved_stem(cfg, 96) == "cifar"
+    assert resolved_stem(cfg, 224) == "imagenet"
+
+
+def test_cli_help_and_errors(tmp_path: Path):
+    help_run = run_cli("pretrain/run.py", "--help")
+    assert help_run.returncode == 0 and "--data-root" in help_run.stdout and "key=value" in help_run.stdout
+    bad = run_cli("pretrain/run.py", "--config", str(CONFIGS / "moco_ring.yaml"), "loss.w_iner=0.2")
+    assert bad.returncode == 2 and "unknown config key 'loss.w_iner'" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    missing = run_cli("pretrain/run.py", "--config", str(CONFIGS / "moco.yaml"), "--data", "cifar10",
+                      "--data-root", str(tmp_path), "--workdir", str(tmp_path / "w"))
+    assert missing.returncode == 2 and "cifar-10-batches-py" in missing.stderr and "data_batch_1" in missing.stderr
