@@ -62,13 +62,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def list_tasks() -> str:
+def list_tasks(tablefmt: str = "simple") -> str:
+    """The registry as a table; ``tablefmt="github"`` gives the README's task list."""
     from tabulate import tabulate
 
     from transfer.tasks import all_tasks
 
     rows = [(t.name, t.family, "no" if t.needs_data else "yes", t.description) for t in all_tasks().values()]
-    return tabulate(rows, headers=["task", "family", "runs with no data", "description"])
+    return tabulate(rows, headers=["task", "family", "runs with no data on disk", "what it measures"],
+                    tablefmt=tablefmt)
 
 
 def main(argv: list[str] | None = None) -> int:
