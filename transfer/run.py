@@ -29,18 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a pretrained backbone on one transfer task (Detectron2 detection/segmentation/"
         "keypoints, Meta-Dataset few-shot, linear evaluation) and append one result record to the results store.",
         epilog="Tasks: `--list-tasks`. Records: <results>/records.jsonl; tables: transfer/leaderboard.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--backbone", type=Path, help="checkpoint: ringbench card (.pth), MoCo, Lightning, "
                         "torchvision, timm or Detectron2 .pkl")
     parser.add_argument("--task", help="task name (see --list-tasks)")
     parser.add_argument("--name", help="backbone name in results (default: the file's stem)")
     parser.add_argument("--arch", help="architecture, only for timm checkpoints that do not record it")
-    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder (records.jsonl)")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="where tasks keep logs and weights")
-    parser.add_argument("--cache-dir", type=Path, default=Path("cache"), help="feature caches")
+    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder holding records.jsonl (default: %(default)s)")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="where tasks keep logs and weights (default: %(default)s)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("cache"), help="feature caches (default: %(default)s)")
     parser.add_argument("--data-root", type=Path, help="dataset root (else the task's environment variable)")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present; the default), 'cpu', 'cuda', 'cuda:1'")
     parser.add_argument("--force", action="store_true", help="run even if a record with this config exists")
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     add_common_flags(parser)
