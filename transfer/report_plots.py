@@ -76,8 +76,10 @@ def schedule_curve(meta: Mapping[str, Any]) -> tuple[list[int], list[float]] | N
         return None
     from pretrain.losses import ring_threshold
 
-    names = ("schedule", "w_outer_start", "w_outer", "anneal_epochs", "steps")
+    names = ("schedule", "w_outer_start", "w_outer", "anneal_epochs")
     kwargs = {k: params[k] for k in names if k in params}
+    if "schedule_steps" in params:
+        kwargs["steps"] = params["schedule_steps"]
     kwargs.setdefault("schedule", "constant")
     points = list(range(epochs + 1))
     return points, [float(ring_threshold(e, **kwargs)) for e in points]
