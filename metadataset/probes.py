@@ -16,8 +16,9 @@ is solved in an orthonormal basis of that span (``r <= n`` coordinates instead o
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +32,8 @@ _MASKED = -1e9  # logit of a padding class
 def l2_normalise(x: np.ndarray | torch.Tensor, eps: float = 1e-12):
     if isinstance(x, torch.Tensor):
         return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
-    x = np.asarray(x, dtype=np.float32)
+    x = np.asarray(x)
+    x = x.astype(np.result_type(x.dtype, np.float32), copy=False)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
@@ -75,6 +77,7 @@ def solve_logreg(
     tol: float = 1e-6,
     history: int = 10,
     precondition: bool = True,
+    ftol: float = 1e-14,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve ``B x P`` independent L2-regularised multinomial logistic regressions at once.
 
@@ -83,7 +86,8 @@ def solve_logreg(
     (False: a padding class), ``lam (B, P)``. Returns ``weight (B, D, P, K)``, ``bias (B, P, K)``.
 
     Batched L-BFGS (Nocedal & Wright, Algorithm 7.4/7.5) in which every problem keeps its own
-    curvature pairs, step length (Armijo backtracking) and stopping test (max |gradient| < ``tol``),
+    curvature pairs, step length (Armijo backtracking) and stopping test (max |gradient| < ``tol``,
+    or a relative decrease of the objective below ``ftol``: the limit of floating point),
     so that a badly conditioned problem (small ``lambda``) does not slow down the others. One
     function evaluation serves all problems: the objectives are independent, so the gradient of
     their sum is every problem's gradient.
@@ -94,6 +98,24 @@ def solve_logreg(
     nearly collinear (cosine ~0.99 for an untrained network), which makes plain gradient steps
     crawl; in ``phi`` the quadratic model is the identity.
     """
+    with _few_threads_if_small(x.numel() * lam.shape[1] * class_mask.shape[1]):
+        return _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, precondition, ftol)
+
+
+@contextlib.contextmanager
+def _few_threads_if_small(work: int, small: int = 1 << 22) -> Iterator[None]:
+    """One intra-op thread for small problems: thread synchronisation would cost more than the
+    arithmetic (and, on a busy machine, spinning threads slow everything down many-fold)."""
+    before = torch.get_num_threads()
+    if work < small and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, precondition, ftol):
     b, _, d = x.shape
     p, k = lam.shape[1], class_mask.shape[1]
     shape = (b, p, d + 1, k)
@@ -148,7 +170,7 @@ def solve_logreg(
         step = torch.ones_like(f)
         todo = active.clone()
         new_theta, new_f = theta.clone(), f.clone()
-        for _ in range(40):
+        for _ in range(30):
             with torch.no_grad():
                 trial = theta + per(step) * direction
                 f_trial = objective(trial)
@@ -167,8 +189,9 @@ def solve_logreg(
         rho = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy))
         pairs = (pairs + [(s, yv, rho)])[-history:]
         gamma = torch.where(good, sy / dot(yv, yv).clamp_min(1e-30), gamma)
+        stalled = (f - new_f) <= ftol * torch.maximum(f.abs(), new_f.abs()).clamp_min(1.0)
         theta, f, g = new_theta, new_f, new_g
-        active &= g.abs().amax(dim=(2, 3)) > tol
+        active &= (g.abs().amax(dim=(2, 3)) > tol) & ~stalled
     if chol is not None:
         theta = torch.linalg.solve_triangular(chol.transpose(-1, -2), theta, upper=True)
     return theta[:, :, :d].permute(0, 2, 1, 3).contiguous(), theta[:, :, d].contiguous()
@@ -290,7 +313,8 @@ class LogisticRegressionProbe:
                     break
                 n, k, stop = n2, k2, stop + 1
             chunk = [(sx, remapped[i][1], qx) for i, (sx, _, qx) in enumerate(tasks[start:stop], start)]
-            preds = self._solve_chunk(chunk)
+            with _few_threads_if_small((stop - start) * n * tasks[start][0].shape[1] * problems * k):
+                preds = self._solve_chunk(chunk)
             out.extend(remapped[i][0][p] for i, p in zip(range(start, stop), preds))
             start = stop
         return out
