@@ -1,0 +1,123 @@
+"""Detectron2 model parts the transfer protocol needs beyond the stock ones.
+
+* Backbone builders ``build_ringbench_resnet_fpn_backbone`` (FPN) and
+  ``build_ringbench_resnet_backbone`` (C4): Detectron2's ResNet, with the stem chosen by
+  ``MODEL.RESNETS.STEM_TYPE``. ``"imagenet"`` is Detectron2's ``BasicStem`` (7x7 conv, stride 2,
+  max-pool). ``"cifar"`` serves cards pretrained on small images, whose first conv is 3x3 (stride 1
+  and no max-pool in the classifier): here that 3x3 conv (the card's weights) runs at stride 2
+  followed by the usual max-pool, so that res2..res5 keep strides 4..32 and the FPN, anchors and
+  ROI poolers stay as configured.
+* ``Res5ROIHeadsExtraNorm``: the C4 box head with a norm after res5, as in the MoCo detection
+  protocol (the pretrained res5 is followed by a freshly initialised, trained normalisation).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from fvcore.nn import weight_init
+
+from transfer.d2.compat import d2
+
+STEM_TYPES = ("imagenet", "cifar")
+_REGISTERED: list[bool] = []
+
+
+def add_ringbench_config(cfg) -> None:
+    """Config keys our builders read (added before merging our YAML files)."""
+    cfg.MODEL.RESNETS.STEM_TYPE = "imagenet"
+
+
+def _cifar_stem_class():
+    D2 = d2()
+
+    class CifarStem(D2.modeling.backbone.resnet.BasicStem):
+        """3x3 conv at stride 2 + norm + ReLU + 3x3 max-pool at stride 2 (overall stride 4)."""
+
+        def __init__(self, in_channels: int = 3, out_channels: int = 64, norm: str = "BN"):
+            super().__init__(in_channels, out_channels, norm)
+            self.conv1 = D2.layers.Conv2d(
+                in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False,
+                norm=D2.layers.get_norm(norm, out_channels),
+            )
+            weight_init.c2_msra_fill(self.conv1)
+
+        def forward(self, x):
+            x = F.relu_(self.conv1(x))
+            return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+
+    return CifarStem
+
+
+def _with_stem(cfg, resnet):
+    stem_type = cfg.MODEL.RESNETS.get("STEM_TYPE", "imagenet")
+    if stem_type not in STEM_TYPES:
+        raise ValueError(f"MODEL.RESNETS.STEM_TYPE must be one of {STEM_TYPES}, got {stem_type!r}")
+    if stem_type == "cifar":
+        old = resnet.stem
+        resnet.stem = _cifar_stem_class()(old.conv1.in_channels, old.out_channels, cfg.MODEL.RESNETS.NORM)
+        assert resnet.stem.stride == old.stride
+    return resnet
+
+
+def register() -> None:
+    """Register the builders and the head in Detectron2's registries (once per process)."""
+    if _REGISTERED:
+        return
+    D2 = d2()
+    backbone = D2.modeling.backbone
+    registry = D2.modeling.BACKBONE_REGISTRY
+
+    def build_ringbench_resnet_backbone(cfg, input_shape):
+        return _with_stem(cfg, backbone.build_resnet_backbone(cfg, input_shape))
+
+    def build_ringbench_resnet_fpn_backbone(cfg, input_shape):
+        model = backbone.fpn.build_resnet_fpn_backbone(cfg, input_shape)
+        _with_stem(cfg, model.bottom_up)
+        return model
+
+    for fn in (build_ringbench_resnet_backbone, build_ringbench_resnet_fpn_backbone):
+        if fn.__name__ not in registry:
+            registry.register(fn)
+
+    heads = D2.modeling.ROI_HEADS_REGISTRY
+    if "Res5ROIHeadsExtraNorm" not in heads:
+        base = D2.modeling.roi_heads.Res5ROIHeads
+
+        class Res5ROIHeadsExtraNorm(base):
+            """Res5 box head followed by an extra (trained) norm layer."""
+
+            @classmethod
+            def _build_res5_block(cls, cfg):
+                seq, out_channels = super()._build_res5_block(cfg)
+                norm = D2.layers.get_norm(cfg.MODEL.RESNETS.NORM, out_channels)
+                seq.add_module(str(len(seq)), norm)
+                return seq, out_channels
+
+        heads.register(Res5ROIHeadsExtraNorm)
+    _REGISTERED.append(True)
+
+
+def build_resnet(arch: str, stem: str = "imagenet", norm: str = "BN"):
+    """Detectron2's ResNet (all four stages) for a torchvision arch, with our stem choice."""
+    from transfer.d2.convert import D2_RESNETS
+
+    D2 = d2()
+    cfg = D2.config.get_cfg()
+    add_ringbench_config(cfg)
+    depth, res2 = D2_RESNETS[arch]
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = res2
+    cfg.MODEL.RESNETS.STEM_TYPE = stem
+    cfg.MODEL.RESNETS.NORM = norm
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    shape = D2.layers.ShapeSpec(channels=3)
+    return _with_stem(cfg, D2.modeling.backbone.build_resnet_backbone(cfg, shape))
+
+
+def check_conversion(arch: str, stem: str, state_dict, source: str = "backbone") -> list[str]:
+    """Convert ``state_dict`` and load it into Detectron2's ResNet, every key checked; the keys."""
+    from transfer.d2.convert import load_converted, torchvision_to_detectron2
+
+    return load_converted(build_resnet(arch, stem), torchvision_to_detectron2(state_dict), source=source)

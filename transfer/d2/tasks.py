@@ -1,0 +1,196 @@
+"""The Detectron2 tasks: detection, instance segmentation and keypoints on COCO, VOC and synthetic shapes.
+
+Importing this module registers the tasks; it does not import Detectron2 (that happens when a task
+is validated or run, through :mod:`transfer.d2.compat`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from pretrain.cli import UserError
+from transfer.d2 import convert, train
+from transfer.d2.data import check_files, resolve_data_root
+from transfer.d2.synthetic_coco import DEFAULTS as SYN_DEFAULTS
+from transfer.tasks import Task, TaskContext, TaskResult, register
+
+# name -> (description, primary metric, headline metrics)
+TASKS = {
+    "coco_det": ("Faster R-CNN R50-FPN 1x, COCO 2017 train -> val (box AP)", "bbox/AP",
+                 ("bbox/AP", "bbox/AP50", "bbox/AP75")),
+    "coco_instseg": ("Mask R-CNN R50-FPN 1x, COCO 2017 (box and mask AP)", "segm/AP", ("bbox/AP", "segm/AP")),
+    "coco_kp": ("Keypoint R-CNN R50-FPN 1x, COCO 2017 person keypoints (keypoint AP)", "keypoints/AP",
+                ("keypoints/AP", "bbox/AP")),
+    "voc_det": ("Faster R-CNN R50-C4, VOC07+12 trainval -> VOC07 test, 24k iterations (AP, AP50, AP75)",
+                "bbox/AP50", ("bbox/AP", "bbox/AP50", "bbox/AP75")),
+    "syn_det": ("Faster R-CNN FPN on synthetic shapes in COCO format (box AP; runs with no data)", "bbox/AP",
+                ("bbox/AP", "bbox/AP50")),
+    "syn_instseg": ("Mask R-CNN FPN on synthetic shapes in COCO format (box and mask AP; no data needed)",
+                    "segm/AP", ("bbox/AP", "segm/AP")),
+    "syn_kp": ("Keypoint R-CNN FPN on synthetic shapes in COCO format (keypoint AP; no data needed)",
+               "keypoints/AP", ("keypoints/AP", "bbox/AP")),
+}
+C4_ARCHS = ("resnet50", "resnet101", "resnet152")
+
+
+def add_detectron2_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the Detectron2 family (added once to the shared ``transfer/run.py`` parser)."""
+    if "--ims-per-batch" in parser._option_string_actions:
+        return
+    group = parser.add_argument_group("Detectron2 tasks (coco_*, voc_det, syn_*)")
+    group.add_argument("--ims-per-batch", type=int, help="total images per iteration; the learning rate, "
+                       "iterations, steps and warm-up follow by the linear scaling rule (default: the task config's)")
+    group.add_argument("--iters", type=int, help="training iterations (after scaling; steps keep their fraction)")
+    group.add_argument("--lr", type=float, help="base learning rate (replaces the scaled one)")
+    group.add_argument("--seeds", type=int, default=1, help="train with seeds 0..N-1; metrics are mean, with std")
+    group.add_argument("--eval-only", action="store_true",
+                       help="evaluate the final weights of the same run (or --weights) without training")
+    group.add_argument("--weights", type=Path, help="with --eval-only: a Detectron2 model file to evaluate")
+    group.add_argument("--num-gpus", type=int, help="GPUs per run (default: all visible with --device cuda)")
+    group.add_argument("--syn-train-images", type=int, default=SYN_DEFAULTS["num_train"],
+                       help="syn_* tasks: training images")
+    group.add_argument("--syn-val-images", type=int, default=SYN_DEFAULTS["num_val"],
+                       help="syn_* tasks: validation images")
+    group.add_argument("--syn-seed", type=int, default=SYN_DEFAULTS["seed"], help="syn_* tasks: dataset seed")
+
+
+def make_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    config_file = f"{name}.yaml"
+    reference = train.solver_reference(config_file)
+    schedule = train.scale_schedule(
+        reference, getattr(args, "ims_per_batch", None), getattr(args, "iters", None), getattr(args, "lr", None)
+    )
+    config: dict[str, Any] = {
+        "config_file": config_file,
+        "config_sha256": train.config_sha256(config_file),
+        **schedule,
+        "seeds": int(getattr(args, "seeds", 1)),
+        "eval_only": bool(getattr(args, "eval_only", False)),
+        "weights": str(args.weights) if getattr(args, "weights", None) else None,
+        "num_gpus": getattr(args, "num_gpus", None),
+    }
+    if name.startswith("syn_"):
+        config["synthetic"] = {
+            **SYN_DEFAULTS,
+            "num_train": int(getattr(args, "syn_train_images", SYN_DEFAULTS["num_train"])),
+            "num_val": int(getattr(args, "syn_val_images", SYN_DEFAULTS["num_val"])),
+            "seed": int(getattr(args, "syn_seed", SYN_DEFAULTS["seed"])),
+        }
+    else:
+        root = resolve_data_root(getattr(args, "data_root", None))
+        config["data_root"] = str(root) if root else None
+    return config
+
+
+def validate(name: str, backbone: Any, config: dict[str, Any]) -> None:
+    """Everything that would fail later, checked before any training starts."""
+    if backbone.streams:
+        raise UserError(
+            f"{backbone.path}: a two-stream card ({'+'.join(backbone.streams)}) cannot be a Detectron2 backbone; "
+            f"{name} takes one-stream torchvision ResNets: {', '.join(convert.D2_RESNETS)}"
+        )
+    if backbone.arch not in convert.D2_RESNETS:
+        raise UserError(
+            f"{backbone.path}: architecture {backbone.arch!r} has no Detectron2 backbone here; {name} supports "
+            f"torchvision ResNets: {', '.join(convert.D2_RESNETS)}"
+        )
+    if name == "voc_det" and backbone.arch not in C4_ARCHS:
+        raise UserError(f"voc_det uses the C4 layout, whose res5 box head needs bottleneck blocks: "
+                        f"{', '.join(C4_ARCHS)} (got {backbone.arch})")
+    if config["seeds"] < 1:
+        raise UserError(f"--seeds must be at least 1, got {config['seeds']}")
+    if config["ims_per_batch"] < 1 or config["max_iter"] < 1 or not config["base_lr"] > 0:
+        raise UserError("--ims-per-batch and --iters must be positive and --lr must be > 0")
+    if config.get("weights") and not Path(config["weights"]).is_file():
+        raise UserError(f"--weights {config['weights']}: no such file")
+    synthetic = config.get("synthetic")
+    if synthetic and (synthetic["num_train"] < 1 or synthetic["num_val"] < 1):
+        raise UserError("--syn-train-images and --syn-val-images must be at least 1")
+    if not synthetic:
+        check_files(name, Path(config["data_root"]) if config.get("data_root") else None)
+    from transfer.d2.modeling import check_conversion  # imports Detectron2 (clear error if absent)
+
+    check_conversion(backbone.arch, backbone.stem, backbone.state_dict, source=str(backbone.path))
+
+
+def eval_weights(config: dict[str, Any], ctx: TaskContext, seed: int) -> str | None:
+    """The model file an ``--eval-only`` run evaluates: ``--weights``, or the training run's final weights."""
+    if not config["eval_only"]:
+        return None
+    if config.get("weights"):
+        return config["weights"]
+    from transfer.results import config_hash
+
+    trained = {**config, "eval_only": False, "weights": None}
+    path = ctx.output_dir.parent / config_hash(trained) / f"seed{seed}" / "model_final.pth"
+    if not path.is_file():
+        raise UserError(f"--eval-only: no trained weights at {path}; train first (same flags without "
+                        f"--eval-only) or pass --weights")
+    return str(path)
+
+
+def run(name: str, backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
+    gpus = train.num_devices(ctx.device, config.get("num_gpus"))
+    seeds = list(range(config["seeds"]))
+    per_seed = []
+    for seed in seeds:
+        payload = {
+            "task": name, "backbone": backbone, "config": config, "seed": seed, "device": ctx.device,
+            "output_dir": str(Path(ctx.output_dir) / f"seed{seed}"),
+            "cache_dir": str(ctx.cache_dir) if ctx.cache_dir else None,
+            "eval_only_weights": eval_weights(config, ctx, seed),
+        }
+        per_seed.append(train.launch_seed(payload, gpus))
+    return aggregate(per_seed, seeds, engine_versions())
+
+
+def aggregate(per_seed: list[dict[str, Any]], seeds: list[int], versions: dict[str, str]) -> TaskResult:
+    """Mean over seeds; sample std and a t-based 95% interval of the mean when there are several."""
+    keys = [k for k in per_seed[0]["metrics"] if all(k in r["metrics"] for r in per_seed)]
+    metrics, std, ci95 = {}, {}, {}
+    for key in keys:
+        values = [r["metrics"][key] for r in per_seed]
+        metrics[key] = sum(values) / len(values)
+        if len(values) > 1:
+            from scipy import stats
+
+            std[key] = math.sqrt(sum((v - metrics[key]) ** 2 for v in values) / (len(values) - 1))
+            ci95[key] = float(stats.t.ppf(0.975, len(values) - 1)) * std[key] / math.sqrt(len(values))
+    extra: dict[str, Any] = {"per_seed": [r["metrics"] for r in per_seed],
+                             "timings": [r.get("timings", {}) for r in per_seed]}
+    if std:
+        extra["std"] = std
+    for key in ("undefined", "no_predictions"):
+        found = sorted({k for r in per_seed for k in r.get("extra", {}).get(key, [])})
+        if found:
+            extra[key] = found
+    return TaskResult(metrics=metrics, ci95=ci95, seeds=seeds, extra=extra, engine_versions=versions)
+
+
+def engine_versions() -> dict[str, str]:
+    from transfer.d2.compat import engine_versions as versions
+
+    return versions()
+
+
+def _register(name: str) -> None:
+    description, primary, headline = TASKS[name]
+    register(Task(
+        name=name,
+        family="detectron2",
+        description=description,
+        make_config=lambda args: make_config(name, args),
+        run=lambda backbone, config, ctx: run(name, backbone, config, ctx),
+        validate=lambda backbone, config: validate(name, backbone, config),
+        add_arguments=add_detectron2_arguments,
+        primary_metric=primary,
+        headline=headline,
+        needs_data=not name.startswith("syn_"),
+    ))
+
+
+for _name in TASKS:
+    _register(_name)

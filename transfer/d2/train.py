@@ -1,0 +1,333 @@
+"""Train and evaluate a Detectron2 model from a backbone card (one task, one or more seeds).
+
+The flow of one seed: build the Detectron2 config (task YAML + settings from the card: depth,
+stage-2 width, stem, pixel mean/std in 0-255 units, RGB input), build the trainer, load the
+converted backbone weights into the model with every ResNet key checked
+(:func:`transfer.d2.convert.load_converted`), train, save the final weights, evaluate with
+``COCOEvaluator`` (``use_fast_impl`` only with compiled ops) or the VOC evaluator. Several GPUs run
+through Detectron2's ``launch`` with SyncBN. Per-seed outputs: ``seed<N>/`` with ``log.txt``,
+``config.yaml``, ``metrics.json`` (Detectron2's JSON writer), ``model_final.pth``, ``results.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from pretrain.cli import UserError
+from pretrain.fileio import atomic_write_text
+from transfer.d2 import convert
+from transfer.d2.compat import d2, has_compiled_ops
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "transfer" / "detectron2"
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+_NORM_KEYS = (("RESNETS", "NORM"), ("FPN", "NORM"), ("ROI_BOX_HEAD", "NORM"), ("ROI_MASK_HEAD", "NORM"))
+
+
+# ----------------------------------------------------------------------------------- config
+def config_path(name: str) -> Path:
+    return CONFIG_DIR / name
+
+
+def read_config_chain(name: str) -> tuple[dict[str, Any], list[Path]]:
+    """A task YAML merged over its ``_BASE_`` chain (without Detectron2); the files read, base first."""
+    import yaml
+
+    path = config_path(name)
+    if not path.is_file():
+        raise UserError(f"{path}: Detectron2 task config not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("_BASE_", None)
+    merged, files = read_config_chain(base) if base else ({}, [])
+    return _merge(merged, data), files + [path]
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def solver_reference(name: str) -> dict[str, Any]:
+    """The schedule a task config states (the reference of the linear scaling rule)."""
+    import ast
+
+    solver = read_config_chain(name)[0].get("SOLVER", {})
+    steps = solver.get("STEPS", ())
+    return {
+        "ims_per_batch": int(solver.get("IMS_PER_BATCH", 16)),
+        "base_lr": float(solver.get("BASE_LR", 0.02)),
+        "max_iter": int(solver.get("MAX_ITER", 90000)),
+        "steps": list(ast.literal_eval(steps) if isinstance(steps, str) else steps),
+        "warmup_iters": int(solver.get("WARMUP_ITERS", 1000)),
+    }
+
+
+def config_sha256(name: str) -> str:
+    """Hash of the YAML files a task reads (part of the run's identity)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in read_config_chain(name)[1]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def scale_schedule(
+    reference: Mapping[str, Any], ims_per_batch: int | None = None, iters: int | None = None, lr: float | None = None
+) -> dict[str, Any]:
+    """The solver schedule for a batch size by the linear scaling rule (Goyal et al., 2017).
+
+    With ``k = ims_per_batch / reference ims_per_batch``: the learning rate is multiplied by ``k``;
+    iterations, LR steps and warm-up are divided by ``k`` (same number of epochs). ``iters``
+    replaces the iteration count (steps and warm-up keep their fraction of the schedule); ``lr``
+    replaces the scaled learning rate.
+    """
+    ref_batch = int(reference["ims_per_batch"])
+    batch = int(ims_per_batch or ref_batch)
+    k = batch / ref_batch
+    max_iter = max(1, round(int(reference["max_iter"]) / k))
+    steps = [max(1, round(int(s) / k)) for s in reference["steps"]]
+    warmup = round(int(reference["warmup_iters"]) / k)
+    if iters is not None:
+        frac = iters / max_iter
+        steps = [max(1, round(s * frac)) for s in steps]
+        warmup = round(warmup * frac)
+        max_iter = int(iters)
+    steps = [s for s in steps if s < max_iter]
+    return {
+        "ims_per_batch": batch,
+        "base_lr": float(lr) if lr is not None else float(reference["base_lr"]) * k,
+        "max_iter": max_iter,
+        "steps": steps,
+        "warmup_iters": min(warmup, max_iter),
+    }
+
+
+def build_cfg(
+    config: Mapping[str, Any], backbone: Any, splits: Any, output_dir: Path, device: str, seed: int, world_size: int = 1
+):
+    """The Detectron2 ``CfgNode`` of one seed's run."""
+    from transfer.d2.modeling import add_ringbench_config, register
+
+    D2 = d2()
+    register()
+    cfg = D2.config.get_cfg()
+    add_ringbench_config(cfg)
+    cfg.merge_from_file(str(config_path(config["config_file"])))
+    depth, res2 = convert.D2_RESNETS[backbone.arch]
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = res2
+    cfg.MODEL.RESNETS.STEM_TYPE = backbone.stem
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.PIXEL_MEAN = [255.0 * float(v) for v in backbone.mean]
+    cfg.MODEL.PIXEL_STD = [255.0 * float(v) for v in backbone.std]
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = splits.num_classes
+    if cfg.MODEL.KEYPOINT_ON:
+        cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS = splits.num_keypoints
+        cfg.TEST.KEYPOINT_OKS_SIGMAS = list(splits.kpt_oks_sigmas)
+    cfg.DATASETS.TRAIN = tuple(splits.train)
+    cfg.DATASETS.TEST = tuple(splits.test)
+    cfg.SOLVER.IMS_PER_BATCH = int(config["ims_per_batch"])
+    cfg.SOLVER.BASE_LR = float(config["base_lr"])
+    cfg.SOLVER.MAX_ITER = int(config["max_iter"])
+    cfg.SOLVER.STEPS = tuple(config["steps"])
+    cfg.SOLVER.WARMUP_ITERS = int(config["warmup_iters"])
+    cfg.TEST.EVAL_PERIOD = 0
+    if world_size > 1:  # the MoCo protocol: synchronised BN across GPUs
+        for section, key in _NORM_KEYS:
+            if cfg.MODEL[section][key] == "BN":
+                cfg.MODEL[section][key] = "SyncBN"
+    cfg.MODEL.DEVICE = device
+    cfg.SEED = int(seed)
+    cfg.OUTPUT_DIR = str(output_dir)
+    cfg.freeze()
+    return cfg
+
+
+def layout_of(cfg) -> str:
+    return "fpn" if "fpn" in cfg.MODEL.BACKBONE.NAME else "c4"
+
+
+# ---------------------------------------------------------------------------------- trainer
+def trainer_class():
+    """``DefaultTrainer`` with our writers, evaluators and hooks (built once Detectron2 is imported)."""
+    D2 = d2()
+    hooks = D2.engine.hooks
+
+    class Trainer(D2.engine.DefaultTrainer):
+        def build_writers(self):
+            os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)  # JSONWriter does not create it
+            return [
+                D2.utils.events.CommonMetricPrinter(self.max_iter),
+                D2.utils.events.JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+            ]
+
+        def build_hooks(self):
+            # Evaluation runs after training (timed on its own); the final weights are saved
+            # without optimizer state; the console shows ~10 lines per run.
+            period = max(1, min(20, self.max_iter // 10))
+            kept = []
+            for hook in super().build_hooks():
+                if isinstance(hook, (hooks.EvalHook, hooks.PeriodicCheckpointer)):
+                    continue
+                if isinstance(hook, hooks.PeriodicWriter):
+                    hook = hooks.PeriodicWriter(self.build_writers(), period=period)
+                kept.append(hook)
+            return kept
+
+        @classmethod
+        def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+            folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+            kind = D2.data.MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+            if kind == "pascal_voc":
+                return D2.evaluation.PascalVOCDetectionEvaluator(dataset_name)
+            tasks = ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) + (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
+            return D2.evaluation.COCOEvaluator(
+                dataset_name, tasks=tasks, distributed=True, output_dir=folder,
+                use_fast_impl=has_compiled_ops(), kpt_oks_sigmas=tuple(cfg.TEST.KEYPOINT_OKS_SIGMAS),
+            )
+
+    return Trainer
+
+
+@contextlib.contextmanager
+def run_logging(output_dir: Path, rank: int = 0) -> Iterator[None]:
+    """Detectron2's log to ``output_dir/log.txt`` (and the console on rank 0) for one run."""
+    logger = logging.getLogger("detectron2")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.FileHandler(output_dir / "log.txt")]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+# ---------------------------------------------------------------------------------- metrics
+def flatten_results(results: Mapping[str, Mapping[str, float]]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Detectron2 evaluator output -> ``{"bbox/AP": ...}`` and extra information.
+
+    Per-category APs go to the extras. An evaluator that saw no predictions at all returns NaN for
+    everything: the AP of an empty prediction set is 0, recorded as such (and noted). Other NaNs
+    (e.g. ``APl`` with no large objects) are undefined and left out, listed in the extras.
+    """
+    metrics: dict[str, float] = {}
+    extra: dict[str, Any] = {"per_category": {}, "undefined": [], "no_predictions": []}
+    for kind, values in results.items():
+        values = dict(values)
+        if values and all(isinstance(v, float) and math.isnan(v) for v in values.values()):
+            extra["no_predictions"].append(kind)
+            values = {k: (0.0 if k in ("AP", "AP50", "AP75") else v) for k, v in values.items()}
+        for key, value in values.items():
+            name = f"{kind}/{key}"
+            if key not in METRIC_KEYS:
+                extra["per_category"][name] = None if math.isnan(value) else float(value)
+            elif math.isnan(value):
+                extra["undefined"].append(name)
+            else:
+                metrics[name] = float(value)
+    return metrics, {k: v for k, v in extra.items() if v}
+
+
+# -------------------------------------------------------------------------------- one seed
+def run_seed(payload: dict[str, Any]) -> None:
+    """One seed on this process (or as one rank under ``launch``); rank 0 writes ``results.json``."""
+    from transfer.d2 import data as d2data
+
+    D2 = d2()
+    comm = D2.utils.comm
+    output_dir = Path(payload["output_dir"])
+    backbone, config, seed = payload["backbone"], payload["config"], payload["seed"]
+    with run_logging(output_dir, comm.get_rank()):
+        splits = register_datasets(payload["task"], config, payload["cache_dir"], d2data)
+        cfg = build_cfg(config, backbone, splits, output_dir, payload["device"], seed, comm.get_world_size())
+        D2.utils.env.seed_all_rng(seed + comm.get_rank())
+        if comm.is_main_process():
+            atomic_write_text(output_dir / "config.yaml", cfg.dump())
+        Trainer = trainer_class()
+        timings: dict[str, float] = {}
+        if payload.get("eval_only_weights"):
+            model = Trainer.build_model(cfg)
+            D2.checkpoint.DetectionCheckpointer(model).load(payload["eval_only_weights"])
+        else:
+            trainer = Trainer(cfg)
+            model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+            converted = convert.torchvision_to_detectron2(backbone.state_dict, layout_of(cfg))
+            loaded = convert.load_converted(model, converted, source=str(backbone.path))
+            logging.getLogger("detectron2").info("loaded %d backbone tensors from %s", len(loaded), backbone.name)
+            trainer.resume_or_load(resume=False)  # MODEL.WEIGHTS is empty: keeps the converted weights
+            start = time.perf_counter()
+            trainer.train()
+            timings["train_s"] = time.perf_counter() - start
+            timings["iters_per_s"] = cfg.SOLVER.MAX_ITER / timings["train_s"]
+            if comm.is_main_process():
+                D2.checkpoint.DetectionCheckpointer(model, str(output_dir)).save("model_final")
+            message = (f"trained {cfg.SOLVER.MAX_ITER} iterations in {timings['train_s']:.1f} s "
+                       f"({timings['iters_per_s']:.2f} it/s)")
+            logging.getLogger("detectron2").info(message)
+        start = time.perf_counter()
+        results = Trainer.test(cfg, model)
+        timings["eval_s"] = time.perf_counter() - start
+        if comm.is_main_process():
+            metrics, extra = flatten_results(results)
+            atomic_write_text(
+                output_dir / "results.json",
+                json.dumps({"metrics": metrics, "extra": extra, "timings": timings}, indent=1, sort_keys=True),
+            )
+
+
+def register_datasets(task: str, config: Mapping[str, Any], cache_dir: str | None, d2data) -> Any:
+    if "synthetic" in config:
+        from transfer.d2.synthetic_coco import ensure_synthetic_coco
+
+        root = ensure_synthetic_coco(Path(cache_dir or "cache") / "detectron2", **config["synthetic"])
+        return d2data.register_synthetic(root)
+    root = Path(config["data_root"])
+    d2data.check_files(task, root)
+    return d2data.register_voc(root) if task.startswith("voc") else d2data.register_coco(root, task)
+
+
+def launch_seed(payload: dict[str, Any], num_gpus: int) -> dict[str, Any]:
+    """Run one seed (through Detectron2's ``launch`` on several GPUs); its ``results.json``."""
+    output_dir = Path(payload["output_dir"])
+    result_file = output_dir / "results.json"
+    if result_file.exists():
+        result_file.unlink()
+    if num_gpus > 1:
+        d2().engine.launch(run_seed, num_gpus, dist_url="auto", args=(payload,))
+    else:
+        run_seed(payload)
+    return json.loads(result_file.read_text())
+
+
+def num_devices(device: str, requested: int | None) -> int:
+    if not device.startswith("cuda"):
+        return 1
+    available = torch.cuda.device_count()
+    wanted = requested or (available if device == "cuda" else 1)
+    if wanted > available:
+        raise UserError(f"--num-gpus {wanted}: only {available} CUDA devices are visible")
+    return max(1, wanted)
