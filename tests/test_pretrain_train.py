@@ -1,0 +1,139 @@
+"""The trainer: card contents, resume after an interruption, NaN handling, DDP on 2 CPU processes,
+and ring-MoCo learning something (kNN above a randomly initialised ResNet-18)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import pretrain.train as trainer
+from pretrain.checkpoint import load_card, load_checkpoint_file
+from pretrain.cli import UserError
+from pretrain.config import load_config
+from pretrain.methods import build_method
+from tests.test_pretrain_methods import one_thread  # noqa: F401  (autouse fixture)
+
+TINY_RUN = [
+    "method=moco", "data.workers=0", "data.synthetic_classes=4", "data.synthetic_images_per_class=4",
+    "data.synthetic_image_size=16", "train.batch_size=8", "train.epochs=2", "train.log_every=1",
+    "moco.queue_size=16", "moco.shuffle_groups=2", "loss.w_outer=0.5", "loss.w_inner=0.25",
+    "knn.max_train=16", "knn.max_test=8", "knn.k=5",
+]
+
+
+def tiny_cfg(*overrides: str) -> dict:
+    return load_config(None, [*TINY_RUN, *overrides])
+
+
+def test_card_meta_and_log(tmp_path: Path):
+    cfg = tiny_cfg("train.epochs=1")
+    result = trainer.train(cfg, tmp_path / "card.pth", tmp_path / "work", progress=False)
+    card = load_card(result.card_path)
+    assert card.arch == "resnet18" and card.stem == "cifar"
+    meta = card.meta
+    assert meta["method"] == "moco" and meta["loss"] == "ring" and meta["dataset"] == "synthetic"
+    assert meta["loss_params"]["w_outer"] == 0.5 and meta["loss_params"]["schedule"] == "constant"
+    assert meta["epochs"] == 1 and meta["image_size"] == 16 and meta["seed"] == 0 and meta["config"] == cfg
+    assert len(meta["mean"]) == 3 and "knn_top1" in meta
+    assert set(card.state_dict) == set(result.method.encoder.backbone.state_dict())
+    assert torch.equal(card.state_dict["conv1.weight"], result.method.encoder.backbone.conv1.weight.detach())
+    lines = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "step" in line] == [1, 2]
+    assert "knn_top1" in lines[-1] and lines[-1]["images_per_s"] > 0
+    from transfer.backbones import load_backbone
+
+    backbone = load_backbone(result.card_path)  # the transfer stage reads it strictly
+    assert backbone.stem == "cifar" and backbone.build_model()(torch.zeros(1, 3, 16, 16)).shape == (1, 512)
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, monkeypatch):
+    cfg = tiny_cfg("method=ir", "loss.num_samples=4")
+    straight = trainer.train(cfg, None, tmp_path / "a", progress=False).method.state_dict()
+
+    real_save = trainer.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg, None, tmp_path / "b", progress=False)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    assert load_checkpoint_file(tmp_path / "b" / "checkpoint.pth")["epoch"] == 1
+    resumed = trainer.train(cfg, None, tmp_path / "b", progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    for key, value in straight.items():
+        assert torch.equal(value, resumed.method.state_dict()[key]), key
+    with pytest.raises(UserError, match="different config"):
+        trainer.train(tiny_cfg("method=ir", "loss.num_samples=5"), None, tmp_path / "b", progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch):
+    from pretrain.methods.moco import MoCo
+
+    real_step = MoCo.training_step
+
+    def step(self, views, index):
+        loss, logs = real_step(self, views, index)
+        return (loss * float("nan"), logs) if self.epoch == 1 else (loss, logs)
+
+    monkeypatch.setattr(MoCo, "training_step", step)
+    with pytest.raises(trainer.TrainingDiverged, match=r"loss became nan at epoch 2, step 1.*after epoch 1"):
+        trainer.train(tiny_cfg(), tmp_path / "card.pth", tmp_path / "w", progress=False)
+    assert load_checkpoint_file(tmp_path / "w" / "checkpoint.pth")["epoch"] == 1
+    assert not (tmp_path / "card.pth").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: dict, folder: str) -> None:
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = trainer.train(cfg, Path(folder) / "card.pth", Path(folder) / "work", progress=False)
+    torch.save(result.method.state_dict(), Path(folder) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_end_identical(tmp_path: Path):
+    cfg = tiny_cfg("train.epochs=1", "knn.enabled=false")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    card = load_card(tmp_path / "card.pth")
+    assert torch.equal(card.state_dict["conv1.weight"], a["encoder.backbone.conv1.weight"])
+    # a step happened: the weights moved away from the initialisation
+    torch.manual_seed(0)
+    init = build_method(cfg, 16, "cifar").state_dict()
+    assert not torch.equal(init["encoder.backbone.conv1.weight"], a["encoder.backbone.conv1.weight"])
+
+
+def _knn_gain(cfg: dict, tmp_path: Path) -> tuple[float, float]:
+    data = trainer.prepare_data(cfg, 2)
+    random_acc = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        random_acc.append(trainer.evaluate_knn(build_method(cfg, len(data.train), data.stem), data, cfg, torch.device("cpu")))
+    trained = trainer.train(cfg, None, tmp_path, progress=False).history[-1]["knn_top1"]
+    return trained, max(random_acc)
+
+
+@pytest.mark.slow
+def test_ring_moco_demo_beats_random_resnet18(tmp_path: Path):
+    """The demo profile (ResNet-18, 32 px synthetic, a few CPU minutes) beats a random ResNet-18."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/pretrain/moco_ring.yaml", profile="demo")
+    trained, random_best = _knn_gain(cfg, tmp_path)
+    assert trained > random_best + 5, (trained, random_best)
