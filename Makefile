@@ -6,7 +6,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.ringbench-setup
 
-.PHONY: setup test test-slow demo bench clean-venv
+.PHONY: setup test test-slow demo bench readme clean-venv
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: setup
 
 bench: setup
 	for script in bench/*.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+
+# Refresh the README's task list from the registry (tests/test_readme.py checks it).
+readme: setup
+	$(PYTHON) transfer/run.py --list-tasks --readme README.md
 
 clean-venv:
 	rm -rf $(VENV)

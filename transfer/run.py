@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when present; the default), 'cpu', 'cuda', 'cuda:1'")
     parser.add_argument("--force", action="store_true", help="run even if a record with this config exists")
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
+    parser.add_argument("--readme", type=Path, help=argparse.SUPPRESS)  # with --list-tasks: refresh README's list
     add_common_flags(parser)
     seen = set()
     for task in all_tasks().values():
@@ -72,9 +73,30 @@ def list_tasks(tablefmt: str = "simple") -> str:
                     tablefmt=tablefmt)
 
 
+README_TASKS = ("<!-- tasks:begin -->", "<!-- tasks:end -->")
+
+
+def readme_tasks_block() -> str:
+    return f"{README_TASKS[0]}\n{list_tasks('github')}\n{README_TASKS[1]}"
+
+
+def write_readme_tasks(readme: Path) -> None:
+    """Replace the README's task list (between the markers) with the registry's."""
+    from pretrain.fileio import atomic_write_text
+
+    text = readme.read_text()
+    start, end = text.find(README_TASKS[0]), text.find(README_TASKS[1])
+    if start < 0 or end < start:
+        raise UserError(f"{readme}: no {README_TASKS[0]} ... {README_TASKS[1]} block")
+    atomic_write_text(readme, text[:start] + readme_tasks_block() + text[end + len(README_TASKS[1]):])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list_tasks and args.readme:
+        write_readme_tasks(args.readme)
+        return 0
     if args.list_tasks:
         print(list_tasks())
         return 0
