@@ -103,7 +103,7 @@ def solve_logreg(
 
 
 @contextlib.contextmanager
-def _few_threads_if_small(work: int, small: int = 1 << 22) -> Iterator[None]:
+def _few_threads_if_small(work: int, small: int = 1 << 26) -> Iterator[None]:
     """One intra-op thread for small problems: thread synchronisation would cost more than the
     arithmetic (and, on a busy machine, spinning threads slow everything down many-fold)."""
     before = torch.get_num_threads()
@@ -313,7 +313,8 @@ class LogisticRegressionProbe:
                     break
                 n, k, stop = n2, k2, stop + 1
             chunk = [(sx, remapped[i][1], qx) for i, (sx, _, qx) in enumerate(tasks[start:stop], start)]
-            with _few_threads_if_small((stop - start) * n * tasks[start][0].shape[1] * problems * k):
+            dim = min(n, tasks[start][0].shape[1])  # solved in the support span
+            with _few_threads_if_small((stop - start) * n * dim * problems * k):
                 preds = self._solve_chunk(chunk)
             out.extend(remapped[i][0][p] for i, p in zip(range(start, stop), preds))
             start = stop

@@ -213,7 +213,8 @@ def iter_records(path: Path) -> Iterator[tuple[bytes, int]]:
     from tfrecord.reader import tfrecord_loader
 
     for example in tfrecord_loader(str(path), None, description={"image": "byte", "label": "int"}):
-        yield example["image"].tobytes(), int(example["label"][0])
+        image = example["image"]
+        yield (image if isinstance(image, bytes) else np.asarray(image).tobytes()), int(np.ravel(example["label"])[0])
 
 
 def records_source(name: str, folder: Path, split: str = "test") -> ImageSet:
