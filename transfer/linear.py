@@ -1,0 +1,322 @@
+"""Many-shot linear evaluation: a multinomial logistic regression on frozen, cached features.
+
+Tasks ``linear_cifar10``, ``linear_cifar100``, ``linear_stl10``, ``linear_imagenet`` and
+``linear_synthetic`` (embedded shapes, nothing on disk). Protocol:
+
+1. features of every train and test image (``metadataset.features``: cached per backbone hash);
+2. L2-normalised features; hold out a stratified 20% of train; fit one model per weight decay of a
+   log grid on the other 80% (all grid points in one batched solve) and keep the one with the
+   best held-out accuracy (ties: the stronger regularisation);
+3. refit on all of train (train + held-out) with that weight decay; report test top-1 accuracy.
+
+The solver is the few-shot probe's (``metadataset.probes.solve_logreg``). Datasets are read from
+their usual on-disk layouts under ``--data-root`` (the folders torchvision extracts: CIFAR's
+"python version" batches, STL-10's binary files; an ImageFolder for ImageNet), read directly (without
+torchvision's checksum of the official archives, so that subsets work); nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pickle
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from metadataset.features import extract_features
+from metadataset.probes import l2_normalise, logreg_logits, solve_logreg, solver_dtype
+from metadataset.sources import ImageSet, decode_image
+from pretrain.cli import UserError
+from transfer.tasks import Task, TaskContext, TaskResult, register
+
+DATA_ROOT_ENV = "RINGBENCH_DATA"
+DEFAULT_GRID = tuple(10.0 ** e for e in range(-6, 1))  # 1e-6 .. 1
+LAYOUTS = {  # dataset -> (folder under the data root, what it must hold)
+    "cifar10": ("cifar-10-batches-py", ["data_batch_1", "data_batch_5", "test_batch"]),
+    "cifar100": ("cifar-100-python", ["train", "test"]),
+    "stl10": ("stl10_binary", ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]),
+    "imagenet": ("imagenet", ["train", "val"]),
+}
+DEFAULTS: dict[str, Any] = {
+    "linear_grid": ",".join(f"{g:g}" for g in DEFAULT_GRID),
+    "linear_val_fraction": 0.2,
+    "linear_seed": 0,
+    "linear_max_iter": 1000,
+    "linear_image_size": None,
+    "linear_synthetic_classes": 32,
+    "linear_synthetic_train": 40,
+    "linear_synthetic_test": 10,
+}
+_FLAGS = {
+    "linear_grid": ("--linear-grid", str, "comma-separated weight decays to choose from"),
+    "linear_val_fraction": ("--linear-val-fraction", float, "fraction of train held out to choose the weight decay"),
+    "linear_seed": ("--linear-seed", int, "seed of the held-out split"),
+    "linear_max_iter": ("--linear-max-iter", int, "L-BFGS iterations per fit"),
+    "linear_image_size": ("--linear-image-size", int, "resize images to this size (default: the backbone card's)"),
+    "linear_synthetic_classes": ("--linear-synthetic-classes", int, "linear_synthetic: shape classes"),
+    "linear_synthetic_train": ("--linear-synthetic-train", int, "linear_synthetic: train images per class"),
+    "linear_synthetic_test": ("--linear-synthetic-test", int, "linear_synthetic: test images per class"),
+}
+
+
+def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
+    """The linear family's flags (added once to the shared ``transfer/run.py`` parser)."""
+    if "--linear-grid" in parser._option_string_actions:
+        return
+    group = parser.add_argument_group("linear evaluation tasks (linear_*)")
+    for setting, (flag, kind, text) in _FLAGS.items():
+        group.add_argument(flag, dest=setting, type=kind, default=None, help=f"{text} (default: {DEFAULTS[setting]})")
+
+
+# --- datasets ------------------------------------------------------------------------------------
+
+
+def dataset_folder(name: str, root: str | os.PathLike | None) -> Path:
+    """The dataset's folder in its usual layout, or a :class:`UserError` naming the expected path."""
+    folder_name, required = LAYOUTS[name]
+    if root is None:
+        raise UserError(f"linear_{name} needs its data: pass --data-root (the folder holding {folder_name}/) or set "
+                        f"${DATA_ROOT_ENV}; nothing is downloaded")
+    root = Path(root).expanduser()
+    candidates = [root / folder_name] + ([root] if name == "imagenet" else [])
+    for folder in candidates:
+        if all((folder / r).exists() for r in required):
+            return folder
+    raise UserError(f"linear_{name}: expected {root / folder_name}/ holding {', '.join(required)} "
+                    f"(the torchvision / ImageFolder layout); nothing is downloaded")
+
+
+def _array_set(name: str, split: str, images: np.ndarray, labels: np.ndarray, classes: list[str],
+               fingerprint: Any) -> ImageSet:
+    """An :class:`ImageSet` over ``uint8 (N, H, W, 3)`` images already in memory."""
+    from PIL import Image
+
+    def items() -> Iterator[tuple[int, str, Any]]:
+        for i in range(len(labels)):
+            yield int(labels[i]), f"{split}/{i}", (lambda i=i: Image.fromarray(images[i]))
+
+    return ImageSet(name=name, split=split, class_names=classes, items=items,
+                    counts=np.bincount(labels, minlength=len(classes)).astype(np.int64),
+                    fingerprint=hashlib.sha256(json.dumps([name, split, fingerprint], default=str).encode()).hexdigest())
+
+
+def _listing(folder: Path) -> list:
+    return sorted([str(p.relative_to(folder)), p.stat().st_size] for p in folder.iterdir() if p.is_file())
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickler for the CIFAR python batches: dicts of numpy arrays, lists and strings only."""
+
+    _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+
+
+def _unpickle(path: Path, required: str = "data") -> dict:
+    try:
+        with open(path, "rb") as handle:
+            data = _ArraysOnly(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
+        raise UserError(f"{path}: not a CIFAR python batch ({exc})") from exc
+    if not isinstance(data, dict) or required not in data:
+        raise UserError(f"{path}: not a CIFAR python batch (no {required!r} entry)")
+    return data
+
+
+def read_cifar(folder: Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """CIFAR-10/100 "python version": pickled batches of ``data (N, 3072)`` rows (R, G, B planes of
+    32x32) and ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100)."""
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        meta, names_key, labels_key = "batches.meta", "label_names", "labels"
+    else:
+        files = ["train"] if split == "train" else ["test"]
+        meta, names_key, labels_key = "meta", "fine_label_names", "fine_labels"
+    batches = [_unpickle(folder / f) for f in files]
+    images = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+    labels = np.concatenate([np.asarray(b[labels_key], dtype=np.int64) for b in batches])
+    if images.ndim != 2 or images.shape[1] != 3072 or len(images) != len(labels):
+        raise UserError(f"{folder}: CIFAR batches hold data of shape {images.shape}, expected (N, 3072)")
+    classes = [str(c) for c in _unpickle(folder / meta, names_key)[names_key]] if (folder / meta).exists() else \
+        [str(c) for c in range(int(labels.max()) + 1)]
+    return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels, classes
+
+
+def read_stl10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """STL-10 binary: ``<split>_X.bin`` uint8 images (3, 96, 96) stored column-major, ``<split>_y.bin``
+    labels 1..10."""
+    raw = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8)
+    labels = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1
+    if raw.size % (3 * 96 * 96) or raw.size // (3 * 96 * 96) != len(labels):
+        raise UserError(f"{folder}: {split}_X.bin holds {raw.size} bytes, not {len(labels)} images of 3x96x96")
+    images = raw.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)  # (N, H, W, C)
+    names = folder / "class_names.txt"
+    classes = names.read_text().split() if names.exists() else [str(c) for c in range(10)]
+    return np.ascontiguousarray(images), labels, classes
+
+
+def open_linear_split(name: str, split: str, root: str | None, config: dict[str, Any], image_size: int) -> ImageSet:
+    """The ``train`` or ``test`` images of one linear-evaluation dataset."""
+    if name == "synthetic":
+        from pretrain.data.shapes import SyntheticShapes
+
+        per_class = config["synthetic"]["train" if split == "train" else "test"]
+        ds = SyntheticShapes(num_classes=config["synthetic"]["classes"], images_per_class=per_class,
+                             image_size=image_size, seed=0, split=split)
+
+        def items() -> Iterator[tuple[int, str, Any]]:
+            for i in range(len(ds)):
+                yield ds.targets[i], f"{split}/{i}", (lambda i=i: ds[i][0])
+
+        return ImageSet(name="linear_synthetic", split=split, class_names=ds.classes, items=items,
+                        counts=np.bincount(ds.targets, minlength=ds.num_classes).astype(np.int64),
+                        fingerprint=hashlib.sha256(json.dumps(["synthetic", split, config["synthetic"],
+                                                               image_size]).encode()).hexdigest())
+    folder = dataset_folder(name, root)
+    if name in ("cifar10", "cifar100"):
+        return _array_set(name, split, *read_cifar(folder, name, split), _listing(folder))
+    if name == "stl10":
+        return _array_set(name, split, *read_stl10(folder, split), _listing(folder))
+    # imagenet: ImageFolder train/ and val/
+    import torchvision
+
+    ds = torchvision.datasets.ImageFolder(str(folder / ("train" if split == "train" else "val")))
+
+    def folder_items() -> Iterator[tuple[int, str, Any]]:
+        for path, label in ds.samples:
+            yield label, os.path.relpath(path, folder), (lambda path=path: decode_image(Path(path).read_bytes()))
+
+    sizes = [[os.path.relpath(p, folder), os.path.getsize(p)] for p, _ in ds.samples]
+    return ImageSet(name="imagenet", split=split, class_names=list(ds.classes), items=folder_items,
+                    counts=np.bincount(ds.targets, minlength=len(ds.classes)).astype(np.int64),
+                    fingerprint=hashlib.sha256(json.dumps(["imagenet", split, sizes]).encode()).hexdigest())
+
+
+# --- the protocol ----------------------------------------------------------------------------------
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of a stratified held-out subset: ``round(fraction * n_c)`` of each class
+    (at least one when the class has two or more images)."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(fraction * len(members)))
+        k = min(max(k, 1 if len(members) > 1 else 0), len(members) - 1)
+        held[members[:k]] = True
+    return held
+
+
+def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, eval_y: np.ndarray,
+                  grid: list[float], num_classes: int, device: str, max_iter: int) -> np.ndarray:
+    """Accuracy on ``eval`` of one model per weight decay in ``grid`` (one batched solve)."""
+    dtype = solver_dtype(device)
+    x = torch.as_tensor(l2_normalise(train_x), dtype=dtype, device=device)[None]
+    y = torch.as_tensor(train_y, dtype=torch.long, device=device)[None]
+    lam = torch.tensor([grid], dtype=dtype, device=device)
+    weights = torch.ones(1, len(grid), len(train_y), dtype=dtype, device=device)
+    class_mask = torch.ones(1, num_classes, dtype=torch.bool, device=device)
+    w, b = solve_logreg(x, y, weights, class_mask, lam, max_iter=max_iter)
+    ex = torch.as_tensor(l2_normalise(eval_x), dtype=dtype, device=device)[None]
+    pred = logreg_logits(ex, w, b)[0].argmax(-1).cpu().numpy()  # (N, P)
+    return (pred == np.asarray(eval_y)[:, None]).mean(0)
+
+
+def linear_evaluation(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                      num_classes: int, grid: list[float], val_fraction: float = 0.2, seed: int = 0,
+                      device: str = "cpu", max_iter: int = 1000) -> dict[str, Any]:
+    """The protocol of the module docstring; returns test accuracy, the chosen weight decay and
+    the held-out accuracy of every grid point."""
+    held = stratified_holdout(train_y, val_fraction, seed)
+    val_acc = fit_and_score(train_x[~held], train_y[~held], train_x[held], train_y[held], grid, num_classes,
+                            device, max_iter)
+    best = max(range(len(grid)), key=lambda i: (val_acc[i], grid[i]))
+    test_acc = fit_and_score(train_x, train_y, test_x, test_y, [grid[best]], num_classes, device, max_iter)[0]
+    return {"test_acc": float(test_acc), "weight_decay": float(grid[best]),
+            "val_acc": {f"{g:g}": float(a) for g, a in zip(grid, val_acc)}}
+
+
+# --- tasks -----------------------------------------------------------------------------------------
+
+
+def _parse_grid(text: str) -> list[float]:
+    try:
+        grid = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--linear-grid must be comma-separated numbers, got {text!r}") from None
+    if not grid or any(g <= 0 for g in grid):
+        raise UserError(f"--linear-grid needs positive weight decays, got {text!r}")
+    return sorted(grid)
+
+
+def make_linear_task(dataset: str, description: str) -> Task:
+    def make_config(args: argparse.Namespace) -> dict[str, Any]:
+        settings = dict(DEFAULTS)
+        settings.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None})
+        if not 0 < settings["linear_val_fraction"] < 1:
+            raise UserError(f"--linear-val-fraction must be in (0, 1), got {settings['linear_val_fraction']}")
+        config = {"dataset": dataset, "grid": _parse_grid(settings["linear_grid"]),
+                  "val_fraction": settings["linear_val_fraction"], "seed": settings["linear_seed"],
+                  "max_iter": settings["linear_max_iter"], "image_size": settings["linear_image_size"],
+                  "pooling": "avg", "probe": "logreg", "features": "l2-normalised"}
+        if dataset == "synthetic":
+            config["synthetic"] = {"classes": settings["linear_synthetic_classes"],
+                                   "train": settings["linear_synthetic_train"],
+                                   "test": settings["linear_synthetic_test"]}
+        else:
+            root = getattr(args, "data_root", None) or os.environ.get(DATA_ROOT_ENV)
+            config["data_root"] = str(Path(root).expanduser().resolve()) if root else None
+        return config
+
+    def validate(backbone: Any, config: dict[str, Any]) -> None:
+        if dataset != "synthetic":
+            dataset_folder(dataset, config["data_root"])
+
+    def run(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
+        image_size = config["image_size"] or backbone.default_image_size
+        cache_dir = Path(ctx.cache_dir) if ctx.cache_dir else Path(ctx.output_dir) / "cache"
+        feats = {}
+        for split in ("train", "test"):
+            image_set = open_linear_split(dataset, split, config.get("data_root"), config, image_size)
+            feats[split] = extract_features(backbone, image_set, cache_dir, image_size=image_size,
+                                            pooling=config["pooling"], device=ctx.device, progress=not ctx.debug)
+        num_classes = feats["train"].num_classes
+        start = time.perf_counter()
+        out = linear_evaluation(np.asarray(feats["train"].features), feats["train"].labels,
+                                np.asarray(feats["test"].features), feats["test"].labels, num_classes,
+                                config["grid"], config["val_fraction"], config["seed"], ctx.device, config["max_iter"])
+        print(f"linear_{dataset}: test accuracy {100 * out['test_acc']:.2f}% (weight decay {out['weight_decay']:g})",
+              file=sys.stderr)
+        extra = {"weight_decay": out["weight_decay"], "val_acc": out["val_acc"],
+                 "train_images": int(len(feats["train"].labels)), "test_images": int(len(feats["test"].labels)),
+                 "skipped_images": {s: len(f.skipped) for s, f in feats.items()},
+                 "feature_cache": {s: {"hit": f.from_cache, "path": str(f.path)} for s, f in feats.items()},
+                 "solve_seconds": round(time.perf_counter() - start, 3)}
+        return TaskResult(metrics={"acc": 100 * out["test_acc"]}, seeds=[config["seed"]], extra=extra)
+
+    return Task(name=f"linear_{dataset}", family="linear", description=description, make_config=make_config,
+                run=run, validate=validate, add_arguments=add_linear_arguments, primary_metric="acc",
+                needs_data=dataset != "synthetic")
+
+
+for _name, _text in (
+    ("cifar10", "linear evaluation on CIFAR-10 (torchvision layout under --data-root)"),
+    ("cifar100", "linear evaluation on CIFAR-100 (torchvision layout under --data-root)"),
+    ("stl10", "linear evaluation on STL-10 labelled train/test (torchvision layout under --data-root)"),
+    ("imagenet", "linear evaluation on ImageNet (ImageFolder train/ and val/ under --data-root)"),
+    ("synthetic", "linear evaluation on the synthetic shapes (embedded)"),
+):
+    register(make_linear_task(_name, _text))
