@@ -44,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
         "synthetic_image_size": 32,
         "synthetic_seed": 0,
         "blur": None,  # null: Gaussian blur for images of 96 px and above (MoCo v2)
+        "jitter_hue": 0.1,  # MoCo v2 colour jitter hue; 0 keeps colour a usable cue
+        "grayscale": 0.2,  # MoCo v2 random-grayscale probability
     },
     "loss": {
         "name": "ring",

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path,
                         help="checkpoints and log.jsonl (default: runs/pretrain/<config name>-<dataset>)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared machine)")
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the work folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -68,6 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg, sort_keys=False))
         return 0
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     name = args.config.stem if args.config else "default"
     workdir = args.workdir or Path("runs") / "pretrain" / f"{name}-{cfg['data']['name']}"
     out = args.out or workdir / "card.pth"

@@ -66,7 +66,8 @@ def prepare_data(cfg: Mapping[str, Any], views: int) -> DataBundle:
     """The pretraining set (multi-view MoCo v2 augmentations, with indices) and the kNN splits."""
     train, knn_train, knn_test, spec = open_splits(cfg["data"])
     size = int(cfg["data"]["image_size"] or spec.image_size)
-    augment = moco_v2_augmentation(size, spec.mean, spec.std, cfg["data"]["blur"])
+    dc = cfg["data"]
+    augment = moco_v2_augmentation(size, spec.mean, spec.std, dc["blur"], dc["jitter_hue"], dc["grayscale"])
     plain = eval_transform(size, spec.mean, spec.std, native_size=spec.image_size)
     kc = cfg["knn"]
     return DataBundle(

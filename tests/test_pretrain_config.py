@@ -77,12 +77,23 @@ def test_lr_schedule_and_stem():
     assert resolved_stem(cfg, 224) == "imagenet"
 
 
-def test_cli_help_and_errors(tmp_path: Path):
+def test_cli_help_by_path():
     help_run = run_cli("pretrain/run.py", "--help")
     assert help_run.returncode == 0 and "--data-root" in help_run.stdout and "key=value" in help_run.stdout
-    bad = run_cli("pretrain/run.py", "--config", str(CONFIGS / "moco_ring.yaml"), "loss.w_iner=0.2")
-    assert bad.returncode == 2 and "unknown config key 'loss.w_iner'" in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1
-    missing = run_cli("pretrain/run.py", "--config", str(CONFIGS / "moco.yaml"), "--data", "cifar10",
-                      "--data-root", str(tmp_path), "--workdir", str(tmp_path / "w"))
-    assert missing.returncode == 2 and "cifar-10-batches-py" in missing.stderr and "data_batch_1" in missing.stderr
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys):
+    from pretrain.cli import run_main
+    from pretrain.run import main
+
+    assert run_main(main, ["--config", str(CONFIGS / "moco_ring.yaml"), "loss.w_iner=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'loss.w_iner'" in err and len(err.strip().splitlines()) == 1
+    assert run_main(main, ["--config", str(CONFIGS / "moco.yaml"), "--data", "cifar10", "--data-root", str(tmp_path),
+                           "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-py" in err and "data_batch_1" in err
+    assert run_main(main, ["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert run_main(main, ["--profile", "demo", "--epochs", "7", "--print-config"]) == 0
+    assert "epochs: 7" in capsys.readouterr().out

@@ -9,20 +9,26 @@ from torchvision import transforms as T
 
 
 def moco_v2_augmentation(
-    image_size: int, mean: Sequence[float], std: Sequence[float], blur: bool | None = None
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    blur: bool | None = None,
+    hue: float = 0.1,
+    grayscale: float = 0.2,
 ) -> Callable:
     """MoCo v2 (Chen et al. 2020): random resized crop (scale 0.2-1), colour jitter 0.4/0.4/0.4/0.1
     with p=0.8, grayscale p=0.2, Gaussian blur (sigma 0.1-2, p=0.5), horizontal flip.
 
     ``blur=None`` keeps the blur only for images of 96 px and above: at 32 px (CIFAR) it erases
-    the image, and the CIFAR recipes leave it out.
+    the image, and the CIFAR recipes leave it out. ``hue`` and ``grayscale`` can be lowered for data
+    whose classes are defined by colour (the synthetic shapes).
     """
     if blur is None:
         blur = image_size >= 96
     steps: list[Any] = [
         T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, hue)], p=0.8),
+        T.RandomGrayscale(p=grayscale),
     ]
     if blur:
         kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # ~10% of the side, odd
