@@ -11,7 +11,7 @@
 
 Few-shot speed-up, exact: the minimiser's ``W`` lies in the span of the training features (the
 gradient of the data term is ``X^T G``), so with fewer support examples than dimensions the problem
-is solved in an orthonormal basis of that span (``r <= n`` coordinates instead of ``D``).
+is solved in coordinates of that span (``n`` instead of ``D``), computed from Gram matrices.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from pretrain.cli import UserError
 
 DEFAULT_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+CV_TOL = 1e-4  # gradient tolerance of the cross-validation fits
 _MASKED = -1e9  # logit of a padding class
 
 
@@ -233,27 +234,54 @@ class _Batch:
     query: torch.Tensor  # (B, M, r)
 
 
-def _pad_batch(tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], device, dtype, project: bool) -> _Batch:
+def _pad_batch(tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], device, dtype, project: bool,
+               group: int = 64) -> _Batch:
+    """Pad episodes to common sizes; with ``project`` and fewer support examples than dimensions,
+    express every feature in coordinates of its episode's support span (see the module docstring).
+
+    The coordinates come from Gram matrices: with ``S S^T = L L^T`` (Cholesky, ``S`` the
+    normalised support features), the support rows become ``L`` and the queries ``Q S^T L^{-T}``;
+    inner products with any weight vector in the span are unchanged. Padding rows are zero.
+    Episodes are gathered ``group`` at a time to bound memory.
+    """
     b = len(tasks)
     n = max(len(t[1]) for t in tasks)
     m = max(len(t[2]) for t in tasks)
     d = tasks[0][0].shape[1]
     k = max(int(t[1].max()) + 1 for t in tasks)
-    x = torch.zeros(b, n, d, dtype=dtype)
-    q = torch.zeros(b, m, d, dtype=dtype)
-    y = torch.zeros(b, n, dtype=torch.long)
-    valid = torch.zeros(b, n, dtype=torch.bool)
-    class_mask = torch.zeros(b, k, dtype=torch.bool)
-    for i, (sx, sy, qx) in enumerate(tasks):
-        x[i, : len(sy)] = torch.as_tensor(l2_normalise(sx), dtype=dtype)
-        q[i, : len(qx)] = torch.as_tensor(l2_normalise(qx), dtype=dtype)
-        y[i, : len(sy)] = torch.as_tensor(sy)
-        valid[i, : len(sy)] = True
-        class_mask[i, np.unique(sy)] = True
-    x, q, y, valid, class_mask = (t.to(device) for t in (x, q, y, valid, class_mask))
-    if project and n < d:
-        basis, _ = torch.linalg.qr(x.transpose(1, 2))  # (B, D, n): spans every support set
-        x, q = torch.bmm(x, basis), torch.bmm(q, basis)
+    kernel = project and n < d
+    width = n if kernel else d
+    x = torch.zeros(b, n, width, dtype=dtype, device=device)
+    q = torch.zeros(b, m, width, dtype=dtype, device=device)
+    y = np.zeros((b, n), dtype=np.int64)
+    valid = np.zeros((b, n), dtype=bool)
+    class_mask = np.zeros((b, k), dtype=bool)
+    for first in range(0, b, group):
+        chunk = tasks[first: first + group]
+        support = np.zeros((len(chunk), n, d), dtype=np.float32)  # features are float32: gather as such
+        query = np.zeros((len(chunk), m, d), dtype=np.float32)
+        for i, (sx, sy, qx) in enumerate(chunk):
+            support[i, : len(sy)] = sx
+            query[i, : len(qx)] = qx
+            y[first + i, : len(sy)] = sy
+            valid[first + i, : len(sy)] = True
+            class_mask[first + i, sy] = True
+        support = l2_normalise(torch.from_numpy(support).to(device))
+        query = l2_normalise(torch.from_numpy(query).to(device))
+        rows = slice(first, first + len(chunk))
+        if kernel:
+            x[rows] = torch.bmm(support, support.transpose(1, 2)).to(dtype)
+            q[rows] = torch.bmm(query, support.transpose(1, 2)).to(dtype)
+        else:
+            x[rows], q[rows] = support.to(dtype), query.to(dtype)
+    y, valid, class_mask = (torch.from_numpy(a).to(device) for a in (y, valid, class_mask))
+    if kernel:
+        gram = x + 1e-10 * torch.eye(n, dtype=x.dtype, device=x.device)
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if bool((info > 0).any()):  # (numerically) repeated support images
+            chol = torch.linalg.cholesky(gram + 1e-6 * torch.eye(n, dtype=x.dtype, device=x.device))
+        q = torch.linalg.solve_triangular(chol, q.transpose(1, 2), upper=False).transpose(1, 2)
+        x = chol
     return _Batch(x, y, valid, class_mask, q)
 
 
@@ -342,7 +370,9 @@ class LogisticRegressionProbe:
         held_out = (fold[:, None, :] == fold_of_problem[None, :, None]) & batch.valid[:, None]  # (B, P, N)
         train = (~held_out & batch.valid[:, None]).to(dtype)
         lam = grid.repeat_interleave(f)[None].expand(len(batch.x), -1).contiguous()
-        weight, bias = solve_logreg(batch.x, batch.y, train, batch.class_mask, lam, self.max_iter, self.tol)
+        # choosing among grid points needs far less precision than the final fit
+        weight, bias = solve_logreg(batch.x, batch.y, train, batch.class_mask, lam, self.max_iter,
+                                    max(self.tol, CV_TOL))
         logits = logreg_logits(batch.x, weight, bias).masked_fill(~batch.class_mask[:, None, None], _MASKED)
         correct = (logits.argmax(-1) == batch.y[..., None]).to(dtype).transpose(1, 2)  # (B, P, N)
         index = batch.y[:, :, None, None].expand(-1, -1, logits.shape[2], 1)

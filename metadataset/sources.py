@@ -94,7 +94,7 @@ def decode_image(data: bytes) -> Any:
         return img.convert("RGB")
 
 
-def _digest(*parts: Any) -> str:
+def data_digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -234,7 +234,7 @@ def records_source(name: str, folder: Path, split: str = "test") -> ImageSet:
                     yield index, f"{path.name}#{n}", (lambda data=data: decode_image(data))
 
     return ImageSet(name=name, split=split, class_names=names, counts=counts, items=items, structure=structure,
-                    fingerprint=_digest("records", spec, sizes, split),
+                    fingerprint=data_digest("records", spec, sizes, split),
                     info={"reader": "records", "folder": str(folder), "spec_class": spec["__class__"]})
 
 
@@ -268,7 +268,7 @@ def folder_source(name: str, folder: Path, split: str = "test") -> ImageSet:
 
     listing = [[str(p.relative_to(folder)), p.stat().st_size] for ps in files for p in ps]
     return ImageSet(name=name, split=split, class_names=classes, counts=counts, items=items,
-                    fingerprint=_digest("folder", classes, listing, split),
+                    fingerprint=data_digest("folder", classes, listing, split),
                     info={"reader": "folder", "folder": str(folder)})
 
 
@@ -296,7 +296,7 @@ def synthetic_source(num_classes: int = 32, images_per_class: int = 40, image_si
 
     return ImageSet(name="synthetic", split="test", class_names=[" ".join(shapes.class_spec(int(c))) for c in labels],
                     counts=np.full(num_classes, images_per_class, dtype=np.int64), items=items,
-                    fingerprint=_digest("synthetic", labels.tolist(), images_per_class, image_size, seed),
+                    fingerprint=data_digest("synthetic", labels.tolist(), images_per_class, image_size, seed),
                     info={"reader": "synthetic", "render_size": image_size})
 
 
@@ -317,7 +317,7 @@ def digits_source() -> ImageSet:
 
     return ImageSet(name="digits", split="test", class_names=[str(c) for c in range(10)],
                     counts=np.bincount(targets, minlength=10).astype(np.int64), items=items,
-                    fingerprint=_digest("digits", hashlib.sha256(images.tobytes()).hexdigest()),
+                    fingerprint=data_digest("digits", hashlib.sha256(images.tobytes()).hexdigest()),
                     info={"reader": "sklearn.load_digits"})
 
 
@@ -371,5 +371,5 @@ def limit_per_class(image_set: ImageSet, max_per_class: int | None) -> ImageSet:
 
     return ImageSet(name=image_set.name, split=image_set.split, class_names=image_set.class_names,
                     counts=np.minimum(image_set.counts, max_per_class), items=items, structure=image_set.structure,
-                    fingerprint=_digest(image_set.fingerprint, "max_per_class", max_per_class),
+                    fingerprint=data_digest(image_set.fingerprint, "max_per_class", max_per_class),
                     info={**image_set.info, "max_per_class": max_per_class})

@@ -18,8 +18,6 @@ torchvision's checksum of the official archives, so that subsets work); nothing 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import pickle
 import sys
@@ -32,7 +30,7 @@ import torch
 
 from metadataset.features import extract_features
 from metadataset.probes import l2_normalise, logreg_logits, solve_logreg, solver_dtype
-from metadataset.sources import ImageSet, decode_image
+from metadataset.sources import ImageSet, data_digest, decode_image
 from pretrain.cli import UserError
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
@@ -104,7 +102,7 @@ def _array_set(name: str, split: str, images: np.ndarray, labels: np.ndarray, cl
 
     return ImageSet(name=name, split=split, class_names=classes, items=items,
                     counts=np.bincount(labels, minlength=len(classes)).astype(np.int64),
-                    fingerprint=hashlib.sha256(json.dumps([name, split, fingerprint], default=str).encode()).hexdigest())
+                    fingerprint=data_digest(name, split, fingerprint))
 
 
 def _listing(folder: Path) -> list:
@@ -182,8 +180,7 @@ def open_linear_split(name: str, split: str, root: str | None, config: dict[str,
 
         return ImageSet(name="linear_synthetic", split=split, class_names=ds.classes, items=items,
                         counts=np.bincount(ds.targets, minlength=ds.num_classes).astype(np.int64),
-                        fingerprint=hashlib.sha256(json.dumps(["synthetic", split, config["synthetic"],
-                                                               image_size]).encode()).hexdigest())
+                        fingerprint=data_digest("synthetic", split, config["synthetic"], image_size))
     folder = dataset_folder(name, root)
     if name in ("cifar10", "cifar100"):
         return _array_set(name, split, *read_cifar(folder, name, split), _listing(folder))
@@ -201,7 +198,7 @@ def open_linear_split(name: str, split: str, root: str | None, config: dict[str,
     sizes = [[os.path.relpath(p, folder), os.path.getsize(p)] for p, _ in ds.samples]
     return ImageSet(name="imagenet", split=split, class_names=list(ds.classes), items=folder_items,
                     counts=np.bincount(ds.targets, minlength=len(ds.classes)).astype(np.int64),
-                    fingerprint=hashlib.sha256(json.dumps(["imagenet", split, sizes]).encode()).hexdigest())
+                    fingerprint=data_digest("imagenet", split, sizes))
 
 
 # --- the protocol ----------------------------------------------------------------------------------
