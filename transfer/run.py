@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         engine_versions=result.engine_versions or None,
         wall_s=time.perf_counter() - start,
         family=task.family,
-        backbone_meta=_meta_summary(backbone.meta),
+        backbone_meta={"arch": backbone.arch, "stem": backbone.stem, "source_format": backbone.source_format,
+                       **_meta_summary(backbone.meta)},
         extra=result.extra,
     )
     path = append_record(args.results, record)
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _meta_summary(meta: dict) -> dict:
     """The card metadata a leaderboard needs (method, loss and its parameters, data, epochs)."""
-    keys = ("method", "loss", "loss_params", "dataset", "epochs", "arch", "streams", "pair", "image_size")
+    keys = ("method", "loss", "loss_params", "dataset", "epochs", "streams", "pair", "image_size", "seed")
     return {k: meta[k] for k in keys if k in meta}
 
 
