@@ -54,3 +54,10 @@ def backbone_keys(arch: str, stem: str = "imagenet") -> set[str]:
     with torch.device("meta"):
         model = create_backbone(arch, stem)
     return set(model.state_dict().keys())
+
+
+def create_multistream(arch: str, stem: str, meta: dict) -> nn.Module:
+    """The model of a multi-stream card (CMC: Lab ``l`` and ``ab`` streams, RGB in, features concatenated)."""
+    from pretrain.methods.cmc import create_two_stream
+
+    return create_two_stream(arch, stem, meta)

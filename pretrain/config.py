@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
         "synthetic_image_size": 32,
         "synthetic_seed": 0,
         "blur": None,  # null: Gaussian blur for images of 96 px and above (MoCo v2)
+        "color_jitter": 0.8,  # probability of the MoCo v2 colour jitter (CMC: 0, its ab view needs colour)
         "jitter_hue": 0.1,  # MoCo v2 colour jitter hue; 0 keeps colour a usable cue
         "grayscale": 0.2,  # MoCo v2 random-grayscale probability
     },
@@ -65,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "moco": {"momentum": 0.999, "queue_size": 65536, "head_dim": 128, "mlp": True, "shuffle_groups": 8},
     "ir": {"bank_momentum": 0.5, "num_negatives": 4096, "head_dim": 128},
     "cmc": {"bank_momentum": 0.5, "num_negatives": 4096, "head_dim": 128, "width": 0.5},
-    "simclr": {"head_dim": 128, "hidden_dim": 2048},
+    "simclr": {"head_dim": 128, "hidden_dim": 512},
     "optim": {
         "name": "sgd",
         "lr": 0.03,
@@ -239,6 +240,8 @@ def validate_config(cfg: Mapping) -> None:
         "moco.queue_size": cfg["moco"]["queue_size"],
         "moco.shuffle_groups": cfg["moco"]["shuffle_groups"],
         "ir.num_negatives": cfg["ir"]["num_negatives"],
+        "cmc.num_negatives": cfg["cmc"]["num_negatives"],
+        "cmc.width": cfg["cmc"]["width"],
         "data.synthetic_classes": cfg["data"]["synthetic_classes"],
         "data.synthetic_images_per_class": cfg["data"]["synthetic_images_per_class"],
     }

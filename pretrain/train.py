@@ -67,7 +67,9 @@ def prepare_data(cfg: Mapping[str, Any], views: int) -> DataBundle:
     train, knn_train, knn_test, spec = open_splits(cfg["data"])
     size = int(cfg["data"]["image_size"] or spec.image_size)
     dc = cfg["data"]
-    augment = moco_v2_augmentation(size, spec.mean, spec.std, dc["blur"], dc["jitter_hue"], dc["grayscale"])
+    augment = moco_v2_augmentation(
+        size, spec.mean, spec.std, dc["blur"], dc["jitter_hue"], dc["grayscale"], dc["color_jitter"]
+    )
     plain = eval_transform(size, spec.mean, spec.std, native_size=spec.image_size)
     kc = cfg["knn"]
     return DataBundle(
@@ -203,6 +205,7 @@ def make_card(method: Method, cfg: Mapping[str, Any], data: DataBundle, history:
     )
     if any(streams):
         meta["streams"] = list(streams)
+    meta.update(method.card_meta())
     return BackboneCard(arch=cfg["arch"], state_dict=state, stem=method.stem, meta=meta)
 
 
@@ -237,7 +240,7 @@ def train(
     data = prepare_data(cfg, views)
     if len(data.train) < tc["batch_size"]:
         raise UserError(f"dataset has {len(data.train)} images, fewer than train.batch_size={tc['batch_size']}")
-    method = build_method(cfg, len(data.train), data.stem).to(device)
+    method = build_method(cfg, len(data.train), data.stem, data.spec.mean, data.spec.std).to(device)
     if _use_cuda_extras(cfg, device, "channels_last"):
         method = method.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, method)

@@ -60,7 +60,7 @@ def test_moco_step(loss):
 
 
 def test_moco_queue_wraps_around():
-    method = tiny_method("method=moco", dataset_size=12)  # queue capped at the dataset size
+    method = tiny_method("method=moco", dataset_size=24)  # queue capped at half the dataset
     assert len(method.queue) == 12
     for seed in range(2):
         method.training_step(_views(seed=seed), torch.arange(8))

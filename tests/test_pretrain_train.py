@@ -122,11 +122,15 @@ def test_ddp_two_cpu_processes_end_identical(tmp_path: Path):
 
 
 def _knn_gain(cfg: dict, tmp_path: Path) -> tuple[float, float]:
-    data = trainer.prepare_data(cfg, 2)
+    """(kNN top-1 after training, best of 3 randomly initialised models)."""
+    from pretrain.methods import method_classes
+
+    data = trainer.prepare_data(cfg, method_classes()[cfg["method"]].views)
     random_acc = []
     for seed in range(3):
         torch.manual_seed(seed)
-        random_acc.append(trainer.evaluate_knn(build_method(cfg, len(data.train), data.stem), data, cfg, torch.device("cpu")))
+        untrained = build_method(cfg, len(data.train), data.stem, data.spec.mean, data.spec.std)
+        random_acc.append(trainer.evaluate_knn(untrained, data, cfg, torch.device("cpu")))
     trained = trainer.train(cfg, None, tmp_path, progress=False).history[-1]["knn_top1"]
     return trained, max(random_acc)
 

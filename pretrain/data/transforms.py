@@ -15,19 +15,21 @@ def moco_v2_augmentation(
     blur: bool | None = None,
     hue: float = 0.1,
     grayscale: float = 0.2,
+    jitter: float = 0.8,
 ) -> Callable:
     """MoCo v2 (Chen et al. 2020): random resized crop (scale 0.2-1), colour jitter 0.4/0.4/0.4/0.1
     with p=0.8, grayscale p=0.2, Gaussian blur (sigma 0.1-2, p=0.5), horizontal flip.
 
     ``blur=None`` keeps the blur only for images of 96 px and above: at 32 px (CIFAR) it erases
-    the image, and the CIFAR recipes leave it out. ``hue`` and ``grayscale`` can be lowered for data
-    whose classes are defined by colour (the synthetic shapes).
+    the image, and the CIFAR recipes leave it out. ``hue``, ``grayscale`` and the jitter probability
+    ``jitter`` can be lowered for data whose classes are defined by colour (the synthetic shapes) or
+    for methods that learn from colour (CMC's ab view).
     """
     if blur is None:
         blur = image_size >= 96
     steps: list[Any] = [
         T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, hue)], p=0.8),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, hue)], p=jitter),
         T.RandomGrayscale(p=grayscale),
     ]
     if blur:

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pretrain.cli import UserError
 from pretrain.methods.base import Method
 
 
 def method_classes() -> dict[str, type[Method]]:
+    from pretrain.methods.cmc import CMC
     from pretrain.methods.ir import InstanceDiscrimination
     from pretrain.methods.moco import MoCo
+    from pretrain.methods.simclr import SimCLR
 
-    return {"ir": InstanceDiscrimination, "moco": MoCo}
+    return {"ir": InstanceDiscrimination, "moco": MoCo, "cmc": CMC, "simclr": SimCLR}
 
 
-def build_method(cfg: Mapping[str, Any], dataset_size: int, stem: str) -> Method:
+def build_method(
+    cfg: Mapping[str, Any],
+    dataset_size: int,
+    stem: str,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Method:
+    """The method ``cfg["method"]`` for a dataset of ``dataset_size`` images normalised with ``mean``/``std``."""
     classes = method_classes()
     if cfg["method"] not in classes:
         raise UserError(f"unknown method {cfg['method']!r}; available: {sorted(classes)}")
-    return classes[cfg["method"]](cfg, dataset_size, stem)
+    return classes[cfg["method"]](cfg, dataset_size, stem, mean, std)

@@ -9,7 +9,7 @@ generators), :meth:`features` for the kNN monitor, and :meth:`card_streams` for 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import nn
 
 from pretrain import losses
 from pretrain.backbones import create_backbone
+from pretrain.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ProjectionHead(nn.Sequential):
@@ -49,9 +50,18 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     views: ClassVar[int] = 2
 
-    def __init__(self, cfg: Mapping[str, Any], dataset_size: int, stem: str) -> None:
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        dataset_size: int,
+        stem: str,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.mean = tuple(mean or IMAGENET_MEAN)  # the input normalisation (models that convert colour need it)
+        self.std = tuple(std or IMAGENET_STD)
         self.loss_cfg = dict(cfg["loss"])
         self.dataset_size = dataset_size
         self.stem = stem
@@ -85,6 +95,10 @@ class Method(nn.Module):
     def card_streams(self) -> dict[str, nn.Module]:
         """Backbone(s) that become the card: ``{"": backbone}``, or one entry per stream (CMC)."""
         return {"": self.encoder.backbone}
+
+    def card_meta(self) -> dict[str, Any]:
+        """Extra card metadata the method needs to rebuild its backbone (e.g. CMC's stream width)."""
+        return {}
 
     def loss_params(self) -> dict[str, Any]:
         """The loss parameters recorded in the card (the ring schedule included)."""

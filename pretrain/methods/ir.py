@@ -18,8 +18,8 @@ class InstanceDiscrimination(Method):
     name = "ir"
     views = 1
 
-    def __init__(self, cfg, dataset_size: int, stem: str) -> None:
-        super().__init__(cfg, dataset_size, stem)
+    def __init__(self, cfg, dataset_size: int, stem: str, mean=None, std=None) -> None:
+        super().__init__(cfg, dataset_size, stem, mean, std)
         ic = cfg["ir"]
         self.encoder = Encoder(cfg["arch"], stem, ic["head_dim"], mlp=False)
         self.bank = MemoryBank(dataset_size, ic["head_dim"], ic["bank_momentum"], seed=self.seed)

@@ -1,7 +1,7 @@
 """MoCo v2 (He et al. 2020; Chen et al. 2020), plain and ring.
 
 A query encoder trained by SGD and a key encoder that follows it by EMA (``m = 0.999``); a
-queue of past keys are the negatives (``K = 65,536``, at most the dataset size); a 2-layer MLP
+queue of past keys are the negatives (``K = 65,536``, at most half the dataset); a 2-layer MLP
 head to 128-d. The key encoder sees the batch shuffled so that batch-norm statistics do not leak
 which key belongs to which query: across processes under DDP (gather, shuffle, shard, unshuffle),
 and in one process by splitting the shuffled batch into ``shuffle_groups`` groups that each get
@@ -22,8 +22,8 @@ class MoCo(Method):
     name = "moco"
     views = 2
 
-    def __init__(self, cfg, dataset_size: int, stem: str) -> None:
-        super().__init__(cfg, dataset_size, stem)
+    def __init__(self, cfg, dataset_size: int, stem: str, mean=None, std=None) -> None:
+        super().__init__(cfg, dataset_size, stem, mean, std)
         mc = cfg["moco"]
         self.momentum = float(mc["momentum"])
         self.shuffle_groups = int(mc["shuffle_groups"])
@@ -31,7 +31,9 @@ class MoCo(Method):
         self.key_encoder = copy.deepcopy(self.encoder)
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
-        size = min(int(mc["queue_size"]), dataset_size)
+        # At most half the dataset: a queue as long as an epoch would hold every image's own key
+        # from the previous epoch as a (false) negative, the hardest one for the ring.
+        size = max(1, min(int(mc["queue_size"]), dataset_size // 2))
         g = torch.Generator().manual_seed(self.seed + 1)
         self.register_buffer("queue", torch.nn.functional.normalize(torch.randn(size, mc["head_dim"], generator=g), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))

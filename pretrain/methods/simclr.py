@@ -1,0 +1,42 @@
+"""SimCLR (Chen et al. 2020) with in-batch negatives: NT-Xent, the ring over the batch, hard
+negatives (HCL, Robinson et al. 2021) and debiased negatives (DCL, Chuang et al. 2020).
+
+Two views per image through one encoder and a 2-layer MLP head to 128-d; each of the ``2B``
+embeddings is an anchor whose positive is its other view and whose negatives are the other
+``2B - 2`` embeddings of the (per-process) batch. HCL's ``beta`` can be annealed linearly to 0
+over ``loss.beta_anneal_epochs``.
+"""
+
+from __future__ import annotations
+
+from pretrain import losses
+from pretrain.methods.base import Encoder, Method
+
+
+class SimCLR(Method):
+    name = "simclr"
+    views = 2
+
+    def __init__(self, cfg, dataset_size: int, stem: str, mean=None, std=None) -> None:
+        super().__init__(cfg, dataset_size, stem, mean, std)
+        sc = cfg["simclr"]
+        self.encoder = Encoder(cfg["arch"], stem, sc["head_dim"], hidden_dim=sc["hidden_dim"], mlp=True)
+        self.beta = float(self.loss_cfg["beta"])
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        anneal = self.loss_cfg["beta_anneal_epochs"]
+        self.beta = float(self.loss_cfg["beta"]) * (max(0.0, 1.0 - epoch / anneal) if anneal else 1.0)
+
+    def training_step(self, views, index):
+        z1, z2 = self.encoder(views[0]), self.encoder(views[1])
+        lc = self.loss_cfg
+        if lc["name"] == "ring":
+            loss = losses.in_batch_ring_loss(z1, z2, lc["t"], self.w_outer, lc["w_inner"], lc["num_samples"], self.generator)
+        elif lc["name"] == "hcl":
+            loss = losses.hcl_loss(z1, z2, lc["t"], lc["tau_plus"], self.beta, lc["estimator"])
+        elif lc["name"] == "dcl":
+            loss = losses.dcl_loss(z1, z2, lc["t"], lc["tau_plus"])
+        else:
+            loss = losses.nt_xent_loss(z1, z2, lc["t"])
+        return loss, {"loss": loss.detach().item()}
