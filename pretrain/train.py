@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,8 +224,6 @@ def train(
         raise UserError("--device cuda: no CUDA device is available")
     dist.init_from_env(device)
     if device.type == "cuda" and dist.launched_by_torchrun():
-        import os
-
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     world, rank = dist.world_size(), dist.rank()
@@ -254,6 +253,8 @@ def train(
     dist.barrier()
     state = None if fresh else load_resume_state(ckpt_path, cfg)
     start_epoch, history = 0, []
+    if state is None and dist.is_main():
+        log_path.unlink(missing_ok=True)  # a new run starts a new log
     if state is not None:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
