@@ -73,6 +73,17 @@ def test_table_model(records):
     assert table.columns[0] not in delta.cells  # moco has no iters=200 record
 
 
+def test_few_shot_records_pair_by_episode_and_source():
+    """The few-shot tasks store per-source episode accuracies as fractions and report percent."""
+    from transfer.compare import episode_samples
+
+    extra = {"episode_accuracies": {"omniglot": [0.5, 0.7], "dtd": [0.3, 0.5]}}
+    assert episode_samples(extra, "acc_omniglot", 60.0) == pytest.approx([50.0, 70.0])
+    assert episode_samples(extra, "acc_avg", 50.0) == pytest.approx([40.0, 60.0])
+    assert episode_samples({"episode_accuracies": {"digits": [0.5, 0.7]}}, "acc", 0.6) == pytest.approx([0.5, 0.7])
+    assert episode_samples(extra, "acc_cub", 50.0) is None
+
+
 def test_paired_bootstrap_matches_normal_theory():
     rng = np.random.default_rng(1)
     d = rng.normal(0.3, 1.0, 400)

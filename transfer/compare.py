@@ -142,7 +142,7 @@ def make_cell(rec: Mapping[str, Any], metric: str) -> Cell:
     """The value of ``metric`` with its uncertainty and paired samples, if the record has them."""
     mean = float(rec["metrics"][metric])
     extra = rec.get("extra") or {}
-    per_episode = (extra.get("per_episode") or {}).get(metric)
+    per_episode = episode_samples(extra, metric, mean)
     per_seed = [s[metric] for s in extra.get("per_seed") or [] if metric in s]
     ci = (rec.get("ci95") or {}).get(metric)
     if per_episode:
@@ -156,6 +156,32 @@ def make_cell(rec: Mapping[str, Any], metric: str) -> Cell:
     elif len(per_seed) > 1:
         cell.err, cell.err_kind = float(np.std(per_seed, ddof=1)), "std"
     return cell
+
+
+def episode_samples(extra: Mapping[str, Any], metric: str, mean: float) -> list[float] | None:
+    """Per-episode values of ``metric``, on the metric's own scale.
+
+    Few-shot records keep ``extra["episode_accuracies"][source]`` (fractions, in episode order);
+    their metrics are ``acc`` (one source), ``acc_<source>`` and ``acc_avg`` (the mean over
+    sources, paired episode by episode). ``extra["per_episode"][metric]`` is used as is.
+    """
+    if (extra.get("per_episode") or {}).get(metric):
+        return [float(v) for v in extra["per_episode"][metric]]
+    by_source = extra.get("episode_accuracies") or {}
+    if not by_source:
+        return None
+    if metric == "acc" and len(by_source) == 1:
+        values = np.asarray(next(iter(by_source.values())), dtype=np.float64)
+    elif metric.startswith("acc_") and metric[4:] in by_source:
+        values = np.asarray(by_source[metric[4:]], dtype=np.float64)
+    elif metric == "acc_avg" and len({len(v) for v in by_source.values()}) == 1:
+        values = np.mean([np.asarray(v, dtype=np.float64) for v in by_source.values()], axis=0)
+    else:
+        return None
+    if len(values) == 0:
+        return None
+    scale = 100.0 if abs(values.mean() * 100 - mean) < abs(values.mean() - mean) else 1.0  # stored as fractions
+    return (values * scale).tolist()
 
 
 def find_pairs(rows: Sequence[Row]) -> list[tuple[str, str]]:
