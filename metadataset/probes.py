@@ -25,8 +25,9 @@ import torch
 
 from pretrain.cli import UserError
 
-DEFAULT_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+DEFAULT_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 CV_TOL = 1e-4  # gradient tolerance of the cross-validation fits
+CV_MAX_ITER = 100  # and their iterations: ranking grid points needs no more
 _MASKED = -1e9  # logit of a padding class
 
 
@@ -93,18 +94,20 @@ def solve_logreg(
     function evaluation serves all problems: the objectives are independent, so the gradient of
     their sum is every problem's gradient.
 
-    ``precondition``: optimise ``phi = L^T theta`` where ``L L^T = M`` is the curvature of the
-    quadratic model of each problem at ``theta = 0``, ``M = X~^T diag(w) X~ / (K sum w) + lambda I``
-    (``X~`` = features with a column of ones for the bias). Frozen-backbone features are often
-    nearly collinear (cosine ~0.99 for an untrained network), which makes plain gradient steps
-    crawl; in ``phi`` the quadratic model is the identity.
+    ``precondition``: optimise ``phi = sqrt(m) * theta`` (elementwise), ``m`` the diagonal of the
+    curvature of each problem's quadratic model at ``theta = 0``,
+    ``M = X~^T diag(w) X~ / (K sum w) + lambda I`` (``X~`` = features with a column of ones for the
+    bias). This is nearly exact when the feature coordinates are uncorrelated, as the span
+    coordinates of the few-shot probe and the rotated features of the linear evaluation are:
+    frozen-backbone features are often nearly collinear (cosine ~0.99 for an untrained network),
+    which makes unscaled gradient steps crawl.
     """
     with _few_threads_if_small(x.numel() * lam.shape[1] * class_mask.shape[1]):
         return _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, precondition, ftol)
 
 
 @contextlib.contextmanager
-def _few_threads_if_small(work: int, small: int = 1 << 26) -> Iterator[None]:
+def _few_threads_if_small(work: int, small: int = 1 << 30) -> Iterator[None]:
     """One intra-op thread for small problems: thread synchronisation would cost more than the
     arithmetic (and, on a busy machine, spinning threads slow everything down many-fold)."""
     before = torch.get_num_threads()
@@ -120,10 +123,10 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
     b, _, d = x.shape
     p, k = lam.shape[1], class_mask.shape[1]
     shape = (b, p, d + 1, k)
-    chol = _curvature_cholesky(x, sample_weight, class_mask, lam) if precondition else None
+    scale = _curvature_diagonal(x, sample_weight, class_mask, lam).rsqrt()[..., None] if precondition else None
 
     def objective(phi: torch.Tensor) -> torch.Tensor:
-        theta = phi if chol is None else torch.linalg.solve_triangular(chol.transpose(-1, -2), phi, upper=True)
+        theta = phi if scale is None else phi * scale
         weight = theta[:, :, :d].permute(0, 2, 1, 3).contiguous()
         return logreg_objective(x, y, sample_weight, class_mask, lam, weight, theta[:, :, d])
 
@@ -143,7 +146,7 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
     theta = torch.zeros(shape, dtype=x.dtype, device=x.device)
     f, g = value_and_grad(theta)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    if chol is None:
+    if scale is None:
         gamma = 1.0 / g.abs().sum(dim=(2, 3)).clamp_min(1.0)  # first step as torch's L-BFGS
     else:
         gamma = torch.ones_like(f)  # preconditioned: a Newton step of the quadratic model
@@ -193,34 +196,21 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
         stalled = (f - new_f) <= ftol * torch.maximum(f.abs(), new_f.abs()).clamp_min(1.0)
         theta, f, g = new_theta, new_f, new_g
         active &= (g.abs().amax(dim=(2, 3)) > tol) & ~stalled
-    if chol is not None:
-        theta = torch.linalg.solve_triangular(chol.transpose(-1, -2), theta, upper=True)
+    if scale is not None:
+        theta = theta * scale
     return theta[:, :, :d].permute(0, 2, 1, 3).contiguous(), theta[:, :, d].contiguous()
 
 
-def _curvature_cholesky(x: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor,
+def _curvature_diagonal(x: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor,
                         lam: torch.Tensor) -> torch.Tensor:
-    """Cholesky factors ``(B, P, D+1, D+1)`` of each problem's ``M`` (see :func:`solve_logreg`).
-
-    Problems sharing their sample weights (grid points of one fold) share one Gram matrix.
-    """
+    """``(B, P, D+1)`` diagonal of each problem's ``M`` (see :func:`solve_logreg`)."""
     b, n, d = x.shape
-    xa = torch.cat([x, torch.ones(b, n, 1, dtype=x.dtype, device=x.device)], dim=2)
-    unique, inverse = torch.unique(sample_weight, dim=1, return_inverse=True)  # (B, U, N)
-    norm = unique / unique.sum(-1, keepdim=True).clamp_min(1.0)
-    gram = torch.stack([(xa * norm[:, u, :, None]).transpose(1, 2) @ xa for u in range(unique.shape[1])], 1)
-    classes = class_mask.sum(-1).clamp_min(2).to(x.dtype)[:, None, None, None]
-    m = gram[:, inverse] / classes
+    xa2 = torch.cat([x, torch.ones(b, n, 1, dtype=x.dtype, device=x.device)], dim=2).square()
+    norm = sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)
+    classes = class_mask.sum(-1).clamp_min(2).to(x.dtype)[:, None, None]
+    diag = torch.bmm(norm, xa2) / classes  # (B, P, D+1)
     ridge = torch.cat([lam[..., None].expand(-1, -1, d), torch.zeros_like(lam)[..., None]], -1)
-    m = m + torch.diag_embed(ridge + 1e-6 * m.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True) + 1e-10)
-    chol, info = torch.linalg.cholesky_ex(m)
-    if bool((info > 0).any()):  # numerically singular: no preconditioning for those problems
-        eye = torch.eye(d + 1, dtype=x.dtype, device=x.device).expand_as(m)
-        chol = torch.where((info > 0)[..., None, None], eye, chol)
-    return chol
-
-
-# --- episodes in batches ----------------------------------------------------------------------
+    return diag + ridge + 1e-6 * diag.mean(-1, keepdim=True) + 1e-12
 
 
 @dataclass
@@ -239,9 +229,9 @@ def _pad_batch(tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], devic
     """Pad episodes to common sizes; with ``project`` and fewer support examples than dimensions,
     express every feature in coordinates of its episode's support span (see the module docstring).
 
-    The coordinates come from Gram matrices: with ``S S^T = L L^T`` (Cholesky, ``S`` the
-    normalised support features), the support rows become ``L`` and the queries ``Q S^T L^{-T}``;
-    inner products with any weight vector in the span are unchanged. Padding rows are zero.
+    Features are L2-normalised, then centred on their episode's support mean (an exact change of
+    the bias). The span coordinates come from Gram matrices (:func:`_span_coordinates`); inner
+    products with any weight vector in the span are unchanged. Padding rows are zero.
     Episodes are gathered ``group`` at a time to bound memory.
     """
     b = len(tasks)
@@ -266,23 +256,39 @@ def _pad_batch(tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], devic
             y[first + i, : len(sy)] = sy
             valid[first + i, : len(sy)] = True
             class_mask[first + i, sy] = True
-        support = l2_normalise(torch.from_numpy(support).to(device))
-        query = l2_normalise(torch.from_numpy(query).to(device))
+        support = l2_normalise(torch.from_numpy(support).to(device, dtype))
+        query = l2_normalise(torch.from_numpy(query).to(device, dtype))
         rows = slice(first, first + len(chunk))
+        # centre on the support mean: exact (the bias absorbs it; the penalty is on W only), and it
+        # decouples the bias from W, which the diagonal preconditioner relies on
+        real = torch.from_numpy(valid[rows]).to(device)[..., None]
+        mean = (support * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp_min(1)
+        support = (support - mean) * real
+        query = query - mean
         if kernel:
-            x[rows] = torch.bmm(support, support.transpose(1, 2)).to(dtype)
-            q[rows] = torch.bmm(query, support.transpose(1, 2)).to(dtype)
+            x[rows] = torch.bmm(support, support.transpose(1, 2))
+            q[rows] = torch.bmm(query, support.transpose(1, 2))
         else:
-            x[rows], q[rows] = support.to(dtype), query.to(dtype)
+            x[rows], q[rows] = support, query
     y, valid, class_mask = (torch.from_numpy(a).to(device) for a in (y, valid, class_mask))
     if kernel:
-        gram = x + 1e-10 * torch.eye(n, dtype=x.dtype, device=x.device)
-        chol, info = torch.linalg.cholesky_ex(gram)
-        if bool((info > 0).any()):  # (numerically) repeated support images
-            chol = torch.linalg.cholesky(gram + 1e-6 * torch.eye(n, dtype=x.dtype, device=x.device))
-        q = torch.linalg.solve_triangular(chol, q.transpose(1, 2), upper=False).transpose(1, 2)
-        x = chol
+        x, q = _span_coordinates(x, q)
     return _Batch(x, y, valid, class_mask, q)
+
+
+def _span_coordinates(gram: torch.Tensor, cross: torch.Tensor, rel_eps: float = 1e-10
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """From ``gram = S S^T (B, n, n)`` and ``cross = Q S^T (B, m, n)``: coordinates of the support
+    rows, ``Z = U D^{1/2}`` (``gram = U D U^T``), and of the queries, ``Q S^T U D^{-1/2}``, along the
+    principal axes of the support. ``Z Z^T = gram``, query-support inner products are kept and
+    ``Z^T Z = D`` is diagonal (uncorrelated coordinates: the solver's diagonal preconditioner is
+    then nearly exact). Directions with eigenvalue below ``rel_eps`` of the largest (repeated
+    images, padding) are dropped."""
+    evals, evecs = torch.linalg.eigh(gram)
+    keep = evals > rel_eps * evals.amax(-1, keepdim=True).clamp_min(1e-30)
+    root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
+    inv_root = torch.where(keep, 1.0 / root.clamp_min(1e-30), torch.zeros_like(evals))
+    return evecs * root[:, None, :], (cross @ evecs) * inv_root[:, None, :]
 
 
 def stratified_folds(y: torch.Tensor, valid: torch.Tensor, folds: int) -> torch.Tensor:
@@ -302,7 +308,7 @@ class LogisticRegressionProbe:
     max_iter: int = 500
     tol: float = 1e-6
     device: str = "cpu"
-    max_batch_elements: int = 1 << 24  # bound on B * N * P * K per solve (memory)
+    max_elements: int = 1 << 25  # bound on the tensor elements of one batched solve (memory)
     name: str = field(default="logreg", init=False)
 
     def __post_init__(self) -> None:
@@ -326,25 +332,27 @@ class LogisticRegressionProbe:
         return self.fit_predict_many([(support_x, support_y, query_x)])[0]
 
     def fit_predict_many(self, tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        """Predictions for many episodes, solved in as few batched problems as memory allows."""
+        """Predictions for many episodes, solved in as few batched problems as memory allows
+        (episodes of similar sizes together, so that little is padding)."""
         remapped = [_remap(sy) for _, sy, _ in tasks]
         problems = len(self.grid) * self.folds if self.weight_decay == "cv" else 1
-        out: list[np.ndarray] = []
+        dim = tasks[0][0].shape[1] if tasks else 0
+        order = sorted(range(len(tasks)), key=lambda i: (len(tasks[i][1]), len(remapped[i][0]), len(tasks[i][2])))
+        out: list[np.ndarray] = [np.empty(0)] * len(tasks)
         start = 0
-        while start < len(tasks):
-            stop = start + 1
-            n = len(tasks[start][1])
-            k = len(remapped[start][0])
-            while stop < len(tasks):
-                n2, k2 = max(n, len(tasks[stop][1])), max(k, len(remapped[stop][0]))
-                if (stop + 1 - start) * n2 * max(n2, k2) * problems * k2 > self.max_batch_elements:
+        while start < len(order):
+            stop, n, m, k = start, 0, 0, 0
+            while stop < len(order):
+                i = order[stop]
+                n2, m2, k2 = max(n, len(tasks[i][1])), max(m, len(tasks[i][2])), max(k, len(remapped[i][0]))
+                if stop > start and (stop + 1 - start) * _episode_cost(n2, m2, k2, dim, problems) > self.max_elements:
                     break
-                n, k, stop = n2, k2, stop + 1
-            chunk = [(sx, remapped[i][1], qx) for i, (sx, _, qx) in enumerate(tasks[start:stop], start)]
-            dim = min(n, tasks[start][0].shape[1])  # solved in the support span
-            with _few_threads_if_small((stop - start) * n * dim * problems * k):
-                preds = self._solve_chunk(chunk)
-            out.extend(remapped[i][0][p] for i, p in zip(range(start, stop), preds))
+                n, m, k, stop = n2, m2, k2, stop + 1
+            chunk = order[start:stop]
+            with _few_threads_if_small(len(chunk) * n * min(n, dim) * problems * k):
+                preds = self._solve_chunk([(tasks[i][0], remapped[i][1], tasks[i][2]) for i in chunk])
+            for i, pred in zip(chunk, preds):
+                out[i] = remapped[i][0][pred]
             start = stop
         return out
 
@@ -371,7 +379,7 @@ class LogisticRegressionProbe:
         train = (~held_out & batch.valid[:, None]).to(dtype)
         lam = grid.repeat_interleave(f)[None].expand(len(batch.x), -1).contiguous()
         # choosing among grid points needs far less precision than the final fit
-        weight, bias = solve_logreg(batch.x, batch.y, train, batch.class_mask, lam, self.max_iter,
+        weight, bias = solve_logreg(batch.x, batch.y, train, batch.class_mask, lam, min(self.max_iter, CV_MAX_ITER),
                                     max(self.tol, CV_TOL))
         logits = logreg_logits(batch.x, weight, bias).masked_fill(~batch.class_mask[:, None, None], _MASKED)
         correct = (logits.argmax(-1) == batch.y[..., None]).to(dtype).transpose(1, 2)  # (B, P, N)
@@ -382,6 +390,13 @@ class LogisticRegressionProbe:
         loss = (nll * mask).sum(-1).reshape(-1, g, f).sum(-1) / mask.sum(-1).reshape(-1, g, f).sum(-1)
         best = (acc - 1e-6 * loss).argmax(-1)
         return grid[best][:, None]
+
+
+def _episode_cost(n: int, m: int, k: int, d: int, problems: int) -> int:
+    """Tensor elements one episode adds to a batched solve: features in ``r = min(n, d)``
+    coordinates (and their Gram matrices), and per problem the L-BFGS history and logits."""
+    r = min(n, d)
+    return (n + m + n) * r + problems * (30 * (r + 1) * k + 4 * n * k)
 
 
 def _remap(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
