@@ -285,10 +285,7 @@ def train(
         for step, (batch_views, index) in enumerate(loader):
             if step >= steps:
                 break
-            batch_views = [_to_device(v, device, cfg) for v in batch_views]
-            autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
-            with autocast:
-                loss, logs = model(batch_views, index.to(device))
+            loss, logs = _forward(model, batch_views, index, cfg, device, use_amp)
             if not torch.isfinite(loss):
                 kept = (f"the last good checkpoint {ckpt_path} (after epoch {last_good}) is kept"
                         if last_good else "no checkpoint had been written yet")
@@ -300,12 +297,11 @@ def train(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_value = loss.detach().item()
             seen += len(index) * world
-            loss_sum += loss_value
+            loss_sum += logs["loss"]
             rate = seen / max(time.perf_counter() - started, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{rate:.1f}")
             if dist.is_main() and (step + 1) % tc["log_every"] == 0:
                 _append_log(log_path, {"epoch": epoch + 1, "step": step + 1, "lr": lr, "w_outer": method.w_outer,
                                        "images_per_s": round(rate, 2), **logs})
@@ -334,6 +330,17 @@ def train(
         log.info("wrote backbone card %s", card_path)
     dist.barrier()
     return TrainResult(card_path=card_path, method=method, history=history)
+
+
+def _forward(
+    model: torch.nn.Module, views: list[torch.Tensor], index: torch.Tensor, cfg: Mapping[str, Any],
+    device: torch.device, use_amp: bool,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """One training step's loss (and logs), under autocast on CUDA when AMP is on."""
+    views = [_to_device(v, device, cfg) for v in views]
+    autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
+    with autocast:
+        return model(views, index.to(device))
 
 
 def _epoch_loader(dataset: Dataset, cfg: Mapping[str, Any], batch: int, epoch: int, world: int, rank: int) -> DataLoader:
