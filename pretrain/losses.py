@@ -76,10 +76,11 @@ def pair_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: fl
     check_temperature(t)
     q, k, negatives = _normalise(q), _normalise(k), _normalise(negatives)
     pos = (q * k).sum(-1) / t
+    scaled = q / t  # divide the (B, D) side, not the (B, K) logits
     if negatives.dim() == 2:
-        neg = q @ negatives.t() / t
+        neg = scaled @ negatives.t()
     elif negatives.dim() == 3:
-        neg = torch.einsum("bd,bkd->bk", q, negatives) / t
+        neg = torch.einsum("bd,bkd->bk", scaled, negatives)
     else:
         raise ValueError(f"negatives must be (K, D) or (B, K, D), got shape {tuple(negatives.shape)}")
     return pos, neg
@@ -143,13 +144,16 @@ def _outer_candidates(neg: torch.Tensor, outer: int, sample: int = 4096) -> torc
         frac = outer / k
         rank = min(sub.shape[1], math.ceil(frac * sub.shape[1] + 4 * math.sqrt(frac * (1 - frac) * sub.shape[1]) + 8))
         low = torch.topk(sub, rank, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
-        row, col = (neg >= low).nonzero().unbind(1)
-        counts = torch.bincount(row, minlength=rows)
+        row, col = (neg >= low).nonzero().unbind(1)  # row-major: rows ascend
+        starts = torch.searchsorted(row, torch.arange(rows + 1, device=neg.device))
+        counts = starts[1:] - starts[:-1]
         if bool((counts < outer).any()):
             return neg
-        slot = torch.arange(len(row), device=neg.device) - (torch.cumsum(counts, 0) - counts)[row]
-    padded = neg.new_full((rows, int(counts.max())), -math.inf)
-    return padded.index_put((row, slot), neg[row, col])
+        slot = torch.arange(len(row), device=neg.device) - starts[:-1][row]
+        flat = row * k + col
+        width = int(counts.max())
+    padded = neg.new_full((rows * width,), -math.inf)
+    return padded.scatter(0, row * width + slot, neg.reshape(-1).gather(0, flat)).view(rows, width)
 
 
 def ring_logits(
@@ -159,13 +163,16 @@ def ring_logits(
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Select the ring from negative logits ``(B, K)``: ``(B, ring size)`` or ``(B, num_samples)``.
+    """Select the ring from negative logits ``(B, K)``.
+
+    MoCo flavour (``num_samples=None``): ``(B, M)`` logits, ``M >= ring size``, in which every entry
+    outside the ring is ``-inf`` (each row holds exactly ``outer - inner`` finite entries, in no
+    particular order; a logsumexp over the row is the logsumexp over the ring). IR flavour:
+    ``(B, num_samples)`` ring members drawn uniformly with replacement, from ``generator``.
 
     No row is sorted: the rank thresholds are selected with two partial selections (``topk``,
     unsorted) on a small candidate set -- drop all but the ``outer`` largest, then the ``inner``
-    largest -- and the ring members are returned in column order (the loss does not depend on
-    their order). With ``num_samples``, draw that many ring members per anchor uniformly with
-    replacement (IR flavour), from ``generator``.
+    largest.
     """
     check_ring(w_outer, w_inner, num_samples)
     inner, outer = ring_bounds(neg.shape[1], w_outer, w_inner)
@@ -177,9 +184,9 @@ def ring_logits(
         if inner > 0:
             kept = cand.masked_fill(drop, -math.inf)
             drop.scatter_(1, torch.topk(kept, inner, dim=1, sorted=False).indices, True)
-    ring = cand[~drop].view(len(cand), outer - inner)
     if num_samples is None:
-        return ring
+        return cand.masked_fill(drop, -math.inf)
+    ring = cand[~drop].view(len(cand), outer - inner)
     device = generator.device if generator is not None else ring.device
     picks = torch.randint(0, outer - inner, (ring.shape[0], num_samples), generator=generator, device=device)
     return ring.gather(1, picks.to(ring.device))

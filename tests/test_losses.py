@@ -84,8 +84,18 @@ def test_ring_ranks_by_anchor_not_by_positive():
     k = torch.tensor([[0.0, 1.0, 0.0]])
     neg = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.1, 0.0], [1.0, 0.2, 0.0], [1.0, 0.3, 0.0], [0.5, 0.0, 1.0]])
     ring = ring_logits(pair_neg(q, neg, 1.0), w_outer=0.6, w_inner=0.0)
-    assert ring.shape == (1, 3)
-    assert torch.allclose(ring[0], pair_neg(q, neg, 1.0)[0, 1:4])
+    members = ring[torch.isfinite(ring)]
+    assert members.shape == (3,)
+    assert torch.allclose(torch.sort(members).values, torch.sort(pair_neg(q, neg, 1.0)[0, 1:4]).values)
+
+
+def test_ring_logits_mark_exactly_the_ring():
+    neg = torch.randn(5, 300, generator=torch.Generator().manual_seed(3))
+    inner, outer = ring_bounds(300, 0.3, 0.2)
+    ring = ring_logits(neg, 0.3, 0.2)
+    for row, got in zip(neg, ring):
+        want = torch.sort(row, descending=True).values[inner:outer]
+        assert torch.equal(torch.sort(got[torch.isfinite(got)], descending=True).values, want)
 
 
 def pair_neg(q, neg, t):

@@ -2,27 +2,21 @@
 
 Both methods run the same optimiser steps on the same batches (augmented synthetic images, the
 queue filled to ``--queue`` entries); the ring's selection is the only difference. Prints each
-rate and the ratio. Run: ``python bench/pretrain.py [--batch 64 --steps 5 --queue 4096 --threads 2]``.
+rate and the ratio. Run: ``python bench/pretrain_throughput.py [--batch 64 --steps 5 --queue 4096 --threads 2]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-# Run as `python bench/pretrain.py`, this file's folder comes first on sys.path and its name would
-# shadow the `pretrain` package; drop that entry before importing the package.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import torch
 
-import torch  # noqa: E402
-
-from pretrain.cli import add_common_flags, run_main  # noqa: E402
-from pretrain.config import load_config  # noqa: E402
-from pretrain.methods import build_method  # noqa: E402
-from pretrain.train import build_optimizer, prepare_data  # noqa: E402
+from pretrain.cli import add_common_flags, run_main
+from pretrain.config import load_config
+from pretrain.methods import build_method
+from pretrain.train import build_optimizer, prepare_data
 
 
 def images_per_second(cfg: dict, batches: list[list[torch.Tensor]], dataset_size: int) -> float:
