@@ -240,6 +240,7 @@ def train(
     if len(data.train) < tc["batch_size"]:
         raise UserError(f"dataset has {len(data.train)} images, fewer than train.batch_size={tc['batch_size']}")
     method = build_method(cfg, len(data.train), data.stem, data.spec.mean, data.spec.std).to(device)
+    method.check_ring(world)
     if _use_cuda_extras(cfg, device, "channels_last"):
         method = method.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, method)

@@ -91,6 +91,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
     assert not (tmp_path / "card.pth").exists()
 
 
+def test_empty_ring_is_refused_before_training(tmp_path: Path):
+    with pytest.raises(UserError, match="ring is empty: 8 negatives"):
+        trainer.train(tiny_cfg("loss.w_outer=0.1"), tmp_path / "c.pth", tmp_path / "w", progress=False)
+    assert not (tmp_path / "w" / "checkpoint.pth").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -96,6 +96,17 @@ class Method(nn.Module):
         """Backbone(s) that become the card: ``{"": backbone}``, or one entry per stream (CMC)."""
         return {"": self.encoder.backbone}
 
+    def ring_pool_size(self, world_size: int = 1) -> int:
+        """How many negatives each anchor's ring is cut from (queue, memory bank or batch)."""
+        raise NotImplementedError
+
+    def check_ring(self, world_size: int = 1) -> None:
+        """Fail before any work if the ring would be empty at some epoch (the smallest ``w_outer``)."""
+        lc = self.loss_cfg
+        if lc["name"] == "ring":
+            smallest = lc["w_outer"] if lc["schedule"] == "constant" else min(lc["w_outer"], lc["w_outer_start"])
+            losses.ring_bounds(self.ring_pool_size(world_size), smallest, lc["w_inner"])
+
     def card_meta(self) -> dict[str, Any]:
         """Extra card metadata the method needs to rebuild its backbone (e.g. CMC's stream width)."""
         return {}

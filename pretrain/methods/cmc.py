@@ -135,6 +135,9 @@ class CMC(Method):
         self.bank_ab = MemoryBank(dataset_size, cc["head_dim"], cc["bank_momentum"], seed=self.seed + 1)
         self.num_negatives = min(int(cc["num_negatives"]), dataset_size)
 
+    def ring_pool_size(self, world_size: int = 1) -> int:
+        return len(self.bank_l)
+
     def _cross(self, anchor: torch.Tensor, bank: MemoryBank, index: torch.Tensor) -> torch.Tensor:
         positives = bank.memory[index].detach()
         if self.loss_cfg["name"] == "ring":

@@ -25,6 +25,9 @@ class InstanceDiscrimination(Method):
         self.bank = MemoryBank(dataset_size, ic["head_dim"], ic["bank_momentum"], seed=self.seed)
         self.num_negatives = min(int(ic["num_negatives"]), dataset_size)
 
+    def ring_pool_size(self, world_size: int = 1) -> int:
+        return len(self.bank)
+
     def training_step(self, views, index):
         z = self.encoder(views[0])
         positives = self.bank.memory[index].detach()

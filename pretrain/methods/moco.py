@@ -38,6 +38,9 @@ class MoCo(Method):
         self.register_buffer("queue", torch.nn.functional.normalize(torch.randn(size, mc["head_dim"], generator=g), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
+    def ring_pool_size(self, world_size: int = 1) -> int:
+        return len(self.queue)
+
     @torch.no_grad()
     def momentum_update(self) -> None:
         for p_k, p_q in zip(self.key_encoder.parameters(), self.encoder.parameters()):

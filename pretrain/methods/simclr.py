@@ -23,6 +23,9 @@ class SimCLR(Method):
         self.encoder = Encoder(cfg["arch"], stem, sc["head_dim"], hidden_dim=sc["hidden_dim"], mlp=True)
         self.beta = float(self.loss_cfg["beta"])
 
+    def ring_pool_size(self, world_size: int = 1) -> int:
+        return 2 * (self.cfg["train"]["batch_size"] // world_size) - 2
+
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         anneal = self.loss_cfg["beta_anneal_epochs"]
