@@ -6,6 +6,11 @@ Examples::
     python pretrain/run.py --config configs/pretrain/moco_ring.yaml --data cifar10 --data-root ~/data --out ring_moco.pth
     torchrun --nproc_per_node 8 pretrain/run.py --config configs/pretrain/moco.yaml --data imagefolder --data-root /imagenet
 
+Shipped configs (configs/pretrain/): ir, ir_ring, moco, moco_ring, cmc, cmc_ring, simclr,
+simclr_ring, simclr_hcl, simclr_dcl -- each paper's hyper-parameters, on the embedded synthetic
+data unless --data says otherwise (CIFAR-10/100 and STL-10 in torchvision's folder layout, or an
+ImageFolder root with train/ and val/; nothing is downloaded).
+
 Settings come from the YAML config, then ``--profile``, then the flags, then ``key=value``
 overrides (e.g. ``loss.w_outer=0.05 train.seed=1``); an unknown key is an error. A work folder
 keeps ``checkpoint.pth`` (written every epoch; a rerun with the same config resumes from it) and
