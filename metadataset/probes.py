@@ -248,42 +248,46 @@ def _pad_batch(tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], devic
     class_mask = np.zeros((b, k), dtype=bool)
     for first in range(0, b, group):
         chunk = tasks[first: first + group]
-        support = np.zeros((len(chunk), n, d), dtype=np.float32)  # features are float32: gather as such
-        query = np.zeros((len(chunk), m, d), dtype=np.float32)
-        for i, (sx, sy, qx) in enumerate(chunk):
-            support[i, : len(sy)] = sx
-            query[i, : len(qx)] = qx
-            y[first + i, : len(sy)] = sy
-            valid[first + i, : len(sy)] = True
-            class_mask[first + i, sy] = True
-        support = l2_normalise(torch.from_numpy(support).to(device, dtype))
-        query = l2_normalise(torch.from_numpy(query).to(device, dtype))
         rows = slice(first, first + len(chunk))
+        for i, (_, sy, _) in enumerate(chunk, first):
+            y[i, : len(sy)] = sy
+            valid[i, : len(sy)] = True
+            class_mask[i, sy] = True
+        support = l2_normalise(torch.from_numpy(_stack_padded([t[0] for t in chunk], n, d)).to(device))
+        query = torch.from_numpy(_stack_padded([t[2] for t in chunk], m, d)).to(device)
         # centre on the support mean: exact (the bias absorbs it; the penalty is on W only), and it
         # decouples the bias from W, which the diagonal preconditioner relies on
         real = torch.from_numpy(valid[rows]).to(device)[..., None]
         mean = (support * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp_min(1)
         support = (support - mean) * real
-        query = query - mean
-        if kernel:
-            x[rows] = torch.bmm(support, support.transpose(1, 2))
-            q[rows] = torch.bmm(query, support.transpose(1, 2))
+        if kernel:  # span coordinates in float32 (the features' precision), then ``dtype``
+            query_norm = query.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            cross = torch.bmm(query, support.transpose(1, 2)) / query_norm - mean @ support.transpose(1, 2)
+            x[rows], q[rows] = (t.to(dtype) for t in _span_coordinates(support @ support.transpose(1, 2), cross))
         else:
-            x[rows], q[rows] = support, query
+            x[rows], q[rows] = support.to(dtype), (l2_normalise(query) - mean).to(dtype)
     y, valid, class_mask = (torch.from_numpy(a).to(device) for a in (y, valid, class_mask))
-    if kernel:
-        x, q = _span_coordinates(x, q)
     return _Batch(x, y, valid, class_mask, q)
 
 
-def _span_coordinates(gram: torch.Tensor, cross: torch.Tensor, rel_eps: float = 1e-10
+def _stack_padded(arrays: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray:
+    """``(len(arrays), rows, dim)`` float32, each array's rows first, zeros after."""
+    if all(len(a) == rows for a in arrays):
+        return np.stack(arrays).astype(np.float32, copy=False)
+    out = np.zeros((len(arrays), rows, dim), dtype=np.float32)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = a
+    return out
+
+
+def _span_coordinates(gram: torch.Tensor, cross: torch.Tensor, rel_eps: float = 1e-6
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """From ``gram = S S^T (B, n, n)`` and ``cross = Q S^T (B, m, n)``: coordinates of the support
     rows, ``Z = U D^{1/2}`` (``gram = U D U^T``), and of the queries, ``Q S^T U D^{-1/2}``, along the
     principal axes of the support. ``Z Z^T = gram``, query-support inner products are kept and
     ``Z^T Z = D`` is diagonal (uncorrelated coordinates: the solver's diagonal preconditioner is
     then nearly exact). Directions with eigenvalue below ``rel_eps`` of the largest (repeated
-    images, padding) are dropped."""
+    images, padding, float32 rounding of the Gram matrix) are dropped."""
     evals, evecs = torch.linalg.eigh(gram)
     keep = evals > rel_eps * evals.amax(-1, keepdim=True).clamp_min(1e-30)
     root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
