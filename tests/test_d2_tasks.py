@@ -141,5 +141,11 @@ def test_run_cli_appends_a_record(card, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "res" / "records.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["task"] == "syn_det"
     assert all(math.isfinite(v) for v in records[0]["metrics"].values())
+    evaluated = run_cli(*common, "--eval-only")  # the final weights of the run above, not trained again
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "trained" not in evaluated.stderr
+    records = [json.loads(line) for line in (tmp_path / "res" / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[1]["config"]["eval_only"] is True
+    assert records[1]["metrics"] == pytest.approx(records[0]["metrics"])
     bad = run_cli(*common, "--seeds", "0")  # a new config: validated before anything runs
     assert bad.returncode == 2 and "--seeds must be at least 1" in bad.stderr and "Traceback" not in bad.stderr

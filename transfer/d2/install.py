@@ -18,7 +18,6 @@ The missing compiled ops are stood in for by :mod:`transfer.d2.compat` at import
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pretrain.cli import UserError, add_common_flags, run_main
+from pretrain.fileio import sha256_file
 
 ARCHIVE_REQUIREMENT = "pb1-detectron2==0.6"
 ARCHIVE_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
@@ -134,16 +134,8 @@ def download_archive(folder: Path, debug: bool = False) -> Path:
     return archives[0]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_hash(archive: Path, expected: str = ARCHIVE_SHA256) -> None:
-    actual = sha256_of(archive)
+    actual = sha256_file(archive)
     if actual != expected:
         raise UserError(
             f"{archive.name}: SHA-256 {actual} does not match the pinned {expected}; refusing to install "

@@ -28,7 +28,7 @@ import numpy as np
 from pretrain.data import shapes
 
 SPLITS = {"train": 0, "val": 1}
-DEFAULTS = {"num_train": 64, "num_val": 16, "height": 128, "width": 160, "max_objects": 4, "seed": 0}
+DEFAULTS = {"num_train": 128, "num_val": 32, "height": 128, "width": 160, "max_objects": 4, "seed": 0}
 
 
 def annotation_path(root: Path, split: str) -> Path:
