@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   scikit-learn, one fit per episode      {sk_s:8.2f} s   accuracy {acc_sk:6.2f}%")
         print(f"   -> {sk_s / ours_s:.1f}x faster (target >= 10x); accuracy difference {acc_ours - acc_sk:+.2f} points "
               f"(target within 0.5); predictions agree on {agree:.2f}% of queries")
-        print(f"   ours with lambda by {cv.folds}-fold CV over {len(cv.grid)} values: {cv_s:.2f} s, accuracy {acc_cv:.2f}%")
+        print(f"   ours with lambda by {cv.folds}-fold CV over {len(cv.grid)} values: {cv_s:.2f} s, "
+              f"accuracy {acc_cv:.2f}%")
     return 0
 
 

@@ -106,15 +106,20 @@ def _check_split(split: str) -> None:
 # --- official records --------------------------------------------------------------------------
 
 
-def read_dataset_spec(folder: Path) -> dict[str, Any]:
-    path = folder / SPEC_FILE
+def _read_json(path: Path, missing: str) -> Any:
+    """A JSON file; ``missing`` (the message) when it is absent, a clear error when it is not JSON."""
     if not path.is_file():
-        raise UserError(f"{folder}: records folder has no {SPEC_FILE} (convert the source with Meta-Dataset's "
-                        f"dataset_conversion, which writes it next to the .tfrecords files)")
+        raise UserError(missing)
     try:
-        spec = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_dataset_spec(folder: Path) -> dict[str, Any]:
+    path = folder / SPEC_FILE
+    spec = _read_json(path, f"{folder}: records folder has no {SPEC_FILE} (convert the source with Meta-Dataset's "
+                            f"dataset_conversion, which writes it next to the .tfrecords files)")
     kind = spec.get("__class__") if isinstance(spec, dict) else None
     required = {
         "DatasetSpecification": ("classes_per_split", "images_per_class", "class_names", "file_pattern"),
@@ -245,13 +250,11 @@ def folder_source(name: str, folder: Path, split: str = "test") -> ImageSet:
     """``<folder>/<class>/<image>`` with ``<folder>/splits.json`` naming each split's classes."""
     _check_split(split)
     split_path = folder / SPLIT_FILE
-    if not split_path.is_file():
-        raise UserError(f"{folder}: image folder has no {SPLIT_FILE} (a JSON object with the class folder names "
-                        f"under 'train', 'valid', 'test')")
+    splits = _read_json(split_path, f"{folder}: image folder has no {SPLIT_FILE} (a JSON object with the class "
+                                    f"folder names under 'train', 'valid', 'test')")
     try:
-        splits = json.loads(split_path.read_text())
         classes = [str(c) for c in splits[split]]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise UserError(f"{split_path}: expected a JSON object with a list of class names under {split!r}") from exc
     files = []
     for cls in classes:

@@ -66,14 +66,33 @@ _FLAGS = {  # setting -> (flag, type, help)
 }
 
 
+def add_flag_group(parser: argparse.ArgumentParser, title: str, flags: dict[str, tuple], defaults: dict[str, Any]):
+    """Add a task family's table of ``setting -> (flag, type, help)`` as one argument group, once
+    (several tasks of a family share it); every default is None so that a given flag is known.
+    Returns the group, or None when the flags are already there."""
+    if next(iter(flags.values()))[0] in parser._option_string_actions:
+        return None
+    group = parser.add_argument_group(title)
+    for setting, (flag, kind, text) in flags.items():
+        group.add_argument(flag, dest=setting, type=kind, default=None, help=f"{text} (default: {defaults[setting]})")
+    return group
+
+
+def resolve_flags(args: argparse.Namespace, defaults: dict[str, Any], config_file: Path | None = None,
+                  flag: str = "--fewshot-config") -> dict[str, Any]:
+    """Settings: the flags given on the command line, over a YAML file's values, over ``defaults``."""
+    settings = dict(defaults)
+    if config_file:
+        settings.update(_load_yaml(Path(config_file), defaults, flag))
+    settings.update({k: getattr(args, k) for k in defaults if getattr(args, k, None) is not None})
+    return settings
+
+
 def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
     """The few-shot family's flags (added once to the shared ``transfer/run.py`` parser)."""
-    if "--probe" in parser._option_string_actions:
+    group = add_flag_group(parser, "few-shot tasks (md_*, fewshot_*)", _FLAGS, DEFAULTS)
+    if group is None:
         return
-    group = parser.add_argument_group("few-shot tasks (md_*, fewshot_*)")
-    for setting, (flag, kind, text) in _FLAGS.items():
-        group.add_argument(flag, dest=setting, type=kind, default=None,
-                           help=f"{text} (default: {DEFAULTS[setting]})")
     group.add_argument("--md-root", type=Path, default=None,
                        help=f"folder holding the converted Meta-Dataset sources (e.g. <root>/omniglot/"
                             f"dataset_spec.json); default --data-root, else ${MD_ROOT_ENV}")
@@ -81,29 +100,27 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
                        help="YAML file of few-shot settings (configs/metadataset/*.yaml); flags override it")
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def _load_yaml(path: Path, known: dict[str, Any], flag: str) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise UserError(f"--fewshot-config {path}: no such file")
+        raise UserError(f"{flag} {path}: no such file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"--fewshot-config {path}: not valid YAML ({exc})") from exc
-    unknown = sorted(set(data) - set(DEFAULTS))
-    if not isinstance(data, dict) or unknown:
-        raise UserError(f"--fewshot-config {path}: unknown settings {unknown}; known: {sorted(DEFAULTS)}")
+        raise UserError(f"{flag} {path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{flag} {path}: expected a mapping of settings, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise UserError(f"{flag} {path}: unknown settings {unknown}; known: {sorted(known)}")
     return data
 
 
 def resolve_settings(args: argparse.Namespace, sources: list[str]) -> dict[str, Any]:
     """Command line over YAML over defaults, checked and resolved to plain values."""
-    settings = dict(DEFAULTS)
-    config_file = getattr(args, "fewshot_config", None)
-    if config_file:
-        settings.update(_load_yaml(Path(config_file)))
+    settings = resolve_flags(args, DEFAULTS, getattr(args, "fewshot_config", None))
     given = {k: getattr(args, k, None) for k in DEFAULTS}
-    settings.update({k: v for k, v in given.items() if v is not None})
     embedded = all(s in ("synthetic", "digits") for s in sources)
     if settings["episode_mode"] is None:
         fixed_flags = any(given[k] is not None for k in ("ways", "shots", "queries"))

@@ -13,6 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from metadataset.probes import l2_normalise
 from pretrain.cli import UserError
 from tests.helpers import write_card
+from tests.test_metadataset_probes import _one_blas_thread  # noqa: F401 (autouse fixture)
 from transfer.backbones import load_backbone
 from transfer.linear import (
     add_linear_arguments,
@@ -23,14 +24,6 @@ from transfer.linear import (
     stratified_holdout,
 )
 from transfer.tasks import TaskContext, get_task
-
-
-@pytest.fixture(autouse=True)
-def _one_blas_thread():
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        yield
 
 
 def _gaussians(rng, n_per_class, classes=4, dim=16, spread=1.5):

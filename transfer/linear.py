@@ -31,6 +31,7 @@ import torch
 from metadataset.features import extract_features
 from metadataset.probes import l2_normalise, logreg_logits, solve_logreg, solver_dtype
 from metadataset.sources import ImageSet, data_digest, decode_image
+from metadataset.tasks import add_flag_group, resolve_flags
 from pretrain.cli import UserError
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
@@ -66,11 +67,7 @@ _FLAGS = {
 
 def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
     """The linear family's flags (added once to the shared ``transfer/run.py`` parser)."""
-    if "--linear-grid" in parser._option_string_actions:
-        return
-    group = parser.add_argument_group("linear evaluation tasks (linear_*)")
-    for setting, (flag, kind, text) in _FLAGS.items():
-        group.add_argument(flag, dest=setting, type=kind, default=None, help=f"{text} (default: {DEFAULTS[setting]})")
+    add_flag_group(parser, "linear evaluation tasks (linear_*)", _FLAGS, DEFAULTS)
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -266,8 +263,7 @@ def _parse_grid(text: str) -> list[float]:
 
 def make_linear_task(dataset: str, description: str) -> Task:
     def make_config(args: argparse.Namespace) -> dict[str, Any]:
-        settings = dict(DEFAULTS)
-        settings.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None})
+        settings = resolve_flags(args, DEFAULTS)
         if not 0 < settings["linear_val_fraction"] < 1:
             raise UserError(f"--linear-val-fraction must be in (0, 1), got {settings['linear_val_fraction']}")
         config = {"dataset": dataset, "grid": _parse_grid(settings["linear_grid"]),
