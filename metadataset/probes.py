@@ -9,9 +9,12 @@
 * :class:`CentroidProbe`: nearest class mean under cosine similarity (ProtoNet-style).
 * :class:`KNNProbe`: k nearest support examples under cosine similarity, majority vote.
 
-Few-shot speed-up, exact: the minimiser's ``W`` lies in the span of the training features (the
-gradient of the data term is ``X^T G``), so with fewer support examples than dimensions the problem
-is solved in coordinates of that span (``n`` instead of ``D``), computed from Gram matrices.
+Few-shot speed-up, exact up to float32 rounding: features are centred on the support mean (the
+bias absorbs the shift; the penalty is on ``W`` only), and the minimiser's ``W`` lies in the span
+of the centred support features (the gradient of the data term is ``X^T G``), so with fewer
+support examples than dimensions each episode is solved in ``n`` coordinates along the principal
+axes of its support instead of ``D`` (:func:`_span_coordinates`), where the solver's diagonal
+preconditioner is nearly exact.
 """
 
 from __future__ import annotations
