@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from metadataset.features import extract_features
-from metadataset.probes import l2_normalise, logreg_logits, solve_logreg, solver_dtype
+from metadataset.probes import CV_MAX_ITER, CV_TOL, l2_normalise, logreg_logits, solve_logreg, solver_dtype
 from metadataset.sources import ImageSet, data_digest, decode_image
 from metadataset.tasks import add_flag_group, resolve_flags
 from pretrain.cli import UserError
@@ -215,7 +215,8 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.nda
 
 
 def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, eval_y: np.ndarray,
-                  grid: list[float], num_classes: int, device: str, max_iter: int) -> np.ndarray:
+                  grid: list[float], num_classes: int, device: str, max_iter: int, tol: float = 1e-6
+                  ) -> np.ndarray:
     """Accuracy on ``eval`` of one model per weight decay in ``grid`` (one batched solve)."""
     dtype = solver_dtype(device)
     x = l2_normalise(torch.tensor(np.asarray(train_x), dtype=dtype, device=device))
@@ -229,7 +230,7 @@ def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, 
     lam = torch.tensor([grid], dtype=dtype, device=device)
     weights = torch.ones(1, len(grid), len(train_y), dtype=dtype, device=device)
     class_mask = torch.ones(1, num_classes, dtype=torch.bool, device=device)
-    w, b = solve_logreg(x, y, weights, class_mask, lam, max_iter=max_iter)
+    w, b = solve_logreg(x, y, weights, class_mask, lam, max_iter=max_iter, tol=tol)
     pred = logreg_logits(ex, w, b)[0].argmax(-1).cpu().numpy()  # (N, P)
     return (pred == np.asarray(eval_y)[:, None]).mean(0)
 
@@ -240,8 +241,9 @@ def linear_evaluation(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
     """The protocol of the module docstring; returns test accuracy, the chosen weight decay and
     the held-out accuracy of every grid point."""
     held = stratified_holdout(train_y, val_fraction, seed)
+    # ranking the grid needs less precision than the final fit (as the few-shot probe's CV)
     val_acc = fit_and_score(train_x[~held], train_y[~held], train_x[held], train_y[held], grid, num_classes,
-                            device, max_iter)
+                            device, min(max_iter, 4 * CV_MAX_ITER), CV_TOL)
     best = max(range(len(grid)), key=lambda i: (val_acc[i], grid[i]))
     test_acc = fit_and_score(train_x, train_y, test_x, test_y, [grid[best]], num_classes, device, max_iter)[0]
     return {"test_acc": float(test_acc), "weight_decay": float(grid[best]),
