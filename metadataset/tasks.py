@@ -74,7 +74,9 @@ def add_flag_group(parser: argparse.ArgumentParser, title: str, flags: dict[str,
         return None
     group = parser.add_argument_group(title)
     for setting, (flag, kind, text) in flags.items():
-        group.add_argument(flag, dest=setting, type=kind, default=None, help=f"{text} (default: {defaults[setting]})")
+        default = defaults[setting]
+        group.add_argument(flag, dest=setting, type=kind, default=None,
+                           help=text if default is None else f"{text} (default: {default})")
     return group
 
 
