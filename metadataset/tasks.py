@@ -21,7 +21,7 @@ from typing import Any
 from metadataset.evaluate import SourceResult, evaluate_source, summarise, table_rows
 from metadataset.features import POOLINGS, extract_features
 from metadataset.probes import PROBES, make_probe, probe_from_config
-from metadataset.sampling import FixedEpisodes, VariableEpisodes
+from metadataset.sampling import FixedEpisodes, VariableEpisodes, validate_split
 from metadataset.sources import MD_SOURCES, limit_per_class, open_source
 from pretrain.cli import UserError
 from transfer.tasks import Task, TaskContext, TaskResult, register
@@ -184,8 +184,10 @@ def make_fewshot_task(name: str, sources: list[str], description: str, needs_dat
     def validate(backbone: Any, config: dict[str, Any]) -> None:
         if config["pooling"] not in POOLINGS:
             raise UserError(f"--pooling must be one of {list(POOLINGS)}, got {config['pooling']!r}")
-        for source in sources:
-            _open(source, config, backbone)
+        min_ways = _rules_from_config(config).min_ways
+        for source in sources:  # listed counts: caught here, before any feature is extracted
+            image_set = _open(source, config, backbone)
+            validate_split(image_set.class_names, image_set.counts, min_ways, where=source)
 
     def run(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
         return run_fewshot(backbone, config, ctx)
@@ -193,6 +195,11 @@ def make_fewshot_task(name: str, sources: list[str], description: str, needs_dat
     return Task(name=name, family="fewshot", description=description, make_config=make_config, run=run,
                 validate=validate, add_arguments=add_fewshot_arguments,
                 primary_metric="acc_avg" if len(sources) > 1 else "acc", needs_data=needs_data)
+
+
+def _rules_from_config(config: dict[str, Any]) -> VariableEpisodes | FixedEpisodes:
+    kind = FixedEpisodes if config["episode_mode"] == "fixed" else VariableEpisodes
+    return kind(**config["episode_rules"])
 
 
 def _open(source: str, config: dict[str, Any], backbone: Any):
@@ -208,8 +215,7 @@ def run_fewshot(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> Task
     """Extract (or re-read) each source's features, run the episodes, summarise."""
     from tabulate import tabulate
 
-    rules = (FixedEpisodes(**config["episode_rules"]) if config["episode_mode"] == "fixed"
-             else VariableEpisodes(**config["episode_rules"]))
+    rules = _rules_from_config(config)
     probe = probe_from_config(config["probe"], device=ctx.device)
     cache_dir = Path(ctx.cache_dir) if ctx.cache_dir else Path(ctx.output_dir) / "cache"
     results: list[SourceResult] = []

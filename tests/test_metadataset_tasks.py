@@ -109,7 +109,17 @@ def test_bad_settings_and_data_are_user_errors(card, tmp_path):
     (folder / "splits.json").write_text(json.dumps({"train": [], "valid": [], "test": [f"t{c}" for c in range(4)]}))
     config = task.make_config(_args("--md-root", str(tmp_path), "--episodes", "2"))
     with pytest.raises(UserError, match="4 classes; episodes need at least 5"):
+        task.validate(backbone, config)  # before any feature extraction
+    with pytest.raises(UserError, match="4 classes; episodes need at least 5"):
         task.run(backbone, config, TaskContext(output_dir=tmp_path, cache_dir=tmp_path / "c"))
+    for i in (1, 2):
+        (folder / "t1" / f"{i}.png").unlink()
+    (folder / "t4").mkdir()
+    for i in (0, 1):
+        (folder / "t4" / f"{i}.png").write_bytes(image_bytes(i))
+    (folder / "splits.json").write_text(json.dumps({"test": [f"t{c}" for c in range(5)]}))
+    with pytest.raises(UserError, match="'t1' \\(1\\)"):  # a class with fewer than 2 images
+        task.validate(backbone, config)
     config_file = tmp_path / "fs.yaml"
     config_file.write_text("episodes: 7\nprobe: centroid\nbogus: 1\n")
     with pytest.raises(UserError, match="unknown settings \\['bogus'\\]"):
