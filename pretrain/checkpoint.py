@@ -155,13 +155,15 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        text = str(exc)
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        detail = detail[0].strip() if detail else text.strip()[:160]
+        if "Unsupported global" in text or "GLOBAL" in detail:
             raise UserError(
                 f"{path}: refused by torch.load(weights_only=True): it holds Python objects, not just "
-                f"tensors ({first[:160]}). Re-save its state_dict, or convert it with a trusted script"
+                f"tensors ({detail[:160]}). Re-save its state_dict, or convert it with a trusted script"
             ) from exc
-        raise UserError(f"{path}: not a PyTorch checkpoint ({first[:160]})") from exc
+        raise UserError(f"{path}: not a PyTorch checkpoint ({detail[:160]})") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as exc:
         # torch.load reports damaged files through many exception types; none is the user's bug.
         msg = " ".join(str(exc).split())[:200] or type(exc).__name__
