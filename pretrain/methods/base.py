@@ -21,23 +21,32 @@ from pretrain.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ProjectionHead(nn.Sequential):
-    """MLP head ``feature_dim -> hidden -> out`` with ReLU (MoCo v2, SimCLR), or one linear layer."""
+    """MLP head ``feature_dim -> hidden -> out`` with ReLU (MoCo v2), batch norm after the hidden
+    layer when ``bn`` (SimCLR / HCL), or one linear layer (IR, CMC)."""
 
-    def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int | None = None, mlp: bool = True) -> None:
-        if mlp:
-            hidden = hidden_dim or in_dim
-            super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
-        else:
+    def __init__(
+        self, in_dim: int, out_dim: int = 128, hidden_dim: int | None = None, mlp: bool = True, bn: bool = False
+    ) -> None:
+        if not mlp:
             super().__init__(nn.Linear(in_dim, out_dim))
+            return
+        hidden = hidden_dim or in_dim
+        if bn:
+            layers = [nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden)]
+        else:
+            layers = [nn.Linear(in_dim, hidden)]
+        super().__init__(*layers, nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
 
 
 class Encoder(nn.Module):
     """Backbone + projection head; ``forward`` returns unit-norm embeddings."""
 
-    def __init__(self, arch: str, stem: str, head_dim: int, hidden_dim: int | None = None, mlp: bool = True) -> None:
+    def __init__(
+        self, arch: str, stem: str, head_dim: int, hidden_dim: int | None = None, mlp: bool = True, bn: bool = False
+    ) -> None:
         super().__init__()
         self.backbone = create_backbone(arch, stem)
-        self.head = ProjectionHead(self.backbone.feature_dim, head_dim, hidden_dim, mlp)
+        self.head = ProjectionHead(self.backbone.feature_dim, head_dim, hidden_dim, mlp, bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.backbone(x)), dim=1)

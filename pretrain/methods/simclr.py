@@ -1,7 +1,8 @@
 """SimCLR (Chen et al. 2020) with in-batch negatives: NT-Xent, the ring over the batch, hard
 negatives (HCL, Robinson et al. 2021) and debiased negatives (DCL, Chuang et al. 2020).
 
-Two views per image through one encoder and a 2-layer MLP head to 128-d; each of the ``2B``
+Two views per image through one encoder and a 2-layer MLP head (batch norm after the hidden
+layer, as the HCL reference) to 128-d; each of the ``2B``
 embeddings is an anchor whose positive is its other view and whose negatives are the other
 ``2B - 2`` embeddings of the (per-process) batch. HCL's ``beta`` can be annealed linearly to 0
 over ``loss.beta_anneal_epochs``.
@@ -20,7 +21,7 @@ class SimCLR(Method):
     def __init__(self, cfg, dataset_size: int, stem: str, mean=None, std=None) -> None:
         super().__init__(cfg, dataset_size, stem, mean, std)
         sc = cfg["simclr"]
-        self.encoder = Encoder(cfg["arch"], stem, sc["head_dim"], hidden_dim=sc["hidden_dim"], mlp=True)
+        self.encoder = Encoder(cfg["arch"], stem, sc["head_dim"], hidden_dim=sc["hidden_dim"], mlp=True, bn=True)
         self.beta = float(self.loss_cfg["beta"])
 
     def ring_pool_size(self, world_size: int = 1) -> int:
