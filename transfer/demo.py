@@ -63,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_common_flags(parser)
     args = parser.parse_args(argv)
     plan = load_plan(args.plan)
+    from transfer.run import resolve_device
+
+    device = resolve_device(args.device)
     work = args.workdir.resolve()
     cards, runs, results = work / "cards", work / "runs", work / "results"
     py = sys.executable
@@ -76,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"==> [pretrain {b['name']}] reusing {card}")
             continue
         _run([py, "pretrain/run.py", "--config", str(REPO / b["config"]), "--out", str(card),
-              "--workdir", str(runs / "pretrain" / b["name"]), "--device", args.device,
+              "--workdir", str(runs / "pretrain" / b["name"]), "--device", device,
               *map(str, plan.get("pretrain_args", [])), *map(str, b.get("args", [])), *debug], f"pretrain {b['name']}")
 
     for task in plan["tasks"]:
@@ -84,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for b in backbones:
             _run([py, "transfer/run.py", "--backbone", str(cards / f"{b['name']}.pth"), "--task", name,
                   "--results", str(results), "--output-dir", str(runs / "transfer"), "--cache-dir", str(work / "cache"),
-                  "--device", args.device, *map(str, extra), *(["--force"] if args.force else []), *debug],
+                  "--device", device, *map(str, extra), *(["--force"] if args.force else []), *debug],
                  f"{name} {b['name']}")
 
     board = [py, "transfer/leaderboard.py", "--results", str(results)]
