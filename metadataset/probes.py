@@ -13,8 +13,7 @@ Few-shot speed-up, exact up to float32 rounding: features are centred on the sup
 bias absorbs the shift; the penalty is on ``W`` only), and the minimiser's ``W`` lies in the span
 of the centred support features (the gradient of the data term is ``X^T G``), so with fewer
 support examples than dimensions each episode is solved in ``n`` coordinates along the principal
-axes of its support instead of ``D`` (:func:`_span_coordinates`), where the solver's diagonal
-preconditioner is nearly exact.
+axes of its support (or a cheaper triangular basis of it) instead of ``D`` (:func:`_span_coordinates`).
 """
 
 from __future__ import annotations
@@ -228,7 +227,7 @@ class _Batch:
 
 
 def _pad_batch(tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], device, dtype, project: bool,
-               group: int = 64) -> _Batch:
+               group: int = 64, principal: bool = True) -> _Batch:
     """Pad episodes to common sizes; with ``project`` and fewer support examples than dimensions,
     express every feature in coordinates of its episode's support span (see the module docstring).
 
@@ -266,7 +265,8 @@ def _pad_batch(tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], devic
         if kernel:  # span coordinates in float32 (the features' precision), then ``dtype``
             query_norm = query.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             cross = torch.bmm(query, support.transpose(1, 2)) / query_norm - mean @ support.transpose(1, 2)
-            x[rows], q[rows] = (t.to(dtype) for t in _span_coordinates(support @ support.transpose(1, 2), cross))
+            coords = _span_coordinates(support @ support.transpose(1, 2), cross, principal)
+            x[rows], q[rows] = (t.to(dtype) for t in coords)
         else:
             x[rows], q[rows] = support.to(dtype), (l2_normalise(query) - mean).to(dtype)
     y, valid, class_mask = (torch.from_numpy(a).to(device) for a in (y, valid, class_mask))
@@ -283,19 +283,33 @@ def _stack_padded(arrays: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarr
     return out
 
 
-def _span_coordinates(gram: torch.Tensor, cross: torch.Tensor, rel_eps: float = 1e-6
+def _span_coordinates(gram: torch.Tensor, cross: torch.Tensor, principal: bool = True, rel_eps: float = 1e-6
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """From ``gram = S S^T (B, n, n)`` and ``cross = Q S^T (B, m, n)``: coordinates of the support
-    rows, ``Z = U D^{1/2}`` (``gram = U D U^T``), and of the queries, ``Q S^T U D^{-1/2}``, along the
-    principal axes of the support. ``Z Z^T = gram``, query-support inner products are kept and
-    ``Z^T Z = D`` is diagonal (uncorrelated coordinates: the solver's diagonal preconditioner is
-    then nearly exact). Directions with eigenvalue below ``rel_eps`` of the largest (repeated
-    images, padding, float32 rounding of the Gram matrix) are dropped."""
-    evals, evecs = torch.linalg.eigh(gram)
-    keep = evals > rel_eps * evals.amax(-1, keepdim=True).clamp_min(1e-30)
-    root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
-    inv_root = torch.where(keep, 1.0 / root.clamp_min(1e-30), torch.zeros_like(evals))
-    return evecs * root[:, None, :], (cross @ evecs) * inv_root[:, None, :]
+    """From ``gram = S S^T (B, n, n)`` and ``cross = Q S^T (B, m, n)``: coordinates ``Z`` of the
+    support rows and of the queries in the span of the support, with ``Z Z^T = gram`` and the
+    query-support inner products kept.
+
+    ``principal``: ``Z = U D^{1/2}`` (``gram = U D U^T``), queries ``Q S^T U D^{-1/2}``: the principal
+    axes of the support, where ``Z^T Z = D`` is diagonal and the solver's diagonal preconditioner is
+    nearly exact (worth it when many weakly regularised problems are solved: cross-validation);
+    directions with eigenvalue below ``rel_eps`` of the largest (repeated images, padding, float32
+    rounding) are dropped. Otherwise ``Z = L`` (Cholesky of ``gram`` plus ``rel_eps`` of its largest
+    diagonal entry; padding rows stay zero), queries ``Q S^T L^{-T}``: many times cheaper.
+    """
+    if principal:
+        evals, evecs = torch.linalg.eigh(gram)
+        keep = evals > rel_eps * evals.amax(-1, keepdim=True).clamp_min(1e-30)
+        root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
+        inv_root = torch.where(keep, 1.0 / root.clamp_min(1e-30), torch.zeros_like(evals))
+        return evecs * root[:, None, :], (cross @ evecs) * inv_root[:, None, :]
+    diag = gram.diagonal(dim1=-2, dim2=-1)
+    padding = (diag == 0).to(gram.dtype)
+    jitter = rel_eps * diag.amax(-1, keepdim=True).clamp_min(1e-30)
+    chol, info = torch.linalg.cholesky_ex(gram + torch.diag_embed(padding + jitter))
+    if bool((info > 0).any()):  # not positive definite even so: the principal axes drop what they must
+        return _span_coordinates(gram, cross, principal=True, rel_eps=rel_eps)
+    coords = torch.linalg.solve_triangular(chol, cross.transpose(1, 2), upper=False).transpose(1, 2)
+    return chol * (1 - padding)[..., None], coords
 
 
 def stratified_folds(y: torch.Tensor, valid: torch.Tensor, folds: int) -> torch.Tensor:
@@ -365,7 +379,7 @@ class LogisticRegressionProbe:
 
     def _solve_chunk(self, tasks) -> list[np.ndarray]:
         dtype = solver_dtype(self.device)
-        batch = _pad_batch(tasks, self.device, dtype, project=True)
+        batch = _pad_batch(tasks, self.device, dtype, project=True, principal=self.weight_decay == "cv")
         lam = self._choose_weight_decay(batch) if self.weight_decay == "cv" else torch.full(
             (len(tasks), 1), float(self.weight_decay), dtype=dtype, device=self.device)
         weight, bias = solve_logreg(batch.x, batch.y, batch.valid[:, None].to(dtype), batch.class_mask, lam,

@@ -63,12 +63,13 @@ def test_batched_solver_matches_sklearn_probabilities(lam):
         np.testing.assert_allclose(ours, _sklearn_proba(sx, sy, qx, lam), atol=2e-4)
 
 
-def test_projection_onto_the_support_span_is_exact():
+@pytest.mark.parametrize("principal", [True, False])
+def test_projection_onto_the_support_span_is_exact(principal):
     rng = np.random.default_rng(1)
-    tasks = [_episode(rng, dim=64)[:3] for _ in range(3)]
+    tasks = [_episode(rng, dim=64)[:3] for _ in range(2)] + [_episode(rng, dim=64, shots=3)[:3]]  # padded
     probs = []
     for project in (False, True):
-        batch = _pad_batch(tasks, "cpu", torch.float64, project=project)
+        batch = _pad_batch(tasks, "cpu", torch.float64, project=project, principal=principal)
         lam = torch.full((3, 1), 0.01, dtype=torch.float64)
         w, b = solve_logreg(batch.x, batch.y, batch.valid[:, None].double(), batch.class_mask, lam, tol=1e-8)
         probs.append(torch.softmax(logreg_logits(batch.query, w, b)[:, :, 0], -1).numpy())
