@@ -58,7 +58,7 @@ def test_cifar_stem_card_converts():
     keys = check_conversion("resnet18", "cifar", state)
     assert "stem.conv1.weight" in keys
     resnet = build_resnet("resnet18", "cifar")
-    assert resnet.output_shape()["res2"].stride == 4  # FPN levels and anchors keep their strides
+    assert resnet.output_shape()["res2"].stride == 2  # the pretrained stride-1 conv, then one 2x pool
     with pytest.raises(UserError, match="shape mismatches"):  # a 3x3 stem is not a 7x7 one
         check_conversion("resnet18", "imagenet", state)
 

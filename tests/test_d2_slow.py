@@ -1,80 +1,56 @@
 """Slow: syn_det from a trained card beats the same schedule from random initialisation.
 
-The trained card is a ResNet-18 (CIFAR stem) trained for a few minutes to classify synthetic shapes
-images (32 px, 64 classes of shape x colour x texture); the random card has the same architecture,
-normalisation and metadata but untrained weights. Both go through the same syn_det run (default
-schedule and dataset), so any difference comes from the backbone weights reaching the detector.
+The trained card is the backbone of a detector trained on the synthetic training split from a
+random card for three times the default schedule, exported back to a card (Detectron2 keys -> torchvision keys, the card's own
+normalisation). A second syn_det run from it, with the same schedule and data, must score a box
+AP clearly above the first run (the random initialisation), which shows that trained weights
+reach the detector through the conversion. (Measured on 2 cores: a 5-epoch MoCo-ring card from
+the demo pretraining did not beat random initialisation at this short schedule; see the report
+of the Detectron2 work.)
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
-from pretrain.backbones import create_backbone
-from pretrain.checkpoint import BackboneCard, make_meta, save_card
+from pretrain.checkpoint import BackboneCard, load_card, save_card
+from tests.helpers import write_card
 
 pytestmark = pytest.mark.slow
 
 
-def _shapes_tensors(num_classes: int, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from pretrain.data.shapes import SyntheticShapes
+def _export_backbone(model_file: Path, like: Path, out: Path) -> Path:
+    """A card holding the ResNet of a trained Detectron2 FPN model (same arch, stem and meta as ``like``)."""
+    import torch
 
-    ds = SyntheticShapes(num_classes=num_classes, images_per_class=per_class, image_size=32, seed=1)
-    images = torch.stack([torch.from_numpy(ds.image(i)).permute(2, 0, 1) for i in range(len(ds))]).float() / 255
-    return images, torch.tensor(ds.targets)
+    from transfer.backbones import detectron2_to_torchvision
 
-
-def _card(path: Path, state: dict, mean: list[float], std: list[float], method: str) -> Path:
-    meta = make_meta(method=method, loss="cross-entropy" if method == "supervised" else "none",
-                     dataset="synthetic-shapes", image_size=32, mean=mean, std=std, seed=0)
-    return save_card(BackboneCard("resnet18", state, "cifar", meta), path)
-
-
-def trained_and_random_cards(folder: Path, steps: int = 150, batch: int = 32) -> tuple[Path, Path]:
-    torch.manual_seed(0)
-    images, labels = _shapes_tensors(64, 16)
-    mean = images.mean(dim=(0, 2, 3))
-    std = images.std(dim=(0, 2, 3))
-    model = create_backbone("resnet18", "cifar")
-    random_state = {k: v.clone() for k, v in model.state_dict().items()}
-    head = nn.Linear(model.feature_dim, 64)
-    params = list(model.parameters()) + list(head.parameters())
-    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(images), (batch,))
-        x = (images[idx] - mean[:, None, None]) / std[:, None, None]
-        flip = torch.rand(batch) < 0.5
-        x[flip] = x[flip].flip(-1)
-        loss = nn.functional.cross_entropy(head(model(x)), labels[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-    m, s = mean.tolist(), std.tolist()
-    return (_card(folder / "trained.pth", model.state_dict(), m, s, "supervised"),
-            _card(folder / "random.pth", random_state, m, s, "random"))
+    state = torch.load(model_file, map_location="cpu", weights_only=True)["model"]
+    prefix = "backbone.bottom_up."
+    resnet = detectron2_to_torchvision({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    card = load_card(like)
+    return save_card(BackboneCard(card.arch, resnet, card.stem, {**card.meta, "method": "syn_det-trained"}), out)
 
 
 def test_syn_det_from_trained_card_beats_random_init(tmp_path):
     pytest.importorskip("detectron2")
-    import argparse
-
     from transfer.backbones import load_backbone
     from transfer.tasks import TaskContext, get_task
 
-    trained, random = trained_and_random_cards(tmp_path)
     task = get_task("syn_det")
     config = task.make_config(argparse.Namespace())
+    random_card = write_card(tmp_path / "random.pth", arch="resnet18", stem="cifar")
+    long = task.make_config(argparse.Namespace(iters=3 * config["max_iter"]))
+    task.run(load_backbone(random_card), long, TaskContext(tmp_path / "pretrain", "cpu", cache_dir=tmp_path / "cache"))
+    trained_card = _export_backbone(tmp_path / "pretrain" / "seed0" / "model_final.pth", random_card,
+                                    tmp_path / "trained.pth")
     ap = {}
-    for card in (trained, random):
+    for name, card in (("random", random_card), ("trained", trained_card)):
         backbone = load_backbone(card)
         task.validate(backbone, config)
-        ctx = TaskContext(output_dir=tmp_path / card.stem, device="cpu", cache_dir=tmp_path / "cache")
-        ap[card.stem] = task.run(backbone, config, ctx).metrics["bbox/AP"]
+        ctx = TaskContext(output_dir=tmp_path / name, device="cpu", cache_dir=tmp_path / "cache")
+        ap[name] = task.run(backbone, config, ctx).metrics["bbox/AP"]
     assert ap["trained"] > ap["random"] + 5.0, ap

@@ -32,7 +32,9 @@ def test_files_match_the_renderer(dataset):
     assert coco["info"]["keypoint_oks_sigmas"] == list(shapes.KEYPOINT_SIGMAS)
     api = COCO(str(synthetic_coco.annotation_path(dataset, "train")))  # the official reader accepts it
     for index, info in enumerate(coco["images"]):
-        image, objects = shapes.render_scene(np.random.default_rng([5, 0, index]), 64, 80, max_objects=3)
+        image, objects = shapes.render_scene(np.random.default_rng([5, 0, index]), 64, 80, max_objects=3,
+                                             min_radius=synthetic_coco.DEFAULTS["min_radius"],
+                                             max_radius=synthetic_coco.DEFAULTS["max_radius"])
         stored = np.asarray(Image.open(synthetic_coco.image_dir(dataset, "train") / info["file_name"]))
         np.testing.assert_array_equal(stored, image)
         anns = api.loadAnns(api.getAnnIds(imgIds=[info["id"]]))

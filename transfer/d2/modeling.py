@@ -3,15 +3,20 @@
 * Backbone builders ``build_ringbench_resnet_fpn_backbone`` (FPN) and
   ``build_ringbench_resnet_backbone`` (C4): Detectron2's ResNet, with the stem chosen by
   ``MODEL.RESNETS.STEM_TYPE``. ``"imagenet"`` is Detectron2's ``BasicStem`` (7x7 conv, stride 2,
-  max-pool). ``"cifar"`` serves cards pretrained on small images, whose first conv is 3x3 (stride 1
-  and no max-pool in the classifier): here that 3x3 conv (the card's weights) runs at stride 2
-  followed by the usual max-pool, so that res2..res5 keep strides 4..32 and the FPN, anchors and
-  ROI poolers stay as configured.
+  max-pool). ``"cifar"`` serves cards pretrained on small images (32-96 px), whose first conv is
+  3x3 at stride 1 with no max-pool: here that conv runs as pretrained (stride 1) followed by a 3x3
+  max-pool at stride 2, so res2..res5 have strides 2..16 instead of 4..32. Objects of 20-50 px then
+  span 10-25 cells at res2, the scale at which a 32 px classifier saw its objects in layer1
+  (measured: with the ImageNet-like stride 4 a pretrained card did worse than random weights). The
+  FPN levels are named by stride (p1..p5), and :func:`feature_names_for_stem` moves the RPN and
+  ROI-head inputs down one level to match.
 * ``Res5ROIHeadsExtraNorm``: the C4 box head with a norm after res5, as in the MoCo detection
   protocol (the pretrained res5 is followed by a freshly initialised, trained normalisation).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch.nn.functional as F
 from fvcore.nn import weight_init
@@ -27,16 +32,20 @@ def add_ringbench_config(cfg) -> None:
     cfg.MODEL.RESNETS.STEM_TYPE = "imagenet"
 
 
+CIFAR_STEM_STRIDE = 2
+
+
 def _cifar_stem_class():
     D2 = d2()
 
     class CifarStem(D2.modeling.backbone.resnet.BasicStem):
-        """3x3 conv at stride 2 + norm + ReLU + 3x3 max-pool at stride 2 (overall stride 4)."""
+        """3x3 conv at stride 1 (as pretrained) + norm + ReLU + 3x3 max-pool at stride 2."""
 
         def __init__(self, in_channels: int = 3, out_channels: int = 64, norm: str = "BN"):
             super().__init__(in_channels, out_channels, norm)
+            self.stride = CIFAR_STEM_STRIDE
             self.conv1 = D2.layers.Conv2d(
-                in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False,
+                in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False,
                 norm=D2.layers.get_norm(norm, out_channels),
             )
             weight_init.c2_msra_fill(self.conv1)
@@ -49,14 +58,23 @@ def _cifar_stem_class():
 
 
 def _with_stem(cfg, resnet):
+    """Swap in the stem ``MODEL.RESNETS.STEM_TYPE`` asks for, with the feature strides updated."""
     stem_type = cfg.MODEL.RESNETS.get("STEM_TYPE", "imagenet")
     if stem_type not in STEM_TYPES:
         raise ValueError(f"MODEL.RESNETS.STEM_TYPE must be one of {STEM_TYPES}, got {stem_type!r}")
     if stem_type == "cifar":
         old = resnet.stem
         resnet.stem = _cifar_stem_class()(old.conv1.in_channels, old.out_channels, cfg.MODEL.RESNETS.NORM)
-        assert resnet.stem.stride == old.stride
+        factor = old.stride // resnet.stem.stride
+        resnet._out_feature_strides = {k: v // factor for k, v in resnet._out_feature_strides.items()}
     return resnet
+
+
+def feature_names_for_stem(names, stem: str) -> list[str]:
+    """FPN level names (``p<log2 stride>``) for a stem: one level lower for the stride-2 CIFAR stem."""
+    if stem != "cifar":
+        return list(names)
+    return [f"p{int(n[1:]) - 1}" if n.startswith("p") and n[1:].isdigit() else n for n in names]
 
 
 def register() -> None:
@@ -71,9 +89,19 @@ def register() -> None:
         return _with_stem(cfg, backbone.build_resnet_backbone(cfg, input_shape))
 
     def build_ringbench_resnet_fpn_backbone(cfg, input_shape):
-        model = backbone.fpn.build_resnet_fpn_backbone(cfg, input_shape)
-        _with_stem(cfg, model.bottom_up)
-        return model
+        # Detectron2's ResNet-FPN, with the FPN built on the (possibly re-stemmed) ResNet's strides.
+        fpn = backbone.fpn
+        resnet = build_ringbench_resnet_backbone(cfg, input_shape)
+        top_block = fpn.LastLevelMaxPool()  # pools the coarsest FPN level, named by its stride
+        top_block.in_feature = f"p{int(math.log2(resnet.output_shape()[cfg.MODEL.FPN.IN_FEATURES[-1]].stride))}"
+        return fpn.FPN(
+            bottom_up=resnet,
+            in_features=cfg.MODEL.FPN.IN_FEATURES,
+            out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+            norm=cfg.MODEL.FPN.NORM,
+            top_block=top_block,
+            fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        )
 
     for fn in (build_ringbench_resnet_backbone, build_ringbench_resnet_fpn_backbone):
         if fn.__name__ not in registry:

@@ -28,7 +28,8 @@ import numpy as np
 from pretrain.data import shapes
 
 SPLITS = {"train": 0, "val": 1}
-DEFAULTS = {"num_train": 128, "num_val": 32, "height": 128, "width": 160, "max_objects": 4, "seed": 0}
+DEFAULTS = {"num_train": 128, "num_val": 32, "height": 96, "width": 128, "max_objects": 3, "min_radius": 0.12,
+            "max_radius": 0.25, "seed": 0}
 
 
 def annotation_path(root: Path, split: str) -> Path:
@@ -76,13 +77,15 @@ def _coco_keypoints(keypoints: np.ndarray) -> tuple[list[float], int]:
 
 
 def build_split(
-    split: str, num_images: int, height: int, width: int, max_objects: int, seed: int
+    split: str, num_images: int, height: int, width: int, max_objects: int, seed: int,
+    min_radius: float = DEFAULTS["min_radius"], max_radius: float = DEFAULTS["max_radius"],
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """One split as a COCO dict and its images (pure function of the arguments)."""
     images, annotations, pixels = [], [], []
     for index in range(num_images):
         rng = np.random.default_rng([seed, SPLITS[split], index])
-        image, objects = shapes.render_scene(rng, height, width, max_objects=max_objects)
+        image, objects = shapes.render_scene(rng, height, width, max_objects=max_objects, min_radius=min_radius,
+                                             max_radius=max_radius)
         image_id = index + 1
         images.append({"id": image_id, "file_name": f"{index:06d}.png", "height": height, "width": width})
         pixels.append(image)
@@ -117,6 +120,8 @@ def write_synthetic_coco(
     height: int = DEFAULTS["height"],
     width: int = DEFAULTS["width"],
     max_objects: int = DEFAULTS["max_objects"],
+    min_radius: float = DEFAULTS["min_radius"],
+    max_radius: float = DEFAULTS["max_radius"],
     seed: int = DEFAULTS["seed"],
 ) -> Path:
     """Write the dataset to ``root`` (replacing nothing: the folder must not exist yet)."""
@@ -129,7 +134,7 @@ def write_synthetic_coco(
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         for split, count in (("train", num_train), ("val", num_val)):
-            coco, pixels = build_split(split, count, height, width, max_objects, seed)
+            coco, pixels = build_split(split, count, height, width, max_objects, seed, min_radius, max_radius)
             folder = image_dir(staging, split)
             folder.mkdir(parents=True)
             for info, image in zip(coco["images"], pixels):

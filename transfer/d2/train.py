@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from pretrain.cli import UserError
-from pretrain.fileio import atomic_write_text
+from pretrain.fileio import atomic_save, atomic_write_text
 from transfer.d2 import convert
 from transfer.d2.compat import d2, has_compiled_ops
 
@@ -118,7 +118,7 @@ def build_cfg(
     config: Mapping[str, Any], backbone: Any, splits: Any, output_dir: Path, device: str, seed: int, world_size: int = 1
 ):
     """The Detectron2 ``CfgNode`` of one seed's run."""
-    from transfer.d2.modeling import add_ringbench_config, register
+    from transfer.d2.modeling import add_ringbench_config, feature_names_for_stem, register
 
     D2 = d2()
     register()
@@ -129,6 +129,8 @@ def build_cfg(
     cfg.MODEL.RESNETS.DEPTH = depth
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = res2
     cfg.MODEL.RESNETS.STEM_TYPE = backbone.stem
+    cfg.MODEL.RPN.IN_FEATURES = feature_names_for_stem(cfg.MODEL.RPN.IN_FEATURES, backbone.stem)
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = feature_names_for_stem(cfg.MODEL.ROI_HEADS.IN_FEATURES, backbone.stem)
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.PIXEL_MEAN = [255.0 * float(v) for v in backbone.mean]
@@ -284,7 +286,9 @@ def run_seed(payload: dict[str, Any]) -> None:
             timings["train_s"] = time.perf_counter() - start
             timings["iters_per_s"] = cfg.SOLVER.MAX_ITER / timings["train_s"]
             if comm.is_main_process():
-                D2.checkpoint.DetectionCheckpointer(model, str(output_dir)).save("model_final")
+                # Detectron2's checkpoint layout ({"model": state}), written atomically
+                atomic_save({"model": model.state_dict(), "iteration": cfg.SOLVER.MAX_ITER},
+                            output_dir / "model_final.pth")
             message = (f"trained {cfg.SOLVER.MAX_ITER} iterations in {timings['train_s']:.1f} s "
                        f"({timings['iters_per_s']:.2f} it/s)")
             logging.getLogger("detectron2").info(message)
