@@ -5,6 +5,9 @@ PY ?= python3.11
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.ringbench-setup
+# Idle OpenMP threads sleep instead of spinning: on a shared CPU machine spinning threads slow
+# every torch process down many times over. Set before Python starts, so it reaches torch.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup test test-slow demo bench readme clean-venv
 

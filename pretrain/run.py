@@ -94,5 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (see pyproject.toml)."""
     sys.exit(run_main(main))
+
+
+if __name__ == "__main__":
+    cli()

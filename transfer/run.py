@@ -167,5 +167,10 @@ def format_metrics(record: dict) -> str:
     return title + "\n" + tabulate(rows, headers=["metric", "value", "ci95"])
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (see pyproject.toml)."""
     sys.exit(run_main(main))
+
+
+if __name__ == "__main__":
+    cli()
