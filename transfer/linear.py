@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -106,60 +105,23 @@ def _listing(folder: Path) -> list:
     return sorted([str(p.relative_to(folder)), p.stat().st_size] for p in folder.iterdir() if p.is_file())
 
 
-class _ArraysOnly(pickle.Unpickler):
-    """Unpickler for the CIFAR python batches: dicts of numpy arrays, lists and strings only."""
-
-    _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._allowed:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
-
-
-def _unpickle(path: Path, required: str = "data") -> dict:
-    try:
-        with open(path, "rb") as handle:
-            data = _ArraysOnly(handle, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
-        raise UserError(f"{path}: not a CIFAR python batch ({exc})") from exc
-    if not isinstance(data, dict) or required not in data:
-        raise UserError(f"{path}: not a CIFAR python batch (no {required!r} entry)")
-    return data
-
-
 def read_cifar(folder: Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """CIFAR-10/100 "python version": pickled batches of ``data (N, 3072)`` rows (R, G, B planes of
-    32x32) and ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100)."""
-    if name == "cifar10":
-        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        meta, names_key, labels_key = "batches.meta", "label_names", "labels"
-    else:
-        files = ["train"] if split == "train" else ["test"]
-        meta, names_key, labels_key = "meta", "fine_label_names", "fine_labels"
-    batches = [_unpickle(folder / f) for f in files]
-    images = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-    labels = np.concatenate([np.asarray(b[labels_key], dtype=np.int64) for b in batches])
-    if images.ndim != 2 or images.shape[1] != 3072 or len(images) != len(labels):
-        raise UserError(f"{folder}: CIFAR batches hold data of shape {images.shape}, expected (N, 3072)")
-    classes = [str(c) for c in _unpickle(folder / meta, names_key)[names_key]] if (folder / meta).exists() else \
-        [str(c) for c in range(int(labels.max()) + 1)]
-    return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels, classes
+    """CIFAR-10/100 "python version" (pretraining's reader): ``uint8 (N, 32, 32, 3)``, labels, class names."""
+    from pretrain.data.datasets import cifar, cifar_class_names
+
+    num_classes = 10 if name == "cifar10" else 100
+    ds = cifar(folder, split, num_classes)
+    return ds.images, np.asarray(ds.targets, dtype=np.int64), cifar_class_names(folder, num_classes)
 
 
 def read_stl10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """STL-10 binary: ``<split>_X.bin`` uint8 images (3, 96, 96) stored column-major, ``<split>_y.bin``
-    labels 1..10."""
-    raw = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8)
-    labels = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1
-    if raw.size % (3 * 96 * 96) or raw.size // (3 * 96 * 96) != len(labels):
-        raise UserError(f"{folder}: {split}_X.bin holds {raw.size} bytes, not {len(labels)} images of 3x96x96")
-    images = raw.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)  # (N, H, W, C)
+    """STL-10 binary (pretraining's reader): ``uint8 (N, 96, 96, 3)``, labels 0..9, class names."""
+    from pretrain.data.datasets import stl10
+
+    ds = stl10(folder, split)
     names = folder / "class_names.txt"
     classes = names.read_text().split() if names.exists() else [str(c) for c in range(10)]
-    return np.ascontiguousarray(images), labels, classes
+    return np.ascontiguousarray(ds.images), np.asarray(ds.targets, dtype=np.int64), classes
 
 
 def open_linear_split(name: str, split: str, root: str | None, config: dict[str, Any], image_size: int) -> ImageSet:

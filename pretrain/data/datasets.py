@@ -91,18 +91,38 @@ class _NumpyOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
 
 
-def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _load_cifar_pickle(path: Path) -> Mapping[str, Any]:
+    """One CIFAR python-format file (a batch or the meta file) through the NumPy-only unpickler."""
     try:
         with open(path, "rb") as handle:
             entry = _NumpyOnly(handle, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as exc:
         raise UserError(f"{path}: not a CIFAR python batch ({' '.join(str(exc).split())[:120]})") from exc
-    if not isinstance(entry, Mapping) or "data" not in entry or label_key not in entry:
+    if not isinstance(entry, Mapping):
+        raise UserError(f"{path}: not a CIFAR python batch (not a dict)")
+    return entry
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    entry = _load_cifar_pickle(path)
+    if "data" not in entry or label_key not in entry:
         raise UserError(f"{path}: CIFAR batch without 'data' and '{label_key}'")
     data = np.asarray(entry["data"], dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise UserError(f"{path}: CIFAR 'data' must be (N, 3072) uint8, got {data.shape}")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(entry[label_key], dtype=np.int64)
+
+
+def cifar_class_names(root: str | Path, num_classes: int = 10) -> list[str]:
+    """Class names from CIFAR's meta file (``batches.meta`` / ``meta``); numbers when it is absent."""
+    folder, meta, key = (("cifar-10-batches-py", "batches.meta", "label_names") if num_classes == 10
+                         else ("cifar-100-python", "meta", "fine_label_names"))
+    for base in (Path(root) / folder, Path(root)):
+        if (base / meta).is_file():
+            names = _load_cifar_pickle(base / meta).get(key)
+            if names is not None and len(names) == num_classes:
+                return [str(n) for n in names]
+    return [str(c) for c in range(num_classes)]
 
 
 def cifar(root: str | Path, split: str, num_classes: int = 10) -> ArrayDataset:
