@@ -170,6 +170,22 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         raise UserError(f"{path}: truncated or not a PyTorch checkpoint ({msg})") from exc
 
 
+class NumpyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and NumPy arrays, and refuses every other global:
+    for the pickled formats the suite reads (Detectron2 ``.pkl`` weights, CIFAR batches)."""
+
+    _allowed = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a data or weights pickle")
+
+
 def _load_detectron2_pickle(path: Path) -> Any:
     """Detectron2 ``.pkl`` model files: a dict of numpy arrays, sometimes under ``"model"``.
 
@@ -177,21 +193,9 @@ def _load_detectron2_pickle(path: Path) -> Any:
     """
     import numpy as np
 
-    class _Restricted(pickle.Unpickler):
-        _allowed = {
-            ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"),
-        }
-
-        def find_class(self, module: str, name: str) -> Any:
-            if (module, name) in self._allowed:
-                return super().find_class(module, name)
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights pickle")
-
     try:
         with open(path, "rb") as handle:
-            data = _Restricted(handle, encoding="latin1").load()
+            data = NumpyUnpickler(handle, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
         raise UserError(f"{path}: not a Detectron2 weights pickle ({' '.join(str(exc).split())[:160]})") from exc
     if isinstance(data, Mapping) and "model" in data and isinstance(data["model"], Mapping):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.checkpoint import IMAGENET_MEAN, IMAGENET_STD, NumpyUnpickler
 from pretrain.cli import UserError
 
 
@@ -76,26 +76,11 @@ def _find_folder(root: Path, folder: str, files: list[str], what: str) -> Path:
     )
 
 
-class _NumpyOnly(pickle.Unpickler):
-    """The CIFAR pickles hold dicts, lists and NumPy arrays; nothing else may be unpickled."""
-
-    _allowed = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._allowed:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
-
-
 def _load_cifar_pickle(path: Path) -> Mapping[str, Any]:
     """One CIFAR python-format file (a batch or the meta file) through the NumPy-only unpickler."""
     try:
         with open(path, "rb") as handle:
-            entry = _NumpyOnly(handle, encoding="latin1").load()
+            entry = NumpyUnpickler(handle, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as exc:
         raise UserError(f"{path}: not a CIFAR python batch ({' '.join(str(exc).split())[:120]})") from exc
     if not isinstance(entry, Mapping):
