@@ -1,6 +1,6 @@
 """The main job on the embedded default data: pretrain, transfer, compare (``make demo``).
 
-    python -m transfer.demo [--plan configs/demo.yaml] [--workdir .] [--with-ir] [--force]
+    python -m transfer.demo [--plan configs/demo.yaml] [--workdir .] [--quick] [--force]
 
 Runs exactly the commands a user would run, one stage at a time, as listed in the plan
 (``configs/demo.yaml``): ``pretrain/run.py`` for each backbone card, ``transfer/run.py`` for each
@@ -48,16 +48,32 @@ def _run(cmd: list[str], step: str) -> None:
     print(f"    [{step}] done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
+def _recorded(run_args: list[str]) -> bool:
+    """Whether ``transfer/run.py run_args`` would skip: its record (backbone hash, task, config) exists.
+
+    Checked here, without starting a process per run, so that a second demo takes seconds."""
+    from pretrain.fileio import sha256_file
+    from transfer.results import config_hash, find_record
+    from transfer.run import build_parser
+    from transfer.tasks import get_task
+
+    parsed = build_parser().parse_args(run_args)
+    config = get_task(parsed.task).make_config(parsed)
+    return find_record(parsed.results, sha256_file(parsed.backbone), parsed.task, config_hash(config)) is not None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m transfer.demo",
-        description="Run the suite end to end on the embedded synthetic data: pretrain plain and ring backbones, "
-        "transfer each to detection, segmentation, keypoints and few-shot tasks, and write the leaderboard.",
+        description="Run the suite end to end on the embedded synthetic data: pretrain plain and ring backbones "
+        "(MoCo and IR pairs), transfer each to detection, segmentation, keypoints and few-shot tasks, and write the "
+        "leaderboard.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--plan", type=Path, default=DEFAULT_PLAN, help="YAML plan: backbones, tasks, flags")
     parser.add_argument("--workdir", type=Path, default=REPO, help="where cards/, runs/, cache/ and results/ go")
-    parser.add_argument("--with-ir", action="store_true", help="also the IR and ring-IR pair (longer)")
+    parser.add_argument("--quick", action="store_true",
+                        help="leave out the plan's optional backbones (the IR pair): about half the time")
     parser.add_argument("--force", action="store_true", help="recompute transfer records that exist")
     parser.add_argument("--device", default="auto", help="device for every stage")
     add_common_flags(parser)
@@ -72,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = ["--debug"] if args.debug else []
     start = time.perf_counter()
 
-    backbones = [b for b in plan["backbones"] if args.with_ir or not b.get("optional")]
+    backbones = [b for b in plan["backbones"] if not (args.quick and b.get("optional"))]
     for b in backbones:
         card = cards / f"{b['name']}.pth"
         if card.exists():
@@ -85,10 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for task in plan["tasks"]:
         name, extra = (task, []) if isinstance(task, str) else (task["name"], task.get("args", []))
         for b in backbones:
-            _run([py, "transfer/run.py", "--backbone", str(cards / f"{b['name']}.pth"), "--task", name,
-                  "--results", str(results), "--output-dir", str(runs / "transfer"), "--cache-dir", str(work / "cache"),
-                  "--device", device, *map(str, extra), *(["--force"] if args.force else []), *debug],
-                 f"{name} {b['name']}")
+            run_args = ["--backbone", str(cards / f"{b['name']}.pth"), "--task", name, "--results", str(results),
+                        "--output-dir", str(runs / "transfer"), "--cache-dir", str(work / "cache"),
+                        "--device", device, *map(str, extra)]
+            if not args.force and _recorded(run_args):
+                print(f"==> [{name} {b['name']}] reusing its record in {results}")
+                continue
+            _run([py, "transfer/run.py", *run_args, *(["--force"] if args.force else []), *debug], f"{name} {b['name']}")
 
     board = [py, "transfer/leaderboard.py", "--results", str(results)]
     _run([*board, "--format", "md", "--out", str(results / "leaderboard.md")], "leaderboard md")
