@@ -103,16 +103,12 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_yaml(path: Path, known: dict[str, Any], flag: str) -> dict[str, Any]:
-    import yaml
+    from pretrain.config import read_yaml_mapping
 
-    if not path.is_file():
-        raise UserError(f"{flag} {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{flag} {path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from exc
-    if not isinstance(data, dict):
-        raise UserError(f"{flag} {path}: expected a mapping of settings, got {type(data).__name__}")
+        data = read_yaml_mapping(path, "settings file")
+    except UserError as exc:
+        raise UserError(f"{flag} {exc}") from exc
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise UserError(f"{flag} {path}: unknown settings {unknown}; known: {sorted(known)}")

@@ -121,15 +121,7 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), p
     cfg = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from exc
-        if not isinstance(data, Mapping):
-            raise UserError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
-        merge_into(cfg, data, DEFAULTS, source=str(path))
+        merge_into(cfg, read_yaml_mapping(path, "config file"), DEFAULTS, source=str(path))
     if profile is not None:
         if profile not in PROFILES:
             raise UserError(f"unknown profile {profile!r}; available: {sorted(PROFILES)}")
@@ -140,6 +132,20 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), p
         set_key(cfg, key, value, source=f"override {item!r}")
     validate_config(cfg)
     return cfg
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "file") -> dict:
+    """A YAML file that must hold a mapping (configs, plans, settings); clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from exc
+    if not isinstance(data, Mapping):
+        raise UserError(f"{path}: a {what} must be a YAML mapping, got {type(data).__name__}")
+    return dict(data)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

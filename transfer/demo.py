@@ -28,11 +28,9 @@ DEFAULT_PLAN = REPO / "configs" / "demo.yaml"
 
 
 def load_plan(path: Path) -> dict[str, Any]:
-    import yaml
+    from pretrain.config import read_yaml_mapping
 
-    if not path.is_file():
-        raise UserError(f"{path}: no such demo plan")
-    plan = yaml.safe_load(path.read_text())
+    plan = read_yaml_mapping(path, "demo plan")
     for key in ("backbones", "tasks"):
         if not plan.get(key):
             raise UserError(f"{path}: the plan needs a non-empty {key!r} list")
