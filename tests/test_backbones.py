@@ -155,3 +155,23 @@ def test_card_with_unknown_arch(tmp_path):
     torch.save(raw, path)
     with pytest.raises(UserError, match="unknown architecture 'resnet9000'"):
         load_backbone(path)
+
+
+@pytest.mark.parametrize("layout", ["fpn", "c4"])
+def test_detectron2_whole_model_pickle(tmp_path, layout):
+    """A trained Detectron2 model: the ResNet sits under backbone.bottom_up. (FPN) or backbone. with
+    res5 in roi_heads. (C4), beside heads that are dropped."""
+    torch.manual_seed(5)
+    from transfer.d2.convert import torchvision_to_detectron2
+
+    tv50 = torchvision.models.resnet50().state_dict()
+    trunk = {k: v for k, v in tv50.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    model = {k: v.numpy() for k, v in torchvision_to_detectron2(trunk, layout).items()}
+    model["proposal_generator.rpn_head.conv.weight"] = np.zeros((4, 4, 3, 3), np.float32)
+    model["roi_heads.box_predictor.cls_score.weight"] = np.zeros((3, 8), np.float32)
+    path = tmp_path / f"model_final_{layout}.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": model}, f)
+    bb = load_backbone(path)
+    assert (bb.source_format, bb.arch) == ("detectron2", "resnet50")
+    _same_backbone(bb, tv50)

@@ -26,7 +26,7 @@ def test_key_rules():
 
 pytest.importorskip("detectron2", reason="Detectron2 is installed by `make setup`")
 
-from transfer.backbones import detectron2_to_torchvision  # noqa: E402
+from transfer.d2.convert import detectron2_to_torchvision  # noqa: E402
 from transfer.d2.modeling import build_resnet, check_conversion  # noqa: E402
 
 

@@ -26,7 +26,7 @@ def _export_backbone(model_file: Path, like: Path, out: Path) -> Path:
     """A card holding the ResNet of a trained Detectron2 FPN model (same arch, stem and meta as ``like``)."""
     import torch
 
-    from transfer.backbones import detectron2_to_torchvision
+    from transfer.d2.convert import detectron2_to_torchvision
 
     state = torch.load(model_file, map_location="cpu", weights_only=True)["model"]
     prefix = "backbone.bottom_up."

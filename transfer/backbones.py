@@ -74,10 +74,12 @@ SOURCE_FORMATS: dict[str, SourceFormat] = {
     ),
     "torchvision": SourceFormat("torchvision", ("",), heads=(r"fc\.",)),
     "timm": SourceFormat("timm", ("",), heads=(r"fc\.", r"head\.", r"classifier\.")),
+    # Whole-model prefixes (FPN trunk, C4 trunk and its res5 in roi_heads) are mapped by
+    # transfer.d2.convert.detectron2_to_torchvision, the inverse of the Detectron2 conversion.
     "detectron2": SourceFormat(
         "detectron2",
-        ("backbone.bottom_up.", ""),
-        heads=(r"backbone\.fpn_", r"backbone\.top_block", r"proposal_generator\.", r"roi_heads\.",
+        ("",),
+        heads=(r"backbone\.fpn_", r"backbone\.top_block", r"proposal_generator\.", r"roi_heads\.(?!res5\.)",
                r"pixel_mean$", r"pixel_std$", r"fc1000\."),
     ),
 }
@@ -155,6 +157,8 @@ def load_backbone(path: str | Path, name: str | None = None, arch: str | None = 
     rules = SOURCE_FORMATS[fmt]
     backbone_state, dropped = _unwrap(state, rules)
     if fmt == "detectron2":
+        from transfer.d2.convert import detectron2_to_torchvision
+
         backbone_state = detectron2_to_torchvision(backbone_state)
     arch = arch or arch_hint or infer_resnet_arch(backbone_state, path)
     stem = infer_stem(backbone_state)
@@ -247,29 +251,6 @@ def _unwrap(state: Mapping[str, torch.Tensor], rules: SourceFormat) -> tuple[dic
         else:
             unknown.append(key)
     return backbone, {"heads": heads, "unknown": unknown}
-
-
-def detectron2_to_torchvision(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detectron2 ResNet keys -> torchvision keys (inverse of the Detectron2 glue's conversion).
-
-    ``stem.conv1.norm.*`` -> ``bn1.*``; ``res{N+1}.B.convK.norm.*`` -> ``layerN.B.bnK.*``;
-    ``shortcut`` -> ``downsample.0`` (conv) / ``downsample.1`` (its norm). Detectron2 stores frozen
-    BN as weight/bias/running stats, exactly the torchvision BN fields.
-    """
-    out = {}
-    for key, value in state.items():
-        new = key
-        if new.startswith("stem."):
-            new = new[len("stem."):].replace("conv1.norm.", "bn1.")
-        else:
-            match = re.match(r"res(\d)\.(.*)", new)
-            if match:
-                new = f"layer{int(match.group(1)) - 1}.{match.group(2)}"
-                new = re.sub(r"shortcut\.norm\.", "downsample.1.", new)
-                new = re.sub(r"shortcut\.", "downsample.0.", new)
-                new = re.sub(r"conv(\d)\.norm\.", r"bn\1.", new)
-        out[new] = value
-    return out
 
 
 def infer_resnet_arch(state: Mapping[str, torch.Tensor], path: Path) -> str:

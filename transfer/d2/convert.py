@@ -62,6 +62,39 @@ def resnet_key(key: str) -> str:
     return f"res{int(stage) + 1}.{block}.{_block_key(rest)}"
 
 
+_D2_BLOCK = re.compile(r"^res([2-5])\.(\d+)\.(.+)$")
+# Where a full model keeps its ResNet (inverse of ``place``): FPN trunk, C4 trunk, C4 head's res5.
+_PLACES = ("backbone.bottom_up.", "backbone.", "roi_heads.")
+
+
+def torchvision_key(key: str) -> str | None:
+    """Inverse of :func:`resnet_key`: a Detectron2 ResNet key as torchvision names it (None if not one)."""
+    if key.startswith("stem.conv1.norm."):
+        return "bn1." + key[len("stem.conv1.norm."):]
+    if key.startswith("stem.conv1."):
+        return "conv1." + key[len("stem.conv1."):]
+    match = _D2_BLOCK.match(key)
+    if match is None:
+        return None
+    stage, block, rest = match.groups()
+    rest = re.sub(r"^conv(\d)\.norm\.", r"bn\1.", rest)
+    rest = re.sub(r"^shortcut\.norm\.", "downsample.1.", rest)
+    rest = re.sub(r"^shortcut\.", "downsample.0.", rest)
+    return f"layer{int(stage) - 1}.{block}.{rest}"
+
+
+def detectron2_to_torchvision(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`torchvision_to_detectron2` for a backbone or a whole FPN/C4 model.
+
+    Keys that are not ResNet keys are kept unchanged, so that strict loading reports them.
+    """
+    out = {}
+    for key, value in state.items():
+        bare = next((key[len(p):] for p in _PLACES if key.startswith(p) and torchvision_key(key[len(p):])), key)
+        out[torchvision_key(bare) or key] = value
+    return out
+
+
 def place(key: str, layout: str) -> str:
     """Where a Detectron2 ResNet key lives in a full model of ``layout`` (``fpn`` or ``c4``)."""
     if layout == "fpn":
