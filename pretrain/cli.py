@@ -47,6 +47,11 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     return int(code or 0)
 
 
+def preview(keys: list[str], n: int = 8) -> str:
+    """The first ``n`` of a list of keys for an error message: ``[a, b, ...]``."""
+    return f"[{', '.join(keys[:n])}{', ...' if len(keys) > n else ''}]"
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc) if not isinstance(exc, OSError) or not exc.filename else f"{exc.strerror}: {exc.filename}"
     return " ".join(text.split()) or type(exc).__name__

@@ -24,7 +24,7 @@ from torch import nn
 
 from pretrain.backbones import TORCHVISION_RESNETS, backbone_keys, create_backbone
 from pretrain.checkpoint import IMAGENET_MEAN, IMAGENET_STD, is_card, load_checkpoint_file, validate_card_dict
-from pretrain.cli import UserError
+from pretrain.cli import UserError, preview
 from pretrain.fileio import sha256_file
 
 log = logging.getLogger(__name__)
@@ -307,13 +307,7 @@ def _check_keys(
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} backbone keys {_preview(missing)}")
+            parts.append(f"missing {len(missing)} backbone keys {preview(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys that are not a known head {_preview(unexpected)}")
+            parts.append(f"unexpected {len(unexpected)} keys that are not a known head {preview(unexpected)}")
         raise UserError(f"{path}: {fmt} checkpoint does not match the backbone: " + "; ".join(parts))
-
-
-def _preview(keys: list[str], n: int = 8) -> str:
-    shown = ", ".join(keys[:n])
-    return f"[{shown}{', ...' if len(keys) > n else ''}]"
-

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--backbone and --task are required (see --help; --list-tasks lists tasks)")
 
     from transfer.backbones import load_backbone
-    from transfer.results import append_record, config_hash, find_record, make_record
+    from transfer.results import append_record, config_hash, engine_versions_now, find_record, make_record
     from transfer.tasks import TaskContext, get_task
 
     task = get_task(args.task)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         ci95=result.ci95,
         seeds=result.seeds,
         config=config,
-        engine_versions=result.engine_versions or None,
+        engine_versions={**engine_versions_now(), **result.engine_versions},
         wall_s=time.perf_counter() - start,
         family=task.family,
         backbone_meta={"arch": backbone.arch, "stem": backbone.stem, "source_format": backbone.source_format,

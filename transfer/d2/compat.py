@@ -115,12 +115,8 @@ def stand_ins() -> list[str]:
 
 
 def engine_versions() -> dict[str, str]:
-    """Versions recorded with every Detectron2 result."""
-    import torch
+    """Versions recorded with every Detectron2 result: every record's (``transfer.results``) plus Detectron2's."""
+    from transfer.results import engine_versions_now
 
-    ns = d2()
-    return {
-        "detectron2": ns.version,
-        "detectron2_compiled_ops": str(has_compiled_ops()).lower(),
-        "torch": torch.__version__,
-    }
+    return {**engine_versions_now(), "detectron2": d2().version,
+            "detectron2_compiled_ops": str(has_compiled_ops()).lower()}

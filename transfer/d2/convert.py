@@ -26,7 +26,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from pretrain.cli import UserError
+from pretrain.cli import UserError, preview
 
 LAYOUTS = ("fpn", "c4")
 # A Detectron2 ResNet parameter/buffer: the stem, or a block's convs and shortcut (with their norms).
@@ -151,18 +151,14 @@ def load_converted(model: nn.Module, converted: Mapping[str, torch.Tensor], sour
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} Detectron2 backbone keys not filled {_preview(missing)}")
+            parts.append(f"{len(missing)} Detectron2 backbone keys not filled {preview(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} converted keys with no place in the model {_preview(unexpected)}")
+            parts.append(f"{len(unexpected)} converted keys with no place in the model {preview(unexpected)}")
         if shapes:
-            parts.append(f"{len(shapes)} shape mismatches {_preview(shapes)}")
+            parts.append(f"{len(shapes)} shape mismatches {preview(shapes)}")
         raise UserError(f"{source}: weights do not convert to the Detectron2 backbone: " + "; ".join(parts))
     result = model.load_state_dict(state, strict=False)
     leftover = [k for k in result.missing_keys if k in expected] + list(result.unexpected_keys)
     if leftover:  # cannot happen after the checks above; kept as the final guard
-        raise UserError(f"{source}: Detectron2 did not take keys {_preview(sorted(leftover))}")
+        raise UserError(f"{source}: Detectron2 did not take keys {preview(sorted(leftover))}")
     return sorted(state)
-
-
-def _preview(keys: list[str], n: int = 6) -> str:
-    return "[" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"
