@@ -51,13 +51,10 @@ def _recorded(run_args: list[str]) -> bool:
 
     Checked here, without starting a process per run, so that a second demo takes seconds."""
     from pretrain.fileio import sha256_file
-    from transfer.results import config_hash, find_record
-    from transfer.run import build_parser
-    from transfer.tasks import get_task
+    from transfer.run import build_parser, existing_record
 
     parsed = build_parser().parse_args(run_args)
-    config = get_task(parsed.task).make_config(parsed)
-    return find_record(parsed.results, sha256_file(parsed.backbone), parsed.task, config_hash(config)) is not None
+    return existing_record(parsed, sha256_file(parsed.backbone)) is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

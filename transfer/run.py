@@ -91,6 +91,16 @@ def write_readme_tasks(readme: Path) -> None:
     atomic_write_text(readme, text[:start] + readme_tasks_block() + text[end + len(README_TASKS[1]):])
 
 
+def existing_record(args: argparse.Namespace, backbone_sha256: str, config: dict | None = None) -> dict | None:
+    """The record this run would be skipped for: same backbone hash, task and config hash (or None)."""
+    from transfer.results import config_hash, find_record
+    from transfer.tasks import get_task
+
+    if config is None:
+        config = get_task(args.task).make_config(args)
+    return find_record(args.results, backbone_sha256, args.task, config_hash(config))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -104,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--backbone and --task are required (see --help; --list-tasks lists tasks)")
 
     from transfer.backbones import load_backbone
-    from transfer.results import append_record, config_hash, engine_versions_now, find_record, make_record
+    from transfer.results import append_record, config_hash, engine_versions_now, make_record
     from transfer.tasks import TaskContext, get_task
 
     task = get_task(args.task)
     backbone = load_backbone(args.backbone, name=args.name, arch=args.arch)
     config = task.make_config(args)
     cfg_hash = config_hash(config)
-    existing = find_record(args.results, backbone.sha256, task.name, cfg_hash)
+    existing = existing_record(args, backbone.sha256, config)
     if existing and not args.force:
         print(f"skipped: {backbone.name} on {task.name} (config {cfg_hash}) is already in {args.results}; "
               f"--force to run again")
