@@ -64,12 +64,29 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{key}={value}" for key, value in pairs.items() if value is not None]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def resolve_config(args: argparse.Namespace) -> dict:
+    """The config a run with these arguments trains with: YAML <- profile <- flags <- overrides."""
     for item in args.overrides:
         if "=" not in item:
             raise UserError(f"unexpected argument {item!r}: overrides look like key=value (see --help)")
-    cfg = load_config(args.config, [*flag_overrides(args), *args.overrides], profile=args.profile)
+    return load_config(args.config, [*flag_overrides(args), *args.overrides], profile=args.profile)
+
+
+def card_changes(argv: Sequence[str]) -> list[str] | None:
+    """For a run with these arguments and an ``--out`` card that exists: the config keys in which the
+    card differs from what the run would train ([] = the card is that run's result); None without a card."""
+    args = build_parser().parse_args(argv)
+    if args.out is None or not args.out.exists():
+        return None
+    from pretrain.checkpoint import load_card
+    from pretrain.train import config_changes
+
+    return config_changes(load_card(args.out).meta.get("config") or {}, resolve_config(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args)
     if args.print_config:
         import yaml
 

@@ -152,14 +152,19 @@ def _plain_config(cfg: Mapping[str, Any]) -> dict:
     return json.loads(json.dumps(cfg))
 
 
+def config_changes(recorded: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str]:
+    """The dotted keys in which a config stored in a checkpoint or card differs from ``cfg`` ([] = same)."""
+    return sorted(_diff(recorded, _plain_config(cfg)))
+
+
 def load_resume_state(path: Path, cfg: Mapping[str, Any]) -> dict | None:
     if not path.exists():
         return None
     state = load_checkpoint_file(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a pretraining checkpoint; remove it or use another --workdir")
-    if state["config"] != _plain_config(cfg):
-        changed = sorted(_diff(state["config"], _plain_config(cfg)))
+    changed = config_changes(state["config"], cfg)
+    if changed:
         raise UserError(
             f"{path}: was written with a different config (differs in {changed[:6]}); "
             "use another --workdir, or --fresh to start over"

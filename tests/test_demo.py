@@ -3,21 +3,41 @@ and a second run reuses every record."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import yaml
 
-from tests.helpers import run_cli, write_card
+from pretrain.checkpoint import load_card
+from tests.helpers import REPO, run_cli, write_card
+
+
+TINY_TASK = {"name": "fewshot_digits", "args": ["--episodes", "20", "--max-images-per-class", "12", "--shots", "2",
+                                              "--queries", "5", "--weight-decay", "0.01"]}
+
+
+def _plan(tmp_path, pretrain_args: list[str]) -> Path:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({
+        "pretrain_args": pretrain_args,
+        "backbones": [{"name": "tiny", "config": "configs/pretrain/moco.yaml"}],
+        "tasks": [TINY_TASK],
+    }))
+    return plan
+
+
+def _plan_config(pretrain_args: list[str]) -> dict:
+    from pretrain.run import build_parser, resolve_config
+
+    return json.loads(json.dumps(resolve_config(build_parser().parse_args(
+        ["--config", str(REPO / "configs/pretrain/moco.yaml"), *pretrain_args]))))
 
 
 def test_demo_reuses_cards_and_records(tmp_path):
     work = tmp_path / "work"
-    write_card(work / "cards" / "tiny.pth", seed=0)
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(yaml.safe_dump({
-        "pretrain_args": ["--data", "synthetic", "--profile", "demo"],
-        "backbones": [{"name": "tiny", "config": "configs/pretrain/moco.yaml"}],
-        "tasks": [{"name": "fewshot_digits", "args": ["--episodes", "20", "--max-images-per-class", "12",
-                                                      "--shots", "2", "--queries", "5", "--weight-decay", "0.01"]}],
-    }))
+    args = ["--data", "synthetic", "--profile", "demo"]
+    write_card(work / "cards" / "tiny.pth", seed=0, config=_plan_config(args))
+    plan = _plan(tmp_path, args)
     first = run_cli("-m", "transfer.demo", "--plan", str(plan), "--workdir", str(work), "--device", "cpu")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "[pretrain tiny] reusing" in first.stdout and "[fewshot_digits tiny] done" in first.stdout
@@ -27,6 +47,22 @@ def test_demo_reuses_cards_and_records(tmp_path):
     second = run_cli("-m", "transfer.demo", "--plan", str(plan), "--workdir", str(work), "--device", "cpu")
     assert second.returncode == 0 and "[fewshot_digits tiny] reusing its record" in second.stdout
     assert len((work / "results" / "records.jsonl").read_text().splitlines()) == 1
+
+
+def test_demo_retrains_a_card_made_with_another_config(tmp_path):
+    """A card whose recorded config is not what the plan would train now (the plan, a config file or
+    the demo profile changed) is trained again from scratch, not reused."""
+    work = tmp_path / "work"
+    args = ["--data", "synthetic", "--profile", "demo", "--epochs", "1", "--batch-size", "16", "--threads", "1",
+            "data.synthetic_classes=4", "data.synthetic_images_per_class=8", "data.synthetic_image_size=16",
+            "moco.queue_size=32", "knn.enabled=false", "--no-progress"]
+    stale = _plan_config(args)
+    stale["loss"]["w_outer"] = 0.2
+    write_card(work / "cards" / "tiny.pth", seed=0, config=stale)
+    out = run_cli("-m", "transfer.demo", "--plan", str(_plan(tmp_path, args)), "--workdir", str(work), "--device", "cpu")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "made with another config (differs in ['loss.w_outer'])" in out.stdout and "--fresh" in out.stdout
+    assert load_card(work / "cards" / "tiny.pth").meta["config"] == _plan_config(args)
 
 
 def test_demo_refuses_a_bad_plan(tmp_path):

@@ -4,8 +4,9 @@
 
 Runs exactly the commands a user would run, one stage at a time, as listed in the plan
 (``configs/demo.yaml``): ``pretrain/run.py`` for each backbone card, ``transfer/run.py`` for each
-(card, task), then ``transfer/leaderboard.py``. Everything is reused on a second run: an existing
-card is not retrained and an existing record is not recomputed (``--force`` redoes the transfer).
+(card, task), then ``transfer/leaderboard.py``. Everything is reused on a second run: a card made
+with the config the plan resolves to is not retrained (one made with another config is trained again
+from scratch) and an existing record is not recomputed (``--force`` redoes the transfer).
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ def _recorded(run_args: list[str]) -> bool:
     return existing_record(parsed, sha256_file(parsed.backbone)) is not None
 
 
+def _card_changes(pretrain_args: list[str]) -> list[str] | None:
+    """How the existing card differs from what ``pretrain/run.py pretrain_args`` would train (see
+    :func:`pretrain.run.card_changes`): [] reuse it, a list retrain it, None train it."""
+    from pretrain.run import card_changes
+
+    return card_changes(pretrain_args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m transfer.demo",
@@ -86,12 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     backbones = [b for b in plan["backbones"] if not (args.quick and b.get("optional"))]
     for b in backbones:
         card = cards / f"{b['name']}.pth"
-        if card.exists():
+        pretrain_args = ["--config", str(REPO / b["config"]), "--out", str(card),
+                         "--workdir", str(runs / "pretrain" / b["name"]), "--device", device,
+                         *map(str, plan.get("pretrain_args", [])), *map(str, b.get("args", []))]
+        changed = _card_changes(pretrain_args)
+        if changed == []:
             print(f"==> [pretrain {b['name']}] reusing {card}")
             continue
-        _run([py, "pretrain/run.py", "--config", str(REPO / b["config"]), "--out", str(card),
-              "--workdir", str(runs / "pretrain" / b["name"]), "--device", device,
-              *map(str, plan.get("pretrain_args", [])), *map(str, b.get("args", [])), *debug], f"pretrain {b['name']}")
+        if changed:  # the plan or a config changed since the card was made: its checkpoints are stale too
+            print(f"==> [pretrain {b['name']}] {card} was made with another config (differs in {changed[:6]}): "
+                  "pretraining again")
+            pretrain_args.append("--fresh")
+        _run([py, "pretrain/run.py", *pretrain_args, *debug], f"pretrain {b['name']}")
 
     for task in plan["tasks"]:
         name, extra = (task, []) if isinstance(task, str) else (task["name"], task.get("args", []))
