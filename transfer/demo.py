@@ -58,14 +58,6 @@ def _recorded(run_args: list[str]) -> bool:
     return existing_record(parsed, sha256_file(parsed.backbone)) is not None
 
 
-def _card_changes(pretrain_args: list[str]) -> list[str] | None:
-    """How the existing card differs from what ``pretrain/run.py pretrain_args`` would train (see
-    :func:`pretrain.run.card_changes`): [] reuse it, a list retrain it, None train it."""
-    from pretrain.run import card_changes
-
-    return card_changes(pretrain_args)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m transfer.demo",
@@ -83,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_common_flags(parser)
     args = parser.parse_args(argv)
     plan = load_plan(args.plan)
+    from pretrain.run import card_changes
     from transfer.run import resolve_device
 
     device = resolve_device(args.device)
@@ -98,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pretrain_args = ["--config", str(REPO / b["config"]), "--out", str(card),
                          "--workdir", str(runs / "pretrain" / b["name"]), "--device", device,
                          *map(str, plan.get("pretrain_args", [])), *map(str, b.get("args", []))]
-        changed = _card_changes(pretrain_args)
+        changed = card_changes(pretrain_args)  # [] reuse the card, a list retrain it, None train it
         if changed == []:
             print(f"==> [pretrain {b['name']}] reusing {card}")
             continue
