@@ -63,7 +63,7 @@ def test_table_model(records):
     assert moco_det.err_kind == "std" and moco_det.err == pytest.approx(np.std([29, 30, 31], ddof=1))
     assert ("simclr", det60) not in table.cells
     [delta] = table.deltas  # found from metadata: same method/dataset/arch/epochs, ring vs plain
-    assert (delta.plain, delta.ring) == ("moco", "ring_moco")
+    assert (delta.plain, delta.variant) == ("moco", "ring_moco")
     few = delta.cells[table.columns[2]]
     assert few.test == "episodes" and few.significant and few.lo > 0
     assert few.diff == pytest.approx(table.cells[("ring_moco", table.columns[2])].mean
@@ -82,6 +82,20 @@ def test_few_shot_records_pair_by_episode_and_source():
     assert episode_samples(extra, "acc_avg", 50.0) == pytest.approx([40.0, 60.0])
     assert episode_samples({"episode_accuracies": {"digits": [0.5, 0.7]}}, "acc", 0.6) == pytest.approx([0.5, 0.7])
     assert episode_samples(extra, "acc_cub", 50.0) is None
+
+
+def test_variants_pair_with_their_plain_twin_only():
+    """Ring, HCL and DCL cards each get a Δ against the NT-Xent card of the same run, never against
+    each other, whatever the names' order; another method or epoch count is not a twin."""
+    from transfer.compare import Row, find_pairs
+
+    def row(name, loss, method="simclr", epochs=5):
+        return Row(name, name, {"method": method, "loss": loss, "dataset": "synthetic", "arch": "resnet18",
+                                "epochs": epochs})
+
+    rows = [row("a_dcl", "dcl"), row("b_hcl", "hcl"), row("c_ntxent", "ntxent"), row("d_ring", "ring"),
+            row("e_ring_long", "ring", epochs=50), row("f_moco", "nce", method="moco")]
+    assert find_pairs(rows) == [("c_ntxent", "a_dcl"), ("c_ntxent", "b_hcl"), ("c_ntxent", "d_ring")]
 
 
 def test_paired_bootstrap_matches_normal_theory():
@@ -171,7 +185,7 @@ def test_cli_writes_every_format(records, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--results", "/nonexistent/results"], "no such results"),
-    (["--baseline", "moco"], "expected PLAIN=RING"),
+    (["--baseline", "moco"], "expected PLAIN=VARIANT"),
     (["--baseline", "moco=nobody"], "no records for ['nobody']"),
 ])
 def test_cli_errors(records, tmp_path, args, message):

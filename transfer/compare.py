@@ -1,4 +1,4 @@
-"""Comparison tables from result records: cells, plain -> ring pairs, and paired significance.
+"""Comparison tables from result records: cells, plain -> variant pairs, and paired significance.
 
 Pure functions on lists of records (see ``transfer/results.py``); rendering lives in
 ``transfer/leaderboard.py``.
@@ -7,7 +7,8 @@ Pure functions on lists of records (see ``transfer/results.py``); rendering live
   never merged, the column says which config.
 * A cell is the newest record's value with its uncertainty: the 95% CI the task reported
   (episodes), else the standard deviation over seeds, else none.
-* A Δ row compares a ring backbone with its plain twin: the difference of means and a paired
+* A Δ row compares a backbone trained with conditional negatives (the ring, HCL's hard negatives
+  or DCL's debiased ones) with its plain twin (InfoNCE / NT-Xent): the difference of means and a paired
   bootstrap 95% interval, over the same episodes (few-shot: the same seed gives the same
   episodes) or over the same seeds (detection). Significant when the interval excludes 0.
 """
@@ -22,7 +23,10 @@ import numpy as np
 
 # Families in the order the table shows them.
 FAMILY_ORDER = ("detectron2", "fewshot", "linear")
-RING_LOSSES = ("ring",)
+# Losses that change which negatives count (ring: Wu et al. 2021; hcl: Robinson et al. 2021; dcl: Chuang
+# et al. 2020), and the uniform-negative losses they are compared with.
+VARIANT_LOSSES = ("ring", "hcl", "dcl")
+PLAIN_LOSSES = ("nce", "ntxent")
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class Row:
 @dataclass
 class Delta:
     plain: str
-    ring: str
+    variant: str
     cells: dict[Column, DeltaCell]
 
 
@@ -97,7 +101,7 @@ def build_table(
 ) -> Table:
     """Rows = backbones, columns = (task, metric, config). ``headline[task]`` picks the metrics
     shown for a task (all of them when absent or ``all_metrics``); ``pairs`` adds explicit
-    ``(plain, ring)`` Δ rows on top of those found from the cards' metadata."""
+    ``(plain, variant)`` Δ rows on top of those found from the cards' metadata."""
     wanted = set(tasks) if tasks else None
     newest: dict[tuple[str, str, str], Mapping[str, Any]] = {}
     for rec in records:
@@ -125,11 +129,11 @@ def build_table(
     unique_pairs = list(dict.fromkeys(found))
     rng = np.random.default_rng(seed)
     deltas = [
-        Delta(plain, ring, {
-            col: delta_cell(cells[(plain, col)], cells[(ring, col)], n_boot, rng)
-            for col in ordered_columns if (plain, col) in cells and (ring, col) in cells
+        Delta(plain, variant, {
+            col: delta_cell(cells[(plain, col)], cells[(variant, col)], n_boot, rng)
+            for col in ordered_columns if (plain, col) in cells and (variant, col) in cells
         })
-        for plain, ring in unique_pairs
+        for plain, variant in unique_pairs
     ]
     return Table(ordered_columns, ordered_rows, cells, deltas)
 
@@ -185,32 +189,33 @@ def episode_samples(extra: Mapping[str, Any], metric: str, mean: float) -> list[
 
 
 def find_pairs(rows: Sequence[Row]) -> list[tuple[str, str]]:
-    """``(plain, ring)`` pairs from card metadata: same method, dataset, arch and epochs; one
-    trained with the ring loss and the other without. A card may also name its twin in
-    ``meta["pair"]``."""
+    """``(plain, variant)`` pairs from card metadata: a card trained with one of ``VARIANT_LOSSES``
+    and the first card with the same method, dataset, arch and epochs trained with a plain loss
+    (never another variant: HCL is compared with NT-Xent, not with DCL). A card may also name its
+    twin in ``meta["pair"]``."""
     by_name = {r.name: r for r in rows}
     pairs = []
-    for ring in rows:
-        if ring.meta.get("loss") not in RING_LOSSES:
+    for variant in rows:
+        if variant.meta.get("loss") not in VARIANT_LOSSES:
             continue
-        twin = ring.meta.get("pair")
+        twin = variant.meta.get("pair")
         if twin in by_name:
-            pairs.append((twin, ring.name))
+            pairs.append((twin, variant.name))
             continue
         for plain in rows:
-            if plain is ring or plain.meta.get("loss") in RING_LOSSES or not plain.meta:
+            if plain.meta.get("loss") not in PLAIN_LOSSES:
                 continue
-            if all(plain.meta.get(k) == ring.meta.get(k) for k in ("method", "dataset", "arch", "epochs")):
-                pairs.append((plain.name, ring.name))
+            if all(plain.meta.get(k) == variant.meta.get(k) for k in ("method", "dataset", "arch", "epochs")):
+                pairs.append((plain.name, variant.name))
                 break
     return pairs
 
 
-def delta_cell(plain: Cell, ring: Cell, n_boot: int, rng: np.random.Generator) -> DeltaCell:
-    diff = ring.mean - plain.mean
-    if (plain.samples and ring.samples and plain.sample_kind == ring.sample_kind
-            and len(plain.samples) == len(ring.samples) and len(plain.samples) > 1):
-        lo, hi = paired_bootstrap_ci(np.asarray(ring.samples) - np.asarray(plain.samples), n_boot, rng)
+def delta_cell(plain: Cell, variant: Cell, n_boot: int, rng: np.random.Generator) -> DeltaCell:
+    diff = variant.mean - plain.mean
+    if (plain.samples and variant.samples and plain.sample_kind == variant.sample_kind
+            and len(plain.samples) == len(variant.samples) and len(plain.samples) > 1):
+        lo, hi = paired_bootstrap_ci(np.asarray(variant.samples) - np.asarray(plain.samples), n_boot, rng)
         return DeltaCell(diff, lo, hi, plain.sample_kind)
     return DeltaCell(diff)
 

@@ -6,7 +6,8 @@
 
 One row per backbone, one column per (task, metric, config); cells are ``mean ± CI95`` (episodes)
 or ``mean ± std`` (seeds); the best value of each column is marked; a missing cell is shown as
-``—``, never as 0. Each plain -> ring pair gets a Δ row with a paired bootstrap 95% interval;
+``—``, never as 0. Each plain -> variant pair (ring, HCL or DCL against the same method with
+InfoNCE / NT-Xent) gets a Δ row with a paired bootstrap 95% interval;
 ``*`` marks a difference whose interval excludes 0.
 """
 
@@ -59,9 +60,9 @@ def table_rows(table: Table, mark_best: callable) -> list[list[str]]:
     """Body rows as strings; ``mark_best(text)`` decorates the best cell of each column."""
     best = {col: table.best(col) for col in table.columns}
     rows = []
-    deltas_after = {d.ring: [] for d in table.deltas}
+    deltas_after = {d.variant: [] for d in table.deltas}
     for d in table.deltas:
-        deltas_after[d.ring].append(d)
+        deltas_after[d.variant].append(d)
     for row in table.rows:
         cells = []
         for col in table.columns:
@@ -71,7 +72,7 @@ def table_rows(table: Table, mark_best: callable) -> list[list[str]]:
                          and _rows_with(table, col) > 1 else text)
         rows.append([row.name, *cells])
         for delta in deltas_after.get(row.name, []):
-            rows.append([f"Δ {delta.ring} − {delta.plain}", *(
+            rows.append([f"Δ {delta.variant} − {delta.plain}", *(
                 fmt_delta(delta.cells.get(c), _reference(table, delta.plain, c)) for c in table.columns)])
     return rows
 
@@ -91,7 +92,7 @@ def legend(table: Table) -> str:
     parts = ["± is " + " or ".join(spreads[k] for k in sorted(kinds))] if kinds else []
     parts.append("the best value of each column is marked")
     if table.deltas:
-        parts.append("Δ rows: ring minus plain, [paired bootstrap 95% interval], * = significant")
+        parts.append("Δ rows: variant minus plain, [paired bootstrap 95% interval], * = significant")
     parts.append(f"{MISSING} = not run")
     return "; ".join(parts) + "."
 
@@ -135,7 +136,7 @@ def render_csv(table: Table) -> str:
             values += ["" if cell is None else cell.mean, "" if cell is None or cell.err is None else cell.err]
         writer.writerow(values)
     for delta in table.deltas:
-        values = [f"delta {delta.ring} - {delta.plain}"]
+        values = [f"delta {delta.variant} - {delta.plain}"]
         for col in table.columns:
             d = delta.cells.get(col)
             values += ["" if d is None else d.diff, "" if d is None or d.lo is None else f"{d.lo}..{d.hi}"]
@@ -191,19 +192,19 @@ def make_table(results: Sequence[Path], tasks: Sequence[str] | None = None, base
         raise UserError(f"no result records in {', '.join(map(str, results))}; run transfer/run.py first")
     pairs = []
     for item in baselines:
-        plain, sep, ring = item.partition("=")
-        if not sep or not plain or not ring:
-            raise UserError(f"--baseline {item!r}: expected PLAIN=RING (backbone names)")
-        pairs.append((plain, ring))
+        plain, sep, variant = item.partition("=")
+        if not sep or not plain or not variant:
+            raise UserError(f"--baseline {item!r}: expected PLAIN=VARIANT (backbone names)")
+        pairs.append((plain, variant))
     headline = {name: task.headline_metrics for name, task in all_tasks().items()}
     table = build_table(records, tasks=tasks, headline=headline, all_metrics=all_metrics, pairs=pairs)
     if not table.columns:
         raise UserError(f"no records for tasks {list(tasks or [])}")
     names = {r.name for r in table.rows}
-    for plain, ring in pairs:
-        missing = [n for n in (plain, ring) if n not in names]
+    for plain, variant in pairs:
+        missing = [n for n in (plain, variant) if n not in names]
         if missing:
-            raise UserError(f"--baseline {plain}={ring}: no records for {missing}; backbones: {sorted(names)}")
+            raise UserError(f"--baseline {plain}={variant}: no records for {missing}; backbones: {sorted(names)}")
     return table
 
 
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="transfer/leaderboard.py",
         description="Render result records as one comparison table (rows: backbones; columns: task metrics) with "
-        "Δ rows for each plain -> ring pair.",
+        "Δ rows for each plain -> variant pair (ring, HCL or DCL against InfoNCE / NT-Xent).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--results", type=Path, nargs="+", default=[Path("results")],
@@ -219,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, default="md", help="output format")
     parser.add_argument("--out", type=Path, help="write here (atomically) instead of the terminal")
     parser.add_argument("--tasks", nargs="+", help="only these tasks")
-    parser.add_argument("--baseline", nargs="+", default=[], metavar="PLAIN=RING",
+    parser.add_argument("--baseline", nargs="+", default=[], metavar="PLAIN=VARIANT",
                         help="extra Δ rows for these backbone pairs (pairs are also found from card metadata)")
     parser.add_argument("--all-metrics", action="store_true", help="every metric, not only each task's headline ones")
     add_common_flags(parser)
