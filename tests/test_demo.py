@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pretrain.checkpoint import load_card
@@ -26,11 +27,10 @@ def _plan(tmp_path, pretrain_args: list[str]) -> Path:
     return plan
 
 
-def _plan_config(pretrain_args: list[str]) -> dict:
+def _plan_config(pretrain_args: list[str], config: str = "configs/pretrain/moco.yaml") -> dict:
     from pretrain.run import build_parser, resolve_config
 
-    return json.loads(json.dumps(resolve_config(build_parser().parse_args(
-        ["--config", str(REPO / "configs/pretrain/moco.yaml"), *pretrain_args]))))
+    return json.loads(json.dumps(resolve_config(build_parser().parse_args(["--config", str(REPO / config), *pretrain_args]))))
 
 
 def test_demo_reuses_cards_and_records(tmp_path):
@@ -63,6 +63,20 @@ def test_demo_retrains_a_card_made_with_another_config(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "made with another config (differs in ['loss.w_outer'])" in out.stdout and "--fresh" in out.stdout
     assert load_card(work / "cards" / "tiny.pth").meta["config"] == _plan_config(args)
+
+
+@pytest.mark.parametrize("plan", sorted((REPO / "configs").glob("demo*.yaml")), ids=lambda p: p.name)
+def test_shipped_plans_resolve(plan):
+    """Every shipped plan names configs that resolve with its flags and tasks that exist."""
+    from transfer.demo import load_plan
+    from transfer.tasks import all_tasks
+
+    spec = load_plan(plan)
+    for b in spec["backbones"]:
+        cfg = _plan_config([*map(str, spec.get("pretrain_args", [])), *map(str, b.get("args", []))], b["config"])
+        assert cfg["data"]["name"] == "synthetic"  # the plans run on the embedded data
+    names = [t if isinstance(t, str) else t["name"] for t in spec["tasks"]]
+    assert set(names) <= set(all_tasks()) and not any(all_tasks()[n].needs_data for n in names)
 
 
 def test_demo_refuses_a_bad_plan(tmp_path):
