@@ -30,7 +30,8 @@ def _plan(tmp_path, pretrain_args: list[str]) -> Path:
 def _plan_config(pretrain_args: list[str], config: str = "configs/pretrain/moco.yaml") -> dict:
     from pretrain.run import build_parser, resolve_config
 
-    return json.loads(json.dumps(resolve_config(build_parser().parse_args(["--config", str(REPO / config), *pretrain_args]))))
+    args = build_parser().parse_args(["--config", str(REPO / config), *pretrain_args])
+    return json.loads(json.dumps(resolve_config(args)))
 
 
 def test_demo_reuses_cards_and_records(tmp_path):
@@ -59,7 +60,8 @@ def test_demo_retrains_a_card_made_with_another_config(tmp_path):
     stale = _plan_config(args)
     stale["loss"]["w_outer"] = 0.2
     write_card(work / "cards" / "tiny.pth", seed=0, config=stale)
-    out = run_cli("-m", "transfer.demo", "--plan", str(_plan(tmp_path, args)), "--workdir", str(work), "--device", "cpu")
+    plan = _plan(tmp_path, args)
+    out = run_cli("-m", "transfer.demo", "--plan", str(plan), "--workdir", str(work), "--device", "cpu")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "made with another config (differs in ['loss.w_outer'])" in out.stdout and "--fresh" in out.stdout
     assert load_card(work / "cards" / "tiny.pth").meta["config"] == _plan_config(args)
