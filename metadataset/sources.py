@@ -214,10 +214,15 @@ def class_record_files(folder: Path, pattern: str, class_id: int) -> list[Path]:
 
 
 def iter_records(path: Path) -> Iterator[tuple[bytes, int]]:
-    """``(image bytes, label)`` of every example in one TFRecord file."""
+    """``(image bytes, label)`` of every example in one TFRecord file, plain (as Meta-Dataset's
+    converter writes them) or GZIP-compressed (recognised by its magic bytes, whatever the name)."""
     from tfrecord.reader import tfrecord_loader
 
-    for example in tfrecord_loader(str(path), None, description={"image": "byte", "label": "int"}):
+    with open(path, "rb") as f:
+        compression = "gzip" if f.read(2) == b"\x1f\x8b" else None
+    examples = tfrecord_loader(str(path), None, description={"image": "byte", "label": "int"},
+                               compression_type=compression)
+    for example in examples:
         image = example["image"]
         yield (image if isinstance(image, bytes) else np.asarray(image).tobytes()), int(np.ravel(example["label"])[0])
 

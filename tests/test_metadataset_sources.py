@@ -117,6 +117,25 @@ def test_records_reader_returns_the_written_images(tmp_path):
     assert train.fingerprint != test.fingerprint
 
 
+def test_records_reader_reads_gzip_compressed_records(tmp_path):
+    """Records re-written with GZIP compression (TFRecordOptions(compression_type="GZIP")) read the same."""
+    import gzip
+
+    folder = write_flat_source(tmp_path / "plain", "dtd")
+    packed = tmp_path / "packed" / "dtd"
+    packed.mkdir(parents=True)
+    for f in folder.iterdir():
+        data = f.read_bytes()
+        (packed / f.name).write_bytes(gzip.compress(data) if f.suffix == ".tfrecords" else data)
+    assert (packed / "6.tfrecords").read_bytes()[:2] == b"\x1f\x8b"
+    plain, zipped = open_source("dtd", tmp_path / "plain"), open_source("dtd", tmp_path / "packed")
+    pairs = list(zip(plain.items(), zipped.items(), strict=True))
+    assert len(pairs) == 24
+    for (label_a, ref_a, load_a), (label_b, ref_b, load_b) in pairs:
+        assert (label_a, ref_a) == (label_b, ref_b)
+        np.testing.assert_array_equal(np.asarray(load_a()), np.asarray(load_b()))
+
+
 def test_records_reader_decodes_jpeg_and_accepts_the_official_folder_name(tmp_path):
     write_flat_source(tmp_path, "cu_birds", fmt="JPEG")
     cub = open_source("cub", tmp_path)  # short name -> records folder cu_birds
