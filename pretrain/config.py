@@ -175,20 +175,10 @@ def merge_into(cfg: dict, data: Mapping, schema: Mapping, source: str, prefix: s
 
 
 def set_key(cfg: dict, dotted: str, value: Any, source: str) -> None:
-    parts = dotted.split(".")
-    node, schema = cfg, DEFAULTS
-    for i, part in enumerate(parts):
-        name = ".".join(parts[: i + 1])
-        if not isinstance(schema, dict) or part not in schema:
-            raise UserError(f"{source}: unknown config key {name!r}")
-        if i == len(parts) - 1:
-            if isinstance(schema[part], dict):
-                if not isinstance(value, Mapping):
-                    raise UserError(f"{source}: {name!r} is a section; set one of its keys {sorted(schema[part])}")
-                merge_into(node[part], value, schema[part], source, prefix=f"{name}.")
-            else:
-                node[part] = _checked(name, value, schema[part], source)
-        node, schema = node[part], schema[part]
+    """Set one dotted key (``loss.w_outer``) through :func:`merge_into`, checked as a YAML file is."""
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    merge_into(cfg, value, DEFAULTS, source)
 
 
 def _checked(name: str, value: Any, default: Any, source: str) -> Any:

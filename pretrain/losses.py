@@ -209,7 +209,6 @@ def ring_loss(
     (``num_samples=None``): the partition is the whole ring; IR flavour: ``num_samples`` draws from
     the ring with replacement. ``loss = -mean(pos - logsumexp([pos, ring]))``.
     """
-    check_ring(w_outer, w_inner, num_samples)
     pos, neg = pair_logits(q, k, negatives, t)
     return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator))
 
@@ -230,7 +229,6 @@ def in_batch_ring_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The ring over SimCLR's in-batch negatives (each anchor ranks its own ``2B - 2`` negatives)."""
-    check_ring(w_outer, w_inner, num_samples)
     pos, neg = in_batch_logits(z1, z2, t)
     return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator))
 
