@@ -122,12 +122,9 @@ class Backbone:
         return the streams' features concatenated.
         """
         if self.streams:
-            from pretrain import backbones as factory
+            from pretrain.backbones import create_multistream
 
-            builder = getattr(factory, "create_multistream", None)
-            if builder is None:
-                raise UserError(f"{self.path}: multi-stream card ({'+'.join(self.streams)}) is not supported yet")
-            model = builder(self.arch, self.stem, self.meta)
+            model = create_multistream(self.arch, self.stem, self.meta)
         else:
             model = create_backbone(self.arch, self.stem)
         model.load_state_dict(self.state_dict, strict=True)

@@ -28,14 +28,15 @@ import numpy as np
 import torch
 
 from metadataset.features import extract_features
-from metadataset.probes import CV_MAX_ITER, CV_TOL, l2_normalise, logreg_logits, solve_logreg, solver_dtype
+from metadataset.probes import (
+    CV_MAX_ITER, CV_TOL, DEFAULT_GRID, l2_normalise, logreg_logits, solve_logreg, solver_dtype,
+)
 from metadataset.sources import ImageSet, data_digest, decode_image
 from metadataset.tasks import add_flag_group, resolve_flags
 from pretrain.cli import UserError
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
 DATA_ROOT_ENV = "RINGBENCH_DATA"
-DEFAULT_GRID = tuple(10.0 ** e for e in range(-6, 1))  # 1e-6 .. 1
 LAYOUTS = {  # dataset -> (folder under the data root, what it must hold)
     "cifar10": ("cifar-10-batches-py", ["data_batch_1", "data_batch_5", "test_batch"]),
     "cifar100": ("cifar-100-python", ["train", "test"]),
