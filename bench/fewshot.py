@@ -26,14 +26,14 @@ if __package__ in (None, ""):  # run by path
 
 import numpy as np  # noqa: E402
 
-from pretrain.cli import add_common_flags, run_main  # noqa: E402
+from ringbench.cli import add_common_flags, run_main  # noqa: E402
 
 
 def _random_card(folder: Path) -> Path:
     import torch
 
     from pretrain.backbones import create_backbone
-    from pretrain.checkpoint import BackboneCard, make_meta, save_card
+    from ringbench.card import BackboneCard, make_meta, save_card
 
     torch.manual_seed(0)
     state = create_backbone("resnet18", "cifar").state_dict()

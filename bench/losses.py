@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from pretrain.cli import add_common_flags, run_main
+from ringbench.cli import add_common_flags, run_main
 from pretrain.losses import contrastive_from_logits, nce_loss, pair_logits, ring_bounds, ring_loss
 
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from pretrain.cli import add_common_flags, run_main
+from ringbench.cli import add_common_flags, run_main
 from pretrain.config import load_config
 from pretrain.methods import build_method
 from pretrain.train import build_optimizer, prepare_data

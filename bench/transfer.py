@@ -28,14 +28,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run by path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import add_common_flags, run_main  # noqa: E402
+from ringbench.cli import add_common_flags, run_main  # noqa: E402
 
 
 def _random_card(folder: Path) -> Path:
     import torch
 
     from pretrain.backbones import create_backbone
-    from pretrain.checkpoint import BackboneCard, make_meta, save_card
+    from ringbench.card import BackboneCard, make_meta, save_card
 
     torch.manual_seed(0)
     meta = make_meta(method="random", loss="none", dataset="none", image_size=32, mean=[0.5, 0.5, 0.5],

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from metadataset.sources import ImageSet
-from pretrain import __version__
-from pretrain.cli import UserError
-from pretrain.fileio import atomic_write, atomic_write_text
+from ringbench import __version__
+from ringbench.errors import UserError
+from ringbench.fileio import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 

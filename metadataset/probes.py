@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 DEFAULT_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 CV_TOL = 1e-4  # gradient tolerance of the cross-validation fits

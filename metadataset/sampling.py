@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 MAX_SPANNING_LEAVES_ELIGIBLE = 392  # ImageNet DAG: internal nodes spanning more leaves are not used
 

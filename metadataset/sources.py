@@ -16,7 +16,7 @@ Readers:
   internal nodes give the DAG rule).
 * **folder**: ``<root>/<source>/<class>/<image>`` plus ``<root>/<source>/splits.json`` with class
   names under ``"train"``, ``"valid"``, ``"test"`` (the official split-file format).
-* **synthetic**: classes of the shared shape renderer (``pretrain.data.shapes``), taken from the end
+* **synthetic**: classes of the shared shape renderer (``ringbench.shapes``), taken from the end
   of its fixed class permutation so that they are not the classes pretraining uses by default.
 * **digits**: scikit-learn's bundled handwritten digits (8x8, upsampled to the backbone's input).
 """
@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from metadataset.sampling import ClassStructure
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 # short name -> folder name of the official converted records
 MD_SOURCES = {
@@ -286,7 +286,7 @@ def folder_source(name: str, folder: Path, split: str = "test") -> ImageSet:
 def synthetic_source(num_classes: int = 32, images_per_class: int = 40, image_size: int = 32,
                      seed: int = 0) -> ImageSet:
     """Rendered shapes: the last ``num_classes`` classes of the renderer's fixed permutation."""
-    from pretrain.data import shapes
+    from ringbench import shapes
 
     if not 5 <= num_classes <= shapes.NUM_CLASSES:
         raise UserError(f"synthetic few-shot source: num_classes must be in [5, {shapes.NUM_CLASSES}]")

@@ -1,6 +1,4 @@
 """Stage 1 of ringbench: self-supervised pretraining with conditional (ring) and hard negatives.
 
-Produces backbone cards (see :mod:`pretrain.checkpoint`) for the transfer stage.
+Produces backbone cards (see :mod:`ringbench.card`) for the transfer stage.
 """
-
-__version__ = "0.1.0"

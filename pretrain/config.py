@@ -1,21 +1,22 @@
-"""Pretraining configuration: YAML file -> defaults merged -> ``key=value`` overrides -> validated dict.
+"""Pretraining configuration: the schema :class:`PretrainConfig`, a YAML file merged over its
+defaults, a profile, then ``key=value`` overrides (:func:`ringbench.config.compose`), then the
+cross-field checks of :func:`validate_config`.
 
-The schema is :data:`DEFAULTS`: every key a config may hold, with its default. A key that is not
-in the schema is an error (a typo never silently falls back to a default). Values are plain
-YAML; an override's value is parsed as YAML too (``train.epochs=5``, ``loss.num_samples=null``,
-``optim.milestones=[0.5,0.8]``).
+A key that is not in the schema, or a value of the wrong type, is an error naming the key and the
+file or override it came from (a typo never silently falls back to a default). The resolved config
+is a plain nested dict.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import os
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterable, List, Mapping, Optional
 
-import yaml
-
-from pretrain.cli import UserError
+from ringbench.config import Layer, compose, find_config, read_yaml_mapping
+from ringbench.errors import UserError
+from ringbench.resnets import TORCHVISION_RESNETS
 
 METHODS = ("ir", "moco", "cmc", "simclr")
 LOSSES = ("nce", "ring", "ntxent", "hcl", "dcl")
@@ -29,64 +30,122 @@ DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("step", "cosine", "constant")
 
-# Every key a config may hold. ``None`` means "no default; any value of the right kind, or null".
-DEFAULTS: dict[str, Any] = {
-    "method": "moco",
-    "arch": "resnet18",
-    "stem": "auto",  # auto: "cifar" for images up to 96 px, "imagenet" above
-    "data": {
-        "name": "synthetic",
-        "root": None,
-        "image_size": None,  # null: the dataset's native size (32 CIFAR, 96 STL-10, 224 ImageNet)
-        "workers": 2,
-        "synthetic_classes": 64,
-        "synthetic_images_per_class": 100,
-        "synthetic_image_size": 32,
-        "synthetic_seed": 0,
-        "blur": None,  # null: Gaussian blur for images of 96 px and above (MoCo v2)
-        "color_jitter": 0.8,  # probability of the MoCo v2 colour jitter (CMC: 0, its ab view needs colour)
-        "jitter_hue": 0.1,  # MoCo v2 colour jitter hue; 0 keeps colour a usable cue
-        "grayscale": 0.2,  # MoCo v2 random-grayscale probability
-    },
-    "loss": {
-        "name": "ring",
-        "t": 0.07,
-        "w_outer": 0.1,
-        "w_inner": 0.1,
-        "num_samples": None,  # ring IR flavour: negatives drawn from the ring (null: whole ring)
-        "schedule": "constant",
-        "w_outer_start": 1.0,
-        "anneal_epochs": 100,
-        "schedule_steps": 4,
-        "tau_plus": 0.1,
-        "beta": 1.0,
-        "beta_anneal_epochs": 0,  # HCL: anneal beta linearly to 0 over this many epochs (0: off)
-        "estimator": "hard",
-    },
-    "moco": {"momentum": 0.999, "queue_size": 65536, "head_dim": 128, "mlp": True, "shuffle_groups": 8},
-    "ir": {"bank_momentum": 0.5, "num_negatives": 4096, "head_dim": 128},
-    "cmc": {"bank_momentum": 0.5, "num_negatives": 4096, "head_dim": 128, "width": 0.5},
-    "simclr": {"head_dim": 128, "hidden_dim": 512},
-    "optim": {
-        "name": "sgd",
-        "lr": 0.03,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "schedule": "step",
-        "milestones": [0.68, 0.83],  # fractions of training
-        "gamma": 0.1,
-    },
-    "train": {
-        "epochs": 200,
-        "batch_size": 256,
-        "seed": 0,
-        "amp": True,  # CUDA only
-        "channels_last": True,  # CUDA only
-        "log_every": 20,
-        "max_steps_per_epoch": None,
-    },
-    "knn": {"enabled": True, "k": 200, "t": 0.07, "every": 1, "max_train": 5000, "max_test": 1000},
-}
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    root: Optional[str] = None
+    image_size: Optional[int] = None  # null: the dataset's native size (32 CIFAR, 96 STL-10, 224 ImageNet)
+    workers: int = 2
+    synthetic_classes: int = 64
+    synthetic_images_per_class: int = 100
+    synthetic_image_size: int = 32
+    synthetic_seed: int = 0
+    blur: Optional[bool] = None  # null: Gaussian blur for images of 96 px and above (MoCo v2)
+    color_jitter: float = 0.8  # probability of the MoCo v2 colour jitter (CMC: 0, its ab view needs colour)
+    jitter_hue: float = 0.1  # MoCo v2 colour jitter hue; 0 keeps colour a usable cue
+    grayscale: float = 0.2  # MoCo v2 random-grayscale probability
+
+
+@dataclass
+class LossConfig:
+    name: str = "ring"
+    t: float = 0.07
+    w_outer: float = 0.1
+    w_inner: float = 0.1
+    num_samples: Optional[int] = None  # ring IR flavour: negatives drawn from the ring (null: whole ring)
+    schedule: str = "constant"
+    w_outer_start: float = 1.0
+    anneal_epochs: int = 100
+    schedule_steps: int = 4
+    tau_plus: float = 0.1
+    beta: float = 1.0
+    beta_anneal_epochs: int = 0  # HCL: anneal beta linearly to 0 over this many epochs (0: off)
+    estimator: str = "hard"
+
+
+@dataclass
+class MocoConfig:
+    momentum: float = 0.999
+    queue_size: int = 65536
+    head_dim: int = 128
+    mlp: bool = True
+    shuffle_groups: int = 8
+
+
+@dataclass
+class IRConfig:
+    bank_momentum: float = 0.5
+    num_negatives: int = 4096
+    head_dim: int = 128
+
+
+@dataclass
+class CMCConfig:
+    bank_momentum: float = 0.5
+    num_negatives: int = 4096
+    head_dim: int = 128
+    width: float = 0.5
+
+
+@dataclass
+class SimCLRConfig:
+    head_dim: int = 128
+    hidden_dim: int = 512
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "step"
+    milestones: List[float] = field(default_factory=lambda: [0.68, 0.83])  # fractions of training
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 256
+    seed: int = 0
+    amp: bool = True  # CUDA only
+    channels_last: bool = True  # CUDA only
+    log_every: int = 20
+    max_steps_per_epoch: Optional[int] = None
+
+
+@dataclass
+class KnnConfig:
+    enabled: bool = True
+    k: int = 200
+    t: float = 0.07
+    every: int = 1
+    max_train: int = 5000
+    max_test: int = 1000
+
+
+@dataclass
+class PretrainConfig:
+    """Every key a pretraining config may hold, with its type and default."""
+
+    method: str = "moco"
+    arch: str = "resnet18"
+    stem: str = "auto"  # auto: "cifar" for images up to 96 px, "imagenet" above
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    ir: IRConfig = field(default_factory=IRConfig)
+    cmc: CMCConfig = field(default_factory=CMCConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+
+
+# The schema's defaults as a plain dict (read-only by convention; ``load_config`` never mutates it).
+DEFAULTS: dict[str, Any] = dataclasses.asdict(PretrainConfig())
 
 # Small, fast settings for a CPU demo (`--profile demo`): ResNet-18 on 32-px synthetic shapes in a
 # few minutes on 2 cores. Colour defines a third of each synthetic class, so the demo keeps hue out of
@@ -118,89 +177,35 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), profile: str | None = None) -> dict:
-    """Defaults <- YAML file <- profile <- overrides, then :func:`validate_config`."""
-    cfg = copy.deepcopy(DEFAULTS)
+def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), profile: str | None = None,
+                flags: Mapping[str, Any] | None = None) -> dict:
+    """Defaults <- YAML file (a path, or a shipped config's name) <- profile <- command-line flags
+    (dotted keys) <- ``key=value`` overrides, then :func:`validate_config`."""
+    layers: list[Layer] = []
     if path is not None:
-        path = Path(path)
-        merge_into(cfg, read_yaml_mapping(path, "config file"), DEFAULTS, source=str(path))
+        path = find_config(path, "pretrain")
+        layers.append((str(path), read_yaml_mapping(path, "config file")))
     if profile is not None:
         if profile not in PROFILES:
             raise UserError(f"unknown profile {profile!r}; available: {sorted(PROFILES)}")
-        for key, value in PROFILES[profile].items():
-            set_key(cfg, key, value, source=f"profile {profile}")
-    for item in overrides:
-        key, value = parse_override(item)
-        set_key(cfg, key, value, source=f"override {item!r}")
+        layers.append((f"profile {profile}", _nested(PROFILES[profile])))
+    if flags:
+        layers.append(("command-line flags", _nested(flags)))
+    cfg = compose(PretrainConfig, layers, overrides)
     validate_config(cfg)
     return cfg
 
 
-def read_yaml_mapping(path: str | os.PathLike, what: str = "file") -> dict:
-    """A YAML file that must hold a mapping (configs, plans, settings); clear errors otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {what} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from exc
-    if not isinstance(data, Mapping):
-        raise UserError(f"{path}: a {what} must be a YAML mapping, got {type(data).__name__}")
-    return dict(data)
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise UserError(f"override {item!r} must look like key=value (e.g. train.epochs=5)")
-    key, _, text = item.partition("=")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise UserError(f"override {item!r}: value is not valid YAML") from exc
-    return key.strip(), value
-
-
-def merge_into(cfg: dict, data: Mapping, schema: Mapping, source: str, prefix: str = "") -> None:
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if key not in schema:
-            raise UserError(f"{source}: unknown config key {name!r}; known keys here: {sorted(schema)}")
-        if isinstance(schema[key], dict):
-            if not isinstance(value, Mapping):
-                raise UserError(f"{source}: {name!r} must be a mapping of {sorted(schema[key])}")
-            merge_into(cfg[key], value, schema[key], source, prefix=f"{name}.")
-        else:
-            cfg[key] = _checked(name, value, schema[key], source)
-
-
-def set_key(cfg: dict, dotted: str, value: Any, source: str) -> None:
-    """Set one dotted key (``loss.w_outer``) through :func:`merge_into`, checked as a YAML file is."""
-    for part in reversed(dotted.split(".")):
-        value = {part: value}
-    merge_into(cfg, value, DEFAULTS, source)
-
-
-def _checked(name: str, value: Any, default: Any, source: str) -> Any:
-    """Type-check ``value`` against the default's kind (ints are accepted for floats)."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    elif isinstance(default, list):
-        ok = isinstance(value, list)
-    else:
-        ok = True
-    if not ok:
-        raise UserError(f"{source}: {name!r} must be a {type(default).__name__}, got {value!r}")
-    return value
+def _nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
 def _choice(name: str, value: Any, choices: Iterable[str]) -> None:
@@ -211,7 +216,6 @@ def _choice(name: str, value: Any, choices: Iterable[str]) -> None:
 
 def validate_config(cfg: Mapping) -> None:
     """Cross-field checks; every problem is a one-line :class:`UserError` before any work starts."""
-    from pretrain.backbones import TORCHVISION_RESNETS
     from pretrain.losses import RING_SCHEDULES, check_ring, check_temperature
 
     _choice("method", cfg["method"], METHODS)
@@ -268,6 +272,4 @@ def resolved_stem(cfg: Mapping, image_size: int) -> str:
     """``stem: auto`` -> ``"cifar"`` for 32-96 px images (the transfer stage expects it), else ``"imagenet"``."""
     if cfg["stem"] != "auto":
         return cfg["stem"]
-    from pretrain.backbones import TORCHVISION_RESNETS
-
     return "cifar" if image_size <= 96 and cfg["arch"] in TORCHVISION_RESNETS else "imagenet"

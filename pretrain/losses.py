@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 RING_SCHEDULES = ("constant", "linear", "step", "exponential")
 HCL_ESTIMATORS = ("hard", "easy")

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pretrain.cli import UserError, add_common_flags, run_main
+from ringbench.cli import add_common_flags, run_main
+from ringbench.errors import UserError
 from pretrain.config import DATASETS, PROFILES, load_config
 
 
@@ -32,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", type=Path, help="YAML config (configs/pretrain/*.yaml); defaults if omitted")
+    parser.add_argument("--config", type=Path,
+                        help="YAML config: a path, or the name of a shipped one (moco_ring, ir, ...: "
+                             "configs/pretrain/); defaults if omitted")
     parser.add_argument("--profile", choices=sorted(PROFILES),
                         help="preset overrides; 'demo' = small synthetic run of a few minutes on CPU")
     parser.add_argument("--data", choices=DATASETS, help="dataset (sets data.name); 'synthetic' needs no files")
@@ -56,12 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def flag_overrides(args: argparse.Namespace) -> list[str]:
+def flag_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The config keys the named flags set (dotted), for those given."""
     pairs = {
-        "data.name": args.data, "data.root": args.data_root, "train.epochs": args.epochs,
-        "train.batch_size": args.batch_size, "optim.lr": args.lr, "train.seed": args.seed, "arch": args.arch,
+        "data.name": args.data, "data.root": str(args.data_root) if args.data_root else None,
+        "train.epochs": args.epochs, "train.batch_size": args.batch_size, "optim.lr": args.lr,
+        "train.seed": args.seed, "arch": args.arch,
     }
-    return [f"{key}={value}" for key, value in pairs.items() if value is not None]
+    return {key: value for key, value in pairs.items() if value is not None}
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -69,7 +74,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     for item in args.overrides:
         if "=" not in item:
             raise UserError(f"unexpected argument {item!r}: overrides look like key=value (see --help)")
-    return load_config(args.config, [*flag_overrides(args), *args.overrides], profile=args.profile)
+    return load_config(args.config, args.overrides, profile=args.profile, flags=flag_settings(args))
 
 
 def card_changes(argv: Sequence[str]) -> list[str] | None:
@@ -78,7 +83,7 @@ def card_changes(argv: Sequence[str]) -> list[str] | None:
     args = build_parser().parse_args(argv)
     if args.out is None or not args.out.exists():
         return None
-    from pretrain.checkpoint import load_card
+    from ringbench.card import load_card
     from pretrain.train import config_changes
 
     return config_changes(load_card(args.out).meta.get("config") or {}, resolve_config(args))

@@ -26,12 +26,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pretrain import distributed as dist
-from pretrain.checkpoint import BackboneCard, load_checkpoint_file, make_meta, save_card
-from pretrain.cli import UserError
+from ringbench.card import BackboneCard, load_checkpoint_file, make_meta, save_card
+from ringbench.errors import UserError
 from pretrain.config import resolved_stem
 from pretrain.data.datasets import DataSpec, open_splits
 from pretrain.data.transforms import IndexedDataset, MultiView, eval_transform, moco_v2_augmentation
-from pretrain.fileio import atomic_save
+from ringbench.fileio import atomic_save
 from pretrain.knn import extract_features, knn_accuracy
 from pretrain.methods import Method, build_method
 

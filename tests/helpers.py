@@ -20,7 +20,7 @@ def resnet_state(arch: str = "resnet18", stem: str = "imagenet", seed: int = 0) 
 
 
 def write_card(path: Path, arch: str = "resnet18", stem: str = "cifar", seed: int = 0, **meta) -> Path:
-    from pretrain.checkpoint import BackboneCard, make_meta, save_card
+    from ringbench.card import BackboneCard, make_meta, save_card
 
     fields = dict(method="moco", loss="ring", loss_params={"t": 0.07}, dataset="synthetic", epochs=1,
                   image_size=32 if stem == "cifar" else 224, mean=[0.5, 0.4, 0.3], std=[0.25, 0.25, 0.25], seed=seed,

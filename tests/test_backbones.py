@@ -11,8 +11,8 @@ import pytest
 import torch
 import torchvision
 
-from pretrain.checkpoint import IMAGENET_MEAN
-from pretrain.cli import UserError
+from ringbench.card import IMAGENET_MEAN
+from ringbench.errors import UserError
 from transfer.backbones import load_backbone
 from tests.helpers import write_card
 

@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-from pretrain.checkpoint import FORMAT, BackboneCard, load_card, load_checkpoint_file, make_meta, save_card
-from pretrain.cli import UserError
+from ringbench.card import FORMAT, BackboneCard, load_card, load_checkpoint_file, make_meta, save_card
+from ringbench.errors import UserError
 from tests.helpers import resnet_state, write_card
 
 

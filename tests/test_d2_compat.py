@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 pytest.importorskip("detectron2", reason="Detectron2 is installed by `make setup`")
 

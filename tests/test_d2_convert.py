@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 from tests.helpers import resnet_state
 from transfer.d2 import convert
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 from tests.helpers import run_cli
 from transfer.d2 import install
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint import BackboneCard, load_card, save_card
+from ringbench.card import BackboneCard, load_card, save_card
 from tests.helpers import write_card
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data import shapes
+from ringbench import shapes
 from transfer.d2 import synthetic_coco
 
 SMALL = dict(num_train=4, num_val=3, height=64, width=80, max_objects=3, seed=5)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 from tests.helpers import run_cli, write_card
 from transfer.d2 import tasks as d2tasks
 from transfer.d2 import train

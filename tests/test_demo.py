@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.checkpoint import load_card
+from ringbench.card import load_card
 from tests.helpers import REPO, run_cli, write_card
 
 

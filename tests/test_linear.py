@@ -11,7 +11,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from metadataset.probes import l2_normalise
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 from tests.helpers import write_card
 from tests.test_metadataset_probes import _one_blas_thread  # noqa: F401 (autouse fixture)
 from transfer.backbones import load_backbone

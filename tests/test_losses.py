@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 from pretrain.losses import (
     dcl_loss,
     hcl_loss,

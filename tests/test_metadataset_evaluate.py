@@ -15,7 +15,7 @@ from metadataset.evaluate import (
 )
 from metadataset.probes import CentroidProbe
 from metadataset.sampling import FixedEpisodes, VariableEpisodes, sample_episodes
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 
 def _result(source, accs):

@@ -19,7 +19,7 @@ from metadataset.probes import (
     make_probe,
     solve_logreg,
 )
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from metadataset.sampling import (
     sample_variable_episode,
     validate_split,
 )
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 RULES = VariableEpisodes()
 

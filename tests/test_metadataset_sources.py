@@ -19,7 +19,7 @@ from metadataset.sources import (
     open_source,
     synthetic_source,
 )
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 
 def image_bytes(seed: int, size: int = 12, fmt: str = "PNG") -> bytes:
@@ -233,7 +233,7 @@ def test_embedded_sources():
     items = list(synth.items())
     assert len(items) == 24 and items[0][2]().size == (24, 24)
     np.testing.assert_array_equal(np.asarray(items[4][2]()), np.asarray(list(synth.items())[4][2]()))
-    from pretrain.data.shapes import class_order
+    from ringbench.shapes import class_order
 
     assert not set(class_order(256)[-8:]) & set(class_order(64))  # held-out classes
     small = limit_per_class(digits, 5)

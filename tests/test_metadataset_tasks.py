@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from metadataset.evaluate import confidence_interval
-from metadataset.tasks import add_fewshot_arguments
-from pretrain.cli import UserError
+from transfer.fewshot import add_fewshot_arguments
+from ringbench.errors import UserError
 from tests.helpers import run_cli, write_card
 from tests.test_metadataset_sources import image_bytes, write_omniglot
 from transfer.backbones import load_backbone
@@ -122,7 +122,10 @@ def test_bad_settings_and_data_are_user_errors(card, tmp_path):
         task.validate(backbone, config)
     config_file = tmp_path / "fs.yaml"
     config_file.write_text("episodes: 7\nprobe: centroid\nbogus: 1\n")
-    with pytest.raises(UserError, match="unknown settings \\['bogus'\\]"):
+    with pytest.raises(UserError, match="fs.yaml: unknown config key 'bogus'"):
+        get_task("fewshot_digits").make_config(_args("--fewshot-config", str(config_file)))
+    config_file.write_text("episodes: many\n")
+    with pytest.raises(UserError, match="fs.yaml: 'episodes' must be an int, got 'many'"):
         get_task("fewshot_digits").make_config(_args("--fewshot-config", str(config_file)))
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import pretrain.train as trainer
-from pretrain.checkpoint import load_card
+from ringbench.card import load_card
 from pretrain.config import load_config
 from pretrain.losses import hcl_loss, in_batch_ring_loss, nt_xent_loss
-from pretrain.methods.cmc import TwoStreamBackbone, rgb_to_lab, scaled_resnet
+from pretrain.backbones import TwoStreamBackbone, rgb_to_lab, scaled_resnet
 from tests.test_pretrain_methods import _views, one_thread, tiny_method  # noqa: F401  (autouse fixture)
 from tests.test_pretrain_train import TINY_RUN
 

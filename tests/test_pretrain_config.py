@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 from pretrain.config import DEFAULTS, PROFILES, load_config, resolved_stem
 from pretrain.train import learning_rate
 from tests.helpers import REPO, run_cli
@@ -49,7 +49,7 @@ def test_overrides_profile_and_types(tmp_path: Path):
         (["loss.w_outer=0"], "w_outer"),
         (["loss.w_outer=1.5"], "w_outer"),
         (["loss.num_samples=0"], "num_samples"),
-        (["train.epochs=abc"], "must be a int"),
+        (["train.epochs=abc"], "must be an int"),
         (["train.batch_size=0"], "batch_size"),
         (["data.name=cifar10"], "needs data.root"),
         (["optim.milestones=[1.5]"], "milestones"),
@@ -83,7 +83,7 @@ def test_cli_help_by_path():
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys):
-    from pretrain.cli import run_main
+    from ringbench.cli import run_main
     from pretrain.run import main
 
     assert run_main(main, ["--config", str(CONFIGS / "moco_ring.yaml"), "loss.w_iner=0.2"]) == 2

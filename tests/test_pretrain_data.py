@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 from pretrain.data.datasets import cifar, image_folder, open_splits, stl10
 from pretrain.data.transforms import IndexedDataset, MultiView, eval_transform, moco_v2_augmentation
 from pretrain.knn import knn_accuracy, knn_predict

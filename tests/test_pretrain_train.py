@@ -13,8 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 import pretrain.train as trainer
-from pretrain.checkpoint import load_card, load_checkpoint_file
-from pretrain.cli import UserError
+from ringbench.card import load_card, load_checkpoint_file
+from ringbench.errors import UserError
 from pretrain.config import load_config
 from pretrain.methods import build_method
 from tests.test_pretrain_methods import one_thread  # noqa: F401  (autouse fixture)

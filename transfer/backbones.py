@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from pretrain.backbones import TORCHVISION_RESNETS, backbone_keys, create_backbone
-from pretrain.checkpoint import IMAGENET_MEAN, IMAGENET_STD, is_card, load_checkpoint_file, validate_card_dict
-from pretrain.cli import UserError, preview
-from pretrain.fileio import sha256_file
+from ringbench.card import IMAGENET_MEAN, IMAGENET_STD, is_card, load_checkpoint_file, validate_card_dict
+from ringbench.errors import UserError, preview
+from ringbench.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 

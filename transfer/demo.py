@@ -22,14 +22,15 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run by path: make the repository importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import UserError, add_common_flags, run_main  # noqa: E402
+from ringbench.cli import add_common_flags, run_main  # noqa: E402
+from ringbench.errors import UserError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PLAN = REPO / "configs" / "demo.yaml"
 
 
 def load_plan(path: Path) -> dict[str, Any]:
-    from pretrain.config import read_yaml_mapping
+    from ringbench.config import read_yaml_mapping
 
     plan = read_yaml_mapping(path, "demo plan")
     for key in ("backbones", "tasks"):
@@ -51,7 +52,7 @@ def _recorded(run_args: list[str]) -> bool:
     """Whether ``transfer/run.py run_args`` would skip: its record (backbone hash, task, config) exists.
 
     Checked here, without starting a process per run, so that a second demo takes seconds."""
-    from pretrain.fileio import sha256_file
+    from ringbench.fileio import sha256_file
     from transfer.run import build_parser, existing_record
 
     parsed = build_parser().parse_args(run_args)

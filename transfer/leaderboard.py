@@ -24,7 +24,8 @@ from typing import Sequence
 if __package__ in (None, ""):  # run by path: make the repository importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import UserError, add_common_flags, run_main  # noqa: E402
+from ringbench.cli import add_common_flags, run_main  # noqa: E402
+from ringbench.errors import UserError  # noqa: E402
 from transfer.compare import Cell, Column, DeltaCell, Table, build_table  # noqa: E402
 
 MISSING = "—"
@@ -228,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = make_table(args.results, args.tasks, args.baseline, args.all_metrics)
     text = RENDERERS[args.format](table)
     if args.out:
-        from pretrain.fileio import atomic_write_text
+        from ringbench.fileio import atomic_write_text
 
         atomic_write_text(args.out, text)
         print(f"wrote {args.out}", file=sys.stderr)

@@ -21,8 +21,9 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -32,8 +33,8 @@ from metadataset.probes import (
     CV_MAX_ITER, CV_TOL, DEFAULT_GRID, l2_normalise, logreg_logits, solve_logreg, solver_dtype,
 )
 from metadataset.sources import ImageSet, data_digest, decode_image
-from metadataset.tasks import add_flag_group, resolve_flags
-from pretrain.cli import UserError
+from ringbench.config import add_schema_flags, settings_from_args
+from ringbench.errors import UserError
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
 DATA_ROOT_ENV = "RINGBENCH_DATA"
@@ -43,31 +44,28 @@ LAYOUTS = {  # dataset -> (folder under the data root, what it must hold)
     "stl10": ("stl10_binary", ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"]),
     "imagenet": ("imagenet", ["train", "val"]),
 }
-DEFAULTS: dict[str, Any] = {
-    "linear_grid": ",".join(f"{g:g}" for g in DEFAULT_GRID),
-    "linear_val_fraction": 0.2,
-    "linear_seed": 0,
-    "linear_max_iter": 1000,
-    "linear_image_size": None,
-    "linear_synthetic_classes": 32,
-    "linear_synthetic_train": 40,
-    "linear_synthetic_test": 10,
-}
-_FLAGS = {
-    "linear_grid": ("--linear-grid", str, "comma-separated weight decays to choose from"),
-    "linear_val_fraction": ("--linear-val-fraction", float, "fraction of train held out to choose the weight decay"),
-    "linear_seed": ("--linear-seed", int, "seed of the held-out split"),
-    "linear_max_iter": ("--linear-max-iter", int, "L-BFGS iterations per fit"),
-    "linear_image_size": ("--linear-image-size", int, "resize images to this size (default: the backbone card's)"),
-    "linear_synthetic_classes": ("--linear-synthetic-classes", int, "linear_synthetic: shape classes"),
-    "linear_synthetic_train": ("--linear-synthetic-train", int, "linear_synthetic: train images per class"),
-    "linear_synthetic_test": ("--linear-synthetic-test", int, "linear_synthetic: test images per class"),
-}
+
+
+@dataclass
+class LinearSettings:
+    """The linear family's settings (flags ``--linear-*``) with their defaults."""
+
+    linear_grid: str = field(default=",".join(f"{g:g}" for g in DEFAULT_GRID),
+                             metadata={"help": "comma-separated weight decays to choose from"})
+    linear_val_fraction: float = field(default=0.2, metadata={"help": "fraction of train held out to choose the "
+                                                              "weight decay"})
+    linear_seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
+    linear_max_iter: int = field(default=1000, metadata={"help": "L-BFGS iterations per fit"})
+    linear_image_size: Optional[int] = field(default=None, metadata={"help": "resize images to this size "
+                                                                     "(default: the backbone card's)"})
+    linear_synthetic_classes: int = field(default=32, metadata={"help": "linear_synthetic: shape classes"})
+    linear_synthetic_train: int = field(default=40, metadata={"help": "linear_synthetic: train images per class"})
+    linear_synthetic_test: int = field(default=10, metadata={"help": "linear_synthetic: test images per class"})
 
 
 def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
     """The linear family's flags (added once to the shared ``transfer/run.py`` parser)."""
-    add_flag_group(parser, "linear evaluation tasks (linear_*)", _FLAGS, DEFAULTS)
+    add_schema_flags(parser, LinearSettings, "linear evaluation tasks (linear_*)")
 
 
 # --- datasets ------------------------------------------------------------------------------------
@@ -128,7 +126,7 @@ def read_stl10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[s
 def open_linear_split(name: str, split: str, root: str | None, config: dict[str, Any], image_size: int) -> ImageSet:
     """The ``train`` or ``test`` images of one linear-evaluation dataset."""
     if name == "synthetic":
-        from pretrain.data.shapes import SyntheticShapes
+        from ringbench.shapes import SyntheticShapes
 
         per_class = config["synthetic"]["train" if split == "train" else "test"]
         ds = SyntheticShapes(num_classes=config["synthetic"]["classes"], images_per_class=per_class,
@@ -228,7 +226,7 @@ def _parse_grid(text: str) -> list[float]:
 
 def make_linear_task(dataset: str, description: str) -> Task:
     def make_config(args: argparse.Namespace) -> dict[str, Any]:
-        settings = resolve_flags(args, DEFAULTS)
+        settings = settings_from_args(args, LinearSettings)
         if not 0 < settings["linear_val_fraction"] < 1:
             raise UserError(f"--linear-val-fraction must be in (0, 1), got {settings['linear_val_fraction']}")
         config = {"dataset": dataset, "grid": _parse_grid(settings["linear_grid"]),

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 RECORDS_FILE = "records.jsonl"
 
@@ -134,7 +134,7 @@ def engine_versions_now() -> dict[str, str]:
     import torch
     import torchvision
 
-    from pretrain import __version__
+    from ringbench import __version__
 
     versions = {
         "ringbench": __version__,

@@ -18,7 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run by path: make the repository importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.cli import UserError, add_common_flags, run_main  # noqa: E402
+from ringbench.cli import add_common_flags, run_main  # noqa: E402
+from ringbench.errors import UserError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +83,7 @@ def readme_tasks_block() -> str:
 
 def write_readme_tasks(readme: Path) -> None:
     """Replace the README's task list (between the markers) with the registry's."""
-    from pretrain.fileio import atomic_write_text
+    from ringbench.fileio import atomic_write_text
 
     text = readme.read_text()
     start, end = text.find(README_TASKS[0]), text.find(README_TASKS[1])

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 # Modules that call ``register`` at import time, one per task family.
 _TASK_MODULES = (
     "transfer.d2.tasks",
-    "metadataset.tasks",
+    "transfer.fewshot",
     "transfer.linear",
 )
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.checkpoint import IMAGENET_MEAN, IMAGENET_STD, NumpyUnpickler
-from pretrain.cli import UserError
+from ringbench.card import IMAGENET_MEAN, IMAGENET_STD, NumpyUnpickler
+from ringbench.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def image_folder(root: str | Path, split: str) -> torch.utils.data.Dataset:
 
 
 def synthetic(cfg: Mapping[str, Any], split: str) -> torch.utils.data.Dataset:
-    from pretrain.data.shapes import SyntheticShapes
+    from ringbench.shapes import SyntheticShapes
 
     images = cfg["synthetic_images_per_class"]
     if split != "train":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 from pretrain.methods.base import Method
 
 

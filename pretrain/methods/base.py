@@ -17,7 +17,7 @@ from torch import nn
 
 from pretrain import losses
 from pretrain.backbones import create_backbone
-from pretrain.checkpoint import IMAGENET_MEAN, IMAGENET_STD
+from ringbench.card import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ProjectionHead(nn.Sequential):

@@ -20,7 +20,7 @@ import types
 import warnings
 from functools import lru_cache
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 INSTALL_HINT = "run `make setup` or `python -m transfer.d2.install`"
 _SUBMODULES = (

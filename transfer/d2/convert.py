@@ -26,20 +26,12 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from pretrain.cli import UserError, preview
+from ringbench.errors import UserError, preview
 
 LAYOUTS = ("fpn", "c4")
 # A Detectron2 ResNet parameter/buffer: the stem, or a block's convs and shortcut (with their norms).
 _D2_RESNET_KEY = re.compile(r"^(stem\.conv1\.|res[2-5]\.\d+\.(conv\d|shortcut)\.)")
 _TV_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
-# Depth and stage-2 width (RESNETS.DEPTH, RESNETS.RES2_OUT_CHANNELS) per torchvision arch.
-D2_RESNETS = {
-    "resnet18": (18, 64),
-    "resnet34": (34, 64),
-    "resnet50": (50, 256),
-    "resnet101": (101, 256),
-    "resnet152": (152, 256),
-}
 
 
 def _block_key(rest: str) -> str:

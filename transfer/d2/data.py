@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain.cli import UserError
+from ringbench.errors import UserError
 
 ENV_VAR = "DETECTRON2_DATASETS"
 COCO_HOWTO = (
@@ -134,7 +134,7 @@ def register_voc(root: Path) -> Splits:
 
 def register_synthetic(root: Path) -> Splits:
     """Register a dataset written by :mod:`transfer.d2.synthetic_coco` (train and val)."""
-    from pretrain.data import shapes
+    from ringbench import shapes
     from transfer.d2 import synthetic_coco
 
     meta = synthetic_coco.keypoint_metadata()

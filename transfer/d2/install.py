@@ -29,8 +29,9 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from pretrain.cli import UserError, add_common_flags, run_main
-from pretrain.fileio import sha256_file
+from ringbench.cli import add_common_flags, run_main
+from ringbench.errors import UserError
+from ringbench.fileio import sha256_file
 
 ARCHIVE_REQUIREMENT = "pb1-detectron2==0.6"
 ARCHIVE_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"

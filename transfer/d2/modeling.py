@@ -22,6 +22,7 @@ import math
 import torch.nn.functional as F
 from fvcore.nn import weight_init
 
+from ringbench.resnets import RESNETS
 from transfer.d2.compat import d2
 
 STEM_TYPES = ("imagenet", "cifar")
@@ -128,12 +129,11 @@ def register() -> None:
 
 def build_resnet(arch: str, stem: str = "imagenet", norm: str = "BN"):
     """Detectron2's ResNet (all four stages) for a torchvision arch, with our stem choice."""
-    from transfer.d2.convert import D2_RESNETS
-
     D2 = d2()
     cfg = D2.config.get_cfg()
     add_ringbench_config(cfg)
-    depth, res2 = D2_RESNETS[arch]
+    spec = RESNETS[arch]
+    depth, res2 = spec.depth, spec.res2_out_channels
     cfg.MODEL.RESNETS.DEPTH = depth
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = res2
     cfg.MODEL.RESNETS.STEM_TYPE = stem

@@ -1,6 +1,6 @@
 """The embedded detection dataset: synthetic shape scenes written as a real COCO dataset.
 
-``write_synthetic_coco(root, ...)`` renders scenes with :func:`pretrain.data.shapes.render_scene`
+``write_synthetic_coco(root, ...)`` renders scenes with :func:`ringbench.shapes.render_scene`
 (the renderer of the pretraining data) and writes::
 
     root/annotations/instances_{train,val}.json   boxes, RLE masks, keypoints
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.data import shapes
+from ringbench import shapes
 
 SPLITS = {"train": 0, "val": 1}
 DEFAULTS = {"num_train": 128, "num_val": 32, "height": 96, "width": 128, "max_objects": 3, "min_radius": 0.12,

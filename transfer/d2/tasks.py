@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from pretrain.cli import UserError
+from ringbench.config import add_schema_flags, settings_from_args
+from ringbench.errors import UserError
+from ringbench.resnets import RESNETS
 from transfer.d2 import convert, train
 from transfer.d2.data import check_files, resolve_data_root
 from transfer.d2.synthetic_coco import DEFAULTS as SYN_DEFAULTS
@@ -33,51 +36,56 @@ TASKS = {
     "syn_kp": ("Keypoint R-CNN FPN on synthetic shapes in COCO format (keypoint AP; no data needed)",
                "keypoints/AP", ("keypoints/AP", "bbox/AP")),
 }
-C4_ARCHS = ("resnet50", "resnet101", "resnet152")
+C4_ARCHS = tuple(arch for arch, spec in RESNETS.items() if spec.block == "bottleneck")
+
+
+@dataclass
+class Detectron2Settings:
+    """The Detectron2 family's settings (its flags) with their defaults."""
+
+    ims_per_batch: Optional[int] = field(default=None, metadata={
+        "help": "total images per iteration; the learning rate, iterations, steps and warm-up follow by the "
+                "linear scaling rule (default: the task config's)"})
+    iters: Optional[int] = field(default=None, metadata={
+        "help": "training iterations (after scaling; steps keep their fraction)"})
+    lr: Optional[float] = field(default=None, metadata={"help": "base learning rate (replaces the scaled one)"})
+    seeds: int = field(default=1, metadata={"help": "train with seeds 0..N-1; metrics are mean, with std"})
+    eval_only: bool = field(default=False, metadata={
+        "help": "evaluate the final weights of the same run (or --weights) without training"})
+    weights: Optional[str] = field(default=None, metadata={
+        "help": "with --eval-only: a Detectron2 model file to evaluate"})
+    num_gpus: Optional[int] = field(default=None, metadata={
+        "help": "GPUs per run (default: all visible with --device cuda)"})
+    syn_train_images: int = field(default=SYN_DEFAULTS["num_train"], metadata={"help": "syn_* tasks: training images"})
+    syn_val_images: int = field(default=SYN_DEFAULTS["num_val"], metadata={"help": "syn_* tasks: validation images"})
+    syn_seed: int = field(default=SYN_DEFAULTS["seed"], metadata={"help": "syn_* tasks: dataset seed"})
 
 
 def add_detectron2_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the Detectron2 family (added once to the shared ``transfer/run.py`` parser)."""
-    if "--ims-per-batch" in parser._option_string_actions:
-        return
-    group = parser.add_argument_group("Detectron2 tasks (coco_*, voc_det, syn_*)")
-    group.add_argument("--ims-per-batch", type=int, help="total images per iteration; the learning rate, "
-                       "iterations, steps and warm-up follow by the linear scaling rule (default: the task config's)")
-    group.add_argument("--iters", type=int, help="training iterations (after scaling; steps keep their fraction)")
-    group.add_argument("--lr", type=float, help="base learning rate (replaces the scaled one)")
-    group.add_argument("--seeds", type=int, default=1, help="train with seeds 0..N-1; metrics are mean, with std")
-    group.add_argument("--eval-only", action="store_true",
-                       help="evaluate the final weights of the same run (or --weights) without training")
-    group.add_argument("--weights", type=Path, help="with --eval-only: a Detectron2 model file to evaluate")
-    group.add_argument("--num-gpus", type=int, help="GPUs per run (default: all visible with --device cuda)")
-    group.add_argument("--syn-train-images", type=int, default=SYN_DEFAULTS["num_train"],
-                       help="syn_* tasks: training images")
-    group.add_argument("--syn-val-images", type=int, default=SYN_DEFAULTS["num_val"],
-                       help="syn_* tasks: validation images")
-    group.add_argument("--syn-seed", type=int, default=SYN_DEFAULTS["seed"], help="syn_* tasks: dataset seed")
+    add_schema_flags(parser, Detectron2Settings, "Detectron2 tasks (coco_*, voc_det, syn_*)")
 
 
 def make_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    settings = settings_from_args(args, Detectron2Settings)
     config_file = f"{name}.yaml"
     reference = train.solver_reference(config_file)
-    schedule = train.scale_schedule(
-        reference, getattr(args, "ims_per_batch", None), getattr(args, "iters", None), getattr(args, "lr", None)
-    )
+    schedule = train.scale_schedule(reference, settings["ims_per_batch"], settings["iters"], settings["lr"])
     config: dict[str, Any] = {
         "config_file": config_file,
         "config_sha256": train.config_sha256(config_file),
         **schedule,
-        "seeds": int(getattr(args, "seeds", 1)),
-        "eval_only": bool(getattr(args, "eval_only", False)),
-        "weights": str(args.weights) if getattr(args, "weights", None) else None,
-        "num_gpus": getattr(args, "num_gpus", None),
+        "seeds": settings["seeds"],
+        "eval_only": settings["eval_only"],
+        "weights": settings["weights"],
+        "num_gpus": settings["num_gpus"],
     }
     if name.startswith("syn_"):
         config["synthetic"] = {
             **SYN_DEFAULTS,
-            "num_train": int(getattr(args, "syn_train_images", SYN_DEFAULTS["num_train"])),
-            "num_val": int(getattr(args, "syn_val_images", SYN_DEFAULTS["num_val"])),
-            "seed": int(getattr(args, "syn_seed", SYN_DEFAULTS["seed"])),
+            "num_train": settings["syn_train_images"],
+            "num_val": settings["syn_val_images"],
+            "seed": settings["syn_seed"],
         }
     else:
         root = resolve_data_root(getattr(args, "data_root", None))
@@ -90,12 +98,12 @@ def validate(name: str, backbone: Any, config: dict[str, Any]) -> None:
     if backbone.streams:
         raise UserError(
             f"{backbone.path}: a two-stream card ({'+'.join(backbone.streams)}) cannot be a Detectron2 backbone; "
-            f"{name} takes one-stream torchvision ResNets: {', '.join(convert.D2_RESNETS)}"
+            f"{name} takes one-stream torchvision ResNets: {', '.join(RESNETS)}"
         )
-    if backbone.arch not in convert.D2_RESNETS:
+    if backbone.arch not in RESNETS:
         raise UserError(
             f"{backbone.path}: architecture {backbone.arch!r} has no Detectron2 backbone here; {name} supports "
-            f"torchvision ResNets: {', '.join(convert.D2_RESNETS)}"
+            f"torchvision ResNets: {', '.join(RESNETS)}"
         )
     if name == "voc_det" and backbone.arch not in C4_ARCHS:
         raise UserError(f"voc_det uses the C4 layout, whose res5 box head needs bottleneck blocks: "

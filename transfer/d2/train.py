@@ -23,12 +23,14 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from pretrain.cli import UserError
-from pretrain.fileio import atomic_save, atomic_write_text
+from ringbench.config import config_root
+from ringbench.errors import UserError
+from ringbench.resnets import RESNETS
+from ringbench.fileio import atomic_save, atomic_write_text
 from transfer.d2 import convert
 from transfer.d2.compat import d2, has_compiled_ops
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "transfer" / "detectron2"
+CONFIG_DIR = config_root() / "transfer" / "detectron2"
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _NORM_KEYS = (("RESNETS", "NORM"), ("FPN", "NORM"), ("ROI_BOX_HEAD", "NORM"), ("ROI_MASK_HEAD", "NORM"))
 
@@ -38,31 +40,22 @@ def config_path(name: str) -> Path:
     return CONFIG_DIR / name
 
 
-def read_config_chain(name: str) -> tuple[dict[str, Any], list[Path]]:
-    """A task YAML merged over its ``_BASE_`` chain (without Detectron2); the files read, base first."""
-    import yaml
+def read_config(name: str) -> dict[str, Any]:
+    """A task YAML merged over its ``_BASE_`` chain by Detectron2's own reader (fvcore's
+    ``CfgNode.load_yaml_with_base``, which ``merge_from_file`` uses), without importing Detectron2."""
+    from fvcore.common.config import CfgNode
 
     path = config_path(name)
     if not path.is_file():
         raise UserError(f"{path}: Detectron2 task config not found")
-    data = yaml.safe_load(path.read_text()) or {}
-    base = data.pop("_BASE_", None)
-    merged, files = read_config_chain(base) if base else ({}, [])
-    return _merge(merged, data), files + [path]
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
-    return out
+    return dict(CfgNode.load_yaml_with_base(str(path), allow_unsafe=False))
 
 
 def solver_reference(name: str) -> dict[str, Any]:
     """The schedule a task config states (the reference of the linear scaling rule)."""
     import ast
 
-    solver = read_config_chain(name)[0].get("SOLVER", {})
+    solver = read_config(name).get("SOLVER", {})
     steps = solver.get("STEPS", ())
     return {
         "ims_per_batch": int(solver.get("IMS_PER_BATCH", 16)),
@@ -74,13 +67,10 @@ def solver_reference(name: str) -> dict[str, Any]:
 
 
 def config_sha256(name: str) -> str:
-    """Hash of the YAML files a task reads (part of the run's identity)."""
+    """Hash of the task's resolved YAML (its ``_BASE_`` chain merged): part of the run's identity."""
     import hashlib
 
-    digest = hashlib.sha256()
-    for path in read_config_chain(name)[1]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+    return hashlib.sha256(json.dumps(read_config(name), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def scale_schedule(
@@ -125,7 +115,8 @@ def build_cfg(
     cfg = D2.config.get_cfg()
     add_ringbench_config(cfg)
     cfg.merge_from_file(str(config_path(config["config_file"])))
-    depth, res2 = convert.D2_RESNETS[backbone.arch]
+    spec = RESNETS[backbone.arch]
+    depth, res2 = spec.depth, spec.res2_out_channels
     cfg.MODEL.RESNETS.DEPTH = depth
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = res2
     cfg.MODEL.RESNETS.STEM_TYPE = backbone.stem

@@ -26,9 +26,9 @@ from typing import Any, Mapping
 
 import torch
 
-from pretrain import __version__
-from pretrain.cli import UserError
-from pretrain.fileio import atomic_save
+from ringbench import __version__
+from ringbench.errors import UserError
+from ringbench.fileio import atomic_save
 
 FORMAT_NAME = "ringbench-backbone"
 FORMAT_VERSION = 1

@@ -11,9 +11,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-
-class UserError(Exception):
-    """An error caused by the user's input (file, flag, config); reported in one line, exit 2."""
+from ringbench.errors import UserError
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +43,6 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         print("interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
-
-
-def preview(keys: list[str], n: int = 8) -> str:
-    """The first ``n`` of a list of keys for an error message: ``[a, b, ...]``."""
-    return f"[{', '.join(keys[:n])}{', ...' if len(keys) > n else ''}]"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -15,113 +15,76 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from metadataset.evaluate import SourceResult, evaluate_source, summarise, table_rows
 from metadataset.features import POOLINGS, extract_features
 from metadataset.probes import PROBES, make_probe, probe_from_config
 from metadataset.sampling import FixedEpisodes, VariableEpisodes, validate_split
 from metadataset.sources import MD_SOURCES, limit_per_class, open_source
-from pretrain.cli import UserError
+from ringbench.config import add_schema_flags, given_flags, settings_from_args
+from ringbench.errors import UserError
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
 MD_ROOT_ENV = "RINGBENCH_MD_ROOT"
-DEFAULTS: dict[str, Any] = {
-    "probe": "logreg",
-    "weight_decay": "cv",
-    "knn_k": 1,
-    "episodes": 600,
-    "episode_mode": None,  # None: variable for Meta-Dataset sources, fixed for the embedded ones
-    "ways": 5,
-    "shots": 5,
-    "queries": 15,
-    "episode_seed": 0,
-    "md_split": "test",
-    "image_size": None,  # None: the backbone card's image size
-    "pooling": "avg",
-    "max_images_per_class": None,
-    "synthetic_classes": 32,
-    "synthetic_images": 40,
-}
-_FLAGS = {  # setting -> (flag, type, help)
-    "probe": ("--probe", str, f"few-shot probe: {' | '.join(PROBES)}"),
-    "weight_decay": ("--weight-decay", str, "logreg L2 weight: a number, or 'cv' (chosen per episode by "
-                     "cross-validation on the support set)"),
-    "knn_k": ("--knn-k", int, "neighbours of the k-NN probe"),
-    "episodes": ("--episodes", int, "episodes per source (Meta-Dataset: 600)"),
-    "episode_mode": ("--episode-mode", str, "'variable' (Meta-Dataset's variable-way variable-shot) or 'fixed' "
-                     "(N-way K-shot Q-query); default: variable for md_* tasks, fixed for fewshot_*"),
-    "ways": ("--ways", int, "fixed episodes: classes per episode (implies --episode-mode fixed)"),
-    "shots": ("--shots", int, "fixed episodes: support images per class (implies fixed)"),
-    "queries": ("--queries", int, "fixed episodes: query images per class (implies fixed)"),
-    "episode_seed": ("--episode-seed", int, "seed of the episodes (same seed: same episodes for every backbone)"),
-    "md_split": ("--md-split", str, "class split of the sources: train | valid | test"),
-    "image_size": ("--image-size", int, "resize images to this square size (default: the backbone card's)"),
-    "pooling": ("--pooling", str, f"feature pooling: {' | '.join(POOLINGS)}"),
-    "max_images_per_class": ("--max-images-per-class", int, "use at most this many images per class (the first "
-                             "ones in the source's order); default all"),
-    "synthetic_classes": ("--synthetic-classes", int, "fewshot_synthetic: number of shape classes"),
-    "synthetic_images": ("--synthetic-images", int, "fewshot_synthetic: images per class"),
-}
 
 
-def add_flag_group(parser: argparse.ArgumentParser, title: str, flags: dict[str, tuple], defaults: dict[str, Any]):
-    """Add a task family's table of ``setting -> (flag, type, help)`` as one argument group, once
-    (several tasks of a family share it); every default is None so that a given flag is known.
-    Returns the group, or None when the flags are already there."""
-    if next(iter(flags.values()))[0] in parser._option_string_actions:
-        return None
-    group = parser.add_argument_group(title)
-    for setting, (flag, kind, text) in flags.items():
-        default = defaults[setting]
-        group.add_argument(flag, dest=setting, type=kind, default=None,
-                           help=text if default is None else f"{text} (default: {default})")
-    return group
+def _help(text: str) -> Any:
+    return field(default=None, metadata={"help": text})
 
 
-def resolve_flags(args: argparse.Namespace, defaults: dict[str, Any], config_file: Path | None = None,
-                  flag: str = "--fewshot-config") -> dict[str, Any]:
-    """Settings: the flags given on the command line, over a YAML file's values, over ``defaults``."""
-    settings = dict(defaults)
-    if config_file:
-        settings.update(_load_yaml(Path(config_file), defaults, flag))
-    settings.update({k: getattr(args, k) for k in defaults if getattr(args, k, None) is not None})
-    return settings
+@dataclass
+class FewShotSettings:
+    """The few-shot family's settings: flags, ``--fewshot-config`` YAML keys and defaults in one place."""
+
+    probe: str = field(default="logreg", metadata={"help": f"few-shot probe: {' | '.join(PROBES)}"})
+    weight_decay: str = field(default="cv", metadata={"help": "logreg L2 weight: a number, or 'cv' (chosen per "
+                                                      "episode by cross-validation on the support set)"})
+    knn_k: int = field(default=1, metadata={"help": "neighbours of the k-NN probe"})
+    episodes: int = field(default=600, metadata={"help": "episodes per source (Meta-Dataset: 600)"})
+    episode_mode: Optional[str] = _help("'variable' (Meta-Dataset's variable-way variable-shot) or 'fixed' (N-way "
+                                        "K-shot Q-query); default: variable for md_* tasks, fixed for fewshot_*")
+    ways: int = field(default=5, metadata={"help": "fixed episodes: classes per episode (implies --episode-mode "
+                                           "fixed)"})
+    shots: int = field(default=5, metadata={"help": "fixed episodes: support images per class (implies fixed)"})
+    queries: int = field(default=15, metadata={"help": "fixed episodes: query images per class (implies fixed)"})
+    episode_seed: int = field(default=0, metadata={"help": "seed of the episodes (same seed: same episodes for "
+                                                   "every backbone)"})
+    md_split: str = field(default="test", metadata={"help": "class split of the sources: train | valid | test"})
+    image_size: Optional[int] = _help("resize images to this square size (default: the backbone card's)")
+    pooling: str = field(default="avg", metadata={"help": f"feature pooling: {' | '.join(POOLINGS)}"})
+    max_images_per_class: Optional[int] = _help("use at most this many images per class (the first ones in the "
+                                                "source's order); default all")
+    synthetic_classes: int = field(default=32, metadata={"help": "fewshot_synthetic: number of shape classes"})
+    synthetic_images: int = field(default=40, metadata={"help": "fewshot_synthetic: images per class"})
+
+
+DEFAULTS: dict[str, Any] = asdict(FewShotSettings())
 
 
 def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
     """The few-shot family's flags (added once to the shared ``transfer/run.py`` parser)."""
-    group = add_flag_group(parser, "few-shot tasks (md_*, fewshot_*)", _FLAGS, DEFAULTS)
+    group = add_schema_flags(parser, FewShotSettings, "few-shot tasks (md_*, fewshot_*)")
     if group is None:
         return
     group.add_argument("--md-root", type=Path, default=None,
                        help=f"folder holding the converted Meta-Dataset sources (e.g. <root>/omniglot/"
                             f"dataset_spec.json); default --data-root, else ${MD_ROOT_ENV}")
-    group.add_argument("--fewshot-config", type=Path, default=None,
-                       help="YAML file of few-shot settings (configs/metadataset/*.yaml); flags override it")
-
-
-def _load_yaml(path: Path, known: dict[str, Any], flag: str) -> dict[str, Any]:
-    from pretrain.config import read_yaml_mapping
-
-    try:
-        data = read_yaml_mapping(path, "settings file")
-    except UserError as exc:
-        raise UserError(f"{flag} {exc}") from exc
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise UserError(f"{flag} {path}: unknown settings {unknown}; known: {sorted(known)}")
-    return data
+    group.add_argument("--fewshot-config", default=None,
+                       help="YAML file of few-shot settings, or a shipped one's name (configs/metadataset/: "
+                            "meta_dataset, fixed_5way_5shot, demo); flags override it")
 
 
 def resolve_settings(args: argparse.Namespace, sources: list[str]) -> dict[str, Any]:
     """Command line over YAML over defaults, checked and resolved to plain values."""
-    settings = resolve_flags(args, DEFAULTS, getattr(args, "fewshot_config", None))
-    given = {k: getattr(args, k, None) for k in DEFAULTS}
+    settings = settings_from_args(args, FewShotSettings, getattr(args, "fewshot_config", None), "--fewshot-config",
+                                  kind="metadataset")
+    given = given_flags(args, FewShotSettings)
     embedded = all(s in ("synthetic", "digits") for s in sources)
     if settings["episode_mode"] is None:
-        fixed_flags = any(given[k] is not None for k in ("ways", "shots", "queries"))
+        fixed_flags = any(k in given for k in ("ways", "shots", "queries"))
         settings["episode_mode"] = "fixed" if embedded or fixed_flags else "variable"
     if settings["episode_mode"] not in ("variable", "fixed"):
         raise UserError(f"--episode-mode must be 'variable' or 'fixed', got {settings['episode_mode']!r}")
