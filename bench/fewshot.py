@@ -24,9 +24,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run by path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from ringbench.cli import add_common_flags, run_main  # noqa: E402
+from ringbench.cli import add_common_flags, run_main
 
 
 def _random_card(folder: Path) -> Path:
@@ -37,8 +37,16 @@ def _random_card(folder: Path) -> Path:
 
     torch.manual_seed(0)
     state = create_backbone("resnet18", "cifar").state_dict()
-    meta = make_meta(method="random", loss="none", dataset="none", image_size=32, mean=[0.5, 0.5, 0.5],
-                     std=[0.25, 0.25, 0.25], epochs=0, seed=0)
+    meta = make_meta(
+        method="random",
+        loss="none",
+        dataset="none",
+        image_size=32,
+        mean=[0.5, 0.5, 0.5],
+        std=[0.25, 0.25, 0.25],
+        epochs=0,
+        seed=0,
+    )
     return save_card(BackboneCard("resnet18", state, "cifar", meta), folder / "random_resnet18.pth")
 
 
@@ -48,15 +56,19 @@ def _evaluate(backbone, source: str, cache: Path, probe, rules, episodes: int):
     from metadataset.sources import open_source
 
     start = time.perf_counter()
-    feats = extract_features(backbone, open_source(source, image_size=backbone.default_image_size), cache,
-                             progress=False)
+    feats = extract_features(
+        backbone, open_source(source, image_size=backbone.default_image_size), cache, progress=False
+    )
     result = evaluate_source(source, feats.features, feats.labels, feats.class_names, probe, rules, episodes)
     return time.perf_counter() - start, feats, result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/fewshot.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bench/fewshot.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--backbone", type=Path, help="backbone card (default: a random ResNet-18, 32 px)")
     parser.add_argument("--source", default="synthetic", choices=["synthetic", "digits"])
     parser.add_argument("--episodes", type=int, default=600)
@@ -80,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache_dir or tmp / "cache"
         rules = FixedEpisodes(5, 5, 15)
         probe = LogisticRegressionProbe(weight_decay=args.weight_decay)
-        print(f"backbone {backbone.name} ({backbone.arch}, {backbone.default_image_size} px), source {args.source}, "
-              f"{args.episodes} episodes 5-way 5-shot 15-query; torch threads {torch.get_num_threads()}")
+        print(
+            f"backbone {backbone.name} ({backbone.arch}, {backbone.default_image_size} px), source {args.source}, "
+            f"{args.episodes} episodes 5-way 5-shot 15-query; torch threads {torch.get_num_threads()}"
+        )
 
         first_s, feats, first = _evaluate(backbone, args.source, cache, probe, rules, args.episodes)
         second_s, again, second = _evaluate(backbone, args.source, cache, probe, rules, args.episodes)
@@ -117,10 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n2. logistic regression, lambda = {args.weight_decay:g}, {args.episodes} episodes")
         print(f"   ours, batched (PyTorch L-BFGS)         {ours_s:8.2f} s   accuracy {acc_ours:6.2f}%")
         print(f"   scikit-learn, one fit per episode      {sk_s:8.2f} s   accuracy {acc_sk:6.2f}%")
-        print(f"   -> {sk_s / ours_s:.1f}x faster (target >= 10x); accuracy difference {acc_ours - acc_sk:+.2f} points "
-              f"(target within 0.5); predictions agree on {agree:.2f}% of queries")
-        print(f"   ours with lambda by {cv.folds}-fold CV over {len(cv.grid)} values: {cv_s:.2f} s, "
-              f"accuracy {acc_cv:.2f}%")
+        print(
+            f"   -> {sk_s / ours_s:.1f}x faster (target >= 10x); accuracy difference {acc_ours - acc_sk:+.2f} points "
+            f"(target within 0.5); predictions agree on {agree:.2f}% of queries"
+        )
+        print(
+            f"   ours with lambda by {cv.folds}-fold CV over {len(cv.grid)} values: {cv_s:.2f} s, "
+            f"accuracy {acc_cv:.2f}%"
+        )
     return 0
 
 

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from ringbench.cli import add_common_flags, run_main
 from pretrain.losses import contrastive_from_logits, nce_loss, pair_logits, ring_bounds, ring_loss
+from ringbench.cli import add_common_flags, run_main
 
 
 def sorted_ring_loss(q, k, negatives, t, w_outer, w_inner):
@@ -66,10 +66,14 @@ def main(argv=None) -> int:
     with torch.no_grad():
         inner, outer = ring_bounds(args.queue, wo, wi)
         ranked = torch.sort(pair_logits(q, k, queue, t)[1], dim=1, descending=True).values
-        ties = int(((ranked[:, outer - 1] == ranked[:, outer]) | (ranked[:, max(inner - 1, 0)] == ranked[:, inner])).sum())
+        ties = int(
+            ((ranked[:, outer - 1] == ranked[:, outer]) | (ranked[:, max(inner - 1, 0)] == ranked[:, inner])).sum()
+        )
     print(f"value rel. diff vs sort: {rel:.2e}   gradient max rel. diff: {grad_err:.2e}")
-    print(f"(rows with a float tie at a ring boundary: {ties}; either tied negative may be kept, so the gradient"
-          " may differ there)")
+    print(
+        f"(rows with a float tie at a ring boundary: {ties}; either tied negative may be kept, so the gradient"
+        " may differ there)"
+    )
     print(f"speed-up vs sort: {t_sort / t_ring:.2f}x (target >= 3x)")
     print(f"cost vs nce:      {t_ring / t_nce:.2f}x (target <= 1.2x)")
     return 0

@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from ringbench.cli import add_common_flags, run_main
 from pretrain.config import load_config
 from pretrain.methods import build_method
 from pretrain.train import build_optimizer, prepare_data
+from ringbench.cli import add_common_flags, run_main
 
 
 def images_per_second(cfg: dict, batches: list[list[torch.Tensor]], dataset_size: int) -> float:
@@ -48,13 +48,19 @@ def main(argv=None) -> int:
     add_common_flags(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    common = [f"train.batch_size={args.batch}", f"moco.queue_size={args.queue}", "data.workers=0",
-              "data.synthetic_classes=64", f"data.synthetic_images_per_class={max(1, args.queue // 64)}"]
+    common = [
+        f"train.batch_size={args.batch}",
+        f"moco.queue_size={args.queue}",
+        "data.workers=0",
+        "data.synthetic_classes=64",
+        f"data.synthetic_images_per_class={max(1, args.queue // 64)}",
+    ]
     plain = load_config(None, ["method=moco", "loss.name=nce", *common])
     ring = load_config(None, ["method=moco", "loss.name=ring", *common])
     data = prepare_data(plain, views=2)
-    loader = torch.utils.data.DataLoader(data.train, batch_size=args.batch, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        data.train, batch_size=args.batch, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0)
+    )
     batches = []
     for views, _ in loader:
         batches.append(views)

@@ -28,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run by path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ringbench.cli import add_common_flags, run_main  # noqa: E402
+from ringbench.cli import add_common_flags, run_main
 
 
 def _random_card(folder: Path) -> Path:
@@ -38,10 +38,13 @@ def _random_card(folder: Path) -> Path:
     from ringbench.card import BackboneCard, make_meta, save_card
 
     torch.manual_seed(0)
-    meta = make_meta(method="random", loss="none", dataset="none", image_size=32, mean=[0.5, 0.5, 0.5],
-                     std=[0.25, 0.25, 0.25])
-    return save_card(BackboneCard("resnet18", create_backbone("resnet18", "cifar").state_dict(), "cifar", meta),
-                     folder / "random_r18.pth")
+    meta = make_meta(
+        method="random", loss="none", dataset="none", image_size=32, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]
+    )
+    return save_card(
+        BackboneCard("resnet18", create_backbone("resnet18", "cifar").state_dict(), "cifar", meta),
+        folder / "random_r18.pth",
+    )
 
 
 def _setup(backbone, task: str, iters: int, folder: Path):
@@ -68,7 +71,9 @@ def _trainers(cfg, backbone):
     D2.utils.env.seed_all_rng(cfg.SEED)
     model = D2.modeling.build_model(cfg)
     convert.load_converted(model, converted)
-    bare = D2.engine.SimpleTrainer(model, D2.data.build_detection_train_loader(cfg), D2.solver.build_optimizer(cfg, model))
+    bare = D2.engine.SimpleTrainer(
+        model, D2.data.build_detection_train_loader(cfg), D2.solver.build_optimizer(cfg, model)
+    )
     for trainer in (ours, bare):
         trainer.iter = trainer.start_iter = 0
         trainer.max_iter = cfg.SOLVER.MAX_ITER
@@ -108,8 +113,9 @@ def measure(cfg, backbone, warmup: int = 3) -> tuple[list[float], list[float]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--backbone", type=Path, help="backbone checkpoint (default: a random ResNet-18 card)")
     parser.add_argument("--task", default="syn_det", choices=["syn_det", "syn_instseg", "syn_kp"])
     parser.add_argument("--iters", type=int, default=40, help="training iterations of each loop")
@@ -132,10 +138,12 @@ def main(argv=None) -> int:
         cfg = train.build_cfg(config, backbone, splits, folder / "out", "cpu", seed=0)
         ours, bare = measure(cfg, backbone)
     ratio = statistics.median(ours) / statistics.median(bare)
-    print(f"{args.task} ({backbone.arch}, {len(ours)} timed iterations each, interleaved): ours "
-          f"{statistics.median(ours):.3f} s/it, bare SimpleTrainer {statistics.median(bare):.3f} s/it (medians); "
-          f"mean {statistics.fmean(ours):.3f} vs {statistics.fmean(bare):.3f}; overhead ratio {ratio:.3f} "
-          f"(target <= 1.05)")
+    print(
+        f"{args.task} ({backbone.arch}, {len(ours)} timed iterations each, interleaved): ours "
+        f"{statistics.median(ours):.3f} s/it, bare SimpleTrainer {statistics.median(bare):.3f} s/it (medians); "
+        f"mean {statistics.fmean(ours):.3f} vs {statistics.fmean(bare):.3f}; overhead ratio {ratio:.3f} "
+        f"(target <= 1.05)"
+    )
     return 0
 
 

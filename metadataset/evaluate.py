@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def evaluate_source(
     sampled = sample_episodes(episode_seed(seed, source), labels, len(class_names), episodes, rules, structure)
     accuracies = []
     for first in range(0, len(sampled), EPISODE_CHUNK):
-        chunk = sampled[first: first + EPISODE_CHUNK]
+        chunk = sampled[first : first + EPISODE_CHUNK]
         tasks = [(np.asarray(features[e.support]), e.support_labels, np.asarray(features[e.query])) for e in chunk]
         preds = probe.fit_predict_many(tasks)
         accuracies.extend(float(np.mean(p == e.query_labels)) for p, e in zip(preds, chunk))
@@ -102,6 +103,7 @@ def table_rows(results: Sequence[SourceResult]) -> list[tuple[str, str, int]]:
     rows = [(r.source, f"{100 * r.mean:.2f} ± {100 * r.ci95:.2f}", len(r.accuracies)) for r in results]
     if len(results) > 1:
         metrics, ci = summarise(results)
-        rows.append(("average", f"{metrics['acc_avg']:.2f} ± {ci['acc_avg']:.2f}", sum(len(r.accuracies)
-                                                                                        for r in results)))
+        rows.append(
+            ("average", f"{metrics['acc_avg']:.2f} ± {ci['acc_avg']:.2f}", sum(len(r.accuracies) for r in results))
+        )
     return rows

@@ -25,9 +25,10 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,8 +114,15 @@ def load_cached(folder: Path, key: dict[str, Any]) -> FeatureSet | None:
     if list(features.shape) != index["shape"] or labels.shape != (features.shape[0],) or features.dtype != np.float32:
         log.warning("%s: feature cache arrays do not match their index; rebuilding", folder)
         return None
-    return FeatureSet(features=features, labels=labels, class_names=list(index["class_names"]), path=folder,
-                      from_cache=True, skipped=list(index.get("skipped", [])), seconds=float(index.get("seconds", 0)))
+    return FeatureSet(
+        features=features,
+        labels=labels,
+        class_names=list(index["class_names"]),
+        path=folder,
+        from_cache=True,
+        skipped=list(index.get("skipped", [])),
+        seconds=float(index.get("seconds", 0)),
+    )
 
 
 def preprocess(image: Any, image_size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -128,18 +136,20 @@ def preprocess(image: Any, image_size: int, mean: torch.Tensor, std: torch.Tenso
     return (array - mean[:, None, None]) / std[:, None, None]
 
 
-def _batches(image_set: ImageSet, image_size: int, mean: torch.Tensor, std: torch.Tensor, batch_size: int,
-             skipped: list[str]) -> Iterator[tuple[torch.Tensor, list[int]]]:
+def _batches(
+    image_set: ImageSet, image_size: int, mean: torch.Tensor, std: torch.Tensor, batch_size: int, skipped: list[str]
+) -> Iterator[tuple[torch.Tensor, list[int]]]:
     images: list[torch.Tensor] = []
     labels: list[int] = []
     for label, ref, load in image_set.items():
         try:
             images.append(preprocess(load(), image_size, mean, std))
-        except Exception as exc:  # noqa: BLE001 - any decoder error means a corrupt image
+        except Exception as exc:
             skipped.append(ref)
             if len(skipped) <= MAX_WARNINGS:
-                warnings.warn(f"{image_set.name}: skipping corrupt image {ref} ({type(exc).__name__}: {exc})",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{image_set.name}: skipping corrupt image {ref} ({type(exc).__name__}: {exc})", stacklevel=2
+                )
             continue
         labels.append(label)
         if len(images) == batch_size:
@@ -183,8 +193,13 @@ def extract_features(
     dim = None
     from tqdm import tqdm
 
-    bar = tqdm(total=len(image_set), desc=f"features {image_set.name}/{image_set.split}", unit="img",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(image_set),
+        desc=f"features {image_set.name}/{image_set.split}",
+        unit="img",
+        disable=not progress,
+        leave=False,
+    )
     fd, raw_path = tempfile.mkstemp(prefix=".features.", suffix=".raw", dir=folder)
     try:
         with os.fdopen(fd, "wb") as raw, torch.inference_mode():
@@ -203,13 +218,20 @@ def extract_features(
         if len(skipped) > MAX_WARNINGS:
             warnings.warn(f"{image_set.name}: skipped {len(skipped)} corrupt images in total", stacklevel=2)
         if dim is None:
-            raise UserError(f"{image_set.name}/{image_set.split}: no readable image "
-                            f"({len(skipped)} corrupt, {len(image_set)} listed)")
+            raise UserError(
+                f"{image_set.name}/{image_set.split}: no readable image "
+                f"({len(skipped)} corrupt, {len(image_set)} listed)"
+            )
         n = len(labels)
         with atomic_write(folder / "features.npy", "wb") as handle:
             np.lib.format.write_array_header_1_0(
-                handle, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-                         "shape": (n, dim)})
+                handle,
+                {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                    "fortran_order": False,
+                    "shape": (n, dim),
+                },
+            )
             with open(raw_path, "rb") as raw:
                 shutil.copyfileobj(raw, handle, 1 << 22)
     finally:
@@ -218,12 +240,25 @@ def extract_features(
     with atomic_write(folder / "labels.npy", "wb") as handle:
         np.save(handle, np.asarray(labels, dtype=np.int64))
     seconds = time.perf_counter() - start
-    index = {"key": key, "shape": [n, dim], "class_names": list(image_set.class_names), "skipped": skipped,
-             "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "info": image_set.info}
+    index = {
+        "key": key,
+        "shape": [n, dim],
+        "class_names": list(image_set.class_names),
+        "skipped": skipped,
+        "seconds": round(seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "info": image_set.info,
+    }
     atomic_write_text(folder / "index.json", json.dumps(index, indent=1))
-    log.info("%s/%s: %d features (%d-d) in %.1fs, cached in %s", image_set.name, image_set.split, n, dim, seconds,
-             folder)
-    return FeatureSet(features=np.load(folder / "features.npy", mmap_mode="r"),
-                      labels=np.asarray(labels, dtype=np.int64), class_names=list(image_set.class_names),
-                      path=folder, from_cache=False, skipped=skipped, seconds=seconds)
+    log.info(
+        "%s/%s: %d features (%d-d) in %.1fs, cached in %s", image_set.name, image_set.split, n, dim, seconds, folder
+    )
+    return FeatureSet(
+        features=np.load(folder / "features.npy", mmap_mode="r"),
+        labels=np.asarray(labels, dtype=np.int64),
+        class_names=list(image_set.class_names),
+        path=folder,
+        from_cache=False,
+        skipped=skipped,
+        seconds=seconds,
+    )

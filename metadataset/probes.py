@@ -19,8 +19,9 @@ axes of its support (or a cheaper triangular basis of it) instead of ``D`` (:fun
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,8 +60,13 @@ def logreg_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
 
 
 def logreg_objective(
-    x: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor,
-    lam: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sample_weight: torch.Tensor,
+    class_mask: torch.Tensor,
+    lam: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
 ) -> torch.Tensor:
     """Per-problem ``(B, P)`` objective: weighted mean cross-entropy + ``lam/2 ||W||^2``."""
     logits = logreg_logits(x, weight, bias).masked_fill(~class_mask[:, None, None, :], _MASKED)
@@ -193,7 +199,7 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
         sy = dot(s, yv)
         good = sy > 1e-10
         rho = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy))
-        pairs = (pairs + [(s, yv, rho)])[-history:]
+        pairs = ([*pairs, (s, yv, rho)])[-history:]
         gamma = torch.where(good, sy / dot(yv, yv).clamp_min(1e-30), gamma)
         stalled = (f - new_f) <= ftol * torch.maximum(f.abs(), new_f.abs()).clamp_min(1.0)
         theta, f, g = new_theta, new_f, new_g
@@ -203,8 +209,9 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
     return theta[:, :, :d].permute(0, 2, 1, 3).contiguous(), theta[:, :, d].contiguous()
 
 
-def _curvature_diagonal(x: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor,
-                        lam: torch.Tensor) -> torch.Tensor:
+def _curvature_diagonal(
+    x: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor, lam: torch.Tensor
+) -> torch.Tensor:
     """``(B, P, D+1)`` diagonal of each problem's ``M`` (see :func:`solve_logreg`)."""
     b, n, d = x.shape
     xa2 = torch.cat([x, torch.ones(b, n, 1, dtype=x.dtype, device=x.device)], dim=2).square()
@@ -226,8 +233,14 @@ class _Batch:
     query: torch.Tensor  # (B, M, r)
 
 
-def _pad_batch(tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], device, dtype, project: bool,
-               group: int = 64, principal: bool = True) -> _Batch:
+def _pad_batch(
+    tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    device,
+    dtype,
+    project: bool,
+    group: int = 64,
+    principal: bool = True,
+) -> _Batch:
     """Pad episodes to common sizes; with ``project`` and fewer support examples than dimensions,
     express every feature in coordinates of its episode's support span (see the module docstring).
 
@@ -249,7 +262,7 @@ def _pad_batch(tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], devic
     valid = np.zeros((b, n), dtype=bool)
     class_mask = np.zeros((b, k), dtype=bool)
     for first in range(0, b, group):
-        chunk = tasks[first: first + group]
+        chunk = tasks[first : first + group]
         rows = slice(first, first + len(chunk))
         for i, (_, sy, _) in enumerate(chunk, first):
             y[i, : len(sy)] = sy
@@ -283,8 +296,9 @@ def _stack_padded(arrays: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarr
     return out
 
 
-def _span_coordinates(gram: torch.Tensor, cross: torch.Tensor, principal: bool = True, rel_eps: float = 1e-6
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _span_coordinates(
+    gram: torch.Tensor, cross: torch.Tensor, principal: bool = True, rel_eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """From ``gram = S S^T (B, n, n)`` and ``cross = Q S^T (B, m, n)``: coordinates ``Z`` of the
     support rows and of the queries in the span of the support, with ``Z Z^T = gram`` and the
     query-support inner products kept.
@@ -380,10 +394,14 @@ class LogisticRegressionProbe:
     def _solve_chunk(self, tasks) -> list[np.ndarray]:
         dtype = solver_dtype(self.device)
         batch = _pad_batch(tasks, self.device, dtype, project=True, principal=self.weight_decay == "cv")
-        lam = self._choose_weight_decay(batch) if self.weight_decay == "cv" else torch.full(
-            (len(tasks), 1), float(self.weight_decay), dtype=dtype, device=self.device)
-        weight, bias = solve_logreg(batch.x, batch.y, batch.valid[:, None].to(dtype), batch.class_mask, lam,
-                                    self.max_iter, self.tol)
+        lam = (
+            self._choose_weight_decay(batch)
+            if self.weight_decay == "cv"
+            else torch.full((len(tasks), 1), float(self.weight_decay), dtype=dtype, device=self.device)
+        )
+        weight, bias = solve_logreg(
+            batch.x, batch.y, batch.valid[:, None].to(dtype), batch.class_mask, lam, self.max_iter, self.tol
+        )
         logits = logreg_logits(batch.query, weight, bias)[:, :, 0].masked_fill(~batch.class_mask[:, None], _MASKED)
         pred = logits.argmax(-1).cpu().numpy()
         return [pred[i, : len(t[2])] for i, t in enumerate(tasks)]
@@ -400,8 +418,9 @@ class LogisticRegressionProbe:
         train = (~held_out & batch.valid[:, None]).to(dtype)
         lam = grid.repeat_interleave(f)[None].expand(len(batch.x), -1).contiguous()
         # choosing among grid points needs far less precision than the final fit
-        weight, bias = solve_logreg(batch.x, batch.y, train, batch.class_mask, lam, min(self.max_iter, CV_MAX_ITER),
-                                    max(self.tol, CV_TOL))
+        weight, bias = solve_logreg(
+            batch.x, batch.y, train, batch.class_mask, lam, min(self.max_iter, CV_MAX_ITER), max(self.tol, CV_TOL)
+        )
         logits = logreg_logits(batch.x, weight, bias).masked_fill(~batch.class_mask[:, None, None], _MASKED)
         correct = (logits.argmax(-1) == batch.y[..., None]).to(dtype).transpose(1, 2)  # (B, P, N)
         index = batch.y[:, :, None, None].expand(-1, -1, logits.shape[2], 1)

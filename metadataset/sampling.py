@@ -19,8 +19,8 @@ Variable-way variable-shot (Triantafillou et al., ICLR 2020, section 3.2 and app
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -89,8 +89,9 @@ def validate_split(class_names: Sequence[str], counts: Sequence[int], min_ways: 
     small = np.flatnonzero(counts < 2)
     if len(small):
         names = ", ".join(f"{class_names[i]!r} ({int(counts[i])})" for i in small[:5])
-        raise UserError(f"{where}: every class needs at least 2 images (one support, one query); "
-                        f"{len(small)} do not: {names}")
+        raise UserError(
+            f"{where}: every class needs at least 2 images (one support, one query); {len(small)} do not: {names}"
+        )
 
 
 # --- the rules, one function each ------------------------------------------------------------
@@ -187,8 +188,9 @@ def sample_variable_episode(
     sizes = class_sizes[classes]
     queries = compute_num_query(sizes, rules.max_num_query)
     remaining = sizes - queries
-    support = sample_support_set_size(rng, remaining, rules.max_support_size_contrib_per_class,
-                                      rules.max_support_set_size)
+    support = sample_support_set_size(
+        rng, remaining, rules.max_support_size_contrib_per_class, rules.max_support_set_size
+    )
     shots = sample_num_support_per_class(rng, sizes, remaining, support, rules.min_log_weight, rules.max_log_weight)
     return EpisodeDescription(classes=classes, shots=shots, queries=queries)
 
@@ -198,11 +200,14 @@ def sample_fixed_episode(rng: np.random.Generator, class_sizes: np.ndarray, rule
     class_sizes = np.asarray(class_sizes, dtype=np.int64)
     eligible = np.flatnonzero(class_sizes >= rules.shots + rules.queries)
     if len(eligible) < rules.ways:
-        raise UserError(f"{rules.ways}-way {rules.shots}-shot {rules.queries}-query episodes need {rules.ways} "
-                        f"classes with at least {rules.shots + rules.queries} images; only {len(eligible)} have")
+        raise UserError(
+            f"{rules.ways}-way {rules.shots}-shot {rules.queries}-query episodes need {rules.ways} "
+            f"classes with at least {rules.shots + rules.queries} images; only {len(eligible)} have"
+        )
     classes = rng.choice(eligible, size=rules.ways, replace=False).astype(np.int64)
-    return EpisodeDescription(classes=classes, shots=np.full(rules.ways, rules.shots, dtype=np.int64),
-                              queries=rules.queries)
+    return EpisodeDescription(
+        classes=classes, shots=np.full(rules.ways, rules.shots, dtype=np.int64), queries=rules.queries
+    )
 
 
 def sample_episode(
@@ -226,8 +231,7 @@ class Episode:
     query_labels: np.ndarray
 
 
-def draw_images(rng: np.random.Generator, description: EpisodeDescription,
-                members: Sequence[np.ndarray]) -> Episode:
+def draw_images(rng: np.random.Generator, description: EpisodeDescription, members: Sequence[np.ndarray]) -> Episode:
     """Pick each class's support and query images: a disjoint random subset of the class.
 
     ``members[c]`` holds the image indices of class ``c``.
@@ -239,8 +243,12 @@ def draw_images(rng: np.random.Generator, description: EpisodeDescription,
         query.append(chosen[shots:])
         support_y.append(np.full(shots, label))
         query_y.append(np.full(len(chosen) - shots, label))
-    return Episode(np.concatenate(support), np.concatenate(support_y).astype(np.int64),
-                   np.concatenate(query), np.concatenate(query_y).astype(np.int64))
+    return Episode(
+        np.concatenate(support),
+        np.concatenate(support_y).astype(np.int64),
+        np.concatenate(query),
+        np.concatenate(query_y).astype(np.int64),
+    )
 
 
 def class_members(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
@@ -248,7 +256,7 @@ def class_members(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
     labels = np.asarray(labels)
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
-    return [order[bounds[c]: bounds[c + 1]] for c in range(num_classes)]
+    return [order[bounds[c] : bounds[c + 1]] for c in range(num_classes)]
 
 
 def sample_episodes(

@@ -28,9 +28,10 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -118,13 +119,21 @@ def _read_json(path: Path, missing: str) -> Any:
 
 def read_dataset_spec(folder: Path) -> dict[str, Any]:
     path = folder / SPEC_FILE
-    spec = _read_json(path, f"{folder}: records folder has no {SPEC_FILE} (convert the source with Meta-Dataset's "
-                            f"dataset_conversion, which writes it next to the .tfrecords files)")
+    spec = _read_json(
+        path,
+        f"{folder}: records folder has no {SPEC_FILE} (convert the source with Meta-Dataset's "
+        f"dataset_conversion, which writes it next to the .tfrecords files)",
+    )
     kind = spec.get("__class__") if isinstance(spec, dict) else None
     required = {
         "DatasetSpecification": ("classes_per_split", "images_per_class", "class_names", "file_pattern"),
-        "BiLevelDatasetSpecification": ("superclasses_per_split", "classes_per_superclass", "images_per_class",
-                                        "class_names", "file_pattern"),
+        "BiLevelDatasetSpecification": (
+            "superclasses_per_split",
+            "classes_per_superclass",
+            "images_per_class",
+            "class_names",
+            "file_pattern",
+        ),
         "HierarchicalDatasetSpecification": ("split_subgraphs", "images_per_class", "class_names", "file_pattern"),
     }
     if kind not in required:
@@ -158,8 +167,9 @@ def split_classes(spec: dict[str, Any], split: str) -> tuple[list[int], ClassStr
         return ids, ClassStructure(superclass_of=np.asarray(superclass_of))
     # HierarchicalDatasetSpecification: leaves of each split's subgraph, ids contiguous per split
     graphs = spec["split_subgraphs"]
-    leaves_per_split = {s.upper(): sorted(n["wn_id"] for n in graphs.get(s.upper(), []) if not n["children_ids"])
-                        for s in SPLITS}
+    leaves_per_split = {
+        s.upper(): sorted(n["wn_id"] for n in graphs.get(s.upper(), []) if not n["children_ids"]) for s in SPLITS
+    }
     ids = list(_split_range({k: len(v) for k, v in leaves_per_split.items()}, split))
     id_of = {str(name): int(cid) for cid, name in spec["class_names"].items()}
     leaves = leaves_per_split[split.upper()]
@@ -205,8 +215,9 @@ def class_record_files(folder: Path, pattern: str, class_id: int) -> list[Path]:
     elif pattern == "{}_{}.tfrecords":
         files = sorted(Path(p) for p in glob.glob(str(folder / f"{class_id}_*.tfrecords")))
     else:
-        raise UserError(f"{folder / SPEC_FILE}: file_pattern {pattern!r} is not '{{}}.tfrecords' or "
-                        f"'{{}}_{{}}.tfrecords'")
+        raise UserError(
+            f"{folder / SPEC_FILE}: file_pattern {pattern!r} is not '{{}}.tfrecords' or '{{}}_{{}}.tfrecords'"
+        )
     missing = [str(f) for f in files if not f.is_file()]
     if not files or missing:
         raise UserError(f"{folder}: class {class_id} has no records file ({missing[0] if missing else pattern})")
@@ -220,8 +231,9 @@ def iter_records(path: Path) -> Iterator[tuple[bytes, int]]:
 
     with open(path, "rb") as f:
         compression = "gzip" if f.read(2) == b"\x1f\x8b" else None
-    examples = tfrecord_loader(str(path), None, description={"image": "byte", "label": "int"},
-                               compression_type=compression)
+    examples = tfrecord_loader(
+        str(path), None, description={"image": "byte", "label": "int"}, compression_type=compression
+    )
     for example in examples:
         image = example["image"]
         yield (image if isinstance(image, bytes) else np.asarray(image).tobytes()), int(np.ravel(example["label"])[0])
@@ -243,9 +255,16 @@ def records_source(name: str, folder: Path, split: str = "test") -> ImageSet:
                 for n, (data, _) in enumerate(iter_records(path)):
                     yield index, f"{path.name}#{n}", (lambda data=data: decode_image(data))
 
-    return ImageSet(name=name, split=split, class_names=names, counts=counts, items=items, structure=structure,
-                    fingerprint=data_digest("records", spec, sizes, split),
-                    info={"reader": "records", "folder": str(folder), "spec_class": spec["__class__"]})
+    return ImageSet(
+        name=name,
+        split=split,
+        class_names=names,
+        counts=counts,
+        items=items,
+        structure=structure,
+        fingerprint=data_digest("records", spec, sizes, split),
+        info={"reader": "records", "folder": str(folder), "spec_class": spec["__class__"]},
+    )
 
 
 # --- image folders -----------------------------------------------------------------------------
@@ -255,8 +274,11 @@ def folder_source(name: str, folder: Path, split: str = "test") -> ImageSet:
     """``<folder>/<class>/<image>`` with ``<folder>/splits.json`` naming each split's classes."""
     _check_split(split)
     split_path = folder / SPLIT_FILE
-    splits = _read_json(split_path, f"{folder}: image folder has no {SPLIT_FILE} (a JSON object with the class "
-                                    f"folder names under 'train', 'valid', 'test')")
+    splits = _read_json(
+        split_path,
+        f"{folder}: image folder has no {SPLIT_FILE} (a JSON object with the class "
+        f"folder names under 'train', 'valid', 'test')",
+    )
     try:
         classes = [str(c) for c in splits[split]]
     except (KeyError, TypeError) as exc:
@@ -275,16 +297,23 @@ def folder_source(name: str, folder: Path, split: str = "test") -> ImageSet:
                 yield index, str(path.relative_to(folder)), (lambda path=path: decode_image(path.read_bytes()))
 
     listing = [[str(p.relative_to(folder)), p.stat().st_size] for ps in files for p in ps]
-    return ImageSet(name=name, split=split, class_names=classes, counts=counts, items=items,
-                    fingerprint=data_digest("folder", classes, listing, split),
-                    info={"reader": "folder", "folder": str(folder)})
+    return ImageSet(
+        name=name,
+        split=split,
+        class_names=classes,
+        counts=counts,
+        items=items,
+        fingerprint=data_digest("folder", classes, listing, split),
+        info={"reader": "folder", "folder": str(folder)},
+    )
 
 
 # --- embedded defaults ---------------------------------------------------------------------------
 
 
-def synthetic_source(num_classes: int = 32, images_per_class: int = 40, image_size: int = 32,
-                     seed: int = 0) -> ImageSet:
+def synthetic_source(
+    num_classes: int = 32, images_per_class: int = 40, image_size: int = 32, seed: int = 0
+) -> ImageSet:
     """Rendered shapes: the last ``num_classes`` classes of the renderer's fixed permutation."""
     from ringbench import shapes
 
@@ -297,15 +326,22 @@ def synthetic_source(num_classes: int = 32, images_per_class: int = 40, image_si
 
         for index, label in enumerate(labels):
             for i in range(images_per_class):
+
                 def load(label=int(label), i=i):
                     rng = np.random.default_rng([seed, 7, label, i])
                     return Image.fromarray(shapes.render_classification(label, rng, image_size))
+
                 yield index, f"{label}/{i}", load
 
-    return ImageSet(name="synthetic", split="test", class_names=[" ".join(shapes.class_spec(int(c))) for c in labels],
-                    counts=np.full(num_classes, images_per_class, dtype=np.int64), items=items,
-                    fingerprint=data_digest("synthetic", labels.tolist(), images_per_class, image_size, seed),
-                    info={"reader": "synthetic", "render_size": image_size})
+    return ImageSet(
+        name="synthetic",
+        split="test",
+        class_names=[" ".join(shapes.class_spec(int(c))) for c in labels],
+        counts=np.full(num_classes, images_per_class, dtype=np.int64),
+        items=items,
+        fingerprint=data_digest("synthetic", labels.tolist(), images_per_class, image_size, seed),
+        info={"reader": "synthetic", "render_size": image_size},
+    )
 
 
 def digits_source() -> ImageSet:
@@ -323,10 +359,15 @@ def digits_source() -> ImageSet:
         for i, (img, label) in enumerate(zip(images, targets)):
             yield int(label), f"digits/{order[i]}", (lambda img=img: Image.fromarray(img).convert("RGB"))
 
-    return ImageSet(name="digits", split="test", class_names=[str(c) for c in range(10)],
-                    counts=np.bincount(targets, minlength=10).astype(np.int64), items=items,
-                    fingerprint=data_digest("digits", hashlib.sha256(images.tobytes()).hexdigest()),
-                    info={"reader": "sklearn.load_digits"})
+    return ImageSet(
+        name="digits",
+        split="test",
+        class_names=[str(c) for c in range(10)],
+        counts=np.bincount(targets, minlength=10).astype(np.int64),
+        items=items,
+        fingerprint=data_digest("digits", hashlib.sha256(images.tobytes()).hexdigest()),
+        info={"reader": "sklearn.load_digits"},
+    )
 
 
 # --- one entry point ---------------------------------------------------------------------------
@@ -338,13 +379,16 @@ def source_folder(name: str, root: Path) -> Path:
     for folder in candidates:
         if folder.is_dir():
             return folder
-    raise UserError(f"source {name!r}: no folder {candidates[0]}" +
-                    (f" or {candidates[1]}" if candidates[1] != candidates[0] else "") +
-                    " (converted Meta-Dataset records, or an image folder with splits.json); set --md-root")
+    raise UserError(
+        f"source {name!r}: no folder {candidates[0]}"
+        + (f" or {candidates[1]}" if candidates[1] != candidates[0] else "")
+        + " (converted Meta-Dataset records, or an image folder with splits.json); set --md-root"
+    )
 
 
-def open_source(name: str, root: str | os.PathLike | None = None, split: str = "test",
-                image_size: int = 32, **embedded: Any) -> ImageSet:
+def open_source(
+    name: str, root: str | os.PathLike | None = None, split: str = "test", image_size: int = 32, **embedded: Any
+) -> ImageSet:
     """Open a source by name: one of :data:`MD_SOURCES` (needs ``root``) or :data:`EMBEDDED_SOURCES`."""
     aliases = {v: k for k, v in MD_SOURCES.items()}
     name = aliases.get(name, name)
@@ -377,7 +421,13 @@ def limit_per_class(image_set: ImageSet, max_per_class: int | None) -> ImageSet:
                 seen[label] += 1
                 yield label, ref, load
 
-    return ImageSet(name=image_set.name, split=image_set.split, class_names=image_set.class_names,
-                    counts=np.minimum(image_set.counts, max_per_class), items=items, structure=image_set.structure,
-                    fingerprint=data_digest(image_set.fingerprint, "max_per_class", max_per_class),
-                    info={**image_set.info, "max_per_class": max_per_class})
+    return ImageSet(
+        name=image_set.name,
+        split=image_set.split,
+        class_names=image_set.class_names,
+        counts=np.minimum(image_set.counts, max_per_class),
+        items=items,
+        structure=image_set.structure,
+        fingerprint=data_digest(image_set.fingerprint, "max_per_class", max_per_class),
+        info={**image_set.info, "max_per_class": max_per_class},
+    )

@@ -8,14 +8,13 @@ is created with timm (``num_classes=0``), never with pretrained weights.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ringbench.errors import UserError
 from ringbench.resnets import RESNETS, TORCHVISION_RESNETS
-
 
 
 def create_backbone(arch: str, stem: str = "imagenet") -> nn.Module:
@@ -40,9 +39,7 @@ def create_backbone(arch: str, stem: str = "imagenet") -> nn.Module:
     except ImportError as exc:  # pragma: no cover - timm is a dependency
         raise UserError(f"architecture {arch!r} needs timm, which is not installed") from exc
     if not timm.is_model(arch):
-        raise UserError(
-            f"unknown architecture {arch!r}; use one of {list(TORCHVISION_RESNETS)} or a timm model name"
-        )
+        raise UserError(f"unknown architecture {arch!r}; use one of {list(TORCHVISION_RESNETS)} or a timm model name")
     if stem == "cifar":
         raise UserError(f"stem 'cifar' is only defined for torchvision ResNets, not {arch!r}")
     model = timm.create_model(arch, pretrained=False, num_classes=0)
@@ -55,7 +52,6 @@ def backbone_keys(arch: str, stem: str = "imagenet") -> set[str]:
     with torch.device("meta"):
         model = create_backbone(arch, stem)
     return set(model.state_dict().keys())
-
 
 
 # --- two-stream (CMC) backbones: RGB in, Lab inside, L and ab streams --------------------------------
@@ -99,10 +95,10 @@ def scaled_resnet(arch: str, stem: str, in_channels: int, width: float) -> nn.Mo
         raise UserError(f"CMC stream width must be in (0, 4], got {width}")
     spec = RESNETS[arch]
     block, layers = (tv.BasicBlock if spec.block == "basic" else tv.Bottleneck), list(spec.layers)
-    base = max(8, int(round(64 * width)))
+    base = max(8, round(64 * width))
 
     class ScaledResNet(tv.ResNet):
-        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):  # noqa: ANN001
+        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
             if planes == 64:  # first stage: the stem's (scaled) output feeds it
                 self.inplanes = base
             return super()._make_layer(block, planes * base // 64, blocks, stride, dilate)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, List, Mapping, Optional
+from typing import Any, Optional
 
 from ringbench.config import Layer, compose, find_config, read_yaml_mapping
 from ringbench.errors import UserError
@@ -101,7 +102,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: str = "step"
-    milestones: List[float] = field(default_factory=lambda: [0.68, 0.83])  # fractions of training
+    milestones: list[float] = field(default_factory=lambda: [0.68, 0.83])  # fractions of training
     gamma: float = 0.1
 
 
@@ -177,8 +178,12 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (), profile: str | None = None,
-                flags: Mapping[str, Any] | None = None) -> dict:
+def load_config(
+    path: str | os.PathLike | None,
+    overrides: Iterable[str] = (),
+    profile: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> dict:
     """Defaults <- YAML file (a path, or a shipped config's name) <- profile <- command-line flags
     (dotted keys) <- ``key=value`` overrides, then :func:`validate_config`."""
     layers: list[Layer] = []
@@ -239,7 +244,9 @@ def validate_config(cfg: Mapping) -> None:
         import timm
 
         if not timm.is_model(cfg["arch"]):
-            raise UserError(f"config: unknown architecture {cfg['arch']!r}; use {list(TORCHVISION_RESNETS)} or a timm name")
+            raise UserError(
+                f"config: unknown architecture {cfg['arch']!r}; use {list(TORCHVISION_RESNETS)} or a timm name"
+            )
     positive = {
         "train.epochs": cfg["train"]["epochs"],
         "train.batch_size": cfg["train"]["batch_size"],
@@ -261,7 +268,9 @@ def validate_config(cfg: Mapping) -> None:
         if not 0 <= cfg[section][key] < 1:
             raise UserError(f"config: {name} must be in [0, 1), got {cfg[section][key]}")
     if any(not 0 < m < 1 for m in cfg["optim"]["milestones"]):
-        raise UserError(f"config: optim.milestones are fractions of training in (0, 1), got {cfg['optim']['milestones']}")
+        raise UserError(
+            f"config: optim.milestones are fractions of training in (0, 1), got {cfg['optim']['milestones']}"
+        )
     if cfg["train"]["batch_size"] < 2 and cfg["method"] == "simclr":
         raise UserError("config: SimCLR needs train.batch_size >= 2 (in-batch negatives)")
     if cfg["data"]["name"] not in ("synthetic",) and not cfg["data"]["root"]:

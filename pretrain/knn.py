@@ -7,7 +7,7 @@ L2-normalised features); neighbour ``i`` adds ``exp(s_i / t)`` to its class. ``k
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ def knn_predict(
     k = min(k, len(train))
     out = []
     for start in range(0, len(test_features), chunk):
-        test = F.normalize(test_features[start:start + chunk].float(), dim=1)
+        test = F.normalize(test_features[start : start + chunk].float(), dim=1)
         sim, idx = (test @ train.t()).topk(k, dim=1)
         votes = torch.zeros(len(test), num_classes, device=test.device)
         votes.scatter_add_(1, train_labels[idx], (sim / t).exp())

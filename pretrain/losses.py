@@ -50,8 +50,8 @@ def ring_bounds(num_negatives: int, w_outer: float, w_inner: float) -> tuple[int
     ``[inner, outer)`` with rank 0 the negative most similar to the anchor.
     """
     check_ring(w_outer, w_inner)
-    outer = int(math.floor(w_outer * num_negatives + 1e-9))
-    inner = int(math.floor(w_inner * outer + 1e-9))
+    outer = math.floor(w_outer * num_negatives + 1e-9)
+    inner = math.floor(w_inner * outer + 1e-9)
     if outer - inner < 1:
         raise UserError(
             f"ring is empty: {num_negatives} negatives with w_outer={w_outer}, w_inner={w_inner} give ranks "
@@ -68,7 +68,9 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
-def pair_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logits(
+    q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Positive logits ``(B,)`` and negative logits ``(B, K)``.
 
     ``negatives`` is either a shared ``(K, D)`` set (queue, memory bank) or per-anchor ``(B, K, D)``.

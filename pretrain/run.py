@@ -2,9 +2,9 @@
 
 Examples::
 
-    python pretrain/run.py --config configs/pretrain/moco_ring.yaml --data synthetic --profile demo --out ring_moco.pth
-    python pretrain/run.py --config configs/pretrain/moco_ring.yaml --data cifar10 --data-root ~/data --out ring_moco.pth
-    torchrun --nproc_per_node 8 pretrain/run.py --config configs/pretrain/moco.yaml --data imagefolder --data-root /imagenet
+    python pretrain/run.py --config moco_ring --data synthetic --profile demo --out ring_moco.pth
+    python pretrain/run.py --config moco_ring --data cifar10 --data-root ~/data --out ring_moco.pth
+    torchrun --nproc_per_node 8 pretrain/run.py --config moco --data imagefolder --data-root /imagenet
 
 Shipped configs (configs/pretrain/): ir, ir_ring, moco, moco_ring, cmc, cmc_ring, simclr,
 simclr_ring, simclr_hcl, simclr_dcl -- each paper's hyper-parameters, on the embedded synthetic
@@ -21,23 +21,29 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+from pretrain.config import DATASETS, PROFILES, load_config
 from ringbench.cli import add_common_flags, run_main
 from ringbench.errors import UserError
-from pretrain.config import DATASETS, PROFILES, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", type=Path,
-                        help="YAML config: a path, or the name of a shipped one (moco_ring, ir, ...: "
-                             "configs/pretrain/); defaults if omitted")
-    parser.add_argument("--profile", choices=sorted(PROFILES),
-                        help="preset overrides; 'demo' = small synthetic run of a few minutes on CPU")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="YAML config: a path, or the name of a shipped one (moco_ring, ir, ...: "
+        "configs/pretrain/); defaults if omitted",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        help="preset overrides; 'demo' = small synthetic run of a few minutes on CPU",
+    )
     parser.add_argument("--data", choices=DATASETS, help="dataset (sets data.name); 'synthetic' needs no files")
     parser.add_argument("--data-root", type=Path, help="folder holding the dataset in torchvision's layout")
     parser.add_argument("--epochs", type=int, help="training epochs (train.epochs)")
@@ -46,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="random seed (train.seed)")
     parser.add_argument("--arch", help="resnet18, resnet50, ... or a timm model name")
     parser.add_argument("--out", type=Path, help="backbone card to write (default: WORKDIR/card.pth)")
-    parser.add_argument("--workdir", type=Path,
-                        help="checkpoints and log.jsonl (default: runs/pretrain/<config name>-<dataset>)")
+    parser.add_argument(
+        "--workdir", type=Path, help="checkpoints and log.jsonl (default: runs/pretrain/<config name>-<dataset>)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's choice; 1 is faster on a busy shared machine)",
+    )
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the work folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -62,9 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 def flag_settings(args: argparse.Namespace) -> dict[str, object]:
     """The config keys the named flags set (dotted), for those given."""
     pairs = {
-        "data.name": args.data, "data.root": str(args.data_root) if args.data_root else None,
-        "train.epochs": args.epochs, "train.batch_size": args.batch_size, "optim.lr": args.lr,
-        "train.seed": args.seed, "arch": args.arch,
+        "data.name": args.data,
+        "data.root": str(args.data_root) if args.data_root else None,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "optim.lr": args.lr,
+        "train.seed": args.seed,
+        "arch": args.arch,
     }
     return {key: value for key, value in pairs.items() if value is not None}
 
@@ -83,8 +97,8 @@ def card_changes(argv: Sequence[str]) -> list[str] | None:
     args = build_parser().parse_args(argv)
     if args.out is None or not args.out.exists():
         return None
-    from ringbench.card import load_card
     from pretrain.train import config_changes
+    from ringbench.card import load_card
 
     return config_changes(load_card(args.out).meta.get("config") or {}, resolve_config(args))
 

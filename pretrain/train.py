@@ -18,22 +18,23 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pretrain import distributed as dist
-from ringbench.card import BackboneCard, load_checkpoint_file, make_meta, save_card
-from ringbench.errors import UserError
 from pretrain.config import resolved_stem
 from pretrain.data.datasets import DataSpec, open_splits
 from pretrain.data.transforms import IndexedDataset, MultiView, eval_transform, moco_v2_augmentation
-from ringbench.fileio import atomic_save
 from pretrain.knn import extract_features, knn_accuracy
 from pretrain.methods import Method, build_method
+from ringbench.card import BackboneCard, load_checkpoint_file, make_meta, save_card
+from ringbench.errors import UserError
+from ringbench.fileio import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +294,11 @@ def train(
                 break
             loss, logs = _forward(model, batch_views, index, cfg, device, use_amp)
             if not torch.isfinite(loss):
-                kept = (f"the last good checkpoint {ckpt_path} (after epoch {last_good}) is kept"
-                        if last_good else "no checkpoint had been written yet")
+                kept = (
+                    f"the last good checkpoint {ckpt_path} (after epoch {last_good}) is kept"
+                    if last_good
+                    else "no checkpoint had been written yet"
+                )
                 raise TrainingDiverged(
                     f"loss became {loss.detach().item()} at epoch {epoch + 1}, step {step + 1}: training diverged; "
                     f"{kept}. Lower optim.lr or turn off train.amp, then rerun to resume"
@@ -309,22 +313,42 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{rate:.1f}")
             if dist.is_main() and (step + 1) % tc["log_every"] == 0:
-                _append_log(log_path, {"epoch": epoch + 1, "step": step + 1, "lr": lr, "w_outer": method.w_outer,
-                                       "images_per_s": round(rate, 2), **logs})
+                _append_log(
+                    log_path,
+                    {
+                        "epoch": epoch + 1,
+                        "step": step + 1,
+                        "lr": lr,
+                        "w_outer": method.w_outer,
+                        "images_per_s": round(rate, 2),
+                        **logs,
+                    },
+                )
         bar.close()
         if world > 1:
             dist.broadcast_buffers_(method)  # BN statistics of process 0 everywhere
-        record = {"epoch": epoch + 1, "loss": loss_sum / max(steps, 1), "lr": lr, "w_outer": method.w_outer,
-                  "images_per_s": round(seen / max(time.perf_counter() - started, 1e-9), 2)}
+        record = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(steps, 1),
+            "lr": lr,
+            "w_outer": method.w_outer,
+            "images_per_s": round(seen / max(time.perf_counter() - started, 1e-9), 2),
+        }
         kc = cfg["knn"]
         if kc["enabled"] and ((epoch + 1) % kc["every"] == 0 or epoch + 1 == epochs) and dist.is_main():
             record["knn_top1"] = evaluate_knn(method, data, cfg, device)
         history.append(record)
         if dist.is_main():
             _append_log(log_path, record)
-            state = {"format": CHECKPOINT_FORMAT, "config": _plain_config(cfg), "epoch": epoch + 1,
-                     "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if use_amp else {}, "history": history}
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "config": _plain_config(cfg),
+                "epoch": epoch + 1,
+                "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if use_amp else {},
+                "history": history,
+            }
             save_checkpoint(ckpt_path, state)
             log.info("epoch %d/%d: %s", epoch + 1, epochs, json.dumps(record))
         last_good = epoch + 1
@@ -339,8 +363,12 @@ def train(
 
 
 def _forward(
-    model: torch.nn.Module, views: list[torch.Tensor], index: torch.Tensor, cfg: Mapping[str, Any],
-    device: torch.device, use_amp: bool,
+    model: torch.nn.Module,
+    views: list[torch.Tensor],
+    index: torch.Tensor,
+    cfg: Mapping[str, Any],
+    device: torch.device,
+    use_amp: bool,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """One training step's loss (and logs), under autocast on CUDA when AMP is on."""
     views = [_to_device(v, device, cfg) for v in views]
@@ -349,7 +377,9 @@ def _forward(
         return model(views, index.to(device))
 
 
-def _epoch_loader(dataset: Dataset, cfg: Mapping[str, Any], batch: int, epoch: int, world: int, rank: int) -> DataLoader:
+def _epoch_loader(
+    dataset: Dataset, cfg: Mapping[str, Any], batch: int, epoch: int, world: int, rank: int
+) -> DataLoader:
     """This epoch's batches: order and worker seeds are a function of (seed, epoch)."""
     seed = cfg["train"]["seed"]
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -359,8 +389,15 @@ def _epoch_loader(dataset: Dataset, cfg: Mapping[str, Any], batch: int, epoch: i
         sampler.set_epoch(epoch)
     workers = cfg["data"]["workers"]
     return DataLoader(
-        dataset, batch_size=batch, shuffle=sampler is None, sampler=sampler, generator=generator,
-        num_workers=workers, drop_last=True, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        dataset,
+        batch_size=batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
     )
 
 

@@ -20,9 +20,10 @@ import datetime as _dt
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -93,7 +94,9 @@ def load_card(path: str | os.PathLike) -> BackboneCard:
     if not is_card(data):
         raise UserError(f"{path}: not a ringbench backbone card (no 'format': '{FORMAT_NAME}/N' entry)")
     validate_card_dict(data, source=str(path))
-    return BackboneCard(arch=data["arch"], stem=data["stem"], state_dict=dict(data["state_dict"]), meta=dict(data["meta"]))
+    return BackboneCard(
+        arch=data["arch"], stem=data["stem"], state_dict=dict(data["state_dict"]), meta=dict(data["meta"])
+    )
 
 
 def is_card(data: Any) -> bool:
@@ -107,9 +110,7 @@ def validate_card_dict(data: Mapping[str, Any], source: str = "card") -> None:
     if name != FORMAT_NAME or not version.isdigit():
         raise UserError(f"{source}: unknown card format {fmt!r} (expected {FORMAT!r})")
     if int(version) > FORMAT_VERSION:
-        raise UserError(
-            f"{source}: card format {fmt!r} is newer than this code reads ({FORMAT!r}); upgrade ringbench"
-        )
+        raise UserError(f"{source}: card format {fmt!r} is newer than this code reads ({FORMAT!r}); upgrade ringbench")
     arch = data.get("arch")
     if not isinstance(arch, str) or not arch:
         raise UserError(f"{source}: card has no architecture ('arch')")
@@ -174,11 +175,17 @@ class NumpyUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists, strings, numbers and NumPy arrays, and refuses every other global:
     for the pickled formats the suite reads (Detectron2 ``.pkl`` weights, CIFAR batches)."""
 
-    _allowed = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"),
-    }
+    _allowed: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("collections", "OrderedDict"),
+        }
+    )
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._allowed:

@@ -104,7 +104,7 @@ def _expected(schema: type, key: str) -> str:
             return "of another type"
         hint = typing.get_type_hints(hint).get(part)
     hint = _scalar_type(hint)
-    if typing.get_origin(hint) in (list, typing.List):
+    if typing.get_origin(hint) in (list, list):
         inner = typing.get_args(hint)
         return f"a list of {getattr(inner[0], '__name__', inner[0])}" if inner else "a list"
     if dataclasses.is_dataclass(hint):
@@ -125,8 +125,9 @@ def schema_fields(schema: type) -> list[dataclasses.Field]:
     return list(dataclasses.fields(schema))
 
 
-def add_schema_flags(parser: argparse.ArgumentParser, schema: type, title: str,
-                     prefix: str = "") -> argparse._ArgumentGroup | None:
+def add_schema_flags(
+    parser: argparse.ArgumentParser, schema: type, title: str, prefix: str = ""
+) -> argparse._ArgumentGroup | None:
     """Add one ``--flag`` per field of ``schema`` (a flat dataclass) as one argument group.
 
     The flag is the field's name with dashes (``episode_seed`` -> ``--episode-seed``, after
@@ -149,8 +150,7 @@ def add_schema_flags(parser: argparse.ArgumentParser, schema: type, title: str,
             group.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
             continue
         shown = text if default is None else f"{text} (default: {default})"
-        group.add_argument(flag, dest=f.name, type=kind, default=None, help=shown,
-                           metavar=f.metadata.get("metavar"))
+        group.add_argument(flag, dest=f.name, type=kind, default=None, help=shown, metavar=f.metadata.get("metavar"))
     return group
 
 
@@ -159,8 +159,13 @@ def given_flags(args: argparse.Namespace, schema: type) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in schema_fields(schema) if getattr(args, f.name, None) is not None}
 
 
-def settings_from_args(args: argparse.Namespace, schema: type, config_file: str | os.PathLike | None = None,
-                       flag: str = "--config", kind: str | None = None) -> dict[str, Any]:
+def settings_from_args(
+    args: argparse.Namespace,
+    schema: type,
+    config_file: str | os.PathLike | None = None,
+    flag: str = "--config",
+    kind: str | None = None,
+) -> dict[str, Any]:
     """A flat schema's settings: command-line flags over a YAML file's values over the defaults.
 
     ``config_file`` is a path or, with ``kind``, the name of a shipped config (``configs/<kind>/``).

@@ -22,11 +22,22 @@ def resnet_state(arch: str = "resnet18", stem: str = "imagenet", seed: int = 0) 
 def write_card(path: Path, arch: str = "resnet18", stem: str = "cifar", seed: int = 0, **meta) -> Path:
     from ringbench.card import BackboneCard, make_meta, save_card
 
-    fields = dict(method="moco", loss="ring", loss_params={"t": 0.07}, dataset="synthetic", epochs=1,
-                  image_size=32 if stem == "cifar" else 224, mean=[0.5, 0.4, 0.3], std=[0.25, 0.25, 0.25], seed=seed,
-                  config={})
+    fields = dict(
+        method="moco",
+        loss="ring",
+        loss_params={"t": 0.07},
+        dataset="synthetic",
+        epochs=1,
+        image_size=32 if stem == "cifar" else 224,
+        mean=[0.5, 0.4, 0.3],
+        std=[0.25, 0.25, 0.25],
+        seed=seed,
+        config={},
+    )
     fields.update(meta)
-    return save_card(BackboneCard(arch=arch, stem=stem, state_dict=resnet_state(arch, stem, seed), meta=make_meta(**fields)), path)
+    return save_card(
+        BackboneCard(arch=arch, stem=stem, state_dict=resnet_state(arch, stem, seed), meta=make_meta(**fields)), path
+    )
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -13,8 +13,8 @@ import torchvision
 
 from ringbench.card import IMAGENET_MEAN
 from ringbench.errors import UserError
-from transfer.backbones import load_backbone
 from tests.helpers import write_card
+from transfer.backbones import load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,9 @@ def test_timm_checkpoint_of_a_non_resnet(tmp_path):
     torch.manual_seed(4)
     model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=10)
     path = tmp_path / "timm.pth.tar"
-    torch.save({"arch": "mobilenetv3_small_050", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    torch.save(
+        {"arch": "mobilenetv3_small_050", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path
+    )
     bb = load_backbone(path)
     assert (bb.source_format, bb.arch) == ("timm", "mobilenetv3_small_050")
     assert "classifier.weight" in bb.dropped_keys
@@ -113,8 +115,11 @@ def _to_detectron2(key: str) -> str:
 
 
 def test_detectron2_pickle(tmp_path, tv18):
-    d2 = {_to_detectron2(k): v.numpy() for k, v in tv18.items()
-          if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    d2 = {
+        _to_detectron2(k): v.numpy()
+        for k, v in tv18.items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
     path = tmp_path / "R-18.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": d2, "__author__": "MOCO", "matching_heuristics": True}, f)

@@ -44,8 +44,12 @@ def test_newer_format_is_refused(tmp_path):
     ],
 )
 def test_invalid_cards_are_refused_on_save(mutate, message, tmp_path):
-    card = BackboneCard("resnet18", resnet_state(), "imagenet", make_meta(
-        method="moco", loss="nce", dataset="x", image_size=224, mean=[0.5] * 3, std=[0.2] * 3))
+    card = BackboneCard(
+        "resnet18",
+        resnet_state(),
+        "imagenet",
+        make_meta(method="moco", loss="nce", dataset="x", image_size=224, mean=[0.5] * 3, std=[0.2] * 3),
+    )
     data = card.to_dict()
     mutate(data)
     bad = BackboneCard(data["arch"], data["state_dict"], data["stem"], data["meta"])

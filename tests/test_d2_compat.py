@@ -9,7 +9,7 @@ from ringbench.errors import UserError
 
 pytest.importorskip("detectron2", reason="Detectron2 is installed by `make setup`")
 
-from transfer.d2 import compat  # noqa: E402
+from transfer.d2 import compat
 
 
 def test_stand_ins_only_where_needed():
@@ -73,9 +73,13 @@ def test_model_zoo_mask_keypoint_rcnn_trains_one_step_on_cpu():
     model = D2.modeling.build_model(cfg)
     model.train()
     height, width = 128, 160
-    batch = [{"image": torch.randint(0, 255, (3, height, width), dtype=torch.uint8).float(),
-              "instances": _instances(D2, height, width, cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS)}
-             for _ in range(2)]
+    batch = [
+        {
+            "image": torch.randint(0, 255, (3, height, width), dtype=torch.uint8).float(),
+            "instances": _instances(D2, height, width, cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS),
+        }
+        for _ in range(2)
+    ]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     with D2.utils.events.EventStorage(0):
         losses = model(batch)

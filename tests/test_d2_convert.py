@@ -17,7 +17,7 @@ def test_key_rules():
     assert convert.resnet_key("layer3.5.bn3.bias") == "res4.5.conv3.norm.bias"
     assert convert.resnet_key("layer2.0.downsample.0.weight") == "res3.0.shortcut.weight"
     assert convert.resnet_key("layer4.0.downsample.1.running_mean") == "res5.0.shortcut.norm.running_mean"
-    with pytest.raises(UserError, match="fc.weight"):
+    with pytest.raises(UserError, match=r"fc\.weight"):
         convert.resnet_key("fc.weight")
     assert convert.place("res5.0.conv1.weight", "c4") == "roi_heads.res5.0.conv1.weight"
     assert convert.place("res4.0.conv1.weight", "c4") == "backbone.res4.0.conv1.weight"
@@ -47,8 +47,9 @@ def test_round_trip_every_key_and_same_features(arch):
     ref.eval(), resnet.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        trunk = torch.nn.Sequential(ref.conv1, ref.bn1, ref.relu, ref.maxpool, ref.layer1, ref.layer2, ref.layer3,
-                                    ref.layer4)
+        trunk = torch.nn.Sequential(
+            ref.conv1, ref.bn1, ref.relu, ref.maxpool, ref.layer1, ref.layer2, ref.layer3, ref.layer4
+        )
         torch.testing.assert_close(resnet(x)["res5"], trunk(x), rtol=1e-4, atol=1e-4)
 
 

@@ -42,8 +42,9 @@ def test_wrong_hash_aborts_and_installs_nothing(tmp_path):
 def test_cli_wrong_hash_exit_2_one_line(tmp_path):
     archive = _archive(tmp_path / "a.tar.gz", {"detectron2/__init__.py": ""})
     target = tmp_path / "site"
-    proc = run_cli("-m", "transfer.d2.install", "--archive", str(archive), "--target", str(target),
-                   "--skip-requirements")
+    proc = run_cli(
+        "-m", "transfer.d2.install", "--archive", str(archive), "--target", str(target), "--skip-requirements"
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "SHA-256" in errors[0] and "refusing to install" in errors[0]
@@ -52,11 +53,14 @@ def test_cli_wrong_hash_exit_2_one_line(tmp_path):
 
 
 def test_tree_is_placed_with_marker_and_replaces_old_copy(tmp_path):
-    archive = _archive(tmp_path / "a.tar.gz", {
-        "detectron2/__init__.py": "__version__ = '0.6'\n",
-        "detectron2/layers/__init__.py": "X = 1\n",
-        "setup.py": "raise SystemExit('not installed')\n",
-    })
+    archive = _archive(
+        tmp_path / "a.tar.gz",
+        {
+            "detectron2/__init__.py": "__version__ = '0.6'\n",
+            "detectron2/layers/__init__.py": "X = 1\n",
+            "setup.py": "raise SystemExit('not installed')\n",
+        },
+    )
     target = tmp_path / "site"
     (target / "detectron2").mkdir(parents=True)
     (target / "detectron2" / "stale.py").write_text("old")
@@ -79,7 +83,9 @@ def test_archive_without_package_is_rejected(tmp_path):
 def test_second_run_is_a_no_op(tmp_path):
     target = tmp_path / "site"
     (target / "detectron2").mkdir(parents=True)
-    (target / "detectron2" / install.MARKER).write_text(json.dumps({"sha256": install.ARCHIVE_SHA256, "version": "0.6"}))
+    (target / "detectron2" / install.MARKER).write_text(
+        json.dumps({"sha256": install.ARCHIVE_SHA256, "version": "0.6"})
+    )
     proc = run_cli("-m", "transfer.d2.install", "--target", str(target), "--skip-requirements")
     assert proc.returncode == 0, proc.stderr
     assert "nothing to do" in proc.stdout

@@ -20,9 +20,9 @@ def dataset(tmp_path_factory):
 
 
 def test_files_match_the_renderer(dataset):
+    from PIL import Image
     from pycocotools import mask as mask_util
     from pycocotools.coco import COCO
-    from PIL import Image
 
     coco = json.loads(synthetic_coco.annotation_path(dataset, "train").read_text())
     assert len(coco["images"]) == 4
@@ -32,9 +32,14 @@ def test_files_match_the_renderer(dataset):
     assert coco["info"]["keypoint_oks_sigmas"] == list(shapes.KEYPOINT_SIGMAS)
     api = COCO(str(synthetic_coco.annotation_path(dataset, "train")))  # the official reader accepts it
     for index, info in enumerate(coco["images"]):
-        image, objects = shapes.render_scene(np.random.default_rng([5, 0, index]), 64, 80, max_objects=3,
-                                             min_radius=synthetic_coco.DEFAULTS["min_radius"],
-                                             max_radius=synthetic_coco.DEFAULTS["max_radius"])
+        image, objects = shapes.render_scene(
+            np.random.default_rng([5, 0, index]),
+            64,
+            80,
+            max_objects=3,
+            min_radius=synthetic_coco.DEFAULTS["min_radius"],
+            max_radius=synthetic_coco.DEFAULTS["max_radius"],
+        )
         stored = np.asarray(Image.open(synthetic_coco.image_dir(dataset, "train") / info["file_name"]))
         np.testing.assert_array_equal(stored, image)
         anns = api.loadAnns(api.getAnnIds(imgIds=[info["id"]]))
@@ -70,7 +75,8 @@ def test_cache_reuses_and_never_leaves_partial_folders(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         synthetic_coco.ensure_synthetic_coco(tmp_path, **{**SMALL, "seed": 99})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        {first.name, synthetic_coco.ensure_synthetic_coco(tmp_path, **{**SMALL, "num_val": 2}).name})
+        {first.name, synthetic_coco.ensure_synthetic_coco(tmp_path, **{**SMALL, "num_val": 2}).name}
+    )
 
 
 def test_detectron2_registration_and_perfect_predictions_score_100(dataset, tmp_path):
@@ -86,15 +92,21 @@ def test_detectron2_registration_and_perfect_predictions_score_100(dataset, tmp_
     meta = D2.data.MetadataCatalog.get(splits.test[0])
     assert meta.thing_classes == list(shapes.SHAPES) and meta.keypoint_names == list(shapes.KEYPOINT_NAMES)
     evaluator = D2.evaluation.COCOEvaluator(
-        splits.test[0], tasks=("bbox", "segm", "keypoints"), distributed=False, output_dir=str(tmp_path),
-        use_fast_impl=has_compiled_ops(), kpt_oks_sigmas=splits.kpt_oks_sigmas,
+        splits.test[0],
+        tasks=("bbox", "segm", "keypoints"),
+        distributed=False,
+        output_dir=str(tmp_path),
+        use_fast_impl=has_compiled_ops(),
+        kpt_oks_sigmas=splits.kpt_oks_sigmas,
     )
     evaluator.reset()
     for record in records:
         h, w = record["height"], record["width"]
         # as Detectron2's mapper leaves them: keypoints as (K, 3) arrays
-        annos = [{**a, "keypoints": np.asarray(a["keypoints"], dtype=np.float64).reshape(-1, 3)}
-                 for a in record["annotations"]]
+        annos = [
+            {**a, "keypoints": np.asarray(a["keypoints"], dtype=np.float64).reshape(-1, 3)}
+            for a in record["annotations"]
+        ]
         inst = D2.data.detection_utils.annotations_to_instances(annos, (h, w), mask_format="bitmask")
         pred = D2.structures.Instances((h, w))
         pred.pred_boxes = inst.gt_boxes

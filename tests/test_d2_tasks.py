@@ -28,8 +28,13 @@ def test_linear_scaling_rule():
     ref = {"ims_per_batch": 16, "base_lr": 0.02, "max_iter": 90000, "steps": [60000, 80000], "warmup_iters": 1000}
     assert train.scale_schedule(ref) == {**ref, "steps": [60000, 80000]}
     half = train.scale_schedule(ref, ims_per_batch=8)
-    assert half == {"ims_per_batch": 8, "base_lr": 0.01, "max_iter": 180000, "steps": [120000, 160000],
-                    "warmup_iters": 2000}
+    assert half == {
+        "ims_per_batch": 8,
+        "base_lr": 0.01,
+        "max_iter": 180000,
+        "steps": [120000, 160000],
+        "warmup_iters": 2000,
+    }
     short = train.scale_schedule(ref, ims_per_batch=32, iters=100, lr=0.5)
     assert short["max_iter"] == 100 and short["base_lr"] == 0.5 and short["ims_per_batch"] == 32
     assert short["steps"] == [67, 89] and short["warmup_iters"] == round(500 * 100 / 45000)
@@ -48,12 +53,22 @@ def test_make_config_reads_the_task_yaml_and_flags():
 
 def test_flatten_results_handles_empty_and_undefined():
     nan = float("nan")
-    metrics, extra = train.flatten_results({
-        "bbox": {"AP": 40.0, "AP50": 60.0, "AP75": 41.0, "APs": 30.0, "APm": 45.0, "APl": nan, "AP-circle": 50.0},
-        "segm": {"AP": nan, "AP50": nan, "AP75": nan, "APs": nan, "APm": nan, "APl": nan},
-    })
-    assert metrics == {"bbox/AP": 40.0, "bbox/AP50": 60.0, "bbox/AP75": 41.0, "bbox/APs": 30.0, "bbox/APm": 45.0,
-                       "segm/AP": 0.0, "segm/AP50": 0.0, "segm/AP75": 0.0}
+    metrics, extra = train.flatten_results(
+        {
+            "bbox": {"AP": 40.0, "AP50": 60.0, "AP75": 41.0, "APs": 30.0, "APm": 45.0, "APl": nan, "AP-circle": 50.0},
+            "segm": {"AP": nan, "AP50": nan, "AP75": nan, "APs": nan, "APm": nan, "APl": nan},
+        }
+    )
+    assert metrics == {
+        "bbox/AP": 40.0,
+        "bbox/AP50": 60.0,
+        "bbox/AP75": 41.0,
+        "bbox/APs": 30.0,
+        "bbox/APm": 45.0,
+        "segm/AP": 0.0,
+        "segm/AP50": 0.0,
+        "segm/AP75": 0.0,
+    }
     assert extra["per_category"] == {"bbox/AP-circle": 50.0}
     assert extra["no_predictions"] == ["segm"] and "bbox/APl" in extra["undefined"]
 
@@ -96,23 +111,30 @@ def test_validation_errors(card, tmp_path):
         task.validate(two_stream, config)
     with pytest.raises(UserError, match=r"'vit_tiny_patch16_224' has no Detectron2 backbone.*resnet18"):
         task.validate(replace(backbone, arch="vit_tiny_patch16_224"), config)
-    with pytest.raises(UserError, match="C4 layout.*resnet50"):
+    with pytest.raises(UserError, match=r"C4 layout.*resnet50"):
         get_task("voc_det").validate(backbone, get_task("voc_det").make_config(_args("--data-root", str(tmp_path))))
     with pytest.raises(UserError, match=r"needs a dataset root.*DETECTRON2_DATASETS"):
         get_task("coco_det").validate(backbone, {**get_task("coco_det").make_config(_args()), "data_root": None})
     (tmp_path / "coco" / "annotations").mkdir(parents=True)
     with pytest.raises(UserError, match=r"instances_train2017\.json, which does not exist; download COCO 2017"):
-        get_task("coco_instseg").validate(backbone, get_task("coco_instseg").make_config(_args("--data-root", str(tmp_path))))
-    broken = replace(backbone, state_dict={k: v for k, v in backbone.state_dict.items() if not k.startswith("layer4.1")})
+        get_task("coco_instseg").validate(
+            backbone, get_task("coco_instseg").make_config(_args("--data-root", str(tmp_path)))
+        )
+    broken = replace(
+        backbone, state_dict={k: v for k, v in backbone.state_dict.items() if not k.startswith("layer4.1")}
+    )
     with pytest.raises(UserError, match=r"not filled.*res5\.1"):
         task.validate(broken, config)
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("syn_det", {"bbox/AP", "bbox/AP50", "bbox/AP75"}),
-    ("syn_instseg", {"bbox/AP", "segm/AP"}),
-    ("syn_kp", {"bbox/AP", "keypoints/AP"}),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("syn_det", {"bbox/AP", "bbox/AP50", "bbox/AP75"}),
+        ("syn_instseg", {"bbox/AP", "segm/AP"}),
+        ("syn_kp", {"bbox/AP", "keypoints/AP"}),
+    ],
+)
 def test_syn_task_trains_and_evaluates(card, tmp_path, name, expected):
     pytest.importorskip("detectron2")
     task = get_task(name)
@@ -133,8 +155,20 @@ def test_syn_task_trains_and_evaluates(card, tmp_path, name, expected):
 
 def test_run_cli_appends_a_record(card, tmp_path):
     pytest.importorskip("detectron2")
-    common = ["transfer/run.py", "--backbone", str(card), "--task", "syn_det", "--results", str(tmp_path / "res"),
-              "--output-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"), *TINY]
+    common = [
+        "transfer/run.py",
+        "--backbone",
+        str(card),
+        "--task",
+        "syn_det",
+        "--results",
+        str(tmp_path / "res"),
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *TINY,
+    ]
     proc = run_cli(*common)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bbox/AP" in proc.stdout and "it/s" in proc.stderr

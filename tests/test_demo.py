@@ -12,18 +12,34 @@ import yaml
 from ringbench.card import load_card
 from tests.helpers import REPO, run_cli, write_card
 
-
-TINY_TASK = {"name": "fewshot_digits", "args": ["--episodes", "20", "--max-images-per-class", "12", "--shots", "2",
-                                              "--queries", "5", "--weight-decay", "0.01"]}
+TINY_TASK = {
+    "name": "fewshot_digits",
+    "args": [
+        "--episodes",
+        "20",
+        "--max-images-per-class",
+        "12",
+        "--shots",
+        "2",
+        "--queries",
+        "5",
+        "--weight-decay",
+        "0.01",
+    ],
+}
 
 
 def _plan(tmp_path, pretrain_args: list[str]) -> Path:
     plan = tmp_path / "plan.yaml"
-    plan.write_text(yaml.safe_dump({
-        "pretrain_args": pretrain_args,
-        "backbones": [{"name": "tiny", "config": "configs/pretrain/moco.yaml"}],
-        "tasks": [TINY_TASK],
-    }))
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "pretrain_args": pretrain_args,
+                "backbones": [{"name": "tiny", "config": "configs/pretrain/moco.yaml"}],
+                "tasks": [TINY_TASK],
+            }
+        )
+    )
     return plan
 
 
@@ -54,9 +70,24 @@ def test_demo_retrains_a_card_made_with_another_config(tmp_path):
     """A card whose recorded config is not what the plan would train now (the plan, a config file or
     the demo profile changed) is trained again from scratch, not reused."""
     work = tmp_path / "work"
-    args = ["--data", "synthetic", "--profile", "demo", "--epochs", "1", "--batch-size", "16", "--threads", "1",
-            "data.synthetic_classes=4", "data.synthetic_images_per_class=8", "data.synthetic_image_size=16",
-            "moco.queue_size=32", "knn.enabled=false", "--no-progress"]
+    args = [
+        "--data",
+        "synthetic",
+        "--profile",
+        "demo",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--threads",
+        "1",
+        "data.synthetic_classes=4",
+        "data.synthetic_images_per_class=8",
+        "data.synthetic_image_size=16",
+        "moco.queue_size=32",
+        "knn.enabled=false",
+        "--no-progress",
+    ]
     stale = _plan_config(args)
     stale["loss"]["w_outer"] = 0.2
     write_card(work / "cards" / "tiny.pth", seed=0, config=stale)

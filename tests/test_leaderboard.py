@@ -13,23 +13,39 @@ import subprocess
 import numpy as np
 import pytest
 
+from tests.helpers import run_cli
 from transfer.compare import build_table, paired_bootstrap_ci
 from transfer.leaderboard import render_csv, render_html, render_latex, render_markdown
 from transfer.results import append_record, make_record
-from tests.helpers import run_cli
 
 META = {
     "moco": {"method": "moco", "loss": "nce", "dataset": "synthetic", "arch": "resnet18", "epochs": 5},
-    "ring_moco": {"method": "moco", "loss": "ring", "dataset": "synthetic", "arch": "resnet18", "epochs": 5,
-                  "loss_params": {"w_outer": 0.1, "w_inner": 0.1}},
+    "ring_moco": {
+        "method": "moco",
+        "loss": "ring",
+        "dataset": "synthetic",
+        "arch": "resnet18",
+        "epochs": 5,
+        "loss_params": {"w_outer": 0.1, "w_inner": 0.1},
+    },
     "simclr": {"method": "simclr", "loss": "nce", "dataset": "synthetic", "arch": "resnet18", "epochs": 5},
 }
 
 
 def _rec(backbone, task, metrics, family, config=None, ci95=None, extra=None, seeds=(0,)):
-    return make_record(backbone=backbone, backbone_sha256=backbone * 4, task=task, metrics=metrics,
-                       config=config or {"episodes": 50}, ci95=ci95, seeds=seeds, engine_versions={"torch": "t"},
-                       family=family, backbone_meta=META[backbone], extra=extra or {})
+    return make_record(
+        backbone=backbone,
+        backbone_sha256=backbone * 4,
+        task=task,
+        metrics=metrics,
+        config=config or {"episodes": 50},
+        ci95=ci95,
+        seeds=seeds,
+        engine_versions={"torch": "t"},
+        family=family,
+        backbone_meta=META[backbone],
+        extra=extra or {},
+    )
 
 
 @pytest.fixture
@@ -38,14 +54,40 @@ def records():
     plain_eps = rng.uniform(0.4, 0.6, 50)
     ring_eps = plain_eps + 0.05 + rng.normal(0, 0.01, 50)  # clearly better, same episodes
     return [
-        _rec("moco", "fewshot_digits", {"acc": plain_eps.mean()}, "fewshot", ci95={"acc": 0.02},
-             extra={"per_episode": {"acc": plain_eps.tolist()}}),
-        _rec("ring_moco", "fewshot_digits", {"acc": ring_eps.mean()}, "fewshot", ci95={"acc": 0.02},
-             extra={"per_episode": {"acc": ring_eps.tolist()}}),
-        _rec("moco", "syn_det", {"bbox/AP": 30.0, "bbox/AP50": 50.0}, "detectron2", config={"iters": 60},
-             seeds=(0, 1, 2), extra={"per_seed": [{"bbox/AP": 29.0}, {"bbox/AP": 30.0}, {"bbox/AP": 31.0}]}),
-        _rec("ring_moco", "syn_det", {"bbox/AP": 31.0, "bbox/AP50": 52.0}, "detectron2", config={"iters": 60},
-             seeds=(0, 1, 2), extra={"per_seed": [{"bbox/AP": 30.5}, {"bbox/AP": 31.0}, {"bbox/AP": 31.5}]}),
+        _rec(
+            "moco",
+            "fewshot_digits",
+            {"acc": plain_eps.mean()},
+            "fewshot",
+            ci95={"acc": 0.02},
+            extra={"per_episode": {"acc": plain_eps.tolist()}},
+        ),
+        _rec(
+            "ring_moco",
+            "fewshot_digits",
+            {"acc": ring_eps.mean()},
+            "fewshot",
+            ci95={"acc": 0.02},
+            extra={"per_episode": {"acc": ring_eps.tolist()}},
+        ),
+        _rec(
+            "moco",
+            "syn_det",
+            {"bbox/AP": 30.0, "bbox/AP50": 50.0},
+            "detectron2",
+            config={"iters": 60},
+            seeds=(0, 1, 2),
+            extra={"per_seed": [{"bbox/AP": 29.0}, {"bbox/AP": 30.0}, {"bbox/AP": 31.0}]},
+        ),
+        _rec(
+            "ring_moco",
+            "syn_det",
+            {"bbox/AP": 31.0, "bbox/AP50": 52.0},
+            "detectron2",
+            config={"iters": 60},
+            seeds=(0, 1, 2),
+            extra={"per_seed": [{"bbox/AP": 30.5}, {"bbox/AP": 31.0}, {"bbox/AP": 31.5}]},
+        ),
         # same task, another config: its own column, never merged
         _rec("ring_moco", "syn_det", {"bbox/AP": 40.0, "bbox/AP50": 60.0}, "detectron2", config={"iters": 200}),
         # simclr has no detection record: a missing cell
@@ -66,8 +108,9 @@ def test_table_model(records):
     assert (delta.plain, delta.variant) == ("moco", "ring_moco")
     few = delta.cells[table.columns[2]]
     assert few.test == "episodes" and few.significant and few.lo > 0
-    assert few.diff == pytest.approx(table.cells[("ring_moco", table.columns[2])].mean
-                                     - table.cells[("moco", table.columns[2])].mean)
+    assert few.diff == pytest.approx(
+        table.cells[("ring_moco", table.columns[2])].mean - table.cells[("moco", table.columns[2])].mean
+    )
     det = delta.cells[det60]
     assert det.test == "seeds" and det.diff == pytest.approx(1.0)
     assert table.columns[0] not in delta.cells  # moco has no iters=200 record
@@ -90,11 +133,18 @@ def test_variants_pair_with_their_plain_twin_only():
     from transfer.compare import Row, find_pairs
 
     def row(name, loss, method="simclr", epochs=5):
-        return Row(name, name, {"method": method, "loss": loss, "dataset": "synthetic", "arch": "resnet18",
-                                "epochs": epochs})
+        return Row(
+            name, name, {"method": method, "loss": loss, "dataset": "synthetic", "arch": "resnet18", "epochs": epochs}
+        )
 
-    rows = [row("a_dcl", "dcl"), row("b_hcl", "hcl"), row("c_ntxent", "ntxent"), row("d_ring", "ring"),
-            row("e_ring_long", "ring", epochs=50), row("f_moco", "nce", method="moco")]
+    rows = [
+        row("a_dcl", "dcl"),
+        row("b_hcl", "hcl"),
+        row("c_ntxent", "ntxent"),
+        row("d_ring", "ring"),
+        row("e_ring_long", "ring", epochs=50),
+        row("f_moco", "nce", method="moco"),
+    ]
     assert find_pairs(rows) == [("c_ntxent", "a_dcl"), ("c_ntxent", "b_hcl"), ("c_ntxent", "d_ring")]
 
 
@@ -158,10 +208,22 @@ def test_html_renders_in_headless_chromium(records, tmp_path):
     page = tmp_path / "leaderboard.html"
     page.write_text(render_html(build_table(records)))
     out = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     dom = out.stdout
     assert "<table>" in dom and "ring_moco" in dom
@@ -174,20 +236,37 @@ def test_cli_writes_every_format(records, tmp_path):
     for rec in records:
         append_record(tmp_path / "results", rec)
     for fmt in ("md", "latex", "html", "csv"):
-        out = run_cli("transfer/leaderboard.py", "--results", str(tmp_path / "results"), "--format", fmt,
-                      "--out", str(tmp_path / f"board.{fmt}"))
+        out = run_cli(
+            "transfer/leaderboard.py",
+            "--results",
+            str(tmp_path / "results"),
+            "--format",
+            fmt,
+            "--out",
+            str(tmp_path / f"board.{fmt}"),
+        )
         assert out.returncode == 0, out.stderr
         assert ("ring\\_moco" if fmt == "latex" else "ring_moco") in (tmp_path / f"board.{fmt}").read_text()
-    out = run_cli("transfer/leaderboard.py", "--results", str(tmp_path / "results"), "--tasks", "fewshot_digits",
-                  "--baseline", "simclr=ring_moco")
+    out = run_cli(
+        "transfer/leaderboard.py",
+        "--results",
+        str(tmp_path / "results"),
+        "--tasks",
+        "fewshot_digits",
+        "--baseline",
+        "simclr=ring_moco",
+    )
     assert out.returncode == 0 and "Δ ring_moco − simclr" in out.stdout and "syn_det" not in out.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--results", "/nonexistent/results"], "no such results"),
-    (["--baseline", "moco"], "expected PLAIN=VARIANT"),
-    (["--baseline", "moco=nobody"], "no records for ['nobody']"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--results", "/nonexistent/results"], "no such results"),
+        (["--baseline", "moco"], "expected PLAIN=VARIANT"),
+        (["--baseline", "moco=nobody"], "no records for ['nobody']"),
+    ],
+)
 def test_cli_errors(records, tmp_path, args, message):
     for rec in records:
         append_record(tmp_path / "results", rec)

@@ -59,8 +59,9 @@ def test_protocol_matches_sklearn():
         return LogisticRegression(C=1 / (lam * len(y)), tol=1e-8, max_iter=2000).fit(l2_normalise(x.astype(float)), y)
 
     for lam in grid:
-        ref = np.mean(sk(train_x[~held], train_y[~held], lam).predict(l2_normalise(train_x[held].astype(float)))
-                      == train_y[held])
+        ref = np.mean(
+            sk(train_x[~held], train_y[~held], lam).predict(l2_normalise(train_x[held].astype(float))) == train_y[held]
+        )
         assert out["val_acc"][f"{lam:g}"] == pytest.approx(ref, abs=1.5 / held.sum())
     best = max(grid, key=lambda g: (out["val_acc"][f"{g:g}"], g))
     assert out["weight_decay"] == best
@@ -73,8 +74,12 @@ def _write_cifar10(root, n_train=6, n_test=4):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name, n in [(f"data_batch_{i}", n_train) for i in range(1, 6)] + [("test_batch", n_test)]:
-        batch = {"batch_label": name, "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in rng.integers(0, 10, size=n)], "filenames": [f"{i}.png" for i in range(n)]}
+        batch = {
+            "batch_label": name,
+            "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            "labels": [int(v) for v in rng.integers(0, 10, size=n)],
+            "filenames": [f"{i}.png" for i in range(n)],
+        }
         with open(folder / name, "wb") as handle:
             pickle.dump(batch, handle)
     with open(folder / "batches.meta", "wb") as handle:
@@ -127,8 +132,18 @@ def test_missing_or_bad_data_is_a_clear_error(tmp_path):
 def test_linear_synthetic_end_to_end(tmp_path):
     card = write_card(tmp_path / "card.pth", image_size=16)
     task = get_task("linear_synthetic")
-    config = task.make_config(_args("--linear-synthetic-classes", "6", "--linear-synthetic-train", "15",
-                                    "--linear-synthetic-test", "5", "--linear-grid", "1e-4,1e-2,1"))
+    config = task.make_config(
+        _args(
+            "--linear-synthetic-classes",
+            "6",
+            "--linear-synthetic-train",
+            "15",
+            "--linear-synthetic-test",
+            "5",
+            "--linear-grid",
+            "1e-4,1e-2,1",
+        )
+    )
     backbone = load_backbone(card)
     task.validate(backbone, config)
     ctx = TaskContext(output_dir=tmp_path / "run", cache_dir=tmp_path / "cache")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from ringbench.errors import UserError
 from pretrain.losses import (
     dcl_loss,
     hcl_loss,
@@ -21,6 +21,7 @@ from pretrain.losses import (
     ring_loss,
     ring_threshold,
 )
+from ringbench.errors import UserError
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -54,7 +55,9 @@ def test_nce_matches_formula():
     q, k, neg = _random(0, 5, 40, 16)
     qn, kn, nn_ = (_unit(x.double().numpy()) for x in (q, k, neg))
     t = 0.2
-    want = np.mean([-(qi @ ki / t - _logsumexp(np.concatenate([[qi @ ki / t], nn_ @ qi / t]))) for qi, ki in zip(qn, kn)])
+    want = np.mean(
+        [-(qi @ ki / t - _logsumexp(np.concatenate([[qi @ ki / t], nn_ @ qi / t]))) for qi, ki in zip(qn, kn)]
+    )
     assert nce_loss(q, k, neg, t).item() == pytest.approx(want, rel=1e-5)
 
 
@@ -74,14 +77,15 @@ def test_ring_matches_sorted_formula(w_outer, w_inner):
 
 def test_ring_whole_set_equals_nce():
     q, k, neg = _random(3, 4, 30, 8)
-    assert ring_loss(q, k, neg, 0.1, w_outer=1.0, w_inner=0.0).item() == pytest.approx(nce_loss(q, k, neg, 0.1).item(), rel=1e-6)
+    assert ring_loss(q, k, neg, 0.1, w_outer=1.0, w_inner=0.0).item() == pytest.approx(
+        nce_loss(q, k, neg, 0.1).item(), rel=1e-6
+    )
 
 
 def test_ring_ranks_by_anchor_not_by_positive():
     # One negative equals the positive key but is far from the anchor: ranking by q keeps it out
     # of a tight ring, ranking by k would put it first.
     q = torch.tensor([[1.0, 0.0, 0.0]])
-    k = torch.tensor([[0.0, 1.0, 0.0]])
     neg = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.1, 0.0], [1.0, 0.2, 0.0], [1.0, 0.3, 0.0], [0.5, 0.0, 1.0]])
     ring = ring_logits(pair_neg(q, neg, 1.0), w_outer=0.6, w_inner=0.0)
     members = ring[torch.isfinite(ring)]
@@ -155,7 +159,10 @@ def test_ring_gradient_matches_sort_based():
     q1 = q.clone().requires_grad_()
     ring_loss(q1, k, neg, 0.07, 0.1, 0.1).backward()
     q2 = q.clone().requires_grad_()
-    pos, negl = (torch.nn.functional.normalize(q2, dim=1) * torch.nn.functional.normalize(k, dim=1)).sum(1) / 0.07, pair_neg(q2, neg, 0.07)
+    pos, negl = (
+        (torch.nn.functional.normalize(q2, dim=1) * torch.nn.functional.normalize(k, dim=1)).sum(1) / 0.07,
+        pair_neg(q2, neg, 0.07),
+    )
     ring = torch.sort(negl, dim=1, descending=True).values[:, 3:30]
     (-(pos - torch.logsumexp(torch.cat([pos[:, None], ring], 1), 1)).mean()).backward()
     assert torch.allclose(q1.grad, q2.grad, atol=1e-6)
@@ -228,9 +235,13 @@ def test_hcl_clamp_branch_matches_formula():
 
 def test_hcl_easy_dcl_and_ntxent():
     z1, z2, _ = _random(9, 6, 1, 8)
-    assert hcl_loss(z1, z2, 0.5, estimator="easy").item() == pytest.approx(_direct_hcl(z1, z2, 0.5, 0, 0, "easy"), rel=1e-5)
+    assert hcl_loss(z1, z2, 0.5, estimator="easy").item() == pytest.approx(
+        _direct_hcl(z1, z2, 0.5, 0, 0, "easy"), rel=1e-5
+    )
     assert dcl_loss(z1, z2, 0.5, 0.1).item() == pytest.approx(_direct_hcl(z1, z2, 0.5, 0.1, 0.0), rel=1e-5)
-    assert hcl_loss(z1, z2, 0.5, tau_plus=0.0, beta=0.0).item() == pytest.approx(nt_xent_loss(z1, z2, 0.5).item(), rel=1e-6)
+    assert hcl_loss(z1, z2, 0.5, tau_plus=0.0, beta=0.0).item() == pytest.approx(
+        nt_xent_loss(z1, z2, 0.5).item(), rel=1e-6
+    )
 
 
 def test_hcl_stable_at_low_temperature():
@@ -262,6 +273,6 @@ def test_ring_schedules():
     assert ring_threshold(50, "exponential", 0.01, 1.0, 100) == pytest.approx(0.1)
     assert ring_threshold(200, "exponential", 0.01, 1.0, 100) == pytest.approx(0.01)
     values = [ring_threshold(e, "exponential", 0.05, 1.0, 10) for e in range(12)]
-    assert all(a > b for a, b in zip(values[:10], values[1:11]))
+    assert all(a > b for a, b in itertools.pairwise(values))
     with pytest.raises(UserError, match="schedule"):
         ring_threshold(0, "cosine")

@@ -48,8 +48,9 @@ def test_preprocess_resizes_and_normalises():
     image = Image.new("RGB", (8, 5), (51, 102, 204))
     out = preprocess(image, 16, torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.25, 0.25, 0.25]))
     assert out.shape == (3, 16, 16)
-    np.testing.assert_allclose(out[:, 3, 7].numpy(), [(0.2 - 0.5) / 0.25, (0.4 - 0.4) / 0.25, (0.8 - 0.3) / 0.25],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        out[:, 3, 7].numpy(), [(0.2 - 0.5) / 0.25, (0.4 - 0.4) / 0.25, (0.8 - 0.3) / 0.25], atol=1e-6
+    )
 
 
 def test_second_evaluation_reads_the_cache(backbones, small_digits, tmp_path, monkeypatch):

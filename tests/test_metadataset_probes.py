@@ -51,8 +51,10 @@ def _sklearn_proba(sx, sy, qx, lam):
 def test_batched_solver_matches_sklearn_probabilities(lam):
     rng = np.random.default_rng(0)
     # episodes of different ways and shots in one batch (padding of samples and classes)
-    episodes = [_episode(rng, ways=w, shots_per_class=s) for w, s in
-                [(5, [1, 2, 3, 4, 5]), (3, [6, 6, 6]), (7, [2] * 7), (5, [10, 1, 1, 1, 3])]]
+    episodes = [
+        _episode(rng, ways=w, shots_per_class=s)
+        for w, s in [(5, [1, 2, 3, 4, 5]), (3, [6, 6, 6]), (7, [2] * 7), (5, [10, 1, 1, 1, 3])]
+    ]
     batch = _pad_batch([e[:3] for e in episodes], "cpu", torch.float64, project=False)
     lam_t = torch.full((len(episodes), 1), lam, dtype=torch.float64)
     weight, bias = solve_logreg(batch.x, batch.y, batch.valid[:, None].double(), batch.class_mask, lam_t, tol=1e-8)
@@ -84,8 +86,10 @@ def test_preconditioning_does_not_change_the_solution():
     sx = sx + 6 * base  # nearly collinear features, as from an untrained network
     batch = _pad_batch([(sx, sy, qx)], "cpu", torch.float64, project=True)
     lam = torch.tensor([[1e-2]], dtype=torch.float64)
-    out = [solve_logreg(batch.x, batch.y, batch.valid[:, None].double(), batch.class_mask, lam, tol=1e-8,
-                        precondition=p) for p in (False, True)]
+    out = [
+        solve_logreg(batch.x, batch.y, batch.valid[:, None].double(), batch.class_mask, lam, tol=1e-8, precondition=p)
+        for p in (False, True)
+    ]
     probs = [torch.softmax(logreg_logits(batch.query, w, b)[:, :, 0], -1).numpy() for w, b in out]
     np.testing.assert_allclose(probs[0], probs[1], atol=1e-4)
 

@@ -94,8 +94,9 @@ def test_shots_formula_with_the_same_generator():
         p = sizes * np.exp(u)
         p = p / p.sum()
         expected = np.minimum(np.floor(p * (200 - 5)).astype(int) + 1, remaining)
-        got = sample_num_support_per_class(np.random.default_rng(seed), sizes, remaining, 200,
-                                           math.log(0.5), math.log(2))
+        got = sample_num_support_per_class(
+            np.random.default_rng(seed), sizes, remaining, 200, math.log(0.5), math.log(2)
+        )
         np.testing.assert_array_equal(got, expected)
 
 

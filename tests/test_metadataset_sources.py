@@ -50,9 +50,15 @@ def write_flat_source(root: Path, name: str, splits=(4, 2, 6), per_class=(3, 4, 
         n = per_class[cid % len(per_class)]
         write_class_records(folder / f"{cid}.tfrecords", cid, [image_bytes(100 * cid + i, fmt=fmt) for i in range(n)])
         counts[str(cid)] = n
-    spec = {"name": name, "classes_per_split": dict(zip(("TRAIN", "VALID", "TEST"), splits)),
-            "images_per_class": counts, "class_names": {str(c): f"class{c:02d}" for c in range(total)},
-            "path": str(folder), "file_pattern": "{}.tfrecords", "__class__": "DatasetSpecification"}
+    spec = {
+        "name": name,
+        "classes_per_split": dict(zip(("TRAIN", "VALID", "TEST"), splits)),
+        "images_per_class": counts,
+        "class_names": {str(c): f"class{c:02d}" for c in range(total)},
+        "path": str(folder),
+        "file_pattern": "{}.tfrecords",
+        "__class__": "DatasetSpecification",
+    }
     (folder / "dataset_spec.json").write_text(json.dumps(spec, indent=2))
     return folder
 
@@ -65,12 +71,17 @@ def write_omniglot(root: Path) -> Path:
     total = sum(per_super.values())
     for cid in range(total):
         write_class_records(folder / f"{cid}.tfrecords", cid, [image_bytes(7 * cid + i) for i in range(4)])
-    spec = {"name": "omniglot", "superclasses_per_split": {"TRAIN": 1, "VALID": 1, "TEST": 2},
-            "classes_per_superclass": {str(k): v for k, v in per_super.items()},
-            "images_per_class": {str(c): 4 for c in range(total)},
-            "superclass_names": {str(k): f"alphabet{k}" for k in per_super},
-            "class_names": {str(c): f"char{c}" for c in range(total)},
-            "path": str(folder), "file_pattern": "{}.tfrecords", "__class__": "BiLevelDatasetSpecification"}
+    spec = {
+        "name": "omniglot",
+        "superclasses_per_split": {"TRAIN": 1, "VALID": 1, "TEST": 2},
+        "classes_per_superclass": {str(k): v for k, v in per_super.items()},
+        "images_per_class": {str(c): 4 for c in range(total)},
+        "superclass_names": {str(k): f"alphabet{k}" for k in per_super},
+        "class_names": {str(c): f"char{c}" for c in range(total)},
+        "path": str(folder),
+        "file_pattern": "{}.tfrecords",
+        "__class__": "BiLevelDatasetSpecification",
+    }
     (folder / "dataset_spec.json").write_text(json.dumps(spec))
     return folder
 
@@ -86,17 +97,33 @@ def write_ilsvrc(root: Path) -> Path:
     train = [_node("n00", ["n01", "n02"]), _node("n01", parents=["n00"]), _node("n02", parents=["n00"])]
     valid = [_node("n10", ["n11"]), _node("n11", parents=["n10"])]
     # test: root -> A (leaves t1, t2, t3), B (leaves t3, t4, t5, t6); t3 has two parents
-    test = [_node("t0", ["tA", "tB"]), _node("tA", ["t1", "t2", "t3"], ["t0"]), _node("tB", ["t3", "t4", "t5", "t6"],
-            ["t0"]), _node("t1", parents=["tA"]), _node("t2", parents=["tA"]), _node("t3", parents=["tA", "tB"]),
-            _node("t4", parents=["tB"]), _node("t5", parents=["tB"]), _node("t6", parents=["tB"])]
+    test = [
+        _node("t0", ["tA", "tB"]),
+        _node("tA", ["t1", "t2", "t3"], ["t0"]),
+        _node("tB", ["t3", "t4", "t5", "t6"], ["t0"]),
+        _node("t1", parents=["tA"]),
+        _node("t2", parents=["tA"]),
+        _node("t3", parents=["tA", "tB"]),
+        _node("t4", parents=["tB"]),
+        _node("t5", parents=["tB"]),
+        _node("t6", parents=["tB"]),
+    ]
     leaves = ["n01", "n02", "n11", "t1", "t2", "t3", "t4", "t5", "t6"]  # class ids 0..8
     for cid, _ in enumerate(leaves):
         write_class_records(folder / f"{cid}.tfrecords", cid, [image_bytes(3 * cid + i) for i in range(3)])
-    spec = {"name": "ilsvrc_2012", "split_subgraphs": {"TRAIN": train, "VALID": valid, "TEST": test},
-            "images_per_class": {"TRAIN": {"n00": 6, "n01": 3, "n02": 3}, "VALID": {"n10": 3, "n11": 3},
-                                 "TEST": {w: 3 for w in leaves[3:]} | {"t0": 18, "tA": 9, "tB": 12}},
-            "class_names": {str(c): w for c, w in enumerate(leaves)}, "path": str(folder),
-            "file_pattern": "{}.tfrecords", "__class__": "HierarchicalDatasetSpecification"}
+    spec = {
+        "name": "ilsvrc_2012",
+        "split_subgraphs": {"TRAIN": train, "VALID": valid, "TEST": test},
+        "images_per_class": {
+            "TRAIN": {"n00": 6, "n01": 3, "n02": 3},
+            "VALID": {"n10": 3, "n11": 3},
+            "TEST": {w: 3 for w in leaves[3:]} | {"t0": 18, "tA": 9, "tB": 12},
+        },
+        "class_names": {str(c): w for c, w in enumerate(leaves)},
+        "path": str(folder),
+        "file_pattern": "{}.tfrecords",
+        "__class__": "HierarchicalDatasetSpecification",
+    }
     (folder / "dataset_spec.json").write_text(json.dumps(spec))
     return folder
 
@@ -150,9 +177,15 @@ def test_records_shards(tmp_path):
     for cid in range(5):
         for shard in range(2):
             write_class_records(folder / f"{cid}_{shard}.tfrecords", cid, [image_bytes(cid * 10 + shard)])
-    spec = {"name": "dtd", "classes_per_split": {"TRAIN": 0, "VALID": 0, "TEST": 5},
-            "images_per_class": {str(c): 2 for c in range(5)}, "class_names": {str(c): str(c) for c in range(5)},
-            "path": "x", "file_pattern": "{}_{}.tfrecords", "__class__": "DatasetSpecification"}
+    spec = {
+        "name": "dtd",
+        "classes_per_split": {"TRAIN": 0, "VALID": 0, "TEST": 5},
+        "images_per_class": {str(c): 2 for c in range(5)},
+        "class_names": {str(c): str(c) for c in range(5)},
+        "path": "x",
+        "file_pattern": "{}_{}.tfrecords",
+        "__class__": "DatasetSpecification",
+    }
     (folder / "dataset_spec.json").write_text(json.dumps(spec))
     assert [f.name for f in class_record_files(folder, "{}_{}.tfrecords", 3)] == ["3_0.tfrecords", "3_1.tfrecords"]
     assert [label for label, _, _ in open_source("dtd", tmp_path).items()] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
@@ -184,14 +217,16 @@ def test_folder_reader(tmp_path):
         for i in range(3):
             (folder / f"flower{c}" / f"{i}.png").write_bytes(image_bytes(c * 3 + i))
     (folder / "flower0" / "notes.txt").write_text("not an image")
-    (folder / "splits.json").write_text(json.dumps({"train": ["flower0"], "valid": [],
-                                                    "test": [f"flower{c}" for c in range(1, 6)]}))
+    (folder / "splits.json").write_text(
+        json.dumps({"train": ["flower0"], "valid": [], "test": [f"flower{c}" for c in range(1, 6)]})
+    )
     test = open_source("vgg_flower", tmp_path)
     assert test.info["reader"] == "folder" and test.num_classes == 5
     items = list(test.items())
     assert [r for _, r, _ in items[:2]] == ["flower1/0.png", "flower1/1.png"]
-    np.testing.assert_array_equal(np.asarray(items[0][2]()),
-                                  np.asarray(Image.open(io.BytesIO(image_bytes(3))).convert("RGB")))
+    np.testing.assert_array_equal(
+        np.asarray(items[0][2]()), np.asarray(Image.open(io.BytesIO(image_bytes(3))).convert("RGB"))
+    )
     assert open_source("vgg_flower", tmp_path, split="train").counts.tolist() == [3]
 
 
@@ -205,10 +240,10 @@ def test_bad_input_is_a_clear_user_error(tmp_path):
     folder = tmp_path / "traffic_sign"
     folder.mkdir()
     write_class_records(folder / "0.tfrecords", 0, [image_bytes(0)])
-    with pytest.raises(UserError, match="has no dataset_spec.json"):
+    with pytest.raises(UserError, match=r"has no dataset_spec\.json"):
         open_source("traffic_sign", tmp_path)
     (tmp_path / "mscoco" / "cat").mkdir(parents=True)
-    with pytest.raises(UserError, match="has no splits.json"):
+    with pytest.raises(UserError, match=r"has no splits\.json"):
         open_source("mscoco", tmp_path)
     write_flat_source(tmp_path, "aircraft")
     (tmp_path / "aircraft" / "8.tfrecords").unlink()
@@ -219,8 +254,18 @@ def test_bad_input_is_a_clear_user_error(tmp_path):
 
 
 def test_every_meta_dataset_source_is_known():
-    assert set(MD_SOURCES.values()) == {"ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw",
-                                        "fungi", "vgg_flower", "traffic_sign", "mscoco"}
+    assert set(MD_SOURCES.values()) == {
+        "ilsvrc_2012",
+        "omniglot",
+        "aircraft",
+        "cu_birds",
+        "dtd",
+        "quickdraw",
+        "fungi",
+        "vgg_flower",
+        "traffic_sign",
+        "mscoco",
+    }
 
 
 def test_embedded_sources():

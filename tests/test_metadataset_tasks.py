@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from metadataset.evaluate import confidence_interval
-from transfer.fewshot import add_fewshot_arguments
 from ringbench.errors import UserError
 from tests.helpers import run_cli, write_card
 from tests.test_metadataset_sources import image_bytes, write_omniglot
 from transfer.backbones import load_backbone
+from transfer.fewshot import add_fewshot_arguments
 from transfer.tasks import TaskContext, all_tasks, get_task
 
 
@@ -33,8 +33,21 @@ def _args(*argv: str) -> argparse.Namespace:
 
 def test_tasks_are_registered():
     tasks = all_tasks()
-    names = {f"md_{s}" for s in ("ilsvrc", "omniglot", "aircraft", "cub", "dtd", "quickdraw", "fungi", "vgg_flower",
-                                 "traffic_sign", "mscoco")} | {"md_all", "fewshot_synthetic", "fewshot_digits"}
+    names = {
+        f"md_{s}"
+        for s in (
+            "ilsvrc",
+            "omniglot",
+            "aircraft",
+            "cub",
+            "dtd",
+            "quickdraw",
+            "fungi",
+            "vgg_flower",
+            "traffic_sign",
+            "mscoco",
+        )
+    } | {"md_all", "fewshot_synthetic", "fewshot_digits"}
     assert names <= set(tasks)
     assert tasks["md_all"].primary_metric == "acc_avg" and not tasks["fewshot_digits"].needs_data
 
@@ -57,8 +70,11 @@ def test_fewshot_digits_end_to_end(card, tmp_path):
     again = task.run(backbone, config, ctx)  # same seed: same episodes, features from the cache
     assert again.extra["feature_cache"]["digits"]["hit"] is True
     assert again.extra["episode_accuracies"] == result.extra["episode_accuracies"]
-    centroid = task.run(backbone, task.make_config(_args("--episodes", "40", "--max-images-per-class", "25",
-                                                         "--probe", "centroid")), ctx)
+    centroid = task.run(
+        backbone,
+        task.make_config(_args("--episodes", "40", "--max-images-per-class", "25", "--probe", "centroid")),
+        ctx,
+    )
     assert centroid.extra["episode_accuracies"] != result.extra["episode_accuracies"]
 
 
@@ -66,8 +82,9 @@ def test_meta_dataset_task_on_official_records(card, tmp_path):
     """md_omniglot: variable-way episodes inside one alphabet, per-episode accuracies kept."""
     write_omniglot(tmp_path / "records")
     task = get_task("md_omniglot")
-    config = task.make_config(_args("--md-root", str(tmp_path / "records"), "--episodes", "12", "--probe", "logreg",
-                                    "--weight-decay", "0.01"))
+    config = task.make_config(
+        _args("--md-root", str(tmp_path / "records"), "--episodes", "12", "--probe", "logreg", "--weight-decay", "0.01")
+    )
     assert config["episode_mode"] == "variable" and config["md_root"].endswith("records")
     backbone = load_backbone(card)
     task.validate(backbone, config)
@@ -122,10 +139,10 @@ def test_bad_settings_and_data_are_user_errors(card, tmp_path):
         task.validate(backbone, config)
     config_file = tmp_path / "fs.yaml"
     config_file.write_text("episodes: 7\nprobe: centroid\nbogus: 1\n")
-    with pytest.raises(UserError, match="fs.yaml: unknown config key 'bogus'"):
+    with pytest.raises(UserError, match=r"fs\.yaml: unknown config key 'bogus'"):
         get_task("fewshot_digits").make_config(_args("--fewshot-config", str(config_file)))
     config_file.write_text("episodes: many\n")
-    with pytest.raises(UserError, match="fs.yaml: 'episodes' must be an int, got 'many'"):
+    with pytest.raises(UserError, match=r"fs\.yaml: 'episodes' must be an int, got 'many'"):
         get_task("fewshot_digits").make_config(_args("--fewshot-config", str(config_file)))
 
 
@@ -139,14 +156,39 @@ def test_yaml_config_and_flags(tmp_path):
 
 
 def test_cli_runs_fewshot_digits_and_appends_a_record(card, tmp_path):
-    proc = run_cli("transfer/run.py", "--backbone", str(card), "--task", "fewshot_digits", "--episodes", "20",
-                   "--max-images-per-class", "20", "--probe", "centroid", "--results", str(tmp_path / "results"),
-                   "--output-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"))
+    proc = run_cli(
+        "transfer/run.py",
+        "--backbone",
+        str(card),
+        "--task",
+        "fewshot_digits",
+        "--episodes",
+        "20",
+        "--max-images-per-class",
+        "20",
+        "--probe",
+        "centroid",
+        "--results",
+        str(tmp_path / "results"),
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "results" / "records.jsonl").read_text().splitlines()[-1])
     assert record["task"] == "fewshot_digits" and record["family"] == "fewshot"
     assert set(record["metrics"]) == {"acc"} and record["ci95"]["acc"] > 0
     assert len(record["extra"]["episode_accuracies"]["digits"]) == 20
-    bad = run_cli("transfer/run.py", "--backbone", str(card), "--task", "md_aircraft", "--md-root",
-                  str(tmp_path / "nowhere"), "--results", str(tmp_path / "results"))
+    bad = run_cli(
+        "transfer/run.py",
+        "--backbone",
+        str(card),
+        "--task",
+        "md_aircraft",
+        "--md-root",
+        str(tmp_path / "nowhere"),
+        "--results",
+        str(tmp_path / "results"),
+    )
     assert bad.returncode == 2 and "no folder" in bad.stderr and "Traceback" not in bad.stderr

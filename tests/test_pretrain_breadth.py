@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import pretrain.train as trainer
-from ringbench.card import load_card
+from pretrain.backbones import TwoStreamBackbone, rgb_to_lab, scaled_resnet
 from pretrain.config import load_config
 from pretrain.losses import hcl_loss, in_batch_ring_loss, nt_xent_loss
-from pretrain.backbones import TwoStreamBackbone, rgb_to_lab, scaled_resnet
+from ringbench.card import load_card
 from tests.test_pretrain_methods import _views, one_thread, tiny_method  # noqa: F401  (autouse fixture)
 from tests.test_pretrain_train import TINY_RUN
 
@@ -53,7 +53,9 @@ def test_two_stream_model_takes_normalised_rgb():
 
 @pytest.mark.parametrize("loss", ["nce", "ring"])
 def test_cmc_step_updates_both_banks(loss):
-    method = tiny_method("method=cmc", f"loss.name={loss}", "loss.num_samples=6", "cmc.num_negatives=16", "cmc.width=0.25")
+    method = tiny_method(
+        "method=cmc", f"loss.name={loss}", "loss.num_samples=6", "cmc.num_negatives=16", "cmc.width=0.25"
+    )
     banks = method.bank_l.memory.clone(), method.bank_ab.memory.clone()
     index = torch.tensor([0, 5, 9, 13, 17, 21, 30, 39])
     out, logs = method.training_step(_views(1), index)
@@ -116,8 +118,19 @@ def test_demo_profile_keeps_each_methods_grayscale(name, grayscale):
 
 
 def test_cmc_card_is_two_stream_and_loads_in_transfer(tmp_path: Path):
-    cfg = load_config(None, [*TINY_RUN, "method=cmc", "loss.name=ring", "loss.num_samples=4", "cmc.num_negatives=8",
-                             "cmc.width=0.25", "train.epochs=1", "knn.enabled=false"])
+    cfg = load_config(
+        None,
+        [
+            *TINY_RUN,
+            "method=cmc",
+            "loss.name=ring",
+            "loss.num_samples=4",
+            "cmc.num_negatives=8",
+            "cmc.width=0.25",
+            "train.epochs=1",
+            "knn.enabled=false",
+        ],
+    )
     result = trainer.train(cfg, tmp_path / "cmc.pth", tmp_path / "w", progress=False)
     card = load_card(result.card_path)
     assert card.streams == ("l", "ab") and card.meta["stream_width"] == 0.25 and card.meta["method"] == "cmc"
@@ -139,8 +152,16 @@ def test_breadth_methods_beat_random_init(name, tmp_path: Path):
     (kNN monitor; ImageNet stem to keep it to about three minutes per method on 2 CPU cores)."""
     from tests.test_pretrain_train import _knn_gain
 
-    cfg = load_config(REPO / "configs" / "pretrain" / f"{name}.yaml", [
-        "stem=imagenet", "data.synthetic_images_per_class=20", "train.epochs=16", "knn.every=1000", "knn.max_test=320",
-    ], profile="demo")
+    cfg = load_config(
+        REPO / "configs" / "pretrain" / f"{name}.yaml",
+        [
+            "stem=imagenet",
+            "data.synthetic_images_per_class=20",
+            "train.epochs=16",
+            "knn.every=1000",
+            "knn.max_test=320",
+        ],
+        profile="demo",
+    )
     trained, random_best = _knn_gain(cfg, tmp_path)
     assert trained > random_best + 3, (trained, random_best)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ringbench.errors import UserError
 from pretrain.config import DEFAULTS, PROFILES, load_config, resolved_stem
 from pretrain.train import learning_rate
+from ringbench.errors import UserError
 from tests.helpers import REPO, run_cli
 
 CONFIGS = REPO / "configs" / "pretrain"
@@ -19,8 +19,15 @@ def test_shipped_configs_hold_official_hyperparameters(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg["method"] == name.split("_")[0]
     assert cfg["loss"]["name"] == ("ring" if name.endswith("ring") else "nce")
-    assert cfg["optim"] == {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
-                            "milestones": [0.68, 0.83], "gamma": 0.1}
+    assert cfg["optim"] == {
+        "name": "sgd",
+        "lr": 0.03,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "schedule": "step",
+        "milestones": [0.68, 0.83],
+        "gamma": 0.1,
+    }
     assert (cfg["train"]["epochs"], cfg["train"]["batch_size"]) == (200, 256)
     assert cfg["data"]["name"] == "synthetic"
     if name.endswith("ring"):
@@ -28,8 +35,11 @@ def test_shipped_configs_hold_official_hyperparameters(name):
 
 
 def test_overrides_profile_and_types(tmp_path: Path):
-    cfg = load_config(CONFIGS / "moco_ring.yaml", ["train.epochs=3", "loss.w_outer=0.2", "optim.milestones=[0.5]",
-                                                   "loss.num_samples=null"], profile="demo")
+    cfg = load_config(
+        CONFIGS / "moco_ring.yaml",
+        ["train.epochs=3", "loss.w_outer=0.2", "optim.milestones=[0.5]", "loss.num_samples=null"],
+        profile="demo",
+    )
     assert cfg["train"]["epochs"] == 3 and cfg["loss"]["w_outer"] == 0.2 and cfg["optim"]["milestones"] == [0.5]
     assert cfg["train"]["batch_size"] == PROFILES["demo"]["train.batch_size"]
     assert isinstance(load_config(None, ["optim.lr=1"])["optim"]["lr"], float)
@@ -83,14 +93,28 @@ def test_cli_help_by_path():
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys):
-    from ringbench.cli import run_main
     from pretrain.run import main
+    from ringbench.cli import run_main
 
     assert run_main(main, ["--config", str(CONFIGS / "moco_ring.yaml"), "loss.w_iner=0.2"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'loss.w_iner'" in err and len(err.strip().splitlines()) == 1
-    assert run_main(main, ["--config", str(CONFIGS / "moco.yaml"), "--data", "cifar10", "--data-root", str(tmp_path),
-                           "--workdir", str(tmp_path / "w")]) == 2
+    assert (
+        run_main(
+            main,
+            [
+                "--config",
+                str(CONFIGS / "moco.yaml"),
+                "--data",
+                "cifar10",
+                "--data-root",
+                str(tmp_path),
+                "--workdir",
+                str(tmp_path / "w"),
+            ],
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "cifar-10-batches-py" in err and "data_batch_1" in err
     assert run_main(main, ["--config", str(tmp_path / "nope.yaml")]) == 2

@@ -10,16 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from ringbench.errors import UserError
 from pretrain.data.datasets import cifar, image_folder, open_splits, stl10
 from pretrain.data.transforms import IndexedDataset, MultiView, eval_transform, moco_v2_augmentation
 from pretrain.knn import knn_accuracy, knn_predict
+from ringbench.errors import UserError
 
 
 def _write_cifar(root: Path, classes: int, per_file: int = 6) -> dict[str, tuple[np.ndarray, list[int]]]:
     rng = np.random.default_rng(0)
     if classes == 10:
-        folder, key, names = root / "cifar-10-batches-py", "labels", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        folder, key, names = (
+            root / "cifar-10-batches-py",
+            "labels",
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+        )
     else:
         folder, key, names = root / "cifar-100-python", "fine_labels", ["train", "test"]
     folder.mkdir(parents=True)
@@ -28,7 +32,10 @@ def _write_cifar(root: Path, classes: int, per_file: int = 6) -> dict[str, tuple
         data = rng.integers(0, 256, size=(per_file, 3072), dtype=np.uint8)
         labels = rng.integers(0, classes, size=per_file).tolist()
         with open(folder / name, "wb") as handle:  # as the original python-version archives: latin1 keys
-            pickle.dump({"batch_label": name, key: labels, "data": data, "filenames": [f"{i}.png" for i in range(per_file)]}, handle)
+            pickle.dump(
+                {"batch_label": name, key: labels, "data": data, "filenames": [f"{i}.png" for i in range(per_file)]},
+                handle,
+            )
         written[name] = (data, labels)
     return written
 
@@ -96,7 +103,7 @@ def test_image_folder(tmp_path: Path):
             (tmp_path / split / cls).mkdir(parents=True)
             Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / split / cls / "a.png")
     cfg = {"name": "imagefolder", "root": str(tmp_path)}
-    train, knn_train, test, spec = open_splits(cfg)
+    train, _knn_train, test, spec = open_splits(cfg)
     assert len(train) == 2 and train.classes == ["cat", "dog"] and spec.image_size == 224
     assert test[1][1] == 1 and test[1][0].size == (40, 30)
     with pytest.raises(UserError, match="no folder"):
@@ -104,9 +111,15 @@ def test_image_folder(tmp_path: Path):
 
 
 def test_synthetic_splits_and_stats():
-    cfg = {"name": "synthetic", "root": None, "synthetic_classes": 4, "synthetic_images_per_class": 8,
-           "synthetic_image_size": 16, "synthetic_seed": 0}
-    train, knn_train, test, spec = open_splits(cfg)
+    cfg = {
+        "name": "synthetic",
+        "root": None,
+        "synthetic_classes": 4,
+        "synthetic_images_per_class": 8,
+        "synthetic_image_size": 16,
+        "synthetic_seed": 0,
+    }
+    train, _knn_train, test, spec = open_splits(cfg)
     assert len(train) == 32 and len(test) == 8 and spec.num_classes == 4 and spec.image_size == 16
     pixels = np.stack([np.asarray(train[i][0]) / 255.0 for i in range(32)]).reshape(-1, 3)
     assert np.allclose(spec.mean, pixels.mean(0), atol=1e-3)
@@ -139,6 +152,7 @@ def test_knn_matches_scikit_learn_weighted_vote():
     want = ref.fit(train, labels).predict(test)
     got = knn_predict(torch.from_numpy(train), torch.from_numpy(labels), torch.from_numpy(test), 5, k=k, t=t, chunk=7)
     assert np.array_equal(got.numpy(), want)
-    acc = knn_accuracy(torch.from_numpy(train), torch.from_numpy(labels), torch.from_numpy(test),
-                       torch.from_numpy(want), 5, k, t)
+    acc = knn_accuracy(
+        torch.from_numpy(train), torch.from_numpy(labels), torch.from_numpy(test), torch.from_numpy(want), 5, k, t
+    )
     assert acc == 100.0

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pretrain.config import load_config
 from pretrain.methods import build_method
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads per process thrash."""
@@ -20,8 +21,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-TINY = ["data.synthetic_image_size=16", "train.batch_size=8", "moco.queue_size=32", "moco.shuffle_groups=2",
-        "ir.num_negatives=16", "loss.w_outer=0.5", "loss.w_inner=0.25"]
+TINY = [
+    "data.synthetic_image_size=16",
+    "train.batch_size=8",
+    "moco.queue_size=32",
+    "moco.shuffle_groups=2",
+    "ir.num_negatives=16",
+    "loss.w_outer=0.5",
+    "loss.w_inner=0.25",
+]
 
 
 def tiny_method(*overrides: str, dataset_size: int = 40):
@@ -111,8 +119,16 @@ def test_ir_ring_loss_uses_bank_ring():
     torch.manual_seed(0)
     ref = tiny_method("method=ir", "loss.name=ring", "loss.num_samples=10")
     z = ref.encoder(x[0])
-    want = ring_loss(z, bank[index], bank, 0.07, 0.5, 0.25, num_samples=10,
-                     generator=torch.Generator().manual_seed(ref.seed * 100_003))
+    want = ring_loss(
+        z,
+        bank[index],
+        bank,
+        0.07,
+        0.5,
+        0.25,
+        num_samples=10,
+        generator=torch.Generator().manual_seed(ref.seed * 100_003),
+    )
     assert out.item() == pytest.approx(want.item(), rel=1e-5)
 
 

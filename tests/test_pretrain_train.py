@@ -13,17 +13,28 @@ import torch
 import torch.multiprocessing as mp
 
 import pretrain.train as trainer
-from ringbench.card import load_card, load_checkpoint_file
-from ringbench.errors import UserError
 from pretrain.config import load_config
 from pretrain.methods import build_method
+from ringbench.card import load_card, load_checkpoint_file
+from ringbench.errors import UserError
 from tests.test_pretrain_methods import one_thread  # noqa: F401  (autouse fixture)
 
 TINY_RUN = [
-    "method=moco", "data.workers=0", "data.synthetic_classes=4", "data.synthetic_images_per_class=4",
-    "data.synthetic_image_size=16", "train.batch_size=8", "train.epochs=2", "train.log_every=1",
-    "moco.queue_size=16", "moco.shuffle_groups=2", "loss.w_outer=0.5", "loss.w_inner=0.25",
-    "knn.max_train=16", "knn.max_test=8", "knn.k=5",
+    "method=moco",
+    "data.workers=0",
+    "data.synthetic_classes=4",
+    "data.synthetic_images_per_class=4",
+    "data.synthetic_image_size=16",
+    "train.batch_size=8",
+    "train.epochs=2",
+    "train.log_every=1",
+    "moco.queue_size=16",
+    "moco.shuffle_groups=2",
+    "loss.w_outer=0.5",
+    "loss.w_inner=0.25",
+    "knn.max_train=16",
+    "knn.max_test=8",
+    "knn.k=5",
 ]
 
 
@@ -104,8 +115,9 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, cfg: dict, folder: str) -> None:
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     result = trainer.train(cfg, Path(folder) / "card.pth", Path(folder) / "work", progress=False)
     torch.save(result.method.state_dict(), Path(folder) / f"rank{rank}.pt")
@@ -146,9 +158,17 @@ def test_ring_moco_beats_random_resnet18(tmp_path: Path):
     """A few epochs of ring-MoCo (ResNet-18, 32-px synthetic shapes, 64 classes) lift the kNN monitor
     above the best of three randomly initialised ResNet-18s. The ImageNet stem (stride 4 before the
     first stage) keeps this to a minute or two on 2 CPU cores."""
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/pretrain/moco_ring.yaml", [
-        "stem=imagenet", "data.synthetic_images_per_class=20", "train.epochs=8", "optim.lr=0.06", "knn.every=1000",
-        "knn.max_test=320",
-    ], profile="demo")
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs/pretrain/moco_ring.yaml",
+        [
+            "stem=imagenet",
+            "data.synthetic_images_per_class=20",
+            "train.epochs=8",
+            "optim.lr=0.06",
+            "knn.every=1000",
+            "knn.max_test=320",
+        ],
+        profile="demo",
+    )
     trained, random_best = _knn_gain(cfg, tmp_path)
     assert trained > random_best + 3, (trained, random_best)

@@ -11,9 +11,17 @@ from transfer.results import append_record, config_hash, find_record, load_recor
 
 
 def _record(task="fewshot_digits", sha="a" * 64, config=None, acc=0.5):
-    return make_record(backbone="ring_moco", backbone_sha256=sha, task=task, metrics={"acc": acc},
-                       config=config or {"episodes": 600, "probe": "logreg"}, ci95={"acc": 0.01}, seeds=[0],
-                       engine_versions={"torch": "x"}, wall_s=1.23456)
+    return make_record(
+        backbone="ring_moco",
+        backbone_sha256=sha,
+        task=task,
+        metrics={"acc": acc},
+        config=config or {"episodes": 600, "probe": "logreg"},
+        ci95={"acc": 0.01},
+        seeds=[0],
+        engine_versions={"torch": "x"},
+        wall_s=1.23456,
+    )
 
 
 def test_config_hash_ignores_key_order_and_sees_values():

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,8 +69,16 @@ SOURCE_FORMATS: dict[str, SourceFormat] = {
     "lightning": SourceFormat(
         "lightning",
         ("model.",),
-        heads=(r"model\.fc\.", r"model\.linear\.", r"model_k\.", r"moco_queue", r"memory_bank", r"_memory",
-               r"model\.projection", r"model\.head\."),
+        heads=(
+            r"model\.fc\.",
+            r"model\.linear\.",
+            r"model_k\.",
+            r"moco_queue",
+            r"memory_bank",
+            r"_memory",
+            r"model\.projection",
+            r"model\.head\.",
+        ),
         renames=((".shortcut.", ".downsample."),),
     ),
     "torchvision": SourceFormat("torchvision", ("",), heads=(r"fc\.",)),
@@ -79,8 +88,15 @@ SOURCE_FORMATS: dict[str, SourceFormat] = {
     "detectron2": SourceFormat(
         "detectron2",
         ("",),
-        heads=(r"backbone\.fpn_", r"backbone\.top_block", r"proposal_generator\.", r"roi_heads\.(?!res5\.)",
-               r"pixel_mean$", r"pixel_std$", r"fc1000\."),
+        heads=(
+            r"backbone\.fpn_",
+            r"backbone\.top_block",
+            r"proposal_generator\.",
+            r"roi_heads\.(?!res5\.)",
+            r"pixel_mean$",
+            r"pixel_std$",
+            r"fc1000\.",
+        ),
     ),
 }
 
@@ -147,8 +163,16 @@ def load_backbone(path: str | Path, name: str | None = None, arch: str | None = 
         expected = _expected_keys(raw["arch"], raw["stem"], meta, path)
         _check_keys(path, "card", state, expected, SOURCE_FORMATS["card"])
         return Backbone(
-            name=name, path=path, sha256=sha, arch=raw["arch"], stem=raw["stem"], state_dict=state, meta=meta,
-            mean=tuple(meta["mean"]), std=tuple(meta["std"]), source_format="card",
+            name=name,
+            path=path,
+            sha256=sha,
+            arch=raw["arch"],
+            stem=raw["stem"],
+            state_dict=state,
+            meta=meta,
+            mean=tuple(meta["mean"]),
+            std=tuple(meta["std"]),
+            source_format="card",
         )
     fmt, state, arch_hint = _detect_format(path, raw)
     rules = SOURCE_FORMATS[fmt]
@@ -162,14 +186,25 @@ def load_backbone(path: str | Path, name: str | None = None, arch: str | None = 
     expected = _expected_keys(arch, stem, {}, path)
     backbone_state = _fill_bn_counters(backbone_state, expected)
     _check_keys(path, fmt, backbone_state, expected, rules, extra_unexpected=dropped["unknown"])
-    log.warning(
-        "%s: %s checkpoint carries no input normalisation; using ImageNet mean/std", path.name, fmt
-    )
-    meta = {"method": fmt, "source_format": fmt, "image_size": None, "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD), "normalisation": "assumed-imagenet"}
+    log.warning("%s: %s checkpoint carries no input normalisation; using ImageNet mean/std", path.name, fmt)
+    meta = {
+        "method": fmt,
+        "source_format": fmt,
+        "image_size": None,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "normalisation": "assumed-imagenet",
+    }
     return Backbone(
-        name=name, path=path, sha256=sha, arch=arch, stem=stem, state_dict=backbone_state, meta=meta,
-        source_format=fmt, dropped_keys=dropped["heads"],
+        name=name,
+        path=path,
+        sha256=sha,
+        arch=arch,
+        stem=stem,
+        state_dict=backbone_state,
+        meta=meta,
+        source_format=fmt,
+        dropped_keys=dropped["heads"],
     )
 
 
@@ -184,7 +219,7 @@ def clean_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
             changed = False
             for prefix in WRAPPER_PREFIXES:
                 if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
+                    key, changed = key[len(prefix) :], True
         out[key] = value
     return out
 
@@ -241,7 +276,7 @@ def _unwrap(state: Mapping[str, torch.Tensor], rules: SourceFormat) -> tuple[dic
         if any(p.match(key) for p in head_patterns):
             heads.append(key)
         elif key.startswith(prefix):
-            short = key[len(prefix):]
+            short = key[len(prefix) :]
             for old, new in rules.renames:
                 short = short.replace(old, new)
             backbone[short] = value

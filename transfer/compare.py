@@ -16,8 +16,9 @@ Pure functions on lists of records (see ``transfer/results.py``); rendering live
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -117,8 +118,11 @@ def build_table(
     for (name, task, cfg), rec in newest.items():
         rows.setdefault(name, Row(name, rec.get("backbone_sha256", ""), dict(rec.get("backbone_meta") or {})))
         metrics = rec.get("metrics") or {}
-        shown = list(metrics) if all_metrics or not (headline or {}).get(task) else [
-            m for m in headline[task] if m in metrics]
+        shown = (
+            list(metrics)
+            if all_metrics or not (headline or {}).get(task)
+            else [m for m in headline[task] if m in metrics]
+        )
         for metric in shown:
             column = Column(task, metric, cfg, config_labels.get((task, cfg), ""), rec.get("family", ""))
             columns[column] = None
@@ -129,10 +133,15 @@ def build_table(
     unique_pairs = list(dict.fromkeys(found))
     rng = np.random.default_rng(seed)
     deltas = [
-        Delta(plain, variant, {
-            col: delta_cell(cells[(plain, col)], cells[(variant, col)], n_boot, rng)
-            for col in ordered_columns if (plain, col) in cells and (variant, col) in cells
-        })
+        Delta(
+            plain,
+            variant,
+            {
+                col: delta_cell(cells[(plain, col)], cells[(variant, col)], n_boot, rng)
+                for col in ordered_columns
+                if (plain, col) in cells and (variant, col) in cells
+            },
+        )
         for plain, variant in unique_pairs
     ]
     return Table(ordered_columns, ordered_rows, cells, deltas)
@@ -213,8 +222,13 @@ def find_pairs(rows: Sequence[Row]) -> list[tuple[str, str]]:
 
 def delta_cell(plain: Cell, variant: Cell, n_boot: int, rng: np.random.Generator) -> DeltaCell:
     diff = variant.mean - plain.mean
-    if (plain.samples and variant.samples and plain.sample_kind == variant.sample_kind
-            and len(plain.samples) == len(variant.samples) and len(plain.samples) > 1):
+    if (
+        plain.samples
+        and variant.samples
+        and plain.sample_kind == variant.sample_kind
+        and len(plain.samples) == len(variant.samples)
+        and len(plain.samples) > 1
+    ):
         lo, hi = paired_bootstrap_ci(np.asarray(variant.samples) - np.asarray(plain.samples), n_boot, rng)
         return DeltaCell(diff, lo, hi, plain.sample_kind)
     return DeltaCell(diff)

@@ -16,14 +16,15 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 if __package__ in (None, ""):  # run by path: make the repository importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ringbench.cli import add_common_flags, run_main  # noqa: E402
-from ringbench.errors import UserError  # noqa: E402
+from ringbench.cli import add_common_flags, run_main
+from ringbench.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PLAN = REPO / "configs" / "demo.yaml"
@@ -69,8 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--plan", type=Path, default=DEFAULT_PLAN, help="YAML plan: backbones, tasks, flags")
     parser.add_argument("--workdir", type=Path, default=REPO, help="where cards/, runs/, cache/ and results/ go")
-    parser.add_argument("--quick", action="store_true",
-                        help="leave out the plan's optional backbones (the IR pair): about half the time")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="leave out the plan's optional backbones (the IR pair): about half the time",
+    )
     parser.add_argument("--force", action="store_true", help="recompute transfer records that exist")
     parser.add_argument("--device", default="auto", help="device for every stage")
     add_common_flags(parser)
@@ -89,36 +93,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     backbones = [b for b in plan["backbones"] if not (args.quick and b.get("optional"))]
     for b in backbones:
         card = cards / f"{b['name']}.pth"
-        pretrain_args = ["--config", str(REPO / b["config"]), "--out", str(card),
-                         "--workdir", str(runs / "pretrain" / b["name"]), "--device", device,
-                         *map(str, plan.get("pretrain_args", [])), *map(str, b.get("args", []))]
+        pretrain_args = [
+            "--config",
+            str(REPO / b["config"]),
+            "--out",
+            str(card),
+            "--workdir",
+            str(runs / "pretrain" / b["name"]),
+            "--device",
+            device,
+            *map(str, plan.get("pretrain_args", [])),
+            *map(str, b.get("args", [])),
+        ]
         changed = card_changes(pretrain_args)  # [] reuse the card, a list retrain it, None train it
         if changed == []:
             print(f"==> [pretrain {b['name']}] reusing {card}")
             continue
         if changed:  # the plan or a config changed since the card was made: its checkpoints are stale too
-            print(f"==> [pretrain {b['name']}] {card} was made with another config (differs in {changed[:6]}): "
-                  "pretraining again")
+            print(
+                f"==> [pretrain {b['name']}] {card} was made with another config (differs in {changed[:6]}): "
+                "pretraining again"
+            )
             pretrain_args.append("--fresh")
         _run([py, "pretrain/run.py", *pretrain_args, *debug], f"pretrain {b['name']}")
 
     for task in plan["tasks"]:
         name, extra = (task, []) if isinstance(task, str) else (task["name"], task.get("args", []))
         for b in backbones:
-            run_args = ["--backbone", str(cards / f"{b['name']}.pth"), "--task", name, "--results", str(results),
-                        "--output-dir", str(runs / "transfer"), "--cache-dir", str(work / "cache"),
-                        "--device", device, *map(str, extra)]
+            run_args = [
+                "--backbone",
+                str(cards / f"{b['name']}.pth"),
+                "--task",
+                name,
+                "--results",
+                str(results),
+                "--output-dir",
+                str(runs / "transfer"),
+                "--cache-dir",
+                str(work / "cache"),
+                "--device",
+                device,
+                *map(str, extra),
+            ]
             if not args.force and _recorded(run_args):
                 print(f"==> [{name} {b['name']}] reusing its record in {results}")
                 continue
-            _run([py, "transfer/run.py", *run_args, *(["--force"] if args.force else []), *debug], f"{name} {b['name']}")
+            _run(
+                [py, "transfer/run.py", *run_args, *(["--force"] if args.force else []), *debug], f"{name} {b['name']}"
+            )
 
     board = [py, "transfer/leaderboard.py", "--results", str(results)]
     _run([*board, "--format", "md", "--out", str(results / "leaderboard.md")], "leaderboard md")
     _run([*board, "--format", "html", "--out", str(results / "leaderboard.html")], "leaderboard html")
     print("\n" + (results / "leaderboard.md").read_text())
-    print(f"demo finished in {time.perf_counter() - start:.0f} s; tables in {results}/leaderboard.md and "
-          f"{results}/leaderboard.html")
+    print(
+        f"demo finished in {time.perf_counter() - start:.0f} s; tables in {results}/leaderboard.md and "
+        f"{results}/leaderboard.html"
+    )
     return 0
 
 

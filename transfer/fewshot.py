@@ -40,23 +40,32 @@ class FewShotSettings:
     """The few-shot family's settings: flags, ``--fewshot-config`` YAML keys and defaults in one place."""
 
     probe: str = field(default="logreg", metadata={"help": f"few-shot probe: {' | '.join(PROBES)}"})
-    weight_decay: str = field(default="cv", metadata={"help": "logreg L2 weight: a number, or 'cv' (chosen per "
-                                                      "episode by cross-validation on the support set)"})
+    weight_decay: str = field(
+        default="cv",
+        metadata={
+            "help": "logreg L2 weight: a number, or 'cv' (chosen per episode by cross-validation on the support set)"
+        },
+    )
     knn_k: int = field(default=1, metadata={"help": "neighbours of the k-NN probe"})
     episodes: int = field(default=600, metadata={"help": "episodes per source (Meta-Dataset: 600)"})
-    episode_mode: Optional[str] = _help("'variable' (Meta-Dataset's variable-way variable-shot) or 'fixed' (N-way "
-                                        "K-shot Q-query); default: variable for md_* tasks, fixed for fewshot_*")
-    ways: int = field(default=5, metadata={"help": "fixed episodes: classes per episode (implies --episode-mode "
-                                           "fixed)"})
+    episode_mode: Optional[str] = _help(
+        "'variable' (Meta-Dataset's variable-way variable-shot) or 'fixed' (N-way "
+        "K-shot Q-query); default: variable for md_* tasks, fixed for fewshot_*"
+    )
+    ways: int = field(
+        default=5, metadata={"help": "fixed episodes: classes per episode (implies --episode-mode fixed)"}
+    )
     shots: int = field(default=5, metadata={"help": "fixed episodes: support images per class (implies fixed)"})
     queries: int = field(default=15, metadata={"help": "fixed episodes: query images per class (implies fixed)"})
-    episode_seed: int = field(default=0, metadata={"help": "seed of the episodes (same seed: same episodes for "
-                                                   "every backbone)"})
+    episode_seed: int = field(
+        default=0, metadata={"help": "seed of the episodes (same seed: same episodes for every backbone)"}
+    )
     md_split: str = field(default="test", metadata={"help": "class split of the sources: train | valid | test"})
     image_size: Optional[int] = _help("resize images to this square size (default: the backbone card's)")
     pooling: str = field(default="avg", metadata={"help": f"feature pooling: {' | '.join(POOLINGS)}"})
-    max_images_per_class: Optional[int] = _help("use at most this many images per class (the first ones in the "
-                                                "source's order); default all")
+    max_images_per_class: Optional[int] = _help(
+        "use at most this many images per class (the first ones in the source's order); default all"
+    )
     synthetic_classes: int = field(default=32, metadata={"help": "fewshot_synthetic: number of shape classes"})
     synthetic_images: int = field(default=40, metadata={"help": "fewshot_synthetic: images per class"})
 
@@ -69,18 +78,26 @@ def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
     group = add_schema_flags(parser, FewShotSettings, "few-shot tasks (md_*, fewshot_*)")
     if group is None:
         return
-    group.add_argument("--md-root", type=Path, default=None,
-                       help=f"folder holding the converted Meta-Dataset sources (e.g. <root>/omniglot/"
-                            f"dataset_spec.json); default --data-root, else ${MD_ROOT_ENV}")
-    group.add_argument("--fewshot-config", default=None,
-                       help="YAML file of few-shot settings, or a shipped one's name (configs/metadataset/: "
-                            "meta_dataset, fixed_5way_5shot, demo); flags override it")
+    group.add_argument(
+        "--md-root",
+        type=Path,
+        default=None,
+        help=f"folder holding the converted Meta-Dataset sources (e.g. <root>/omniglot/"
+        f"dataset_spec.json); default --data-root, else ${MD_ROOT_ENV}",
+    )
+    group.add_argument(
+        "--fewshot-config",
+        default=None,
+        help="YAML file of few-shot settings, or a shipped one's name (configs/metadataset/: "
+        "meta_dataset, fixed_5way_5shot, demo); flags override it",
+    )
 
 
 def resolve_settings(args: argparse.Namespace, sources: list[str]) -> dict[str, Any]:
     """Command line over YAML over defaults, checked and resolved to plain values."""
-    settings = settings_from_args(args, FewShotSettings, getattr(args, "fewshot_config", None), "--fewshot-config",
-                                  kind="metadataset")
+    settings = settings_from_args(
+        args, FewShotSettings, getattr(args, "fewshot_config", None), "--fewshot-config", kind="metadataset"
+    )
     given = given_flags(args, FewShotSettings)
     embedded = all(s in ("synthetic", "digits") for s in sources)
     if settings["episode_mode"] is None:
@@ -151,9 +168,17 @@ def make_fewshot_task(name: str, sources: list[str], description: str, needs_dat
     def run(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
         return run_fewshot(backbone, config, ctx)
 
-    return Task(name=name, family="fewshot", description=description, make_config=make_config, run=run,
-                validate=validate, add_arguments=add_fewshot_arguments,
-                primary_metric="acc_avg" if len(sources) > 1 else "acc", needs_data=needs_data)
+    return Task(
+        name=name,
+        family="fewshot",
+        description=description,
+        make_config=make_config,
+        run=run,
+        validate=validate,
+        add_arguments=add_fewshot_arguments,
+        primary_metric="acc_avg" if len(sources) > 1 else "acc",
+        needs_data=needs_data,
+    )
 
 
 def _rules_from_config(config: dict[str, Any]) -> VariableEpisodes | FixedEpisodes:
@@ -178,22 +203,49 @@ def run_fewshot(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> Task
     probe = probe_from_config(config["probe"], device=ctx.device)
     cache_dir = Path(ctx.cache_dir) if ctx.cache_dir else Path(ctx.output_dir) / "cache"
     results: list[SourceResult] = []
-    extra: dict[str, Any] = {"episode_accuracies": {}, "skipped_images": {}, "skipped_refs": {}, "feature_cache": {},
-                             "images": {}, "classes": {}, "mean_ways": {}, "mean_support": {}, "probe_seconds": {}}
+    extra: dict[str, Any] = {
+        "episode_accuracies": {},
+        "skipped_images": {},
+        "skipped_refs": {},
+        "feature_cache": {},
+        "images": {},
+        "classes": {},
+        "mean_ways": {},
+        "mean_support": {},
+        "probe_seconds": {},
+    }
     for source in config["sources"]:
         image_set = _open(source, config, backbone)
-        feats = extract_features(backbone, image_set, cache_dir, image_size=config["image_size"],
-                                 pooling=config["pooling"], device=ctx.device, progress=not ctx.debug)
-        result = evaluate_source(source, feats.features, feats.labels, feats.class_names, probe, rules,
-                                 episodes=config["episodes"], seed=config["episode_seed"],
-                                 structure=image_set.structure)
+        feats = extract_features(
+            backbone,
+            image_set,
+            cache_dir,
+            image_size=config["image_size"],
+            pooling=config["pooling"],
+            device=ctx.device,
+            progress=not ctx.debug,
+        )
+        result = evaluate_source(
+            source,
+            feats.features,
+            feats.labels,
+            feats.class_names,
+            probe,
+            rules,
+            episodes=config["episodes"],
+            seed=config["episode_seed"],
+            structure=image_set.structure,
+        )
         results.append(result)
         extra["episode_accuracies"][source] = [round(float(a), 5) for a in result.accuracies]
         extra["skipped_images"][source] = len(feats.skipped)
         extra["skipped_refs"][source] = feats.skipped[:20]
-        extra["feature_cache"][source] = {"hit": feats.from_cache, "path": str(feats.path),
-                                          "extract_seconds": round(feats.seconds, 2)}
-        extra["images"][source] = int(len(feats.labels))
+        extra["feature_cache"][source] = {
+            "hit": feats.from_cache,
+            "path": str(feats.path),
+            "extract_seconds": round(feats.seconds, 2),
+        }
+        extra["images"][source] = len(feats.labels)
         extra["classes"][source] = feats.num_classes
         extra["mean_ways"][source] = float(result.ways.mean())
         extra["mean_support"][source] = float(result.support_sizes.mean())
@@ -204,11 +256,36 @@ def run_fewshot(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> Task
 
 
 for _short in MD_SOURCES:
-    register(make_fewshot_task(f"md_{_short}", [_short], f"Meta-Dataset {MD_SOURCES[_short]}: few-shot episodes "
-                               "on frozen features (official records or image folder)", needs_data=True))
-register(make_fewshot_task("md_all", list(MD_SOURCES), "Meta-Dataset, all ten sources: per-source accuracy and "
-                           "their average", needs_data=True))
-register(make_fewshot_task("fewshot_synthetic", ["synthetic"], "few-shot episodes on held-out synthetic shape "
-                           "classes (embedded)", needs_data=False))
-register(make_fewshot_task("fewshot_digits", ["digits"], "few-shot episodes on scikit-learn's handwritten digits "
-                           "(embedded, 10 classes)", needs_data=False))
+    register(
+        make_fewshot_task(
+            f"md_{_short}",
+            [_short],
+            f"Meta-Dataset {MD_SOURCES[_short]}: few-shot episodes "
+            "on frozen features (official records or image folder)",
+            needs_data=True,
+        )
+    )
+register(
+    make_fewshot_task(
+        "md_all",
+        list(MD_SOURCES),
+        "Meta-Dataset, all ten sources: per-source accuracy and their average",
+        needs_data=True,
+    )
+)
+register(
+    make_fewshot_task(
+        "fewshot_synthetic",
+        ["synthetic"],
+        "few-shot episodes on held-out synthetic shape classes (embedded)",
+        needs_data=False,
+    )
+)
+register(
+    make_fewshot_task(
+        "fewshot_digits",
+        ["digits"],
+        "few-shot episodes on scikit-learn's handwritten digits (embedded, 10 classes)",
+        needs_data=False,
+    )
+)

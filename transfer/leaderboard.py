@@ -18,15 +18,15 @@ import csv
 import html
 import io
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 if __package__ in (None, ""):  # run by path: make the repository importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ringbench.cli import add_common_flags, run_main  # noqa: E402
-from ringbench.errors import UserError  # noqa: E402
-from transfer.compare import Cell, Column, DeltaCell, Table, build_table  # noqa: E402
+from ringbench.cli import add_common_flags, run_main
+from ringbench.errors import UserError
+from transfer.compare import Cell, Column, DeltaCell, Table, build_table
 
 MISSING = "—"
 FORMATS = ("md", "latex", "html", "csv")
@@ -69,12 +69,19 @@ def table_rows(table: Table, mark_best: callable) -> list[list[str]]:
         for col in table.columns:
             cell = table.cells.get((row.name, col))
             text = fmt_cell(cell)
-            cells.append(mark_best(text) if cell is not None and best[col] is not None and cell.mean == best[col]
-                         and _rows_with(table, col) > 1 else text)
+            cells.append(
+                mark_best(text)
+                if cell is not None and best[col] is not None and cell.mean == best[col] and _rows_with(table, col) > 1
+                else text
+            )
         rows.append([row.name, *cells])
         for delta in deltas_after.get(row.name, []):
-            rows.append([f"Δ {delta.variant} − {delta.plain}", *(
-                fmt_delta(delta.cells.get(c), _reference(table, delta.plain, c)) for c in table.columns)])
+            rows.append(
+                [
+                    f"Δ {delta.variant} − {delta.plain}",
+                    *(fmt_delta(delta.cells.get(c), _reference(table, delta.plain, c)) for c in table.columns),
+                ]
+            )
     return rows
 
 
@@ -113,8 +120,12 @@ def render_latex(table: Table) -> str:
         return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("−", "$-$").replace(MISSING, "--")
 
     rows = table_rows(table, lambda t: "\x00" + t + "\x01")
-    lines = [r"\begin{tabular}{l" + "r" * len(table.columns) + "}", r"\toprule",
-             " & ".join(esc(h) for h in ["backbone", *(c.label for c in table.columns)]) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{tabular}{l" + "r" * len(table.columns) + "}",
+        r"\toprule",
+        " & ".join(esc(h) for h in ["backbone", *(c.label for c in table.columns)]) + r" \\",
+        r"\midrule",
+    ]
     for row in rows:
         cells = [esc(c).replace("\x00", r"\textbf{").replace("\x01", "}") for c in row]
         lines.append(" & ".join(cells) + r" \\")
@@ -183,8 +194,12 @@ figcaption {{ text-align: center; font-size: 0.85em; color: #555; }}
 RENDERERS = {"md": render_markdown, "latex": render_latex, "csv": render_csv, "html": render_html}
 
 
-def make_table(results: Sequence[Path], tasks: Sequence[str] | None = None, baselines: Sequence[str] = (),
-               all_metrics: bool = False) -> Table:
+def make_table(
+    results: Sequence[Path],
+    tasks: Sequence[str] | None = None,
+    baselines: Sequence[str] = (),
+    all_metrics: bool = False,
+) -> Table:
     from transfer.results import load_records
     from transfer.tasks import all_tasks
 
@@ -216,13 +231,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Δ rows for each plain -> variant pair (ring, HCL or DCL against InfoNCE / NT-Xent).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--results", type=Path, nargs="+", default=[Path("results")],
-                        help="results folders or .jsonl files")
+    parser.add_argument(
+        "--results", type=Path, nargs="+", default=[Path("results")], help="results folders or .jsonl files"
+    )
     parser.add_argument("--format", choices=FORMATS, default="md", help="output format")
     parser.add_argument("--out", type=Path, help="write here (atomically) instead of the terminal")
     parser.add_argument("--tasks", nargs="+", help="only these tasks")
-    parser.add_argument("--baseline", nargs="+", default=[], metavar="PLAIN=VARIANT",
-                        help="extra Δ rows for these backbone pairs (pairs are also found from card metadata)")
+    parser.add_argument(
+        "--baseline",
+        nargs="+",
+        default=[],
+        metavar="PLAIN=VARIANT",
+        help="extra Δ rows for these backbone pairs (pairs are also found from card metadata)",
+    )
     parser.add_argument("--all-metrics", action="store_true", help="every metric, not only each task's headline ones")
     add_common_flags(parser)
     args = parser.parse_args(argv)

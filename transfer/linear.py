@@ -21,16 +21,23 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from metadataset.features import extract_features
 from metadataset.probes import (
-    CV_MAX_ITER, CV_TOL, DEFAULT_GRID, l2_normalise, logreg_logits, solve_logreg, solver_dtype,
+    CV_MAX_ITER,
+    CV_TOL,
+    DEFAULT_GRID,
+    l2_normalise,
+    logreg_logits,
+    solve_logreg,
+    solver_dtype,
 )
 from metadataset.sources import ImageSet, data_digest, decode_image
 from ringbench.config import add_schema_flags, settings_from_args
@@ -50,14 +57,18 @@ LAYOUTS = {  # dataset -> (folder under the data root, what it must hold)
 class LinearSettings:
     """The linear family's settings (flags ``--linear-*``) with their defaults."""
 
-    linear_grid: str = field(default=",".join(f"{g:g}" for g in DEFAULT_GRID),
-                             metadata={"help": "comma-separated weight decays to choose from"})
-    linear_val_fraction: float = field(default=0.2, metadata={"help": "fraction of train held out to choose the "
-                                                              "weight decay"})
+    linear_grid: str = field(
+        default=",".join(f"{g:g}" for g in DEFAULT_GRID),
+        metadata={"help": "comma-separated weight decays to choose from"},
+    )
+    linear_val_fraction: float = field(
+        default=0.2, metadata={"help": "fraction of train held out to choose the weight decay"}
+    )
     linear_seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
     linear_max_iter: int = field(default=1000, metadata={"help": "L-BFGS iterations per fit"})
-    linear_image_size: Optional[int] = field(default=None, metadata={"help": "resize images to this size "
-                                                                     "(default: the backbone card's)"})
+    linear_image_size: Optional[int] = field(
+        default=None, metadata={"help": "resize images to this size (default: the backbone card's)"}
+    )
     linear_synthetic_classes: int = field(default=32, metadata={"help": "linear_synthetic: shape classes"})
     linear_synthetic_train: int = field(default=40, metadata={"help": "linear_synthetic: train images per class"})
     linear_synthetic_test: int = field(default=10, metadata={"help": "linear_synthetic: test images per class"})
@@ -75,19 +86,24 @@ def dataset_folder(name: str, root: str | os.PathLike | None) -> Path:
     """The dataset's folder in its usual layout, or a :class:`UserError` naming the expected path."""
     folder_name, required = LAYOUTS[name]
     if root is None:
-        raise UserError(f"linear_{name} needs its data: pass --data-root (the folder holding {folder_name}/) or set "
-                        f"${DATA_ROOT_ENV}; nothing is downloaded")
+        raise UserError(
+            f"linear_{name} needs its data: pass --data-root (the folder holding {folder_name}/) or set "
+            f"${DATA_ROOT_ENV}; nothing is downloaded"
+        )
     root = Path(root).expanduser()
     candidates = [root / folder_name] + ([root] if name == "imagenet" else [])
     for folder in candidates:
         if all((folder / r).exists() for r in required):
             return folder
-    raise UserError(f"linear_{name}: expected {root / folder_name}/ holding {', '.join(required)} "
-                    f"(the torchvision / ImageFolder layout); nothing is downloaded")
+    raise UserError(
+        f"linear_{name}: expected {root / folder_name}/ holding {', '.join(required)} "
+        f"(the torchvision / ImageFolder layout); nothing is downloaded"
+    )
 
 
-def _array_set(name: str, split: str, images: np.ndarray, labels: np.ndarray, classes: list[str],
-               fingerprint: Any) -> ImageSet:
+def _array_set(
+    name: str, split: str, images: np.ndarray, labels: np.ndarray, classes: list[str], fingerprint: Any
+) -> ImageSet:
     """An :class:`ImageSet` over ``uint8 (N, H, W, 3)`` images already in memory."""
     from PIL import Image
 
@@ -95,9 +111,14 @@ def _array_set(name: str, split: str, images: np.ndarray, labels: np.ndarray, cl
         for i in range(len(labels)):
             yield int(labels[i]), f"{split}/{i}", (lambda i=i: Image.fromarray(images[i]))
 
-    return ImageSet(name=name, split=split, class_names=classes, items=items,
-                    counts=np.bincount(labels, minlength=len(classes)).astype(np.int64),
-                    fingerprint=data_digest(name, split, fingerprint))
+    return ImageSet(
+        name=name,
+        split=split,
+        class_names=classes,
+        items=items,
+        counts=np.bincount(labels, minlength=len(classes)).astype(np.int64),
+        fingerprint=data_digest(name, split, fingerprint),
+    )
 
 
 def _listing(folder: Path) -> list:
@@ -129,16 +150,26 @@ def open_linear_split(name: str, split: str, root: str | None, config: dict[str,
         from ringbench.shapes import SyntheticShapes
 
         per_class = config["synthetic"]["train" if split == "train" else "test"]
-        ds = SyntheticShapes(num_classes=config["synthetic"]["classes"], images_per_class=per_class,
-                             image_size=image_size, seed=0, split=split)
+        ds = SyntheticShapes(
+            num_classes=config["synthetic"]["classes"],
+            images_per_class=per_class,
+            image_size=image_size,
+            seed=0,
+            split=split,
+        )
 
         def items() -> Iterator[tuple[int, str, Any]]:
             for i in range(len(ds)):
                 yield ds.targets[i], f"{split}/{i}", (lambda i=i: ds[i][0])
 
-        return ImageSet(name="linear_synthetic", split=split, class_names=ds.classes, items=items,
-                        counts=np.bincount(ds.targets, minlength=ds.num_classes).astype(np.int64),
-                        fingerprint=data_digest("synthetic", split, config["synthetic"], image_size))
+        return ImageSet(
+            name="linear_synthetic",
+            split=split,
+            class_names=ds.classes,
+            items=items,
+            counts=np.bincount(ds.targets, minlength=ds.num_classes).astype(np.int64),
+            fingerprint=data_digest("synthetic", split, config["synthetic"], image_size),
+        )
     folder = dataset_folder(name, root)
     if name in ("cifar10", "cifar100"):
         return _array_set(name, split, *read_cifar(folder, name, split), _listing(folder))
@@ -154,9 +185,14 @@ def open_linear_split(name: str, split: str, root: str | None, config: dict[str,
             yield label, os.path.relpath(path, folder), (lambda path=path: decode_image(Path(path).read_bytes()))
 
     sizes = [[os.path.relpath(p, folder), os.path.getsize(p)] for p, _ in ds.samples]
-    return ImageSet(name="imagenet", split=split, class_names=list(ds.classes), items=folder_items,
-                    counts=np.bincount(ds.targets, minlength=len(ds.classes)).astype(np.int64),
-                    fingerprint=data_digest("imagenet", split, sizes))
+    return ImageSet(
+        name="imagenet",
+        split=split,
+        class_names=list(ds.classes),
+        items=folder_items,
+        counts=np.bincount(ds.targets, minlength=len(ds.classes)).astype(np.int64),
+        fingerprint=data_digest("imagenet", split, sizes),
+    )
 
 
 # --- the protocol ----------------------------------------------------------------------------------
@@ -169,15 +205,23 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.nda
     held = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(fraction * len(members)))
+        k = round(fraction * len(members))
         k = min(max(k, 1 if len(members) > 1 else 0), len(members) - 1)
         held[members[:k]] = True
     return held
 
 
-def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, eval_y: np.ndarray,
-                  grid: list[float], num_classes: int, device: str, max_iter: int, tol: float = 1e-6
-                  ) -> np.ndarray:
+def fit_and_score(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    eval_x: np.ndarray,
+    eval_y: np.ndarray,
+    grid: list[float],
+    num_classes: int,
+    device: str,
+    max_iter: int,
+    tol: float = 1e-6,
+) -> np.ndarray:
     """Accuracy on ``eval`` of one model per weight decay in ``grid`` (one batched solve)."""
     dtype = solver_dtype(device)
     x = l2_normalise(torch.tensor(np.asarray(train_x), dtype=dtype, device=device))
@@ -196,19 +240,40 @@ def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, 
     return (pred == np.asarray(eval_y)[:, None]).mean(0)
 
 
-def linear_evaluation(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                      num_classes: int, grid: list[float], val_fraction: float = 0.2, seed: int = 0,
-                      device: str = "cpu", max_iter: int = 1000) -> dict[str, Any]:
+def linear_evaluation(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    num_classes: int,
+    grid: list[float],
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    device: str = "cpu",
+    max_iter: int = 1000,
+) -> dict[str, Any]:
     """The protocol of the module docstring; returns test accuracy, the chosen weight decay and
     the held-out accuracy of every grid point."""
     held = stratified_holdout(train_y, val_fraction, seed)
     # ranking the grid needs less precision than the final fit (as the few-shot probe's CV)
-    val_acc = fit_and_score(train_x[~held], train_y[~held], train_x[held], train_y[held], grid, num_classes,
-                            device, min(max_iter, 4 * CV_MAX_ITER), CV_TOL)
+    val_acc = fit_and_score(
+        train_x[~held],
+        train_y[~held],
+        train_x[held],
+        train_y[held],
+        grid,
+        num_classes,
+        device,
+        min(max_iter, 4 * CV_MAX_ITER),
+        CV_TOL,
+    )
     best = max(range(len(grid)), key=lambda i: (val_acc[i], grid[i]))
     test_acc = fit_and_score(train_x, train_y, test_x, test_y, [grid[best]], num_classes, device, max_iter)[0]
-    return {"test_acc": float(test_acc), "weight_decay": float(grid[best]),
-            "val_acc": {f"{g:g}": float(a) for g, a in zip(grid, val_acc)}}
+    return {
+        "test_acc": float(test_acc),
+        "weight_decay": float(grid[best]),
+        "val_acc": {f"{g:g}": float(a) for g, a in zip(grid, val_acc)},
+    }
 
 
 # --- tasks -----------------------------------------------------------------------------------------
@@ -229,14 +294,23 @@ def make_linear_task(dataset: str, description: str) -> Task:
         settings = settings_from_args(args, LinearSettings)
         if not 0 < settings["linear_val_fraction"] < 1:
             raise UserError(f"--linear-val-fraction must be in (0, 1), got {settings['linear_val_fraction']}")
-        config = {"dataset": dataset, "grid": _parse_grid(settings["linear_grid"]),
-                  "val_fraction": settings["linear_val_fraction"], "seed": settings["linear_seed"],
-                  "max_iter": settings["linear_max_iter"], "image_size": settings["linear_image_size"],
-                  "pooling": "avg", "probe": "logreg", "features": "l2-normalised"}
+        config = {
+            "dataset": dataset,
+            "grid": _parse_grid(settings["linear_grid"]),
+            "val_fraction": settings["linear_val_fraction"],
+            "seed": settings["linear_seed"],
+            "max_iter": settings["linear_max_iter"],
+            "image_size": settings["linear_image_size"],
+            "pooling": "avg",
+            "probe": "logreg",
+            "features": "l2-normalised",
+        }
         if dataset == "synthetic":
-            config["synthetic"] = {"classes": settings["linear_synthetic_classes"],
-                                   "train": settings["linear_synthetic_train"],
-                                   "test": settings["linear_synthetic_test"]}
+            config["synthetic"] = {
+                "classes": settings["linear_synthetic_classes"],
+                "train": settings["linear_synthetic_train"],
+                "test": settings["linear_synthetic_test"],
+            }
         else:
             root = getattr(args, "data_root", None) or os.environ.get(DATA_ROOT_ENV)
             config["data_root"] = str(Path(root).expanduser().resolve()) if root else None
@@ -252,25 +326,55 @@ def make_linear_task(dataset: str, description: str) -> Task:
         feats = {}
         for split in ("train", "test"):
             image_set = open_linear_split(dataset, split, config.get("data_root"), config, image_size)
-            feats[split] = extract_features(backbone, image_set, cache_dir, image_size=image_size,
-                                            pooling=config["pooling"], device=ctx.device, progress=not ctx.debug)
+            feats[split] = extract_features(
+                backbone,
+                image_set,
+                cache_dir,
+                image_size=image_size,
+                pooling=config["pooling"],
+                device=ctx.device,
+                progress=not ctx.debug,
+            )
         num_classes = feats["train"].num_classes
         start = time.perf_counter()
-        out = linear_evaluation(np.asarray(feats["train"].features), feats["train"].labels,
-                                np.asarray(feats["test"].features), feats["test"].labels, num_classes,
-                                config["grid"], config["val_fraction"], config["seed"], ctx.device, config["max_iter"])
-        print(f"linear_{dataset}: test accuracy {100 * out['test_acc']:.2f}% (weight decay {out['weight_decay']:g})",
-              file=sys.stderr)
-        extra = {"weight_decay": out["weight_decay"], "val_acc": out["val_acc"],
-                 "train_images": int(len(feats["train"].labels)), "test_images": int(len(feats["test"].labels)),
-                 "skipped_images": {s: len(f.skipped) for s, f in feats.items()},
-                 "feature_cache": {s: {"hit": f.from_cache, "path": str(f.path)} for s, f in feats.items()},
-                 "solve_seconds": round(time.perf_counter() - start, 3)}
+        out = linear_evaluation(
+            np.asarray(feats["train"].features),
+            feats["train"].labels,
+            np.asarray(feats["test"].features),
+            feats["test"].labels,
+            num_classes,
+            config["grid"],
+            config["val_fraction"],
+            config["seed"],
+            ctx.device,
+            config["max_iter"],
+        )
+        print(
+            f"linear_{dataset}: test accuracy {100 * out['test_acc']:.2f}% (weight decay {out['weight_decay']:g})",
+            file=sys.stderr,
+        )
+        extra = {
+            "weight_decay": out["weight_decay"],
+            "val_acc": out["val_acc"],
+            "train_images": len(feats["train"].labels),
+            "test_images": len(feats["test"].labels),
+            "skipped_images": {s: len(f.skipped) for s, f in feats.items()},
+            "feature_cache": {s: {"hit": f.from_cache, "path": str(f.path)} for s, f in feats.items()},
+            "solve_seconds": round(time.perf_counter() - start, 3),
+        }
         return TaskResult(metrics={"acc": 100 * out["test_acc"]}, seeds=[config["seed"]], extra=extra)
 
-    return Task(name=f"linear_{dataset}", family="linear", description=description, make_config=make_config,
-                run=run, validate=validate, add_arguments=add_linear_arguments, primary_metric="acc",
-                needs_data=dataset != "synthetic")
+    return Task(
+        name=f"linear_{dataset}",
+        family="linear",
+        description=description,
+        make_config=make_config,
+        run=run,
+        validate=validate,
+        add_arguments=add_linear_arguments,
+        primary_metric="acc",
+        needs_data=dataset != "synthetic",
+    )
 
 
 for _name, _text in (

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from transfer.compare import Table
 

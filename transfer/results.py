@@ -17,8 +17,9 @@ import json
 import os
 import platform
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from ringbench.errors import UserError
 

@@ -18,8 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run by path: make the repository importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ringbench.cli import add_common_flags, run_main  # noqa: E402
-from ringbench.errors import UserError  # noqa: E402
+from ringbench.cli import add_common_flags, run_main
+from ringbench.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,16 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
         "keypoints, Meta-Dataset few-shot, linear evaluation) and append one result record to the results store.",
         epilog="Tasks: `--list-tasks`. Records: <results>/records.jsonl; tables: transfer/leaderboard.py.",
     )
-    parser.add_argument("--backbone", type=Path, help="checkpoint: ringbench card (.pth), MoCo, Lightning, "
-                        "torchvision, timm or Detectron2 .pkl")
+    parser.add_argument(
+        "--backbone",
+        type=Path,
+        help="checkpoint: ringbench card (.pth), MoCo, Lightning, torchvision, timm or Detectron2 .pkl",
+    )
     parser.add_argument("--task", help="task name (see --list-tasks)")
     parser.add_argument("--name", help="backbone name in results (default: the file's stem)")
     parser.add_argument("--arch", help="architecture, only for timm checkpoints that do not record it")
-    parser.add_argument("--results", type=Path, default=Path("results"), help="results folder holding records.jsonl (default: %(default)s)")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs"), help="where tasks keep logs and weights (default: %(default)s)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=Path("results"),
+        help="results folder holding records.jsonl (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("runs"), help="where tasks keep logs and weights (default: %(default)s)"
+    )
     parser.add_argument("--cache-dir", type=Path, default=Path("cache"), help="feature caches (default: %(default)s)")
     parser.add_argument("--data-root", type=Path, help="dataset root (else the task's environment variable)")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present; the default), 'cpu', 'cuda', 'cuda:1'")
+    parser.add_argument(
+        "--device", default="auto", help="'auto' (CUDA when present; the default), 'cpu', 'cuda', 'cuda:1'"
+    )
     parser.add_argument("--force", action="store_true", help="run even if a record with this config exists")
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     parser.add_argument("--readme", type=Path, help=argparse.SUPPRESS)  # with --list-tasks: refresh README's list
@@ -70,8 +82,9 @@ def list_tasks(tablefmt: str = "simple") -> str:
     from transfer.tasks import all_tasks
 
     rows = [(t.name, t.family, "no" if t.needs_data else "yes", t.description) for t in all_tasks().values()]
-    return tabulate(rows, headers=["task", "family", "runs with no data on disk", "what it measures"],
-                    tablefmt=tablefmt)
+    return tabulate(
+        rows, headers=["task", "family", "runs with no data on disk", "what it measures"], tablefmt=tablefmt
+    )
 
 
 README_TASKS = ("<!-- tasks:begin -->", "<!-- tasks:end -->")
@@ -89,7 +102,7 @@ def write_readme_tasks(readme: Path) -> None:
     start, end = text.find(README_TASKS[0]), text.find(README_TASKS[1])
     if start < 0 or end < start:
         raise UserError(f"{readme}: no {README_TASKS[0]} ... {README_TASKS[1]} block")
-    atomic_write_text(readme, text[:start] + readme_tasks_block() + text[end + len(README_TASKS[1]):])
+    atomic_write_text(readme, text[:start] + readme_tasks_block() + text[end + len(README_TASKS[1]) :])
 
 
 def existing_record(args: argparse.Namespace, backbone_sha256: str, config: dict | None = None) -> dict | None:
@@ -124,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg_hash = config_hash(config)
     existing = existing_record(args, backbone.sha256, config)
     if existing and not args.force:
-        print(f"skipped: {backbone.name} on {task.name} (config {cfg_hash}) is already in {args.results}; "
-              f"--force to run again")
+        print(
+            f"skipped: {backbone.name} on {task.name} (config {cfg_hash}) is already in {args.results}; "
+            f"--force to run again"
+        )
         print(format_metrics(existing))
         return 0
     task.validate(backbone, config)
@@ -137,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         debug=args.debug,
     )
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{task.name}: {backbone.name} ({backbone.arch}, {backbone.source_format}, sha256 {backbone.sha256[:12]}) "
-          f"on {ctx.device}; output {ctx.output_dir}", file=sys.stderr)
+    print(
+        f"{task.name}: {backbone.name} ({backbone.arch}, {backbone.source_format}, sha256 {backbone.sha256[:12]}) "
+        f"on {ctx.device}; output {ctx.output_dir}",
+        file=sys.stderr,
+    )
     start = time.perf_counter()
     result = task.run(backbone, config, ctx)
     record = make_record(
@@ -152,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         engine_versions={**engine_versions_now(), **result.engine_versions},
         wall_s=time.perf_counter() - start,
         family=task.family,
-        backbone_meta={"arch": backbone.arch, "stem": backbone.stem, "source_format": backbone.source_format,
-                       **_meta_summary(backbone.meta)},
+        backbone_meta={
+            "arch": backbone.arch,
+            "stem": backbone.stem,
+            "source_format": backbone.source_format,
+            **_meta_summary(backbone.meta),
+        },
         extra=result.extra,
     )
     path = append_record(args.results, record)
@@ -172,8 +194,10 @@ def format_metrics(record: dict) -> str:
     from tabulate import tabulate
 
     ci = record.get("ci95") or {}
-    rows = [(k, f"{v:.3f}" if isinstance(v, float) else v, f"± {ci[k]:.3f}" if k in ci else "")
-            for k, v in record["metrics"].items()]
+    rows = [
+        (k, f"{v:.3f}" if isinstance(v, float) else v, f"± {ci[k]:.3f}" if k in ci else "")
+        for k, v in record["metrics"].items()
+    ]
     title = f"{record['backbone']} / {record['task']}"
     return title + "\n" + tabulate(rows, headers=["metric", "value", "ci95"])
 

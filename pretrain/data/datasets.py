@@ -15,9 +15,10 @@ missing. Every dataset yields ``(PIL image, label)`` and has ``targets``.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,8 +101,11 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
 
 def cifar_class_names(root: str | Path, num_classes: int = 10) -> list[str]:
     """Class names from CIFAR's meta file (``batches.meta`` / ``meta``); numbers when it is absent."""
-    folder, meta, key = (("cifar-10-batches-py", "batches.meta", "label_names") if num_classes == 10
-                         else ("cifar-100-python", "meta", "fine_label_names"))
+    folder, meta, key = (
+        ("cifar-10-batches-py", "batches.meta", "label_names")
+        if num_classes == 10
+        else ("cifar-100-python", "meta", "fine_label_names")
+    )
     for base in (Path(root) / folder, Path(root)):
         if (base / meta).is_file():
             names = _load_cifar_pickle(base / meta).get(key)
@@ -139,9 +143,14 @@ def stl10(root: str | Path, split: str) -> ArrayDataset:
     (the pretraining set; unlabeled images get label -1)."""
     if split not in ("train", "test", "unlabeled", "train+unlabeled"):
         raise UserError(f"STL-10 split must be train, test, unlabeled or train+unlabeled, got {split!r}")
-    names = {"train": ["train_X.bin", "train_y.bin"], "test": ["test_X.bin", "test_y.bin"], "unlabeled": ["unlabeled_X.bin"]}
+    names = {
+        "train": ["train_X.bin", "train_y.bin"],
+        "test": ["test_X.bin", "test_y.bin"],
+        "unlabeled": ["unlabeled_X.bin"],
+    }
     parts = split.split("+")
-    base = _find_folder(Path(root), "stl10_binary", sum((names[p] for p in parts), []), "STL-10")
+    required = [name for p in parts for name in names[p]]
+    base = _find_folder(Path(root), "stl10_binary", required, "STL-10")
     images, labels = [], []
     for part in parts:
         x = _read_stl_images(base / f"{part}_X.bin")
@@ -201,7 +210,9 @@ def channel_stats(dataset: torch.utils.data.Dataset, count: int = 256) -> tuple[
     return tuple(round(float(v), 4) for v in flat.mean(0)), tuple(round(max(float(v), 1e-3), 4) for v in flat.std(0))
 
 
-def open_splits(data_cfg: Mapping[str, Any]) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, torch.utils.data.Dataset, DataSpec]:
+def open_splits(
+    data_cfg: Mapping[str, Any],
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, torch.utils.data.Dataset, DataSpec]:
     """``(pretraining set, kNN memory set, kNN held-out query set, spec)`` for a ``data`` config section.
 
     The kNN sets are labelled: the training split (memory) and the test / validation split (queries).

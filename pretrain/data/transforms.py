@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torchvision import transforms as T
@@ -39,12 +40,14 @@ def moco_v2_augmentation(
     return T.Compose(steps)
 
 
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], native_size: int | None = None) -> Callable:
+def eval_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], native_size: int | None = None
+) -> Callable:
     """Deterministic transform for features: small images as they are (resized if the size differs),
     ImageNet-style resize to ``size * 256 / 224`` then centre crop for large ones."""
     steps: list[Any] = []
     if native_size is None or native_size != image_size:
-        resize = image_size if image_size <= 96 else int(round(image_size * 256 / 224))
+        resize = image_size if image_size <= 96 else round(image_size * 256 / 224)
         steps += [T.Resize(resize), T.CenterCrop(image_size)]
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)

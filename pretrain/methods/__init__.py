@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from ringbench.errors import UserError
 from pretrain.methods.base import Method
+from ringbench.errors import UserError
 
 
 def method_classes() -> dict[str, type[Method]]:

@@ -9,7 +9,8 @@ generators), :meth:`features` for the kNN monitor, and :meth:`card_streams` for 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +126,16 @@ class Method(nn.Module):
         lc = self.loss_cfg
         keys = {
             "nce": ("t",),
-            "ring": ("t", "w_outer", "w_inner", "num_samples", "schedule", "w_outer_start", "anneal_epochs", "schedule_steps"),
+            "ring": (
+                "t",
+                "w_outer",
+                "w_inner",
+                "num_samples",
+                "schedule",
+                "w_outer_start",
+                "anneal_epochs",
+                "schedule_steps",
+            ),
             "ntxent": ("t",),
             "hcl": ("t", "tau_plus", "beta", "beta_anneal_epochs", "estimator"),
             "dcl": ("t", "tau_plus"),
@@ -140,8 +150,14 @@ class Method(nn.Module):
         lc = self.loss_cfg
         if lc["name"] == "ring":
             return losses.ring_loss(
-                q, k, negatives, lc["t"], self.w_outer, lc["w_inner"],
-                num_samples=num_samples, generator=self.generator,
+                q,
+                k,
+                negatives,
+                lc["t"],
+                self.w_outer,
+                lc["w_inner"],
+                num_samples=num_samples,
+                generator=self.generator,
             )
         return losses.nce_loss(q, k, negatives, lc["t"])
 

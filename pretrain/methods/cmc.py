@@ -10,14 +10,13 @@ The card holds both streams (keys ``l.*`` and ``ab.*``); frozen-feature transfer
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pretrain.backbones import STREAM_CHANNELS, TwoStreamBackbone
 from pretrain.methods.base import MemoryBank, Method, ProjectionHead
+
 
 class CMC(Method):
     name = "cmc"
@@ -53,7 +52,11 @@ class CMC(Method):
         loss = loss_l + loss_ab
         self.bank_l.update(index, z_l.detach())
         self.bank_ab.update(index, z_ab.detach())
-        return loss, {"loss": loss.detach().item(), "loss_l": loss_l.detach().item(), "loss_ab": loss_ab.detach().item()}
+        return loss, {
+            "loss": loss.detach().item(),
+            "loss_l": loss_l.detach().item(),
+            "loss_ab": loss_ab.detach().item(),
+        }
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:

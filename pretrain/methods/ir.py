@@ -9,8 +9,6 @@ After the step the bank entries of the batch move towards the new embeddings (mo
 
 from __future__ import annotations
 
-import torch
-
 from pretrain.methods.base import Encoder, MemoryBank, Method
 
 

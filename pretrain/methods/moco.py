@@ -35,7 +35,9 @@ class MoCo(Method):
         # from the previous epoch as a (false) negative, the hardest one for the ring.
         size = max(1, min(int(mc["queue_size"]), dataset_size // 2))
         g = torch.Generator().manual_seed(self.seed + 1)
-        self.register_buffer("queue", torch.nn.functional.normalize(torch.randn(size, mc["head_dim"], generator=g), dim=1))
+        self.register_buffer(
+            "queue", torch.nn.functional.normalize(torch.randn(size, mc["head_dim"], generator=g), dim=1)
+        )
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def ring_pool_size(self, world_size: int = 1) -> int:
@@ -56,7 +58,7 @@ class MoCo(Method):
             mine = perm.view(dist.world_size(), -1)[dist.rank()]
             k = dist.all_gather_cat(self.key_encoder(everything[mine]))
             start = dist.rank() * len(x)
-            return k[torch.argsort(perm)][start:start + len(x)]
+            return k[torch.argsort(perm)][start : start + len(x)]
         perm = torch.randperm(len(x), generator=self.generator).to(x.device)
         groups = max(1, min(self.shuffle_groups, len(x) // 2))
         k = torch.cat([self.key_encoder(chunk) for chunk in x[perm].chunk(groups)])
@@ -65,7 +67,7 @@ class MoCo(Method):
     @torch.no_grad()
     def enqueue(self, k: torch.Tensor) -> None:
         """Replace the oldest keys (every process enqueues the keys of the whole global batch)."""
-        k = dist.all_gather_cat(k.float())[-len(self.queue):]
+        k = dist.all_gather_cat(k.float())[-len(self.queue) :]
         ptr = int(self.queue_ptr)
         slots = (torch.arange(len(k), device=k.device) + ptr) % len(self.queue)
         self.queue[slots] = k

@@ -36,7 +36,9 @@ class SimCLR(Method):
         z1, z2 = self.encoder(views[0]), self.encoder(views[1])
         lc = self.loss_cfg
         if lc["name"] == "ring":
-            loss = losses.in_batch_ring_loss(z1, z2, lc["t"], self.w_outer, lc["w_inner"], lc["num_samples"], self.generator)
+            loss = losses.in_batch_ring_loss(
+                z1, z2, lc["t"], self.w_outer, lc["w_inner"], lc["num_samples"], self.generator
+            )
         elif lc["name"] == "hcl":
             loss = losses.hcl_loss(z1, z2, lc["t"], lc["tau_plus"], self.beta, lc["estimator"])
         elif lc["name"] == "dcl":

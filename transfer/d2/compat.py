@@ -24,8 +24,22 @@ from ringbench.errors import UserError
 
 INSTALL_HINT = "run `make setup` or `python -m transfer.d2.install`"
 _SUBMODULES = (
-    "checkpoint", "config", "data", "data.datasets", "data.transforms", "engine", "evaluation", "layers",
-    "modeling", "modeling.backbone", "model_zoo", "solver", "structures", "utils.comm", "utils.env", "utils.events",
+    "checkpoint",
+    "config",
+    "data",
+    "data.datasets",
+    "data.transforms",
+    "engine",
+    "evaluation",
+    "layers",
+    "modeling",
+    "modeling.backbone",
+    "model_zoo",
+    "solver",
+    "structures",
+    "utils.comm",
+    "utils.env",
+    "utils.events",
     "utils.logger",
 )
 _STATE = {"compiled_ops": None, "stand_ins": []}
@@ -118,5 +132,8 @@ def engine_versions() -> dict[str, str]:
     """Versions recorded with every Detectron2 result: every record's (``transfer.results``) plus Detectron2's."""
     from transfer.results import engine_versions_now
 
-    return {**engine_versions_now(), "detectron2": d2().version,
-            "detectron2_compiled_ops": str(has_compiled_ops()).lower()}
+    return {
+        **engine_versions_now(),
+        "detectron2": d2().version,
+        "detectron2_compiled_ops": str(has_compiled_ops()).lower(),
+    }

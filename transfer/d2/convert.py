@@ -21,7 +21,7 @@ Nothing here imports Detectron2: it works on state dicts and any ``nn.Module``.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ def resnet_key(key: str) -> str:
     if key.startswith("conv1."):
         return "stem." + key
     if key.startswith("bn1."):
-        return "stem.conv1.norm." + key[len("bn1."):]
+        return "stem.conv1.norm." + key[len("bn1.") :]
     match = _TV_BLOCK.match(key)
     if match is None:
         raise UserError(f"backbone key {key!r} is not a torchvision ResNet key (conv1, bn1, layer1..4)")
@@ -62,9 +62,9 @@ _PLACES = ("backbone.bottom_up.", "backbone.", "roi_heads.")
 def torchvision_key(key: str) -> str | None:
     """Inverse of :func:`resnet_key`: a Detectron2 ResNet key as torchvision names it (None if not one)."""
     if key.startswith("stem.conv1.norm."):
-        return "bn1." + key[len("stem.conv1.norm."):]
+        return "bn1." + key[len("stem.conv1.norm.") :]
     if key.startswith("stem.conv1."):
-        return "conv1." + key[len("stem.conv1."):]
+        return "conv1." + key[len("stem.conv1.") :]
     match = _D2_BLOCK.match(key)
     if match is None:
         return None
@@ -82,7 +82,7 @@ def detectron2_to_torchvision(state: Mapping[str, torch.Tensor]) -> dict[str, to
     """
     out = {}
     for key, value in state.items():
-        bare = next((key[len(p):] for p in _PLACES if key.startswith(p) and torchvision_key(key[len(p):])), key)
+        bare = next((key[len(p) :] for p in _PLACES if key.startswith(p) and torchvision_key(key[len(p) :])), key)
         out[torchvision_key(bare) or key] = value
     return out
 
@@ -115,7 +115,7 @@ def resnet_keys_of(model: nn.Module) -> dict[str, torch.Tensor]:
         local = key
         for prefix in ("backbone.bottom_up.", "backbone.", "roi_heads.", "bottom_up."):
             if local.startswith(prefix):
-                local = local[len(prefix):]
+                local = local[len(prefix) :]
                 break
         if _D2_RESNET_KEY.match(local):
             out[key] = value

@@ -55,8 +55,10 @@ def resolve_data_root(explicit: str | os.PathLike | None) -> Path | None:
 def coco_files(root: Path, annotations: str) -> dict[str, tuple[Path, Path]]:
     """``split -> (json file, image folder)`` for COCO 2017 (``annotations``: instances / person_keypoints)."""
     coco = Path(root) / "coco"
-    return {split: (coco / "annotations" / f"{annotations}_{split}2017.json", coco / f"{split}2017")
-            for split in ("train", "val")}
+    return {
+        split: (coco / "annotations" / f"{annotations}_{split}2017.json", coco / f"{split}2017")
+        for split in ("train", "val")
+    }
 
 
 def voc_files(root: Path) -> dict[str, tuple[Path, str, int]]:
@@ -111,10 +113,17 @@ def register_coco(root: Path, task: str) -> Splits:
     if keypoints:
         builtin = d2().data.datasets.builtin_meta._get_builtin_metadata("coco_person")
         metadata = {k: builtin[k] for k in ("keypoint_names", "keypoint_flip_map", "keypoint_connection_rules")}
-    names = {split: _register_coco(_name(f"rb_coco_2017_{split}_{kind}", root), metadata, js, img)
-             for split, (js, img) in coco_files(root, kind).items()}
-    return Splits((names["train"],), (names["val"],), "coco", num_classes=1 if keypoints else 80,
-                  num_keypoints=17 if keypoints else 0)
+    names = {
+        split: _register_coco(_name(f"rb_coco_2017_{split}_{kind}", root), metadata, js, img)
+        for split, (js, img) in coco_files(root, kind).items()
+    }
+    return Splits(
+        (names["train"],),
+        (names["val"],),
+        "coco",
+        num_classes=1 if keypoints else 80,
+        num_keypoints=17 if keypoints else 0,
+    )
 
 
 def register_voc(root: Path) -> Splits:
@@ -128,8 +137,12 @@ def register_voc(root: Path) -> Splits:
             D2.data.datasets.register_pascal_voc(name, str(folder), split, year)
             D2.data.MetadataCatalog.get(name).set(evaluator_type="pascal_voc")
         registered[base] = name
-    return Splits((registered["voc_2007_trainval"], registered["voc_2012_trainval"]),
-                  (registered["voc_2007_test"],), "voc", num_classes=20)
+    return Splits(
+        (registered["voc_2007_trainval"], registered["voc_2012_trainval"]),
+        (registered["voc_2007_test"],),
+        "voc",
+        num_classes=20,
+    )
 
 
 def register_synthetic(root: Path) -> Splits:
@@ -141,9 +154,19 @@ def register_synthetic(root: Path) -> Splits:
     sigmas = meta.pop("keypoint_oks_sigmas")
     metadata = {**meta, "thing_classes": list(shapes.SHAPES)}
     names = {
-        split: _register_coco(_name(f"rb_synthetic_{split}", root), metadata,
-                              synthetic_coco.annotation_path(root, split), synthetic_coco.image_dir(root, split))
+        split: _register_coco(
+            _name(f"rb_synthetic_{split}", root),
+            metadata,
+            synthetic_coco.annotation_path(root, split),
+            synthetic_coco.image_dir(root, split),
+        )
         for split in ("train", "val")
     }
-    return Splits((names["train"],), (names["val"],), "coco", num_classes=shapes.NUM_SHAPES,
-                  num_keypoints=shapes.NUM_KEYPOINTS, kpt_oks_sigmas=list(sigmas))
+    return Splits(
+        (names["train"],),
+        (names["val"],),
+        "coco",
+        num_classes=shapes.NUM_SHAPES,
+        num_keypoints=shapes.NUM_KEYPOINTS,
+        kpt_oks_sigmas=list(sigmas),
+    )

@@ -26,8 +26,8 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ringbench.cli import add_common_flags, run_main
 from ringbench.errors import UserError
@@ -125,8 +125,17 @@ def download_archive(folder: Path, debug: bool = False) -> Path:
     except ImportError as exc:
         raise UserError("install torch first: the Detectron2 source archive's setup.py imports it") from exc
     _pip(
-        ["download", "--disable-pip-version-check", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-         "-d", str(folder), ARCHIVE_REQUIREMENT],
+        [
+            "download",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--no-build-isolation",
+            "-d",
+            str(folder),
+            ARCHIVE_REQUIREMENT,
+        ],
         debug,
     )
     archives = sorted(folder.glob("*.tar.gz")) + sorted(folder.glob("*.zip"))
@@ -188,8 +197,12 @@ def install_from_archive(archive: Path, target: Path, expected_sha256: str = ARC
     _say(f"SHA-256 ok ({expected_sha256[:12]}...)")
     with tempfile.TemporaryDirectory(prefix="d2-extract-") as tmp:
         tree = extract_tree(archive, Path(tmp))
-        source = {"archive": ARCHIVE_REQUIREMENT, "sha256": expected_sha256, "version": DETECTRON2_VERSION,
-                  "compiled_ops": False}
+        source = {
+            "archive": ARCHIVE_REQUIREMENT,
+            "sha256": expected_sha256,
+            "version": DETECTRON2_VERSION,
+            "compiled_ops": False,
+        }
         final = place_tree(tree, target, source)
     _say(f"installed the Detectron2 {DETECTRON2_VERSION} Python tree into {final}")
     return final
@@ -215,8 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     marker = installed_marker(target)
     if marker and marker.get("sha256") == ARCHIVE_SHA256 and not args.force:
-        _say(f"Detectron2 {marker.get('version')} Python tree already installed in {target}; nothing to do "
-             f"(--force to reinstall)")
+        _say(
+            f"Detectron2 {marker.get('version')} Python tree already installed in {target}; nothing to do "
+            f"(--force to reinstall)"
+        )
         return 0
     if state == "python-only" and marker is None and not args.force:
         _say("a Detectron2 without compiled ops is installed (not by this tool); leaving it (--force to replace)")

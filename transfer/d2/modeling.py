@@ -47,7 +47,12 @@ def _cifar_stem_class():
             super().__init__(in_channels, out_channels, norm)
             self.stride = CIFAR_STEM_STRIDE
             self.conv1 = D2.layers.Conv2d(
-                in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False,
+                in_channels,
+                out_channels,
+                kernel_size=3,
+                stride=1,
+                padding=1,
+                bias=False,
                 norm=D2.layers.get_norm(norm, out_channels),
             )
             weight_init.c2_msra_fill(self.conv1)

@@ -28,8 +28,16 @@ import numpy as np
 from ringbench import shapes
 
 SPLITS = {"train": 0, "val": 1}
-DEFAULTS = {"num_train": 128, "num_val": 32, "height": 96, "width": 128, "max_objects": 3, "min_radius": 0.12,
-            "max_radius": 0.25, "seed": 0}
+DEFAULTS = {
+    "num_train": 128,
+    "num_val": 32,
+    "height": 96,
+    "width": 128,
+    "max_objects": 3,
+    "min_radius": 0.12,
+    "max_radius": 0.25,
+    "seed": 0,
+}
 
 
 def annotation_path(root: Path, split: str) -> Path:
@@ -43,8 +51,13 @@ def image_dir(root: Path, split: str) -> Path:
 def categories() -> list[dict[str, Any]]:
     """COCO categories (id = shape index + 1), each with keypoint names and skeleton."""
     return [
-        {"id": i + 1, "name": name, "supercategory": "shape", "keypoints": list(shapes.KEYPOINT_NAMES),
-         "skeleton": [list(pair) for pair in shapes.KEYPOINT_SKELETON]}
+        {
+            "id": i + 1,
+            "name": name,
+            "supercategory": "shape",
+            "keypoints": list(shapes.KEYPOINT_NAMES),
+            "skeleton": [list(pair) for pair in shapes.KEYPOINT_SKELETON],
+        }
         for i, name in enumerate(shapes.SHAPES)
     ]
 
@@ -77,34 +90,46 @@ def _coco_keypoints(keypoints: np.ndarray) -> tuple[list[float], int]:
 
 
 def build_split(
-    split: str, num_images: int, height: int, width: int, max_objects: int, seed: int,
-    min_radius: float = DEFAULTS["min_radius"], max_radius: float = DEFAULTS["max_radius"],
+    split: str,
+    num_images: int,
+    height: int,
+    width: int,
+    max_objects: int,
+    seed: int,
+    min_radius: float = DEFAULTS["min_radius"],
+    max_radius: float = DEFAULTS["max_radius"],
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """One split as a COCO dict and its images (pure function of the arguments)."""
     images, annotations, pixels = [], [], []
     for index in range(num_images):
         rng = np.random.default_rng([seed, SPLITS[split], index])
-        image, objects = shapes.render_scene(rng, height, width, max_objects=max_objects, min_radius=min_radius,
-                                             max_radius=max_radius)
+        image, objects = shapes.render_scene(
+            rng, height, width, max_objects=max_objects, min_radius=min_radius, max_radius=max_radius
+        )
         image_id = index + 1
         images.append({"id": image_id, "file_name": f"{index:06d}.png", "height": height, "width": width})
         pixels.append(image)
         for obj in objects:
             keypoints, visible = _coco_keypoints(np.asarray(obj["keypoints"], dtype=np.float64))
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": int(obj["category"]) + 1,
-                "bbox": [round(float(v), 2) for v in obj["bbox"]],
-                "area": float(np.asarray(obj["mask"]).sum()),
-                "iscrowd": 0,
-                "segmentation": _rle(np.asarray(obj["mask"])),
-                "keypoints": keypoints,
-                "num_keypoints": visible,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(obj["category"]) + 1,
+                    "bbox": [round(float(v), 2) for v in obj["bbox"]],
+                    "area": float(np.asarray(obj["mask"]).sum()),
+                    "iscrowd": 0,
+                    "segmentation": _rle(np.asarray(obj["mask"])),
+                    "keypoints": keypoints,
+                    "num_keypoints": visible,
+                }
+            )
     coco = {
-        "info": {"description": f"ringbench synthetic shapes ({split})", "version": "1",
-                 "keypoint_oks_sigmas": list(shapes.KEYPOINT_SIGMAS)},
+        "info": {
+            "description": f"ringbench synthetic shapes ({split})",
+            "version": "1",
+            "keypoint_oks_sigmas": list(shapes.KEYPOINT_SIGMAS),
+        },
         "licenses": [],
         "images": images,
         "annotations": annotations,

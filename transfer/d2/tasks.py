@@ -15,26 +15,44 @@ from typing import Any, Optional
 from ringbench.config import add_schema_flags, settings_from_args
 from ringbench.errors import UserError
 from ringbench.resnets import RESNETS
-from transfer.d2 import convert, train
+from transfer.d2 import train
 from transfer.d2.data import check_files, resolve_data_root
 from transfer.d2.synthetic_coco import DEFAULTS as SYN_DEFAULTS
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
 # name -> (description, primary metric, headline metrics)
 TASKS = {
-    "coco_det": ("Faster R-CNN R50-FPN 1x, COCO 2017 train -> val (box AP)", "bbox/AP",
-                 ("bbox/AP", "bbox/AP50", "bbox/AP75")),
+    "coco_det": (
+        "Faster R-CNN R50-FPN 1x, COCO 2017 train -> val (box AP)",
+        "bbox/AP",
+        ("bbox/AP", "bbox/AP50", "bbox/AP75"),
+    ),
     "coco_instseg": ("Mask R-CNN R50-FPN 1x, COCO 2017 (box and mask AP)", "segm/AP", ("bbox/AP", "segm/AP")),
-    "coco_kp": ("Keypoint R-CNN R50-FPN 1x, COCO 2017 person keypoints (keypoint AP)", "keypoints/AP",
-                ("keypoints/AP", "bbox/AP")),
-    "voc_det": ("Faster R-CNN R50-C4, VOC07+12 trainval -> VOC07 test, 24k iterations (AP, AP50, AP75)",
-                "bbox/AP50", ("bbox/AP", "bbox/AP50", "bbox/AP75")),
-    "syn_det": ("Faster R-CNN FPN on synthetic shapes in COCO format (box AP; runs with no data)", "bbox/AP",
-                ("bbox/AP", "bbox/AP50")),
-    "syn_instseg": ("Mask R-CNN FPN on synthetic shapes in COCO format (box and mask AP; no data needed)",
-                    "segm/AP", ("bbox/AP", "segm/AP")),
-    "syn_kp": ("Keypoint R-CNN FPN on synthetic shapes in COCO format (keypoint AP; no data needed)",
-               "keypoints/AP", ("keypoints/AP", "bbox/AP")),
+    "coco_kp": (
+        "Keypoint R-CNN R50-FPN 1x, COCO 2017 person keypoints (keypoint AP)",
+        "keypoints/AP",
+        ("keypoints/AP", "bbox/AP"),
+    ),
+    "voc_det": (
+        "Faster R-CNN R50-C4, VOC07+12 trainval -> VOC07 test, 24k iterations (AP, AP50, AP75)",
+        "bbox/AP50",
+        ("bbox/AP", "bbox/AP50", "bbox/AP75"),
+    ),
+    "syn_det": (
+        "Faster R-CNN FPN on synthetic shapes in COCO format (box AP; runs with no data)",
+        "bbox/AP",
+        ("bbox/AP", "bbox/AP50"),
+    ),
+    "syn_instseg": (
+        "Mask R-CNN FPN on synthetic shapes in COCO format (box and mask AP; no data needed)",
+        "segm/AP",
+        ("bbox/AP", "segm/AP"),
+    ),
+    "syn_kp": (
+        "Keypoint R-CNN FPN on synthetic shapes in COCO format (keypoint AP; no data needed)",
+        "keypoints/AP",
+        ("keypoints/AP", "bbox/AP"),
+    ),
 }
 C4_ARCHS = tuple(arch for arch, spec in RESNETS.items() if spec.block == "bottleneck")
 
@@ -43,19 +61,27 @@ C4_ARCHS = tuple(arch for arch, spec in RESNETS.items() if spec.block == "bottle
 class Detectron2Settings:
     """The Detectron2 family's settings (its flags) with their defaults."""
 
-    ims_per_batch: Optional[int] = field(default=None, metadata={
-        "help": "total images per iteration; the learning rate, iterations, steps and warm-up follow by the "
-                "linear scaling rule (default: the task config's)"})
-    iters: Optional[int] = field(default=None, metadata={
-        "help": "training iterations (after scaling; steps keep their fraction)"})
+    ims_per_batch: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "total images per iteration; the learning rate, iterations, steps and warm-up follow by the "
+            "linear scaling rule (default: the task config's)"
+        },
+    )
+    iters: Optional[int] = field(
+        default=None, metadata={"help": "training iterations (after scaling; steps keep their fraction)"}
+    )
     lr: Optional[float] = field(default=None, metadata={"help": "base learning rate (replaces the scaled one)"})
     seeds: int = field(default=1, metadata={"help": "train with seeds 0..N-1; metrics are mean, with std"})
-    eval_only: bool = field(default=False, metadata={
-        "help": "evaluate the final weights of the same run (or --weights) without training"})
-    weights: Optional[str] = field(default=None, metadata={
-        "help": "with --eval-only: a Detectron2 model file to evaluate"})
-    num_gpus: Optional[int] = field(default=None, metadata={
-        "help": "GPUs per run (default: all visible with --device cuda)"})
+    eval_only: bool = field(
+        default=False, metadata={"help": "evaluate the final weights of the same run (or --weights) without training"}
+    )
+    weights: Optional[str] = field(
+        default=None, metadata={"help": "with --eval-only: a Detectron2 model file to evaluate"}
+    )
+    num_gpus: Optional[int] = field(
+        default=None, metadata={"help": "GPUs per run (default: all visible with --device cuda)"}
+    )
     syn_train_images: int = field(default=SYN_DEFAULTS["num_train"], metadata={"help": "syn_* tasks: training images"})
     syn_val_images: int = field(default=SYN_DEFAULTS["num_val"], metadata={"help": "syn_* tasks: validation images"})
     syn_seed: int = field(default=SYN_DEFAULTS["seed"], metadata={"help": "syn_* tasks: dataset seed"})
@@ -106,8 +132,10 @@ def validate(name: str, backbone: Any, config: dict[str, Any]) -> None:
             f"torchvision ResNets: {', '.join(RESNETS)}"
         )
     if name == "voc_det" and backbone.arch not in C4_ARCHS:
-        raise UserError(f"voc_det uses the C4 layout, whose res5 box head needs bottleneck blocks: "
-                        f"{', '.join(C4_ARCHS)} (got {backbone.arch})")
+        raise UserError(
+            f"voc_det uses the C4 layout, whose res5 box head needs bottleneck blocks: "
+            f"{', '.join(C4_ARCHS)} (got {backbone.arch})"
+        )
     if config["seeds"] < 1:
         raise UserError(f"--seeds must be at least 1, got {config['seeds']}")
     if config["ims_per_batch"] < 1 or config["max_iter"] < 1 or not config["base_lr"] > 0:
@@ -135,8 +163,9 @@ def eval_weights(config: dict[str, Any], ctx: TaskContext, seed: int) -> str | N
     trained = {**config, "eval_only": False, "weights": None}
     path = ctx.output_dir.parent / config_hash(trained) / f"seed{seed}" / "model_final.pth"
     if not path.is_file():
-        raise UserError(f"--eval-only: no trained weights at {path}; train first (same flags without "
-                        f"--eval-only) or pass --weights")
+        raise UserError(
+            f"--eval-only: no trained weights at {path}; train first (same flags without --eval-only) or pass --weights"
+        )
     return str(path)
 
 
@@ -146,7 +175,11 @@ def run(name: str, backbone: Any, config: dict[str, Any], ctx: TaskContext) -> T
     per_seed = []
     for seed in seeds:
         payload = {
-            "task": name, "backbone": backbone, "config": config, "seed": seed, "device": ctx.device,
+            "task": name,
+            "backbone": backbone,
+            "config": config,
+            "seed": seed,
+            "device": ctx.device,
             "output_dir": str(Path(ctx.output_dir) / f"seed{seed}"),
             "cache_dir": str(ctx.cache_dir) if ctx.cache_dir else None,
             "eval_only_weights": eval_weights(config, ctx, seed),
@@ -167,8 +200,10 @@ def aggregate(per_seed: list[dict[str, Any]], seeds: list[int], versions: dict[s
 
             std[key] = math.sqrt(sum((v - metrics[key]) ** 2 for v in values) / (len(values) - 1))
             ci95[key] = float(stats.t.ppf(0.975, len(values) - 1)) * std[key] / math.sqrt(len(values))
-    extra: dict[str, Any] = {"per_seed": [r["metrics"] for r in per_seed],
-                             "timings": [r.get("timings", {}) for r in per_seed]}
+    extra: dict[str, Any] = {
+        "per_seed": [r["metrics"] for r in per_seed],
+        "timings": [r.get("timings", {}) for r in per_seed],
+    }
     if std:
         extra["std"] = std
     for key in ("undefined", "no_predictions"):
@@ -186,18 +221,20 @@ def engine_versions() -> dict[str, str]:
 
 def _register(name: str) -> None:
     description, primary, headline = TASKS[name]
-    register(Task(
-        name=name,
-        family="detectron2",
-        description=description,
-        make_config=lambda args: make_config(name, args),
-        run=lambda backbone, config, ctx: run(name, backbone, config, ctx),
-        validate=lambda backbone, config: validate(name, backbone, config),
-        add_arguments=add_detectron2_arguments,
-        primary_metric=primary,
-        headline=headline,
-        needs_data=not name.startswith("syn_"),
-    ))
+    register(
+        Task(
+            name=name,
+            family="detectron2",
+            description=description,
+            make_config=lambda args: make_config(name, args),
+            run=lambda backbone, config, ctx: run(name, backbone, config, ctx),
+            validate=lambda backbone, config: validate(name, backbone, config),
+            add_arguments=add_detectron2_arguments,
+            primary_metric=primary,
+            headline=headline,
+            needs_data=not name.startswith("syn_"),
+        )
+    )
 
 
 for _name in TASKS:

@@ -18,15 +18,16 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
 from ringbench.config import config_root
 from ringbench.errors import UserError
-from ringbench.resnets import RESNETS
 from ringbench.fileio import atomic_save, atomic_write_text
+from ringbench.resnets import RESNETS
 from transfer.d2 import convert
 from transfer.d2.compat import d2, has_compiled_ops
 
@@ -188,10 +189,16 @@ def trainer_class():
             kind = D2.data.MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
             if kind == "pascal_voc":
                 return D2.evaluation.PascalVOCDetectionEvaluator(dataset_name)
-            tasks = ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) + (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
+            tasks = (
+                ("bbox",) + (("segm",) if cfg.MODEL.MASK_ON else ()) + (("keypoints",) if cfg.MODEL.KEYPOINT_ON else ())
+            )
             return D2.evaluation.COCOEvaluator(
-                dataset_name, tasks=tasks, distributed=True, output_dir=folder,
-                use_fast_impl=has_compiled_ops(), kpt_oks_sigmas=tuple(cfg.TEST.KEYPOINT_OKS_SIGMAS),
+                dataset_name,
+                tasks=tasks,
+                distributed=True,
+                output_dir=folder,
+                use_fast_impl=has_compiled_ops(),
+                kpt_oks_sigmas=tuple(cfg.TEST.KEYPOINT_OKS_SIGMAS),
             )
 
     return Trainer
@@ -278,10 +285,13 @@ def run_seed(payload: dict[str, Any]) -> None:
             timings["iters_per_s"] = cfg.SOLVER.MAX_ITER / timings["train_s"]
             if comm.is_main_process():
                 # Detectron2's checkpoint layout ({"model": state}), written atomically
-                atomic_save({"model": model.state_dict(), "iteration": cfg.SOLVER.MAX_ITER},
-                            output_dir / "model_final.pth")
-            message = (f"trained {cfg.SOLVER.MAX_ITER} iterations in {timings['train_s']:.1f} s "
-                       f"({timings['iters_per_s']:.2f} it/s)")
+                atomic_save(
+                    {"model": model.state_dict(), "iteration": cfg.SOLVER.MAX_ITER}, output_dir / "model_final.pth"
+                )
+            message = (
+                f"trained {cfg.SOLVER.MAX_ITER} iterations in {timings['train_s']:.1f} s "
+                f"({timings['iters_per_s']:.2f} it/s)"
+            )
             logging.getLogger("detectron2").info(message)
         start = time.perf_counter()
         results = Trainer.test(cfg, model)
