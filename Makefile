@@ -1,4 +1,5 @@
-# ringbench: two commands on a fresh machine.
+# ringbench: the commands of a fresh machine.
+#   make lint   set up if needed, then ruff (lint and format) and mypy
 #   make test   set up if needed, then run the default (fast) test suite
 #   make demo   set up if needed, then run the main job on the embedded synthetic data
 PY ?= python3.11
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.ringbench-setup
 # every torch process down many times over. Set before Python starts, so it reaches torch.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup test test-slow demo bench readme clean-venv
+.PHONY: setup lint test test-slow demo bench readme clean-venv
 
 setup: $(STAMP)
 
@@ -18,9 +19,14 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt transfer/d2/install.py
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (Python 3.11 is needed; set PY=...)"; exit 2; }
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[test,detectron2]'
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[test,lint,detectron2]'
 	$(PYTHON) -m transfer.d2.install
 	@touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: setup
 	$(PYTHON) -m pytest

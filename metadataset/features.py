@@ -1,16 +1,19 @@
 """Frozen-backbone features, extracted once per image and cached on disk.
 
-A cache entry is a folder ``<cache>/features/<source>-<split>-<size>px-<pooling>-<sha256[:16]>/`` with
+A cache entry is a folder ``<cache>/features/<source>-<split>-<size>px-<pooling>-<precision>-<sha256[:16]>/``
+with
 
 * ``features.npy``: ``float32 (N, D)``, opened memory-mapped;
 * ``labels.npy``: ``int64 (N,)`` class index of every row;
 * ``index.json``: the key, shapes, class names and skipped images; written last, so an entry
   without it is incomplete and ignored.
 
-The key is ``(backbone sha256, source, split, data fingerprint, image size, pooling, code
-version)``. An entry whose stored key differs from the expected one (another backbone, another
-version of this code, changed data) or whose arrays do not match its index is rebuilt with a
-message, never reused. Every file is written to a temporary name and renamed.
+The key is ``(backbone sha256, source, split, data fingerprint, image size, pooling, precision,
+normalisation, code version)``; precision is ``fp16-autocast`` on CUDA and ``fp32`` elsewhere, so
+features computed on a GPU are never reused as if they were fp32 ones. An entry whose stored key
+differs from the expected one (another backbone, another version of this code, changed data) or
+whose arrays do not match its index is rebuilt with a message, never reused. Every file is
+written to a temporary name and renamed.
 
 Images are resized to ``image_size`` squared (no crop, as Meta-Dataset does) and normalised with
 the backbone's own mean and std. A corrupt image is skipped with a warning and counted.
@@ -70,7 +73,14 @@ def code_version() -> str:
     return f"{__version__}/features-{CACHE_VERSION}"
 
 
-def cache_key(backbone: Any, image_set: ImageSet, image_size: int, pooling: str) -> dict[str, Any]:
+def precision_of(device: str) -> str:
+    """The arithmetic features are computed in: fp16 autocast on CUDA, fp32 elsewhere."""
+    return "fp16-autocast" if torch.device(device).type == "cuda" else "fp32"
+
+
+def cache_key(
+    backbone: Any, image_set: ImageSet, image_size: int, pooling: str, precision: str = "fp32"
+) -> dict[str, Any]:
     return {
         "backbone_sha256": backbone.sha256,
         "source": image_set.name,
@@ -78,6 +88,7 @@ def cache_key(backbone: Any, image_set: ImageSet, image_size: int, pooling: str)
         "data": image_set.fingerprint,
         "image_size": int(image_size),
         "pooling": pooling,
+        "precision": precision,
         "mean": [float(v) for v in backbone.mean],
         "std": [float(v) for v in backbone.std],
         "code_version": code_version(),
@@ -85,7 +96,8 @@ def cache_key(backbone: Any, image_set: ImageSet, image_size: int, pooling: str)
 
 
 def cache_folder(cache_dir: Path, key: dict[str, Any]) -> Path:
-    name = f"{key['source']}-{key['split']}-{key['image_size']}px-{key['pooling']}-{key['backbone_sha256'][:16]}"
+    name = f"{key['source']}-{key['split']}-{key['image_size']}px-{key['pooling']}-{key['precision']}"
+    name += f"-{key['backbone_sha256'][:16]}"
     return Path(cache_dir) / "features" / name
 
 
@@ -174,7 +186,7 @@ def extract_features(
     if pooling not in POOLINGS:
         raise UserError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}")
     image_size = int(image_size or backbone.default_image_size)
-    key = cache_key(backbone, image_set, image_size, pooling)
+    key = cache_key(backbone, image_set, image_size, pooling, precision_of(device))
     folder = cache_folder(Path(cache_dir), key)
     cached = load_cached(folder, key)
     if cached is not None:

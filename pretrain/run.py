@@ -85,9 +85,6 @@ def flag_settings(args: argparse.Namespace) -> dict[str, object]:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """The config a run with these arguments trains with: YAML <- profile <- flags <- overrides."""
-    for item in args.overrides:
-        if "=" not in item:
-            raise UserError(f"unexpected argument {item!r}: overrides look like key=value (see --help)")
     return load_config(args.config, args.overrides, profile=args.profile, flags=flag_settings(args))
 
 

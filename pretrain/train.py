@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pretrain import distributed as dist
+from pretrain import seeds
 from pretrain.config import resolved_stem
 from pretrain.data.datasets import DataSpec, open_splits
 from pretrain.data.transforms import IndexedDataset, MultiView, eval_transform, moco_v2_augmentation
@@ -283,7 +284,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         method.set_epoch(epoch)
-        torch.manual_seed(tc["seed"] * 1000 + epoch * 10 + rank)  # augmentations in the main process
+        torch.manual_seed(seeds.stream_seed(tc["seed"], seeds.AUGMENT, epoch, rank))  # augmentations, main process
         loader = _epoch_loader(data.train, cfg, per_process, epoch, world, rank)
         steps = len(loader) if tc["max_steps_per_epoch"] is None else min(len(loader), tc["max_steps_per_epoch"])
         model.train()
@@ -382,7 +383,7 @@ def _epoch_loader(
 ) -> DataLoader:
     """This epoch's batches: order and worker seeds are a function of (seed, epoch)."""
     seed = cfg["train"]["seed"]
-    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    generator = torch.Generator().manual_seed(seeds.stream_seed(seed, seeds.ORDER, epoch))
     sampler = None
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)

@@ -225,12 +225,21 @@ def test_hcl_matches_formula(t, tau_plus, beta):
 
 
 def test_hcl_clamp_branch_matches_formula():
-    # Nearly identical embeddings: the debiased estimate goes negative and N*exp(-1/t) takes over.
-    base = torch.randn(1, 8)
-    z1 = base + 0.01 * torch.randn(6, 8)
-    z2 = base + 0.01 * torch.randn(6, 8)
-    got = hcl_loss(z1, z2, t=0.5, tau_plus=0.9, beta=1.0).item()
-    assert got == pytest.approx(_direct_hcl(z1, z2, 0.5, 0.9, 1.0), rel=1e-4)
+    # Each view close to its own axis, far from the others': s_pos ~ 1, s_neg ~ 0, so with a large
+    # tau_plus the debiased estimate (-tau_plus*N*e^{s_pos/t} + reweight) / (1 - tau_plus) is negative
+    # and the floor N*exp(-1/t) takes over for every anchor.
+    gen = torch.Generator().manual_seed(0)
+    base = torch.eye(6, 8)
+    z1 = base + 0.01 * torch.randn(6, 8, generator=gen)
+    z2 = base + 0.01 * torch.randn(6, 8, generator=gen)
+    t, tau_plus = 0.5, 0.5
+    for s_pos, s_neg in _direct_in_batch(z1, z2):
+        n = len(s_neg)
+        imp = np.exp(s_neg / t)
+        reweight = (imp * np.exp(s_neg / t)).sum() / imp.mean()
+        assert (-tau_plus * n * np.exp(s_pos / t) + reweight) / (1 - tau_plus) < n * np.exp(-1 / t)
+    got = hcl_loss(z1, z2, t=t, tau_plus=tau_plus, beta=1.0).item()
+    assert got == pytest.approx(_direct_hcl(z1, z2, t, tau_plus, 1.0), rel=1e-5)
 
 
 def test_hcl_easy_dcl_and_ntxent():

@@ -116,3 +116,19 @@ def test_corrupt_image_is_skipped_with_a_warning_and_counted(backbones, tmp_path
     assert fs.counts.tolist() == [3, 3, 2, 3, 3]
     cached = extract_features(backbones[0], source, tmp_path / "cache", progress=False)
     assert cached.from_cache and cached.skipped == ["f2/1.png"]
+
+
+def test_cache_key_tells_fp16_autocast_from_fp32(backbones, small_digits, tmp_path, caplog):
+    from metadataset.features import precision_of
+
+    assert precision_of("cpu") == "fp32" and precision_of("cuda:1") == "fp16-autocast"
+    bb = backbones[0]
+    fp32 = cache_key(bb, small_digits, 16, "avg", "fp32")
+    fp16 = cache_key(bb, small_digits, 16, "avg", "fp16-autocast")
+    assert fp32 != fp16 and cache_folder(tmp_path, fp32) != cache_folder(tmp_path, fp16)
+    cpu = extract_features(bb, small_digits, tmp_path, progress=False)
+    assert cpu.path == cache_folder(tmp_path, fp32)
+    shutil.copytree(cpu.path, cache_folder(tmp_path, fp16))  # a GPU entry's folder holding fp32 features
+    with caplog.at_level(logging.WARNING):
+        assert feature_cache.load_cached(cache_folder(tmp_path, fp16), fp16) is None
+    assert "another precision" in caplog.text

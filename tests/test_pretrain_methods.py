@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from pretrain.config import load_config
 from pretrain.methods import build_method
+from pretrain.seeds import METHOD, stream_seed
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +82,7 @@ def test_moco_shuffled_bn_uses_separate_group_statistics():
     enc = copy.deepcopy(method.key_encoder)
     method.set_epoch(0)
     keys = method.keys(x)
-    perm = torch.randperm(8, generator=torch.Generator().manual_seed(method.seed * 100_003))
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(stream_seed(method.seed, METHOD, 0)))
     shuffled = x[perm]
     want = torch.cat([enc(shuffled[:4]), enc(shuffled[4:])])[torch.argsort(perm)]
     assert torch.allclose(keys, want, atol=1e-5)
@@ -127,7 +128,7 @@ def test_ir_ring_loss_uses_bank_ring():
         0.5,
         0.25,
         num_samples=10,
-        generator=torch.Generator().manual_seed(ref.seed * 100_003),
+        generator=torch.Generator().manual_seed(stream_seed(ref.seed, METHOD, 0)),
     )
     assert out.item() == pytest.approx(want.item(), rel=1e-5)
 

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transfer.backbones import load_backbone
     from transfer.results import append_record, config_hash, engine_versions_now, make_record
-    from transfer.tasks import TaskContext, get_task
+    from transfer.tasks import TaskContext, get_task, run_dir
 
     task = get_task(args.task)
     backbone = load_backbone(args.backbone, name=args.name, arch=args.arch)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     task.validate(backbone, config)
     ctx = TaskContext(
-        output_dir=args.output_dir / f"{backbone.name}-{backbone.sha256[:8]}" / task.name / cfg_hash,
+        output_dir=run_dir(args.output_dir, backbone.name, backbone.sha256, task.name, config),
         device=resolve_device(args.device),
         data_root=args.data_root,
         cache_dir=args.cache_dir,

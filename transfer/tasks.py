@@ -26,12 +26,13 @@ from typing import Any
 
 from ringbench.errors import UserError
 
-# Modules that call ``register`` at import time, one per task family.
-_TASK_MODULES = (
-    "transfer.d2.tasks",
-    "transfer.fewshot",
-    "transfer.linear",
-)
+# Modules that call ``register`` at import time, one per task family, with the optional
+# dependencies whose absence only hides that family (any other missing module is a bug and raises).
+_TASK_MODULES: dict[str, tuple[str, ...]] = {
+    "transfer.d2.tasks": ("detectron2", "fvcore", "pycocotools"),
+    "transfer.fewshot": (),
+    "transfer.linear": (),
+}
 
 
 @dataclass
@@ -45,15 +46,28 @@ class TaskResult:
     engine_versions: dict[str, str] = field(default_factory=dict)
 
 
+def run_dir(root: Path, backbone_name: str, backbone_sha256: str, task: str, config: dict[str, Any]) -> Path:
+    """The output folder of one run: ``<root>/<backbone name>-<sha256[:8]>/<task>/<config hash>``."""
+    from transfer.results import config_hash
+
+    return Path(root) / f"{backbone_name}-{backbone_sha256[:8]}" / task / config_hash(config)
+
+
 @dataclass
 class TaskContext:
-    """Where a task may write (its own output folder) and how it should run."""
+    """Where a task may write (its own output folder, from :func:`run_dir`) and how it should run."""
 
     output_dir: Path
     device: str = "cpu"
     data_root: Path | None = None
     cache_dir: Path | None = None
     debug: bool = False
+
+    def output_dir_for(self, config: dict[str, Any]) -> Path:
+        """The output folder of the run of the same backbone and task with another ``config``."""
+        from transfer.results import config_hash
+
+        return Path(self.output_dir).parent / config_hash(config)
 
 
 @dataclass
@@ -90,12 +104,14 @@ def _load_all() -> None:
     global _LOADED
     if _LOADED:
         return
-    for module in _TASK_MODULES:
+    for module, optional in _TASK_MODULES.items():
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            # A family not built yet, or whose optional dependency is absent: its tasks are
-            # simply not listed; the reason is shown when one of them is asked for.
+            if (exc.name or "").split(".")[0] not in optional:
+                raise
+            # An optional dependency of this family is absent: its tasks are not listed; the
+            # reason is shown when one of them is asked for.
             _LOAD_ERRORS[module] = str(exc)
     _LOADED = True
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from pretrain import losses
 from pretrain.backbones import create_backbone
+from pretrain.seeds import METHOD, stream_seed
 from ringbench.card import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -89,7 +90,7 @@ class Method(nn.Module):
         self.w_outer = losses.ring_threshold(
             epoch, lc["schedule"], lc["w_outer"], lc["w_outer_start"], lc["anneal_epochs"], lc["schedule_steps"]
         )
-        self.generator.manual_seed(self.seed * 100_003 + epoch)
+        self.generator.manual_seed(stream_seed(self.seed, METHOD, epoch))
 
     def training_step(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

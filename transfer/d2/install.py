@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,22 +38,23 @@ ARCHIVE_REQUIREMENT = "pb1-detectron2==0.6"
 ARCHIVE_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 DETECTRON2_VERSION = "0.6"
 MARKER = ".ringbench-install.json"
-# Detectron2 v0.6's own install_requires (pure Python), plus setuptools<81 for pkg_resources.
-REQUIREMENTS = (
-    "fvcore>=0.1.5,<0.1.6",
-    "iopath>=0.1.7,<0.1.10",
-    "pycocotools>=2.0.2",
-    "omegaconf>=2.1",
-    "hydra-core>=1.1",
-    "yacs>=0.1.8",
-    "termcolor>=1.1",
-    "tabulate",
-    "cloudpickle",
-    "tqdm>4.29.0",
-    "matplotlib",
-    "Pillow>=7.1",
-    "setuptools<81",
-)
+EXTRA = "detectron2"  # the project's optional-dependency group holding Detectron2's requirements
+
+
+def requirements() -> list[str]:
+    """Detectron2 v0.6's pure-Python requirements, as the project's metadata lists them (the
+    ``detectron2`` extra of pyproject.toml: the one list of them)."""
+    from importlib import metadata
+
+    try:
+        listed = metadata.requires("ringbench") or []
+    except metadata.PackageNotFoundError as exc:
+        raise UserError("ringbench is not installed: run `make setup` or `pip install -e .` first") from exc
+    marker = re.compile(r"""^\s*extra\s*==\s*["']""" + EXTRA + r"""["']\s*$""")
+    found = [req.split(";", 1)[0].strip() for req in listed if ";" in req and marker.match(req.split(";", 1)[1])]
+    if not found:
+        raise UserError(f"the installed ringbench metadata lists no '{EXTRA}' requirements; reinstall the project")
+    return found
 
 
 def _say(message: str) -> None:
@@ -109,7 +111,7 @@ def _pip(args: Sequence[str], debug: bool) -> None:
 
 
 def install_requirements(debug: bool = False) -> None:
-    args = ["install", "--disable-pip-version-check", *REQUIREMENTS]
+    args = ["install", "--disable-pip-version-check", *requirements()]
     constraints = constraints_file()
     if constraints is not None:
         args += ["-c", str(constraints)]
@@ -250,5 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``ringbench-install-detectron2``)."""
     sys.exit(run_main(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -158,10 +158,8 @@ def eval_weights(config: dict[str, Any], ctx: TaskContext, seed: int) -> str | N
         return None
     if config.get("weights"):
         return config["weights"]
-    from transfer.results import config_hash
-
     trained = {**config, "eval_only": False, "weights": None}
-    path = ctx.output_dir.parent / config_hash(trained) / f"seed{seed}" / "model_final.pth"
+    path = ctx.output_dir_for(trained) / f"seed{seed}" / "model_final.pth"
     if not path.is_file():
         raise UserError(
             f"--eval-only: no trained weights at {path}; train first (same flags without --eval-only) or pass --weights"
