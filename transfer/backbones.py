@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.backbones import TORCHVISION_RESNETS, backbone_keys, create_backbone
+from pretrain.backbones import backbone_keys, create_backbone
 from ringbench.card import IMAGENET_MEAN, IMAGENET_STD, is_card, load_checkpoint_file, validate_card_dict
 from ringbench.errors import UserError, preview
 from ringbench.fileio import sha256_file
+from ringbench.resnets import TORCHVISION_RESNETS
 
 log = logging.getLogger(__name__)
 
