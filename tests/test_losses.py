@@ -282,6 +282,6 @@ def test_ring_schedules():
     assert ring_threshold(50, "exponential", 0.01, 1.0, 100) == pytest.approx(0.1)
     assert ring_threshold(200, "exponential", 0.01, 1.0, 100) == pytest.approx(0.01)
     values = [ring_threshold(e, "exponential", 0.05, 1.0, 10) for e in range(12)]
-    assert all(a > b for a, b in itertools.pairwise(values))
+    assert all(a > b for a, b in itertools.pairwise(values[:11]))  # decreasing until the anneal ends
     with pytest.raises(UserError, match="schedule"):
         ring_threshold(0, "cosine")
