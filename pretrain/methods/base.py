@@ -10,7 +10,7 @@ generators), :meth:`features` for the kNN monitor, and :meth:`card_streams` for 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = create_backbone(arch, stem)
-        self.head = ProjectionHead(self.backbone.feature_dim, head_dim, hidden_dim, mlp, bn)
+        self.head = ProjectionHead(cast(int, self.backbone.feature_dim), head_dim, hidden_dim, mlp, bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.backbone(x)), dim=1)
@@ -59,6 +59,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     views: ClassVar[int] = 2
+    encoder: Encoder  # set by the single-stream methods
 
     def __init__(
         self,
@@ -167,6 +168,8 @@ class MemoryBank(nn.Module):
 
     Under DDP the update gathers every process's entries, so all banks stay identical.
     """
+
+    memory: torch.Tensor
 
     def __init__(self, size: int, dim: int, momentum: float, seed: int = 0) -> None:
         super().__init__()
