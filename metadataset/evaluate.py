@@ -39,7 +39,7 @@ class SourceResult:
         return confidence_interval(self.accuracies)
 
 
-def confidence_interval(values: Sequence[float]) -> float:
+def confidence_interval(values: Sequence[float] | np.ndarray) -> float:
     """Half-width of the 95% normal interval of the mean: ``1.96 * std / sqrt(n)``."""
     values = np.asarray(values, dtype=np.float64)
     return float(1.96 * values.std() / np.sqrt(len(values))) if len(values) else float("nan")
@@ -67,7 +67,7 @@ def evaluate_source(
     validate_split(class_names, counts, rules.min_ways, where=source)
     start = time.perf_counter()
     sampled = sample_episodes(episode_seed(seed, source), labels, len(class_names), episodes, rules, structure)
-    accuracies = []
+    accuracies: list[float] = []
     for first in range(0, len(sampled), EPISODE_CHUNK):
         chunk = sampled[first : first + EPISODE_CHUNK]
         tasks = [(np.asarray(features[e.support]), e.support_labels, np.asarray(features[e.query])) for e in chunk]

@@ -143,7 +143,9 @@ def preprocess(image: Any, image_size: int, mean: torch.Tensor, std: torch.Tenso
 
     image = image.convert("RGB")
     if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.BILINEAR)
+        # Pillow sets its module-level filter constants with setattr, out of mypy's sight; the
+        # typed Image.Resampling needs Pillow >= 9.1 (the project allows 9.0).
+        image = image.resize((image_size, image_size), Image.BILINEAR)  # type: ignore[attr-defined]
     array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
     return (array - mean[:, None, None]) / std[:, None, None]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -282,8 +282,8 @@ def _pad_batch(
             x[rows], q[rows] = (t.to(dtype) for t in coords)
         else:
             x[rows], q[rows] = support.to(dtype), (l2_normalise(query) - mean).to(dtype)
-    y, valid, class_mask = (torch.from_numpy(a).to(device) for a in (y, valid, class_mask))
-    return _Batch(x, y, valid, class_mask, q)
+    y_t, valid_t, class_mask_t = (torch.from_numpy(a).to(device) for a in (y, valid, class_mask))
+    return _Batch(x, y_t, valid_t, class_mask_t, q)
 
 
 def _stack_padded(arrays: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray:
@@ -358,7 +358,12 @@ class LogisticRegressionProbe:
             raise UserError(f"cross-validation needs at least 2 folds, got {self.folds}")
 
     def config(self) -> dict[str, Any]:
-        cfg = {"probe": self.name, "weight_decay": self.weight_decay, "max_iter": self.max_iter, "tol": self.tol}
+        cfg: dict[str, Any] = {
+            "probe": self.name,
+            "weight_decay": self.weight_decay,
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+        }
         if self.weight_decay == "cv":
             cfg.update(grid=[float(g) for g in self.grid], folds=self.folds)
         return cfg
@@ -449,6 +454,10 @@ class _PerEpisode:
     """Probes cheap enough to run episode by episode."""
 
     name = ""
+
+    if TYPE_CHECKING:  # each subclass defines it
+
+        def fit_predict(self, support_x: np.ndarray, support_y: np.ndarray, query_x: np.ndarray) -> np.ndarray: ...
 
     def fit_predict_many(self, tasks):
         return [self.fit_predict(*t) for t in tasks]

@@ -81,7 +81,7 @@ class EpisodeDescription:
         return len(self.classes)
 
 
-def validate_split(class_names: Sequence[str], counts: Sequence[int], min_ways: int, where: str) -> None:
+def validate_split(class_names: Sequence[str], counts: Sequence[int] | np.ndarray, min_ways: int, where: str) -> None:
     """Bad input for the protocol: fewer than ``min_ways`` classes, or a class with < 2 images."""
     counts = np.asarray(counts)
     if len(counts) < min_ways:

@@ -159,7 +159,8 @@ def split_classes(spec: dict[str, Any], split: str) -> tuple[list[int], ClassStr
     if kind == "BiLevelDatasetSpecification":
         per_super = {int(k): int(v) for k, v in spec["classes_per_superclass"].items()}
         supers = _split_range(spec["superclasses_per_split"], split)
-        ids, superclass_of = [], []
+        ids: list[int] = []
+        superclass_of: list[int] = []
         for sc in supers:
             first = sum(per_super[s] for s in range(sc))
             ids.extend(range(first, first + per_super[sc]))
@@ -253,7 +254,11 @@ def records_source(name: str, folder: Path, split: str = "test") -> ImageSet:
         for index, class_files in enumerate(files):
             for path in class_files:
                 for n, (data, _) in enumerate(iter_records(path)):
-                    yield index, f"{path.name}#{n}", (lambda data=data: decode_image(data))
+
+                    def load(data: bytes = data) -> Any:
+                        return decode_image(data)
+
+                    yield index, f"{path.name}#{n}", load
 
     return ImageSet(
         name=name,
@@ -294,7 +299,11 @@ def folder_source(name: str, folder: Path, split: str = "test") -> ImageSet:
     def items() -> Iterator[tuple[int, str, Loader]]:
         for index, paths in enumerate(files):
             for path in paths:
-                yield index, str(path.relative_to(folder)), (lambda path=path: decode_image(path.read_bytes()))
+
+                def load(path: Path = path) -> Any:
+                    return decode_image(path.read_bytes())
+
+                yield index, str(path.relative_to(folder)), load
 
     listing = [[str(p.relative_to(folder)), p.stat().st_size] for ps in files for p in ps]
     return ImageSet(
@@ -357,7 +366,11 @@ def digits_source() -> ImageSet:
         from PIL import Image
 
         for i, (img, label) in enumerate(zip(images, targets)):
-            yield int(label), f"digits/{order[i]}", (lambda img=img: Image.fromarray(img).convert("RGB"))
+
+            def load(img: np.ndarray = img) -> Any:
+                return Image.fromarray(img).convert("RGB")
+
+            yield int(label), f"digits/{order[i]}", load
 
     return ImageSet(
         name="digits",

@@ -9,6 +9,7 @@ is created with timm (``num_classes=0``), never with pretrained weights.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -43,7 +44,9 @@ def create_backbone(arch: str, stem: str = "imagenet") -> nn.Module:
     if stem == "cifar":
         raise UserError(f"stem 'cifar' is only defined for torchvision ResNets, not {arch!r}")
     model = timm.create_model(arch, pretrained=False, num_classes=0)
-    model.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    feature_dim = int(getattr(model, "head_hidden_size", None) or cast(int, model.num_features))
+    # torch types Module.__setattr__ as taking tensors or modules; any value is accepted at runtime.
+    model.feature_dim = feature_dim  # type: ignore[assignment]
     return model
 
 
@@ -123,6 +126,11 @@ class TwoStreamBackbone(nn.Module):
     records them in its meta), so the keys are exactly ``l.<torchvision key>`` and ``ab.<...>``.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+    lab_centre: torch.Tensor
+    lab_scale: torch.Tensor
+
     def __init__(self, arch: str, stem: str, mean: Sequence[float], std: Sequence[float], width: float = 0.5) -> None:
         super().__init__()
         self.l = scaled_resnet(arch, stem, STREAM_CHANNELS["l"], width)
@@ -131,7 +139,7 @@ class TwoStreamBackbone(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("lab_centre", torch.tensor(LAB_CENTRE).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("lab_scale", torch.tensor(LAB_HALF_RANGE).view(1, 3, 1, 1), persistent=False)
-        self.feature_dim = self.l.feature_dim + self.ab.feature_dim
+        self.feature_dim = cast(int, self.l.feature_dim) + cast(int, self.ab.feature_dim)
 
     def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The L and ab inputs (each scaled to about [-1, 1]) of normalised RGB images."""

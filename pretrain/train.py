@@ -18,10 +18,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -57,7 +57,7 @@ class TrainResult:
 
 @dataclass
 class DataBundle:
-    train: Dataset
+    train: IndexedDataset
     knn_train: Dataset
     knn_test: Dataset
     spec: DataSpec
@@ -90,7 +90,7 @@ class _Transformed(Dataset):
         self.base, self.transform = base, transform
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(cast(Sized, self.base))
 
     def __getitem__(self, index: int):
         image, label = self.base[index]
@@ -98,9 +98,9 @@ class _Transformed(Dataset):
 
 
 def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
-    if limit is None or len(dataset) <= limit:
+    if limit is None or len(cast(Sized, dataset)) <= limit:
         return dataset
-    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+    keep = torch.randperm(len(cast(Sized, dataset)), generator=torch.Generator().manual_seed(seed))[:limit]
     return Subset(dataset, sorted(keep.tolist()))
 
 
@@ -384,7 +384,7 @@ def _epoch_loader(
     """This epoch's batches: order and worker seeds are a function of (seed, epoch)."""
     seed = cfg["train"]["seed"]
     generator = torch.Generator().manual_seed(seeds.stream_seed(seed, seeds.ORDER, epoch))
-    sampler = None
+    sampler: torch.utils.data.DistributedSampler | None = None
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
         sampler.set_epoch(epoch)

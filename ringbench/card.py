@@ -157,8 +157,8 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-        detail = detail[0].strip() if detail else text.strip()[:160]
+        lines = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        detail = lines[0].strip() if lines else text.strip()[:160]
         if "Unsupported global" in text or "GLOBAL" in detail:
             raise UserError(
                 f"{path}: refused by torch.load(weights_only=True): it holds Python objects, not just "

@@ -15,7 +15,7 @@ Everything is a pure function of an explicit ``numpy.random.Generator``; the dat
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -218,10 +218,13 @@ def class_order(num_classes: int) -> np.ndarray:
     return np.random.default_rng(20210503).permutation(NUM_CLASSES)[:num_classes]
 
 
-try:
+if TYPE_CHECKING:
     from torch.utils.data import Dataset as _Dataset
-except ImportError:  # pragma: no cover - torch is a dependency
-    _Dataset = object
+else:
+    try:
+        from torch.utils.data import Dataset as _Dataset
+    except ImportError:  # pragma: no cover - torch is a dependency
+        _Dataset = object
 
 
 class SyntheticShapes(_Dataset):

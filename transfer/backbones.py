@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 # ResNet depth from blocks per stage and block type.
-_RESNET_LAYOUTS = {
+_RESNET_LAYOUTS: dict[tuple[str, tuple[int, ...]], str] = {
     ("basic", (2, 2, 2, 2)): "resnet18",
     ("basic", (3, 4, 6, 3)): "resnet34",
     ("bottleneck", (3, 4, 6, 3)): "resnet50",

@@ -115,13 +115,14 @@ def build_table(
     columns: dict[Column, None] = {}
     rows: dict[str, Row] = {}
     cells: dict[tuple[str, Column], Cell] = {}
+    headline_metrics = headline or {}
     for (name, task, cfg), rec in newest.items():
         rows.setdefault(name, Row(name, rec.get("backbone_sha256", ""), dict(rec.get("backbone_meta") or {})))
         metrics = rec.get("metrics") or {}
         shown = (
             list(metrics)
-            if all_metrics or not (headline or {}).get(task)
-            else [m for m in headline[task] if m in metrics]
+            if all_metrics or not headline_metrics.get(task)
+            else [m for m in headline_metrics[task] if m in metrics]
         )
         for metric in shown:
             column = Column(task, metric, cfg, config_labels.get((task, cfg), ""), rec.get("family", ""))

@@ -18,7 +18,7 @@ import csv
 import html
 import io
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # run by path: make the repository importable without installing
@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run by path: make the repository importable wit
 
 from ringbench.cli import add_common_flags, run_main
 from ringbench.errors import UserError
-from transfer.compare import Cell, Column, DeltaCell, Table, build_table
+from transfer.compare import Cell, Column, Delta, DeltaCell, Table, build_table
 
 MISSING = "—"
 FORMATS = ("md", "latex", "html", "csv")
@@ -57,11 +57,11 @@ def fmt_delta(delta: DeltaCell | None, reference: float = 1.0) -> str:
     return text
 
 
-def table_rows(table: Table, mark_best: callable) -> list[list[str]]:
+def table_rows(table: Table, mark_best: Callable[[str], str]) -> list[list[str]]:
     """Body rows as strings; ``mark_best(text)`` decorates the best cell of each column."""
     best = {col: table.best(col) for col in table.columns}
     rows = []
-    deltas_after = {d.variant: [] for d in table.deltas}
+    deltas_after: dict[str, list[Delta]] = {d.variant: [] for d in table.deltas}
     for d in table.deltas:
         deltas_after[d.variant].append(d)
     for row in table.rows:
@@ -142,7 +142,7 @@ def render_csv(table: Table) -> str:
         header += [col.label, f"{col.label} ±"]
     writer.writerow(header)
     for row in table.rows:
-        values = [row.name]
+        values: list[str | float] = [row.name]
         for col in table.columns:
             cell = table.cells.get((row.name, col))
             values += ["" if cell is None else cell.mean, "" if cell is None or cell.err is None else cell.err]

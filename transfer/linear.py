@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -136,9 +136,9 @@ def read_cifar(folder: Path, name: str, split: str) -> tuple[np.ndarray, np.ndar
 
 def read_stl10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """STL-10 binary (pretraining's reader): ``uint8 (N, 96, 96, 3)``, labels 0..9, class names."""
-    from pretrain.data.datasets import stl10
+    from pretrain.data.datasets import ArrayDataset, stl10
 
-    ds = stl10(folder, split)
+    ds = cast(ArrayDataset, stl10(folder, split))  # one split ('train' or 'test'): a single array
     names = folder / "class_names.txt"
     classes = names.read_text().split() if names.exists() else [str(c) for c in range(10)]
     return np.ascontiguousarray(ds.images), np.asarray(ds.targets, dtype=np.int64), classes

@@ -49,8 +49,8 @@ def family_bar_charts(table: Table) -> list[tuple[str, str]]:
 
 def ring_schedule_chart(table: Table) -> list[tuple[str, str]]:
     """The ring's outer threshold w_outer over pretraining epochs, one line per ring backbone."""
-    curves = {r.name: schedule_curve(r.meta) for r in table.rows if r.meta.get("loss") == "ring"}
-    curves = {k: v for k, v in curves.items() if v}
+    all_curves = {r.name: schedule_curve(r.meta) for r in table.rows if r.meta.get("loss") == "ring"}
+    curves = {k: v for k, v in all_curves.items() if v}
     if not curves:
         return []
     import matplotlib

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # run by path: make the repository importable without installing
@@ -115,7 +116,7 @@ def existing_record(args: argparse.Namespace, backbone_sha256: str, config: dict
     return find_record(args.results, backbone_sha256, args.task, config_hash(config))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_tasks and args.readme:

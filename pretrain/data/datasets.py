@@ -15,10 +15,10 @@ missing. Every dataset yields ``(PIL image, label)`` and has ``targets``.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -26,6 +26,11 @@ from PIL import Image
 
 from ringbench.card import IMAGENET_MEAN, IMAGENET_STD, NumpyUnpickler
 from ringbench.errors import UserError
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
+
+    from ringbench.shapes import SyntheticShapes
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,7 @@ def _read_stl_images(path: Path) -> np.ndarray:
     return raw.transpose(0, 3, 2, 1)  # column-major (C, W, H) on disk -> (H, W, C); a view, not a copy
 
 
-def stl10(root: str | Path, split: str) -> ArrayDataset:
+def stl10(root: str | Path, split: str) -> ArrayDataset | _Concat:
     """STL-10 binary layout; ``split`` in ``train``, ``test``, ``unlabeled``, ``train+unlabeled``
     (the pretraining set; unlabeled images get label -1)."""
     if split not in ("train", "test", "unlabeled", "train+unlabeled"):
@@ -168,10 +173,10 @@ def stl10(root: str | Path, split: str) -> ArrayDataset:
 class _Concat(torch.utils.data.ConcatDataset):
     @property
     def targets(self) -> list[int]:
-        return [t for d in self.datasets for t in d.targets]
+        return [t for d in self.datasets for t in cast(ArrayDataset, d).targets]
 
 
-def image_folder(root: str | Path, split: str) -> torch.utils.data.Dataset:
+def image_folder(root: str | Path, split: str) -> ImageFolder:
     """``ROOT/<split>/<class>/<image>``; ``train`` falls back to ``ROOT`` itself when it has class folders."""
     from torchvision.datasets import ImageFolder
 
@@ -188,7 +193,7 @@ def image_folder(root: str | Path, split: str) -> torch.utils.data.Dataset:
         raise UserError(f"ImageFolder {folder}: {' '.join(str(exc).split())[:160]}") from exc
 
 
-def synthetic(cfg: Mapping[str, Any], split: str) -> torch.utils.data.Dataset:
+def synthetic(cfg: Mapping[str, Any], split: str) -> SyntheticShapes:
     from ringbench.shapes import SyntheticShapes
 
     images = cfg["synthetic_images_per_class"]
@@ -203,11 +208,17 @@ def synthetic(cfg: Mapping[str, Any], split: str) -> torch.utils.data.Dataset:
     )
 
 
-def channel_stats(dataset: torch.utils.data.Dataset, count: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:
+Triple = tuple[float, float, float]
+
+
+def channel_stats(dataset: torch.utils.data.Dataset, count: int = 256) -> tuple[Triple, Triple]:
     """Per-channel mean and std (0-1 units) over the first ``count`` images."""
-    pixels = np.stack([np.asarray(dataset[i][0], dtype=np.float64) / 255.0 for i in range(min(count, len(dataset)))])
-    flat = pixels.reshape(-1, 3)
-    return tuple(round(float(v), 4) for v in flat.mean(0)), tuple(round(max(float(v), 1e-3), 4) for v in flat.std(0))
+    size = len(cast(Sized, dataset))
+    pixels = np.stack([np.asarray(dataset[i][0], dtype=np.float64) / 255.0 for i in range(min(count, size))])
+    flat = pixels.reshape(-1, 3)  # three channels, so three means and three stds
+    mean = cast(Triple, tuple(round(float(v), 4) for v in flat.mean(0)))
+    std = cast(Triple, tuple(round(max(float(v), 1e-3), 4) for v in flat.std(0)))
+    return mean, std
 
 
 def open_splits(
@@ -218,6 +229,8 @@ def open_splits(
     The kNN sets are labelled: the training split (memory) and the test / validation split (queries).
     """
     name, root = data_cfg["name"], data_cfg["root"]
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
     if name == "synthetic":
         train, test = synthetic(data_cfg, "train"), synthetic(data_cfg, "val")
         mean, std = channel_stats(train)
@@ -234,6 +247,7 @@ def open_splits(
         labelled = stl10(root, "train")
         return stl10(root, "train+unlabeled"), labelled, stl10(root, "test"), DataSpec(name, 96, *STL10_STATS, 10)
     if name == "imagefolder":
-        train, test = image_folder(root, "train"), image_folder(root, "val")
-        return train, train, test, DataSpec(name, 224, IMAGENET_MEAN, IMAGENET_STD, len(train.classes))
+        train_folder, val_folder = image_folder(root, "train"), image_folder(root, "val")
+        classes = len(train_folder.classes)
+        return train_folder, train_folder, val_folder, DataSpec(name, 224, IMAGENET_MEAN, IMAGENET_STD, classes)
     raise UserError(f"unknown dataset {name!r}")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence, Sized
+from typing import Any, cast
 
 import torch
 from torchvision import transforms as T
@@ -77,7 +77,7 @@ class IndexedDataset(torch.utils.data.Dataset):
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(cast(Sized, self.base))
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image, _ = self.base[index]

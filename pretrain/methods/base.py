@@ -10,7 +10,7 @@ generators), :meth:`features` for the kNN monitor, and :meth:`card_streams` for 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = create_backbone(arch, stem)
-        self.head = ProjectionHead(self.backbone.feature_dim, head_dim, hidden_dim, mlp, bn)
+        self.head = ProjectionHead(cast(int, self.backbone.feature_dim), head_dim, hidden_dim, mlp, bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.backbone(x)), dim=1)
@@ -60,6 +60,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     views: ClassVar[int] = 2
+    encoder: Encoder  # set by the single-stream methods
 
     def __init__(
         self,
@@ -168,6 +169,8 @@ class MemoryBank(nn.Module):
 
     Under DDP the update gathers every process's entries, so all banks stay identical.
     """
+
+    memory: torch.Tensor
 
     def __init__(self, size: int, dim: int, momentum: float, seed: int = 0) -> None:
         super().__init__()

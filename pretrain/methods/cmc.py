@@ -10,6 +10,8 @@ The card holds both streams (keys ``l.*`` and ``ab.*``); frozen-feature transfer
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,8 +29,8 @@ class CMC(Method):
         cc = cfg["cmc"]
         self.width = float(cc["width"])
         self.backbone = TwoStreamBackbone(cfg["arch"], stem, self.mean, self.std, self.width)
-        self.head_l = ProjectionHead(self.backbone.l.feature_dim, cc["head_dim"], mlp=False)
-        self.head_ab = ProjectionHead(self.backbone.ab.feature_dim, cc["head_dim"], mlp=False)
+        self.head_l = ProjectionHead(cast(int, self.backbone.l.feature_dim), cc["head_dim"], mlp=False)
+        self.head_ab = ProjectionHead(cast(int, self.backbone.ab.feature_dim), cc["head_dim"], mlp=False)
         self.bank_l = MemoryBank(dataset_size, cc["head_dim"], cc["bank_momentum"], seed=self.seed)
         self.bank_ab = MemoryBank(dataset_size, cc["head_dim"], cc["bank_momentum"], seed=self.seed + 1)
         self.num_negatives = min(int(cc["num_negatives"]), dataset_size)

@@ -21,6 +21,8 @@ from pretrain.methods.base import Encoder, Method
 class MoCo(Method):
     name = "moco"
     views = 2
+    queue: torch.Tensor
+    queue_ptr: torch.Tensor
 
     def __init__(self, cfg, dataset_size: int, stem: str, mean=None, std=None) -> None:
         super().__init__(cfg, dataset_size, stem, mean, std)

@@ -19,6 +19,7 @@ import sys
 import types
 import warnings
 from functools import lru_cache
+from typing import TypedDict
 
 from ringbench.errors import UserError
 
@@ -42,7 +43,14 @@ _SUBMODULES = (
     "utils.events",
     "utils.logger",
 )
-_STATE = {"compiled_ops": None, "stand_ins": []}
+
+
+class _State(TypedDict):
+    compiled_ops: bool | None  # None until the stand-ins were applied
+    stand_ins: list[str]
+
+
+_STATE: _State = {"compiled_ops": None, "stand_ins": []}
 
 
 class MissingCompiledOp(RuntimeError):
@@ -90,7 +98,8 @@ def _apply_stand_ins() -> None:
     from PIL import Image
 
     if not hasattr(Image, "LINEAR"):
-        Image.LINEAR = Image.BILINEAR
+        # A deliberate patch of the module; Pillow sets BILINEAR with setattr, out of mypy's sight.
+        Image.LINEAR = Image.BILINEAR  # type: ignore[attr-defined]
         _STATE["stand_ins"].append("PIL.Image.LINEAR")
 
 

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch.nn.functional as F
 from fvcore.nn import weight_init
@@ -38,7 +39,7 @@ CIFAR_STEM_STRIDE = 2
 
 
 def _cifar_stem_class():
-    D2 = d2()
+    D2: Any = d2()  # Detectron2's classes exist only at runtime: subclass them as Any
 
     class CifarStem(D2.modeling.backbone.resnet.BasicStem):
         """3x3 conv at stride 1 (as pretrained) + norm + ReLU + 3x3 max-pool at stride 2."""
@@ -116,7 +117,7 @@ def register() -> None:
 
     heads = D2.modeling.ROI_HEADS_REGISTRY
     if "Res5ROIHeadsExtraNorm" not in heads:
-        base = D2.modeling.roi_heads.Res5ROIHeads
+        base: Any = D2.modeling.roi_heads.Res5ROIHeads  # a runtime class: subclassed as Any
 
         class Res5ROIHeadsExtraNorm(base):
             """Res5 box head followed by an extra (trained) norm layer."""

@@ -28,7 +28,7 @@ import numpy as np
 from ringbench import shapes
 
 SPLITS = {"train": 0, "val": 1}
-DEFAULTS = {
+DEFAULTS: dict[str, Any] = {
     "num_train": 128,
     "num_val": 32,
     "height": 96,
@@ -100,7 +100,9 @@ def build_split(
     max_radius: float = DEFAULTS["max_radius"],
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """One split as a COCO dict and its images (pure function of the arguments)."""
-    images, annotations, pixels = [], [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    pixels: list[np.ndarray] = []
     for index in range(num_images):
         rng = np.random.default_rng([seed, SPLITS[split], index])
         image, objects = shapes.render_scene(

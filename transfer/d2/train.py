@@ -159,7 +159,7 @@ def layout_of(cfg) -> str:
 # ---------------------------------------------------------------------------------- trainer
 def trainer_class():
     """``DefaultTrainer`` with our writers, evaluators and hooks (built once Detectron2 is imported)."""
-    D2 = d2()
+    D2: Any = d2()  # Detectron2's classes exist only at runtime: subclass them as Any
     hooks = D2.engine.hooks
 
     class Trainer(D2.engine.DefaultTrainer):
