@@ -7,6 +7,9 @@ set -uo pipefail
 RUN_DIR=/var/run/ringbench-slurm
 STARTED=$RUN_DIR/started
 log() { echo "slurm_down: $*" >&2; }
+alive() { # name pid: a process of that name that is not a zombie
+    [ "$(cat "/proc/$2/comm" 2>/dev/null)" = "$1" ] && [ "$(ps -o stat= -p "$2" 2>/dev/null | cut -c1)" != Z ]
+}
 
 if [ ! -s "$STARTED" ]; then
     echo "slurm down: nothing to stop (no daemon started by slurm_up.sh)"
@@ -29,19 +32,19 @@ stopped=()
 while read -r name pidfile; do
     [ -n "$name" ] || continue
     pid=$(cat "$pidfile" 2>/dev/null || true)
-    if [ -z "$pid" ] || [ ! -r "/proc/$pid/comm" ] || [ "$(cat "/proc/$pid/comm")" != "$name" ]; then
+    if [ -z "$pid" ] || ! alive "$name" "$pid"; then
         log "$name is not running (pid file $pidfile: '${pid}')"
         rm -f "$pidfile"
         continue
     fi
     kill -TERM "$pid"
-    for _ in $(seq 50); do [ -d "/proc/$pid" ] || break; sleep 0.2; done
-    if [ -d "/proc/$pid" ]; then
+    for _ in $(seq 50); do alive "$name" "$pid" || break; sleep 0.2; done
+    if alive "$name" "$pid"; then
         log "$name (pid $pid) did not stop within 10 s: SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
         sleep 0.5
     fi
-    if [ -d "/proc/$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]; then
+    if alive "$name" "$pid"; then
         log "error: $name (pid $pid) still runs"
         status=1
         continue

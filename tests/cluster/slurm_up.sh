@@ -46,15 +46,17 @@ pid_alive() { # name pidfile
     local pid
     [ -s "$2" ] || return 1
     pid=$(cat "$2" 2>/dev/null) || return 1
-    if [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] && [ "$(cat "/proc/$pid/comm")" = "$1" ]; then
+    # (a killed daemon may linger a moment as a zombie: that counts as stopped)
+    if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ] \
+        && [ "$(ps -o stat= -p "$pid" 2>/dev/null | cut -c1)" != Z ]; then
         return 0
     fi
     log "removing stale pid file $2"
     rm -f "$2"
     return 1
 }
-running() { # name pidfile: ours (pid file) or someone else's (a process of that exact name)
-    pid_alive "$1" "$2" || pgrep -x "$1" >/dev/null
+running() { # name pidfile: ours (pid file) or someone else's (a live process of that exact name)
+    pid_alive "$1" "$2" || pgrep -x -r R,S,D,T "$1" >/dev/null
 }
 record() { # name pidfile
     grep -qx "$1 $2" "$STARTED" || echo "$1 $2" >>"$STARTED"
