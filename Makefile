@@ -1,6 +1,8 @@
 # ringbench: the commands of a fresh machine.
 #   make lint   set up if needed, then ruff (lint and format) and mypy
 #   make test   set up if needed, then run the default (fast) test suite
+#   make test-cluster  set up if needed, bring up a one-node Slurm cluster (root, apt), run the
+#               submitit tests on it (pytest -m cluster), then take down what it started
 #   make demo   set up if needed, then run the main job on the embedded synthetic data
 PY ?= python3.11
 VENV ?= .venv
@@ -10,7 +12,7 @@ STAMP := $(VENV)/.ringbench-setup
 # every torch process down many times over. Set before Python starts, so it reaches torch.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup lint test test-slow demo bench readme clean-venv
+.PHONY: setup lint test test-slow test-cluster demo bench readme clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +35,14 @@ test: setup
 
 test-slow: setup
 	$(PYTHON) -m pytest -m slow
+
+# A real Slurm cluster on this machine (tests/cluster/slurm_up.sh; needs root and apt), the submitit
+# tests on it, then slurm_down.sh whatever happened; the exit code is pytest's (or slurm_up.sh's).
+test-cluster: setup
+	status=0; \
+	if bash tests/cluster/slurm_up.sh; then $(PYTHON) -m pytest -m cluster tests/test_cluster.py || status=$$?; \
+	else status=$$?; fi; \
+	bash tests/cluster/slurm_down.sh; exit $$status
 
 demo: setup
 	$(PYTHON) -m transfer.demo
