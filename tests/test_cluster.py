@@ -160,3 +160,74 @@ def test_requeued_checkpointable_job_starts_again_and_finishes(tmp_path: Path) -
     assert [line.split()[0] for line in lines] == ["start", "start", "done"], lines
     assert lines[1].endswith("restart=1"), lines
     assert result == 2
+
+
+# --- sweeps through submitit's Slurm executor ---
+
+SWEEP_PLAN = """
+backbones: [{path: 'cards/*.pth'}]
+tasks:
+  fewshot_digits: {episodes: 6, max_images_per_class: 12, shots: 2, queries: 3, resources: {cpus: 1, time_min: 5}}
+  linear_synthetic: {linear_synthetic_classes: 3, linear_synthetic_train: 4, linear_synthetic_test: 2,
+                     resources: {cpus: 1, time_min: 5}}
+"""
+
+
+def _sweep_argv(tmp_path: Path, plan_text: str) -> list[str]:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(plan_text)
+    return ["--plan", str(plan), "--workdir", str(tmp_path), "--executor", "slurm"]
+
+
+def test_sweep_on_slurm_writes_each_record_once(tmp_path: Path, capsys) -> None:
+    from ringbench.cli import run_main
+    from tests.helpers import write_card
+    from transfer import sweep
+    from transfer.results import load_records
+
+    for i, name in enumerate(("plain", "ring")):
+        write_card(tmp_path / "cards" / f"{name}.pth", seed=i)
+    argv = _sweep_argv(tmp_path, SWEEP_PLAN)
+    assert run_main(sweep.main, argv) == 0
+    err = capsys.readouterr().err
+    assert "executor slurm" in err and "[4/4]" in err
+    records = load_records(tmp_path / "results")
+    assert sorted((r["backbone"], r["task"]) for r in records) == [
+        ("plain", "fewshot_digits"),
+        ("plain", "linear_synthetic"),
+        ("ring", "fewshot_digits"),
+        ("ring", "linear_synthetic"),
+    ]
+    assert run_main(sweep.main, argv) == 0  # nothing is submitted the second time
+    assert "0 to run, 4 done already" in capsys.readouterr().err
+    assert run_main(sweep.main, [*argv[:4], "--status"]) == 0
+    assert capsys.readouterr().out.count("record exists") == 4
+
+
+def test_requeued_sweep_job_finishes_with_one_record(tmp_path: Path, capsys) -> None:
+    from ringbench.cli import run_main
+    from tests.helpers import write_card
+    from transfer import sweep
+    from transfer.results import load_records
+
+    write_card(tmp_path / "cards" / "plain.pth")
+    plan = "backbones: [{path: 'cards/*.pth'}]\ntasks:\n  fewshot_digits: {episodes: 200, resources: {time_min: 10}}\n"
+    argv = _sweep_argv(tmp_path, plan)
+    assert run_main(sweep.main, [*argv, "--no-wait"]) == 0
+    status_path = tmp_path / "sweeps" / "plan" / "status" / "fewshot_digits__plain.json"
+    deadline = time.monotonic() + 90
+    while sweep.read_status(status_path).get("state") != "running":
+        if time.monotonic() > deadline:
+            pytest.fail(f"the sweep's job did not start; queue:\n{_run('squeue')}")
+        time.sleep(0.5)
+    job_id = sweep.read_status(status_path)["job_id"]
+    _run("scontrol", "requeue", str(job_id))
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while sweep.read_status(status_path).get("state") not in ("done", "failed"):
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=30)
+            pytest.fail(f"the requeued job did not finish; queue:\n{_run('squeue')}")
+        time.sleep(1)
+    status = sweep.read_status(status_path)
+    assert status["state"] == "done" and status["starts"] == 2, status
+    assert len(load_records(tmp_path / "results")) == 1

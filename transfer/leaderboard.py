@@ -200,12 +200,24 @@ def make_table(
     baselines: Sequence[str] = (),
     all_metrics: bool = False,
 ) -> Table:
+    """The table of every record in ``results`` (folders or files)."""
     from transfer.results import load_records
-    from transfer.tasks import all_tasks
 
     records = load_records(list(results))
     if not records:
         raise UserError(f"no result records in {', '.join(map(str, results))}; run transfer/run.py first")
+    return table_from_records(records, tasks, baselines, all_metrics)
+
+
+def table_from_records(
+    records: Sequence[dict],
+    tasks: Sequence[str] | None = None,
+    baselines: Sequence[str] = (),
+    all_metrics: bool = False,
+) -> Table:
+    """The table of these records; ``baselines`` are extra ``PLAIN=VARIANT`` pairs for Δ rows."""
+    from transfer.tasks import all_tasks
+
     pairs = []
     for item in baselines:
         plain, sep, variant = item.partition("=")

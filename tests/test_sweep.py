@@ -1,0 +1,160 @@
+"""Sweeps: plans expanded into jobs and checked before anything is submitted; the local executor
+runs a 2-card x 2-task sweep of embedded tasks, and a second run submits nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ringbench.cli import run_main
+from ringbench.errors import UserError
+from tests.helpers import write_card
+from transfer import sweep
+
+TINY_TASKS = """
+tasks:
+  fewshot_digits: {episodes: 6, max_images_per_class: 12, shots: 2, queries: 3}
+  linear_synthetic: {linear_synthetic_classes: 3, linear_synthetic_train: 4, linear_synthetic_test: 2}
+"""
+
+
+def _plan(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    return path
+
+
+def _layout(tmp_path: Path) -> sweep.Layout:
+    return sweep.Layout(tmp_path, tmp_path / "results", tmp_path / "sweeps" / "plan")
+
+
+def _jobs(tmp_path: Path, text: str, **kwargs) -> list[sweep.Job]:
+    return sweep.expand(sweep.load_plan(_plan(tmp_path, text)), _layout(tmp_path), "cpu", **kwargs)
+
+
+@pytest.fixture
+def two_cards(tmp_path: Path) -> list[Path]:
+    return [write_card(tmp_path / "cards" / f"{n}.pth", seed=i) for i, n in enumerate(("plain", "ring"))]
+
+
+def test_recipes_make_one_card_per_seed_and_transfer_jobs_wait_for_them(tmp_path, two_cards):
+    text = """
+pretrain_args: [--data, synthetic, --profile, demo]
+backbones:
+  - {path: "cards/*.pth"}
+  - {name: rmoco, config: moco_ring, seeds: [0, 2], args: [--epochs, "1"], resources: {cpus: 4}}
+  - {name: extra, config: moco, optional: true}
+tasks:
+  fewshot_digits: {episodes: 30, resources: {gpus: 1, time_min: 10}}
+"""
+    jobs = _jobs(tmp_path, text, quick=True)
+    keys = [j.key for j in jobs]
+    assert keys == [
+        "pretrain/rmoco_s0",
+        "pretrain/rmoco_s2",
+        "fewshot_digits/plain",
+        "fewshot_digits/ring",
+        "fewshot_digits/rmoco_s0",
+        "fewshot_digits/rmoco_s2",
+    ]
+    pre = jobs[1]
+    assert pre.argv[pre.argv.index("--seed") + 1] == "2" and pre.card == str(tmp_path / "cards" / "rmoco_s2.pth")
+    assert pre.argv[pre.argv.index("--config") + 1].endswith("configs/pretrain/moco_ring.yaml")
+    assert "--profile" in pre.argv and "--epochs" in pre.argv and pre.resources.cpus == 4
+    transfer = jobs[-1]
+    assert transfer.depends_on == "pretrain/rmoco_s2" and jobs[2].depends_on is None
+    assert transfer.argv[transfer.argv.index("--episodes") + 1] == "30"
+    assert transfer.resources.gpus == 1 and transfer.argv[transfer.argv.index("--device") + 1] == "cuda"
+    assert len(_jobs(tmp_path, text)) == 8  # without --quick: the optional recipe and its transfer job too
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("backbones: [{path: 'cards/*.pth'}]\ntasks: {no_such_task: {}}", r"unknown task\(s\) \['no_such_task'\]"),
+        ("backbones: [{path: 'nothing/*.pth'}]\ntasks: {fewshot_digits: {}}", "matches no file"),
+        ("backbones: [{path: 'cards/*.pth'}]\ntasks: {fewshot_digits: {episodes: many}}", "--episodes"),
+        ("backbones: [{path: 'cards/*.pth'}]\ntasks: {fewshot_digits: {probe: magic}}", "--probe must be one of"),
+        ("backbones: [{path: 'cards/*.pth'}]\ntasks: {fewshot_digits: {bogus_flag: 1}}", "unrecognized arguments"),
+        (
+            "backbones: [{path: 'cards/*.pth'}]\ntasks: {fewshot_digits: {resources: {gpus: -1}}}",
+            "resources need gpus >= 0",
+        ),
+        (
+            "backbones: [{path: 'cards/*.pth'}]\ntasks: {fewshot_digits: {resources: {gpu: 1}}}",
+            "unknown config key 'gpu'",
+        ),
+        ("backbones: [{name: x}]\ntasks: {fewshot_digits: {}}", "needs a pretraining 'config'"),
+        ("backbones: [{name: x, config: nonexistent}]\ntasks: {fewshot_digits: {}}", "config file not found"),
+        ("backbones: [{name: ../x, config: moco}]\ntasks: {fewshot_digits: {}}", "may hold only letters"),
+        ("backbones: [{path: 'cards/*.pth', name: x}]\ntasks: {fewshot_digits: {}}", "either 'path'"),
+        ("backbones: []\ntasks: {fewshot_digits: {}}", "non-empty 'backbones'"),
+        ("backbones: [{path: 'cards/*.pth'}]\ntasks: {fewshot_digits: {}}\nclustr: {}", "unknown config key 'clustr'"),
+    ],
+)
+def test_bad_plans_are_one_clean_error(tmp_path, two_cards, text, match):
+    with pytest.raises(UserError, match=match):
+        _jobs(tmp_path, text)
+
+
+def test_dry_run_lists_jobs_and_submits_nothing(tmp_path, two_cards, capsys):
+    plan = _plan(tmp_path, "backbones: [{path: 'cards/*.pth'}]" + TINY_TASKS)
+    argv = ["--plan", str(plan), "--workdir", str(tmp_path), "--executor", "local", "--dry-run"]
+    assert run_main(sweep.main, argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("submit") == 4 and "linear_synthetic/ring" in out and "2 CPU, 8 GB, 120 min" in out
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "results").exists()
+
+
+def test_local_sweep_runs_each_job_once(tmp_path, two_cards, capsys):
+    plan = _plan(tmp_path, "backbones: [{path: 'cards/*.pth'}]" + TINY_TASKS)
+    argv = ["--plan", str(plan), "--workdir", str(tmp_path), "--executor", "local", "--jobs", "2"]
+    assert run_main(sweep.main, argv) == 0
+    out, err = capsys.readouterr()
+    assert "4 to run" in err and "[4/4]" in err
+    for name in ("plain", "ring"):  # the plan's leaderboard: both cards, both tasks
+        assert f"| {name} " in out
+    assert "fewshot_digits acc" in out and "linear_synthetic acc" in out
+    from transfer.results import load_records
+
+    records = load_records(tmp_path / "results")
+    assert sorted((r["backbone"], r["task"]) for r in records) == [
+        ("plain", "fewshot_digits"),
+        ("plain", "linear_synthetic"),
+        ("ring", "fewshot_digits"),
+        ("ring", "linear_synthetic"),
+    ]
+    status = json.loads((tmp_path / "sweeps" / "plan" / "status" / "fewshot_digits__ring.json").read_text())
+    assert status["state"] == "done" and status["wall_s"] >= 0
+
+    assert run_main(sweep.main, argv) == 0  # again: everything exists, nothing is submitted
+    err = capsys.readouterr().err
+    assert "0 to run, 4 done already" in err and "running" not in err
+    assert len(load_records(tmp_path / "results")) == 4
+
+    assert run_main(sweep.main, [*argv[:4], "--status"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("record exists") == 4 and "failed" not in table
+
+
+def test_a_failing_job_is_reported_with_its_error(tmp_path, capsys):
+    write_card(tmp_path / "bad" / "broken.pth").write_bytes(b"not a checkpoint")  # fails inside its job
+    plan = _plan(tmp_path, "backbones: [{path: 'bad/*.pth'}]\ntasks: {fewshot_digits: {episodes: 6}}")
+    argv = ["--plan", str(plan), "--workdir", str(tmp_path), "--executor", "local", "--no-table"]
+    assert run_main(sweep.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "fewshot_digits/broken: failed" in err and "1 job(s) failed: fewshot_digits/broken" in err
+    assert run_main(sweep.main, [*argv[:4], "--status"]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.startswith("fewshot_digits/broken") and " failed " in row and "exit 2" in row
+
+
+def test_flags_from_plan_values():
+    assert sweep.flag_argv({"episodes": 300, "eval_only": True, "weights": None, "force": False}) == [
+        "--episodes",
+        "300",
+        "--eval-only",
+    ]
+    assert sweep.flag_argv({"pairs": [1, 2]}) == ["--pairs", "1", "2"]
