@@ -36,7 +36,8 @@ import os
 import platform
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,8 @@ def load_records(results: str | os.PathLike | Iterable[str | os.PathLike]) -> li
     found: list[dict[str, Any]] = []
     for path in legacy:
         found += _read_jsonl(path)
-    for path in files:
-        rec = _read_record_file(path)
+    for path, data in _read_all(files):
+        rec = _parse_record_file(path, data)
         if rec is not None:
             found.append(rec)
     return _newest_per_identity(found)
@@ -201,28 +202,56 @@ def _top_jsonl(root: str) -> list[str]:
         return []
 
 
-def _read_record_file(path: str, missing_ok: bool = False) -> dict[str, Any] | None:
-    """One record file, or None (with a warning naming the file if it is not a record)."""
+def _read_bytes(path: str) -> bytes | OSError:
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        if not missing_ok:
-            warnings.warn(f"{path}: skipping a record file that vanished while reading", stacklevel=3)
-        return None
+            return handle.read()
     except OSError as exc:
-        warnings.warn(f"{path}: skipping a record file that cannot be read ({exc.strerror})", stacklevel=3)
+        return exc
+
+
+def _read_chunk(paths: list[str]) -> list[bytes | OSError]:
+    return [_read_bytes(path) for path in paths]
+
+
+def _read_all(paths: list[str], threads: int = 8, chunk: int = 512) -> Iterator[tuple[str, bytes | OSError]]:
+    """``(path, its bytes or the error)`` in order. Large stores are read by a few threads: opening
+    a file is mostly waiting (a round trip to the server on NFS), and it releases the GIL."""
+    if len(paths) <= chunk:
+        yield from zip(paths, _read_chunk(paths))
+        return
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for names, contents in zip(chunks, pool.map(_read_chunk, chunks)):
+            yield from zip(names, contents)
+
+
+def _read_record_file(path: str, missing_ok: bool = False) -> dict[str, Any] | None:
+    """One record file, or None (with a warning naming the file if it is not a record)."""
+    data = _read_bytes(path)
+    if isinstance(data, FileNotFoundError) and missing_ok:
+        return None
+    return _parse_record_file(path, data, stacklevel=4)
+
+
+def _parse_record_file(path: str, data: bytes | OSError, stacklevel: int = 3) -> dict[str, Any] | None:
+    """The record in a file's bytes, or None with a warning naming the file."""
+    if isinstance(data, OSError):
+        why = "vanished while reading" if isinstance(data, FileNotFoundError) else f"cannot be read ({data.strerror})"
+        warnings.warn(f"{path}: skipping a record file that {why}", stacklevel=stacklevel)
         return None
     try:
         rec = json.loads(data)
     except UnicodeDecodeError:
-        warnings.warn(f"{path}: skipping a record file that is not UTF-8", stacklevel=3)
+        warnings.warn(f"{path}: skipping a record file that is not UTF-8", stacklevel=stacklevel)
         return None
     except (ValueError, RecursionError) as exc:
-        warnings.warn(f"{path}: skipping a record file that is not JSON ({getattr(exc, 'msg', exc)})", stacklevel=3)
+        warnings.warn(
+            f"{path}: skipping a record file that is not JSON ({getattr(exc, 'msg', exc)})", stacklevel=stacklevel
+        )
         return None
     if not isinstance(rec, dict) or not REQUIRED <= rec.keys():
-        warnings.warn(f"{path}: skipping a file that is not a result record", stacklevel=3)
+        warnings.warn(f"{path}: skipping a file that is not a result record", stacklevel=stacklevel)
         return None
     return rec
 
