@@ -20,13 +20,23 @@ from typing import IO
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception (a failed or short write, flush, fsync or close: e.g. a full disk) the
+    temporary file is removed, the exception propagates and ``path`` is left as it was. The
+    file gets the mode a plain ``open`` would give (0666 minus the umask), not mkstemp's 0600.
+    Text modes write UTF-8 whatever the locale. After the rename the folder is fsynced (where
+    the file system allows it), so the new name survives a crash too.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as handle:
+        try:
+            handle: IO = os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
+        except BaseException:
+            os.close(fd)
+            raise
+        with handle:
+            os.chmod(tmp, 0o666 & ~current_umask())
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -35,6 +45,34 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``os.umask`` can only
+    set it, and a set-and-restore would briefly expose other threads' new files to umask 0)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; a no-op where folders cannot be opened or fsynced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:

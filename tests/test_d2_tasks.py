@@ -13,6 +13,7 @@ from ringbench.errors import UserError
 from tests.helpers import run_cli, write_card
 from transfer.d2 import tasks as d2tasks
 from transfer.d2 import train
+from transfer.results import load_records
 from transfer.tasks import TaskContext, get_task
 
 TINY = ["--iters", "3", "--syn-train-images", "6", "--syn-val-images", "3"]
@@ -172,13 +173,13 @@ def test_run_cli_appends_a_record(card, tmp_path):
     proc = run_cli(*common)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bbox/AP" in proc.stdout and "it/s" in proc.stderr
-    records = [json.loads(line) for line in (tmp_path / "res" / "records.jsonl").read_text().splitlines()]
+    records = load_records(tmp_path / "res")
     assert len(records) == 1 and records[0]["task"] == "syn_det"
     assert all(math.isfinite(v) for v in records[0]["metrics"].values())
     evaluated = run_cli(*common, "--eval-only")  # the final weights of the run above, not trained again
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "trained" not in evaluated.stderr
-    records = [json.loads(line) for line in (tmp_path / "res" / "records.jsonl").read_text().splitlines()]
+    records = load_records(tmp_path / "res")
     assert len(records) == 2 and records[1]["config"]["eval_only"] is True
     assert records[1]["metrics"] == pytest.approx(records[0]["metrics"])
     bad = run_cli(*common, "--seeds", "0")  # a new config: validated before anything runs

@@ -11,6 +11,7 @@ import yaml
 
 from ringbench.card import load_card
 from tests.helpers import REPO, run_cli, write_card
+from transfer.results import load_records
 
 TINY_TASK = {
     "name": "fewshot_digits",
@@ -63,7 +64,7 @@ def test_demo_reuses_cards_and_records(tmp_path):
     assert (work / "results" / "leaderboard.html").read_text().startswith("<!DOCTYPE html>")
     second = run_cli("-m", "transfer.demo", "--plan", str(plan), "--workdir", str(work), "--device", "cpu")
     assert second.returncode == 0 and "[fewshot_digits tiny] reusing its record" in second.stdout
-    assert len((work / "results" / "records.jsonl").read_text().splitlines()) == 1
+    assert len(load_records(work / "results")) == 1
 
 
 def test_demo_retrains_a_card_made_with_another_config(tmp_path):

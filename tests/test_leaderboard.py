@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import run_cli
 from transfer.compare import build_table, paired_bootstrap_ci
 from transfer.leaderboard import render_csv, render_html, render_latex, render_markdown
-from transfer.results import append_record, make_record
+from transfer.results import make_record, write_record
 
 META = {
     "moco": {"method": "moco", "loss": "nce", "dataset": "synthetic", "arch": "resnet18", "epochs": 5},
@@ -234,7 +234,7 @@ def test_html_renders_in_headless_chromium(records, tmp_path):
 
 def test_cli_writes_every_format(records, tmp_path):
     for rec in records:
-        append_record(tmp_path / "results", rec)
+        write_record(tmp_path / "results", rec)
     for fmt in ("md", "latex", "html", "csv"):
         out = run_cli(
             "transfer/leaderboard.py",
@@ -269,7 +269,7 @@ def test_cli_writes_every_format(records, tmp_path):
 )
 def test_cli_errors(records, tmp_path, args, message):
     for rec in records:
-        append_record(tmp_path / "results", rec)
+        write_record(tmp_path / "results", rec)
     if args[0] != "--results":
         args = ["--results", str(tmp_path / "results"), *args]
     out = run_cli("transfer/leaderboard.py", *args)

@@ -15,6 +15,7 @@ from tests.helpers import run_cli, write_card
 from tests.test_metadataset_sources import image_bytes, write_omniglot
 from transfer.backbones import load_backbone
 from transfer.fewshot import add_fewshot_arguments
+from transfer.results import load_records
 from transfer.tasks import TaskContext, all_tasks, get_task
 
 
@@ -176,7 +177,7 @@ def test_cli_runs_fewshot_digits_and_appends_a_record(card, tmp_path):
         str(tmp_path / "cache"),
     )
     assert proc.returncode == 0, proc.stderr
-    record = json.loads((tmp_path / "results" / "records.jsonl").read_text().splitlines()[-1])
+    record = load_records(tmp_path / "results")[-1]
     assert record["task"] == "fewshot_digits" and record["family"] == "fewshot"
     assert set(record["metrics"]) == {"acc"} and record["ci95"]["acc"] > 0
     assert len(record["extra"]["episode_accuracies"]["digits"]) == 20

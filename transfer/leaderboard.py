@@ -3,6 +3,7 @@
     python transfer/leaderboard.py                          # Markdown to the terminal
     python transfer/leaderboard.py --format html --out results/leaderboard.html
     python transfer/leaderboard.py --tasks syn_det fewshot_digits --baseline moco=ring_moco
+    python transfer/leaderboard.py --export-jsonl all.jsonl     # also: every record in one file, to share
 
 One row per backbone, one column per (task, metric, config); cells are ``mean ± CI95`` (episodes)
 or ``mean ± std`` (seeds); the best value of each column is marked; a missing cell is shown as
@@ -18,8 +19,9 @@ import csv
 import html
 import io
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run by path: make the repository importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -199,18 +201,20 @@ def make_table(
     tasks: Sequence[str] | None = None,
     baselines: Sequence[str] = (),
     all_metrics: bool = False,
+    records: Sequence[Mapping[str, Any]] | None = None,
 ) -> Table:
-    """The table of every record in ``results`` (folders or files)."""
+    """The table of the records in ``results`` (or of ``records``, already loaded from them)."""
     from transfer.results import load_records
 
-    records = load_records(list(results))
+    if records is None:
+        records = load_records(list(results))
     if not records:
         raise UserError(f"no result records in {', '.join(map(str, results))}; run transfer/run.py first")
     return table_from_records(records, tasks, baselines, all_metrics)
 
 
 def table_from_records(
-    records: Sequence[dict],
+    records: Sequence[Mapping[str, Any]],
     tasks: Sequence[str] | None = None,
     baselines: Sequence[str] = (),
     all_metrics: bool = False,
@@ -244,7 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--results", type=Path, nargs="+", default=[Path("results")], help="results folders or .jsonl files"
+        "--results",
+        type=Path,
+        nargs="+",
+        default=[Path("results")],
+        help="results folders, record files or .jsonl files",
     )
     parser.add_argument("--format", choices=FORMATS, default="md", help="output format")
     parser.add_argument("--out", type=Path, help="write here (atomically) instead of the terminal")
@@ -257,9 +265,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="extra Δ rows for these backbone pairs (pairs are also found from card metadata)",
     )
     parser.add_argument("--all-metrics", action="store_true", help="every metric, not only each task's headline ones")
+    parser.add_argument(
+        "--export-jsonl",
+        type=Path,
+        metavar="FILE",
+        help="also write every record (all tasks, one per identity) to FILE as JSON lines (atomically), to share",
+    )
     add_common_flags(parser)
     args = parser.parse_args(argv)
-    table = make_table(args.results, args.tasks, args.baseline, args.all_metrics)
+    from transfer.results import export_jsonl, load_records
+
+    records = load_records(args.results)
+    table = make_table(args.results, args.tasks, args.baseline, args.all_metrics, records=records)
+    if args.export_jsonl:
+        count = export_jsonl(records, args.export_jsonl)
+        print(f"wrote {count} records to {args.export_jsonl}", file=sys.stderr)
     text = RENDERERS[args.format](table)
     if args.out:
         from ringbench.fileio import atomic_write_text

@@ -1,12 +1,30 @@
-"""The results store: one JSON object per line in ``<results>/records.jsonl``, append-only.
+"""The results store: one JSON file per record, named by the record's identity.
 
-A record (see the README, "Result records")::
+Layout of a results folder::
+
+    <results>/<task>/<backbone_sha256>-<config_hash>.json   one record (one line of JSON)
+    <results>/*.jsonl                                       legacy stores and exports: one record per line
+
+A record (see the README, "Result record")::
 
     {"backbone", "backbone_sha256", "task", "metrics": {...}, "ci95": {...}, "seeds",
      "config", "config_hash", "engine_versions", "wall_s", "created", ...}
 
-Its identity is ``(backbone_sha256, task, config_hash)``. Lines are appended with a single
-``O_APPEND`` write followed by fsync, so concurrent runs never interleave or truncate records.
+Its identity is ``(task, backbone_sha256, config_hash)``; the config holds the seeds, so its
+hash covers them. The file name carries the whole identity (all 64 hex digits of the card's
+SHA-256), so finding a record is one ``open`` and never a scan, and two cards cannot share a file.
+
+Why files, not one appended JSONL: many machines write the same store (sweeps on a cluster,
+often over NFS, where ``O_APPEND`` is not atomic across machines, and where a short append on a
+full disk leaves a partial line the next record is glued to). Each record is written by
+:func:`ringbench.fileio.atomic_write`: a temporary dot-file in the same folder, fsync,
+``os.replace``. A reader sees no file or a whole one; a failed write raises and leaves nothing.
+Two runs of one identity that finish together leave one complete record: the last rename wins.
+Readers skip dot-files (writes in progress, or the temporary files of killed writers).
+
+Legacy ``*.jsonl`` files at the top of a results folder (the old ``records.jsonl``, or a file
+made by ``leaderboard.py --export-jsonl``) stay readable; nothing appends to them any more.
+When an identity is found more than once, the newest (``created``) record wins.
 """
 
 from __future__ import annotations
@@ -16,14 +34,22 @@ import hashlib
 import json
 import os
 import platform
+import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ringbench.errors import UserError
+from ringbench.fileio import atomic_write
 
-RECORDS_FILE = "records.jsonl"
+RECORDS_FILE = "records.jsonl"  # the legacy append-only store, still read
+REQUIRED = frozenset({"backbone", "task", "metrics"})
+_TASK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+_HASH_RE = re.compile(r"[A-Za-z0-9_]{1,128}")  # no '-': it separates the two hashes in a file name
+
+Identity = tuple[str, str, str]  # (backbone_sha256, task, config_hash)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -32,57 +58,249 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def records_path(results: str | os.PathLike) -> Path:
-    """``results`` may be a folder (holding ``records.jsonl``) or a ``.jsonl`` file."""
+def record_path(results: str | os.PathLike, backbone_sha256: str, task: str, cfg_hash: str) -> Path:
+    """The file of the record with this identity: ``<results>/<task>/<sha256>-<config_hash>.json``."""
+    problem = _identity_problem(backbone_sha256, task, cfg_hash)
+    if problem:
+        raise ValueError(problem)
+    return Path(results) / task / f"{backbone_sha256}-{cfg_hash}.json"
+
+
+def _identity_problem(backbone_sha256: Any, task: Any, cfg_hash: Any) -> str | None:
+    """Why this identity cannot name a file (or None): its parts must be plain, path-safe tokens
+    (real ones are hex digests and registry names), so that distinct identities get distinct names."""
+    if not isinstance(task, str) or not _TASK_RE.fullmatch(task):
+        return f"task {task!r}: expected letters, digits, '_', '.', '+' or '-' (not first)"
+    for name, value in (("backbone_sha256", backbone_sha256), ("config_hash", cfg_hash)):
+        if not isinstance(value, str) or not _HASH_RE.fullmatch(value):
+            return f"{name} {value!r}: expected hex digits (letters, digits or '_')"
+    return None
+
+
+def _identity(rec: Mapping[str, Any]) -> Identity | None:
+    sha, task, cfg = rec.get("backbone_sha256"), rec.get("task"), rec.get("config_hash")
+    if isinstance(sha, str) and isinstance(task, str) and isinstance(cfg, str) and sha and task and cfg:
+        return sha, task, cfg
+    return None
+
+
+def write_record(results: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Write one record atomically to its identity's file (replacing an older record); its path.
+
+    Raises (leaving no file, whole or partial) if the write fails, e.g. on a full disk.
+    """
     results = Path(results)
-    return results if results.suffix == ".jsonl" else results / RECORDS_FILE
+    if results.suffix == ".jsonl":
+        raise UserError(f"{results}: results are written to a folder; .jsonl files are read, never appended to")
+    missing = REQUIRED - record.keys()
+    if missing:
+        raise ValueError(f"not a result record: no {sorted(missing)}")
+    if "config" in record and config_hash(record["config"]) != record.get("config_hash"):
+        raise ValueError(f"config_hash {record.get('config_hash')!r} is not the hash of the record's config")
+    path = record_path(results, record.get("backbone_sha256", ""), record["task"], record.get("config_hash", ""))
+    data = json.dumps(record, default=str).encode("utf-8") + b"\n"
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+    return path
 
 
 def load_records(results: str | os.PathLike | Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
-    """All records from a folder (every ``*.jsonl`` in it), a file, or a list of those.
+    """All records from a results folder, a record or ``.jsonl`` file, or a list of those.
 
-    A line that is not valid JSON (e.g. a file edited by hand) is skipped with a warning naming
-    the file and line, rather than hiding every other record.
+    A folder gives every record file under it (any depth) and its top-level ``*.jsonl`` files.
+    Unreadable input is skipped with a warning naming the file (and line), rather than hiding
+    every other record. One record per identity (the newest); sorted by ``created``.
     """
     sources = [results] if isinstance(results, (str, os.PathLike)) else list(results)
-    files: list[Path] = []
+    legacy: list[str] = []
+    files: list[str] = []
     for src in sources:
-        src = Path(src)
-        if src.is_dir():
-            files.extend(sorted(src.glob("*.jsonl")))
-        elif src.exists():
-            files.append(src)
+        src = os.fspath(src)
+        if os.path.isdir(src):
+            top_jsonl, record_files = _scan(src)
+            legacy += top_jsonl
+            files += record_files
+        elif os.path.exists(src):
+            (files if src.endswith(".json") else legacy).append(src)
         else:
             raise UserError(f"{src}: no such results file or folder")
-    records = []
-    for path in files:
-        with open(path, encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    warnings.warn(f"{path}:{lineno}: skipping a line that is not JSON ({exc.msg})", stacklevel=2)
-                    continue
-                if isinstance(rec, dict) and {"backbone", "task", "metrics"} <= rec.keys():
-                    records.append(rec)
-                else:
-                    warnings.warn(f"{path}:{lineno}: skipping a line that is not a result record", stacklevel=2)
-    return records
+    found: list[dict[str, Any]] = []
+    for path in legacy:
+        found += _read_jsonl(path)
+    for path, data in _read_all(files):
+        rec = _parse_record_file(path, data)
+        if rec is not None:
+            found.append(rec)
+    return _newest_per_identity(found)
 
 
 def find_record(results: str | os.PathLike, backbone_sha256: str, task: str, cfg_hash: str) -> dict | None:
-    """The newest record with this identity, or None."""
-    path = records_path(results)
-    if not path.exists():
+    """The newest record with this identity, or None.
+
+    Opens the identity's one file; scans the ``*.jsonl`` files at the top of the folder (the
+    legacy store) only if there are any.
+    """
+    results = Path(results)
+    want = (backbone_sha256, task, cfg_hash)
+    candidates: list[dict[str, Any]] = []
+    if results.is_file():
+        legacy = [str(results)]
+    else:
+        if _identity_problem(*want) is None:
+            path = record_path(results, *want)
+            rec = _read_record_file(str(path), missing_ok=True)
+            if rec is not None and _identity(rec) == want:
+                candidates.append(rec)
+            elif rec is not None:
+                warnings.warn(f"{path}: ignoring a record whose identity is not its file name", stacklevel=2)
+        legacy = _top_jsonl(str(results))
+    for jsonl in legacy:
+        candidates += [r for r in _read_jsonl(jsonl) if _identity(r) == want]
+    newest = _newest_per_identity(candidates)
+    return newest[-1] if newest else None
+
+
+def export_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> int:
+    """Write records as one JSONL file (atomically), e.g. to share a store; how many were written."""
+    lines = [json.dumps(rec, default=str) for rec in records]
+    with atomic_write(path, "wb") as handle:
+        handle.write("".join(line + "\n" for line in lines).encode("utf-8"))
+    return len(lines)
+
+
+def _scan(root: str) -> tuple[list[str], list[str]]:
+    """``(top-level *.jsonl files, *.json files at any depth)`` under ``root``, sorted; dot-entries skipped."""
+    top_jsonl: list[str] = []
+    record_files: list[str] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = os.scandir(folder)
+        except OSError as exc:
+            warnings.warn(f"{folder}: skipping a folder that cannot be read ({exc.strerror})", stacklevel=3)
+            continue
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                if name.endswith(".json"):
+                    record_files.append(entry.path)
+                elif folder == root and name.endswith(".jsonl"):
+                    top_jsonl.append(entry.path)
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return sorted(top_jsonl), sorted(record_files)
+
+
+def _top_jsonl(root: str) -> list[str]:
+    try:
+        with os.scandir(root) as entries:
+            return sorted(e.path for e in entries if e.name.endswith(".jsonl") and not e.name.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
+def _read_bytes(path: str) -> bytes | OSError:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        return exc
+
+
+def _read_chunk(paths: list[str]) -> list[bytes | OSError]:
+    return [_read_bytes(path) for path in paths]
+
+
+def _read_all(paths: list[str], threads: int = 8, chunk: int = 512) -> Iterator[tuple[str, bytes | OSError]]:
+    """``(path, its bytes or the error)`` in order. Large stores are read by a few threads: opening
+    a file is mostly waiting (a round trip to the server on NFS), and it releases the GIL."""
+    if len(paths) <= chunk:
+        yield from zip(paths, _read_chunk(paths))
+        return
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for names, contents in zip(chunks, pool.map(_read_chunk, chunks)):
+            yield from zip(names, contents)
+
+
+def _read_record_file(path: str, missing_ok: bool = False) -> dict[str, Any] | None:
+    """One record file, or None (with a warning naming the file if it is not a record)."""
+    data = _read_bytes(path)
+    if isinstance(data, FileNotFoundError) and missing_ok:
         return None
-    found = None
-    for rec in load_records(path):
-        if (rec.get("backbone_sha256"), rec.get("task"), rec.get("config_hash")) == (backbone_sha256, task, cfg_hash):
-            found = rec
-    return found
+    return _parse_record_file(path, data, stacklevel=4)
+
+
+def _parse_record_file(path: str, data: bytes | OSError, stacklevel: int = 3) -> dict[str, Any] | None:
+    """The record in a file's bytes, or None with a warning naming the file."""
+    if isinstance(data, OSError):
+        why = "vanished while reading" if isinstance(data, FileNotFoundError) else f"cannot be read ({data.strerror})"
+        warnings.warn(f"{path}: skipping a record file that {why}", stacklevel=stacklevel)
+        return None
+    try:
+        rec = json.loads(data)
+    except UnicodeDecodeError:
+        warnings.warn(f"{path}: skipping a record file that is not UTF-8", stacklevel=stacklevel)
+        return None
+    except (ValueError, RecursionError) as exc:
+        warnings.warn(
+            f"{path}: skipping a record file that is not JSON ({getattr(exc, 'msg', exc)})", stacklevel=stacklevel
+        )
+        return None
+    if not isinstance(rec, dict) or not REQUIRED <= rec.keys():
+        warnings.warn(f"{path}: skipping a file that is not a result record", stacklevel=stacklevel)
+        return None
+    return rec
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a JSONL file; a bad line is skipped with a warning naming the file and line."""
+    records = []
+    with open(path, "rb") as handle:
+        for lineno, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except UnicodeDecodeError:
+                warnings.warn(f"{path}:{lineno}: skipping a line that is not UTF-8", stacklevel=3)
+                continue
+            except (ValueError, RecursionError) as exc:
+                msg = getattr(exc, "msg", exc)
+                warnings.warn(f"{path}:{lineno}: skipping a line that is not JSON ({msg})", stacklevel=3)
+                continue
+            if isinstance(rec, dict) and REQUIRED <= rec.keys():
+                records.append(rec)
+            else:
+                warnings.warn(f"{path}:{lineno}: skipping a line that is not a result record", stacklevel=3)
+    return records
+
+
+def _newest_per_identity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per identity, the newest by ``created`` (a tie goes to the later one in the list,
+    i.e. a record file over a legacy line); records without a full identity are all kept. Sorted by
+    ``created`` (stable)."""
+    newest: dict[Identity, int] = {}
+    keep = [True] * len(records)
+    for i, rec in enumerate(records):
+        key = _identity(rec)
+        if key is None:
+            continue
+        j = newest.get(key)
+        if j is not None:
+            if str(rec.get("created", "")) >= str(records[j].get("created", "")):
+                keep[j] = False
+            else:
+                keep[i] = False
+                continue
+        newest[key] = i
+    kept = [rec for rec, k in zip(records, keep) if k]
+    kept.sort(key=lambda rec: str(rec.get("created", "")))
+    return kept
 
 
 def make_record(
@@ -112,20 +330,6 @@ def make_record(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
-
-
-def append_record(results: str | os.PathLike, record: Mapping[str, Any]) -> Path:
-    """Append one record as one line with a single O_APPEND write, then fsync."""
-    path = records_path(results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=False, default=str) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
 
 
 def engine_versions_now() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Evaluate one backbone on one downstream task and append a result record.
+"""Evaluate one backbone on one downstream task and write its result record.
 
     python transfer/run.py --backbone ring_moco.pth --task coco_det
     python transfer/run.py --backbone ring_moco.pth --task fewshot_digits --probe logreg
@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transfer/run.py",
         description="Evaluate a pretrained backbone on one transfer task (Detectron2 detection/segmentation/"
-        "keypoints, Meta-Dataset few-shot, linear evaluation) and append one result record to the results store.",
-        epilog="Tasks: `--list-tasks`. Records: <results>/records.jsonl; tables: transfer/leaderboard.py.",
+        "keypoints, Meta-Dataset few-shot, linear evaluation) and write one result record to the results store.",
+        epilog="Tasks: `--list-tasks`. Records: <results>/<task>/<sha256>-<config hash>.json; "
+        "tables: transfer/leaderboard.py.",
     )
     parser.add_argument(
         "--backbone",
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--results",
         type=Path,
         default=Path("results"),
-        help="results folder holding records.jsonl (default: %(default)s)",
+        help="results folder: one JSON file per record (default: %(default)s)",
     )
     parser.add_argument(
         "--output-dir", type=Path, default=Path("runs"), help="where tasks keep logs and weights (default: %(default)s)"
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--backbone and --task are required (see --help; --list-tasks lists tasks)")
 
     from transfer.backbones import load_backbone
-    from transfer.results import append_record, config_hash, engine_versions_now, make_record
+    from transfer.results import config_hash, engine_versions_now, make_record, write_record
     from transfer.tasks import TaskContext, get_task, run_dir
 
     task = get_task(args.task)
@@ -179,9 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         extra=result.extra,
     )
-    path = append_record(args.results, record)
+    path = write_record(args.results, record)
     print(format_metrics(record))
-    print(f"record appended to {path}", file=sys.stderr)
+    print(f"record written to {path}", file=sys.stderr)
     return 0
 
 
