@@ -701,7 +701,7 @@ def _resource_text(res: Resources) -> str:
 def print_table(jobs: list[Job], layout: Layout) -> None:
     """The leaderboard of this plan's cards and tasks only (other records in the store are left out)."""
     from ringbench.fileio import sha256_file
-    from transfer.leaderboard import render_markdown, table_from_records
+    from transfer.leaderboard import render_html, render_markdown, table_from_records
     from transfer.results import load_records
 
     cards = {sha256_file(j.card) for j in jobs if j.stage == "transfer" and Path(j.card).is_file()}
@@ -713,7 +713,9 @@ def print_table(jobs: list[Job], layout: Layout) -> None:
     table = table_from_records(records, sorted(tasks))
     text = render_markdown(table)
     atomic_write_text(layout.sweep_dir / "leaderboard.md", text)
+    atomic_write_text(layout.sweep_dir / "leaderboard.html", render_html(table))
     print("\n" + text)
+    print(f"tables in {layout.sweep_dir}/leaderboard.md and .html", file=sys.stderr)
 
 
 def cli() -> None:
