@@ -4,6 +4,7 @@ and a second run reuses every record."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 
 from ringbench.card import load_card
 from ringbench.cli import run_main
+from ringbench.errors import UserError
 from tests.helpers import REPO, run_cli, write_card
 from transfer import demo
 
@@ -143,3 +145,14 @@ def test_demo_refuses_a_bad_plan(tmp_path, capsys):
     plan.write_text("backbones: []\ntasks: [syn_det]\n")
     code, _, err = _demo("--plan", str(plan), "--workdir", str(tmp_path), capsys=capsys)
     assert code == 2 and "non-empty 'backbones'" in err and "Traceback" not in err
+
+
+def test_a_stage_runs_by_path_in_a_subprocess_and_its_failure_stops_the_demo(tmp_path, capsys):
+    """The subprocess path ``make demo`` takes: ``python transfer/leaderboard.py`` from the repository root;
+    a stage's nonzero exit is a one-line error naming the step."""
+    cmd = [sys.executable, "transfer/leaderboard.py", "--results", str(tmp_path / "missing")]
+    with pytest.raises(UserError, match=r"leaderboard md failed \(exit 2\)"):
+        demo._run(cmd, "leaderboard md")
+    with pytest.raises(UserError, match=r"leaderboard md failed \(exit 2\)"):
+        demo._run(cmd, "leaderboard md", in_process=True)
+    assert "no such results" in capsys.readouterr().err  # the stage's own message, from the in-process run
