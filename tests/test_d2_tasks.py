@@ -17,7 +17,7 @@ from transfer.d2 import train
 from transfer.run import main as run_transfer
 from transfer.tasks import TaskContext, get_task
 
-TINY = ["--iters", "3", "--syn-train-images", "6", "--syn-val-images", "3"]
+TINY = ["--iters", "3", "--ims-per-batch", "2", "--syn-train-images", "4", "--syn-val-images", "2"]
 
 
 def _args(*argv: str):
