@@ -156,3 +156,9 @@ def test_a_stage_runs_by_path_in_a_subprocess_and_its_failure_stops_the_demo(tmp
     with pytest.raises(UserError, match=r"leaderboard md failed \(exit 2\)"):
         demo._run(cmd, "leaderboard md", in_process=True)
     assert "no such results" in capsys.readouterr().err  # the stage's own message, from the in-process run
+
+
+def test_demo_help_as_a_module():
+    """``python -m transfer.demo`` (what ``make demo`` runs) starts and explains itself."""
+    out = run_cli("-m", "transfer.demo", "--help")
+    assert out.returncode == 0 and "--quick" in out.stdout and "--workdir" in out.stdout
