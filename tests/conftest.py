@@ -17,3 +17,11 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def card_path(tmp_path: Path) -> Path:
     """A ResNet-18 CIFAR-stem backbone card."""
     return write_card(tmp_path / "card.pth")
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """CLIs run in-process may set torch's thread count (``--threads``): restore it after each test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -9,14 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ringbench.cli import run_main
 from ringbench.errors import UserError
-from tests.helpers import run_cli, write_card
+from tests.helpers import write_card
 from transfer.d2 import tasks as d2tasks
 from transfer.d2 import train
 from transfer.results import load_records
+from transfer.run import main as run_transfer
 from transfer.tasks import TaskContext, get_task
 
-TINY = ["--iters", "3", "--syn-train-images", "6", "--syn-val-images", "3"]
+TINY = ["--iters", "3", "--ims-per-batch", "2", "--syn-train-images", "4", "--syn-val-images", "2"]
 
 
 def _args(*argv: str):
@@ -154,10 +156,9 @@ def test_syn_task_trains_and_evaluates(card, tmp_path, name, expected):
     assert result.extra["timings"][0]["iters_per_s"] > 0
 
 
-def test_run_cli_appends_a_record(card, tmp_path):
+def test_run_cli_appends_a_record(card, tmp_path, capsys):
     pytest.importorskip("detectron2")
     common = [
-        "transfer/run.py",
         "--backbone",
         str(card),
         "--task",
@@ -170,17 +171,20 @@ def test_run_cli_appends_a_record(card, tmp_path):
         str(tmp_path / "cache"),
         *TINY,
     ]
-    proc = run_cli(*common)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "bbox/AP" in proc.stdout and "it/s" in proc.stderr
+    code = run_main(run_transfer, common)
+    out = capsys.readouterr()
+    assert code == 0, out.err[-2000:]
+    assert "bbox/AP" in out.out and "it/s" in out.err
     records = load_records(tmp_path / "res")
     assert len(records) == 1 and records[0]["task"] == "syn_det"
     assert all(math.isfinite(v) for v in records[0]["metrics"].values())
-    evaluated = run_cli(*common, "--eval-only")  # the final weights of the run above, not trained again
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    assert "trained" not in evaluated.stderr
+    code = run_main(run_transfer, [*common, "--eval-only"])  # the final weights of the run above, not trained again
+    evaluated = capsys.readouterr()
+    assert code == 0, evaluated.err[-2000:]
+    assert "trained" not in evaluated.err
     records = load_records(tmp_path / "res")
     assert len(records) == 2 and records[1]["config"]["eval_only"] is True
     assert records[1]["metrics"] == pytest.approx(records[0]["metrics"])
-    bad = run_cli(*common, "--seeds", "0")  # a new config: validated before anything runs
-    assert bad.returncode == 2 and "--seeds must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
+    code = run_main(run_transfer, [*common, "--seeds", "0"])  # a new config: validated before anything runs
+    err = capsys.readouterr().err
+    assert code == 2 and "--seeds must be at least 1" in err and "Traceback" not in err

@@ -13,9 +13,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli
+from ringbench.cli import run_main
 from transfer.compare import build_table, paired_bootstrap_ci
-from transfer.leaderboard import render_csv, render_html, render_latex, render_markdown
+from transfer.leaderboard import main, render_csv, render_html, render_latex, render_markdown
 from transfer.results import make_record, write_record
 
 META = {
@@ -232,31 +232,22 @@ def test_html_renders_in_headless_chromium(records, tmp_path):
     assert dom.count("data:image/png;base64,") >= 2
 
 
-def test_cli_writes_every_format(records, tmp_path):
+def test_cli_writes_every_format(records, tmp_path, capsys):
     for rec in records:
         write_record(tmp_path / "results", rec)
     for fmt in ("md", "latex", "html", "csv"):
-        out = run_cli(
-            "transfer/leaderboard.py",
-            "--results",
-            str(tmp_path / "results"),
-            "--format",
-            fmt,
-            "--out",
-            str(tmp_path / f"board.{fmt}"),
+        code = run_main(
+            main,
+            ["--results", str(tmp_path / "results"), "--format", fmt, "--out", str(tmp_path / f"board.{fmt}")],
         )
-        assert out.returncode == 0, out.stderr
+        assert code == 0, capsys.readouterr().err
         assert ("ring\\_moco" if fmt == "latex" else "ring_moco") in (tmp_path / f"board.{fmt}").read_text()
-    out = run_cli(
-        "transfer/leaderboard.py",
-        "--results",
-        str(tmp_path / "results"),
-        "--tasks",
-        "fewshot_digits",
-        "--baseline",
-        "simclr=ring_moco",
+    capsys.readouterr()
+    code = run_main(
+        main, ["--results", str(tmp_path / "results"), "--tasks", "fewshot_digits", "--baseline", "simclr=ring_moco"]
     )
-    assert out.returncode == 0 and "Δ ring_moco − simclr" in out.stdout and "syn_det" not in out.stdout
+    out = capsys.readouterr().out
+    assert code == 0 and "Δ ring_moco − simclr" in out and "syn_det" not in out
 
 
 @pytest.mark.parametrize(
@@ -267,10 +258,11 @@ def test_cli_writes_every_format(records, tmp_path):
         (["--baseline", "moco=nobody"], "no records for ['nobody']"),
     ],
 )
-def test_cli_errors(records, tmp_path, args, message):
+def test_cli_errors(records, tmp_path, capsys, args, message):
     for rec in records:
         write_record(tmp_path / "results", rec)
     if args[0] != "--results":
         args = ["--results", str(tmp_path / "results"), *args]
-    out = run_cli("transfer/leaderboard.py", *args)
-    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    code = run_main(main, args)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

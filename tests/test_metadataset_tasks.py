@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from metadataset.evaluate import confidence_interval
+from ringbench.cli import run_main
 from ringbench.errors import UserError
-from tests.helpers import run_cli, write_card
+from tests.helpers import write_card
 from tests.test_metadataset_sources import image_bytes, write_omniglot
 from transfer.backbones import load_backbone
 from transfer.fewshot import add_fewshot_arguments
-from transfer.results import load_records
+from transfer.run import main as run_transfer
 from transfer.tasks import TaskContext, all_tasks, get_task
 
 
@@ -156,40 +157,46 @@ def test_yaml_config_and_flags(tmp_path):
     assert fixed["episode_mode"] == "fixed" and fixed["episode_rules"] == {"ways": 10, "shots": 1, "queries": 15}
 
 
-def test_cli_runs_fewshot_digits_and_appends_a_record(card, tmp_path):
-    proc = run_cli(
-        "transfer/run.py",
-        "--backbone",
-        str(card),
-        "--task",
-        "fewshot_digits",
-        "--episodes",
-        "20",
-        "--max-images-per-class",
-        "20",
-        "--probe",
-        "centroid",
-        "--results",
-        str(tmp_path / "results"),
-        "--output-dir",
-        str(tmp_path / "runs"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
+def test_cli_runs_fewshot_digits_and_appends_a_record(card, tmp_path, capsys):
+    code = run_main(
+        run_transfer,
+        [
+            "--backbone",
+            str(card),
+            "--task",
+            "fewshot_digits",
+            "--episodes",
+            "6",
+            "--max-images-per-class",
+            "20",
+            "--probe",
+            "centroid",
+            "--results",
+            str(tmp_path / "results"),
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
     )
-    assert proc.returncode == 0, proc.stderr
-    record = load_records(tmp_path / "results")[-1]
+    assert code == 0, capsys.readouterr().err
+    (record,) = load_records(tmp_path / "results")
     assert record["task"] == "fewshot_digits" and record["family"] == "fewshot"
     assert set(record["metrics"]) == {"acc"} and record["ci95"]["acc"] > 0
-    assert len(record["extra"]["episode_accuracies"]["digits"]) == 20
-    bad = run_cli(
-        "transfer/run.py",
-        "--backbone",
-        str(card),
-        "--task",
-        "md_aircraft",
-        "--md-root",
-        str(tmp_path / "nowhere"),
-        "--results",
-        str(tmp_path / "results"),
+    assert len(record["extra"]["episode_accuracies"]["digits"]) == 6
+    capsys.readouterr()
+    code = run_main(
+        run_transfer,
+        [
+            "--backbone",
+            str(card),
+            "--task",
+            "md_aircraft",
+            "--md-root",
+            str(tmp_path / "nowhere"),
+            "--results",
+            str(tmp_path / "results"),
+        ],
     )
-    assert bad.returncode == 2 and "no folder" in bad.stderr and "Traceback" not in bad.stderr
+    err = capsys.readouterr().err
+    assert code == 2 and "no folder" in err and "Traceback" not in err

@@ -1,10 +1,14 @@
-"""transfer/run.py as a user runs it: help, task list, and one-line errors with exit code 2."""
+"""transfer/run.py as a user runs it: help (a real ``python transfer/run.py`` process), and, in-process,
+the task list and one-line errors with exit code 2."""
 
 from __future__ import annotations
 
 import pytest
 
+from ringbench.cli import run_main
+from ringbench.errors import UserError
 from tests.helpers import run_cli, write_card
+from transfer.run import main
 
 
 def test_help_explains():
@@ -20,25 +24,28 @@ def test_help_explains():
         (lambda p: p.write_bytes(b""), "empty file"),
     ],
 )
-def test_bad_backbone_file(tmp_path, make_file, message):
+def test_bad_backbone_file(tmp_path, capsys, make_file, message):
     path = tmp_path / "x.pth"
     make_file(path)
-    out = run_cli("transfer/run.py", "--backbone", str(path), "--task", _any_task(), "--results", str(tmp_path / "r"))
-    assert out.returncode == 2, out.stderr
-    assert message in out.stderr and "Traceback" not in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    code = run_main(main, ["--backbone", str(path), "--task", _any_task(), "--results", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists(), "nothing written on bad input"
 
 
-def test_unknown_task_lists_tasks(tmp_path):
+def test_unknown_task_lists_tasks(tmp_path, capsys):
     card = write_card(tmp_path / "c.pth")
-    out = run_cli("transfer/run.py", "--backbone", str(card), "--task", "no_such_task")
-    assert out.returncode == 2 and "unknown task 'no_such_task'" in out.stderr and "available:" in out.stderr
+    code = run_main(main, ["--backbone", str(card), "--task", "no_such_task"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown task 'no_such_task'" in err and "available:" in err
 
 
 def test_debug_shows_traceback(tmp_path):
-    out = run_cli("-m", "transfer.run", "--backbone", str(tmp_path / "missing.pth"), "--task", "x", "--debug")
-    assert out.returncode != 0 and "Traceback" in out.stderr
+    """``--debug`` lets the error through (Python then prints its traceback and exits 1)."""
+    with pytest.raises(UserError, match="unknown task 'x'"):
+        run_main(main, ["--backbone", str(tmp_path / "missing.pth"), "--task", "x", "--debug"])
 
 
 def _any_task() -> str:

@@ -40,12 +40,26 @@ def load_plan(path: Path) -> dict[str, Any]:
     return plan
 
 
-def _run(cmd: list[str], step: str) -> None:
+STAGE_MODULES = {
+    "pretrain/run.py": "pretrain.run",
+    "transfer/run.py": "transfer.run",
+    "transfer/leaderboard.py": "transfer.leaderboard",
+}
+
+
+def run_stage_in_process(script: str, argv: list[str]) -> int:
+    """Run a stage script's ``main(argv)`` in this process (as ``python script argv`` would): its exit code."""
+    import importlib
+
+    return run_main(importlib.import_module(STAGE_MODULES[script]).main, argv)
+
+
+def _run(cmd: list[str], step: str, in_process: bool = False) -> None:
     print(f"\n==> [{step}] {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
-    completed = subprocess.run(cmd, cwd=REPO)
-    if completed.returncode != 0:
-        raise UserError(f"{step} failed (exit {completed.returncode}): {shlex.join(cmd)}")
+    code = run_stage_in_process(cmd[1], cmd[2:]) if in_process else subprocess.run(cmd, cwd=REPO).returncode
+    if code != 0:
+        raise UserError(f"{step} failed (exit {code}): {shlex.join(cmd)}")
     print(f"    [{step}] done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -60,7 +74,8 @@ def _recorded(run_args: list[str]) -> bool:
     return existing_record(parsed, sha256_file(parsed.backbone)) is not None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, in_process: bool = False) -> int:
+    """The demo; ``in_process`` runs each stage's ``main`` in this process instead of a subprocess (tests)."""
     parser = argparse.ArgumentParser(
         prog="python -m transfer.demo",
         description="Run the suite end to end on the embedded synthetic data: pretrain plain and ring backbones "
@@ -115,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "pretraining again"
             )
             pretrain_args.append("--fresh")
-        _run([py, "pretrain/run.py", *pretrain_args, *debug], f"pretrain {b['name']}")
+        _run([py, "pretrain/run.py", *pretrain_args, *debug], f"pretrain {b['name']}", in_process)
 
     for task in plan["tasks"]:
         name, extra = (task, []) if isinstance(task, str) else (task["name"], task.get("args", []))
@@ -139,12 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"==> [{name} {b['name']}] reusing its record in {results}")
                 continue
             _run(
-                [py, "transfer/run.py", *run_args, *(["--force"] if args.force else []), *debug], f"{name} {b['name']}"
+                [py, "transfer/run.py", *run_args, *(["--force"] if args.force else []), *debug],
+                f"{name} {b['name']}",
+                in_process,
             )
 
     board = [py, "transfer/leaderboard.py", "--results", str(results)]
-    _run([*board, "--format", "md", "--out", str(results / "leaderboard.md")], "leaderboard md")
-    _run([*board, "--format", "html", "--out", str(results / "leaderboard.html")], "leaderboard html")
+    _run([*board, "--format", "md", "--out", str(results / "leaderboard.md")], "leaderboard md", in_process)
+    _run([*board, "--format", "html", "--out", str(results / "leaderboard.html")], "leaderboard html", in_process)
     print("\n" + (results / "leaderboard.md").read_text())
     print(
         f"demo finished in {time.perf_counter() - start:.0f} s; tables in {results}/leaderboard.md and "
