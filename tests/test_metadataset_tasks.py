@@ -16,6 +16,7 @@ from tests.helpers import write_card
 from tests.test_metadataset_sources import image_bytes, write_omniglot
 from transfer.backbones import load_backbone
 from transfer.fewshot import add_fewshot_arguments
+from transfer.results import load_records
 from transfer.run import main as run_transfer
 from transfer.tasks import TaskContext, all_tasks, get_task
 
