@@ -45,7 +45,7 @@ test-cluster: setup
 	bash tests/cluster/slurm_down.sh; exit $$status
 
 demo: setup
-	$(PYTHON) -m transfer.demo
+	$(PYTHON) transfer/sweep.py --plan demo --executor local --jobs 2
 
 bench: setup
 	for script in bench/*.py; do echo "== $$script"; $(PYTHON) $$script || exit 1; done

@@ -52,7 +52,7 @@ from ringbench.errors import UserError
 from ringbench.fileio import atomic_write_text
 
 STAGES = {"pretrain": "pretrain.run", "transfer": "transfer.run"}
-EXECUTORS = ("auto", "local", "slurm")
+EXECUTORS = ("auto", "local", "slurm", "debug")
 STATES_FINAL = ("done", "skipped", "failed", "cancelled")
 EXISTS = ("card exists", "record exists")  # skip reasons that mean the job's result is there
 
@@ -436,6 +436,8 @@ class Sweep:
 
     def submit(self, job: Job, extra: dict[str, Any] | None = None) -> Any:
         threads = job.resources.cpus if self.executor == "slurm" else max(1, (os.cpu_count() or 1) // self.parallel)
+        if self.executor == "debug":
+            threads = None  # in this process: leave its threads alone
         path = status_file(self.layout, job.key)
         path.unlink(missing_ok=True)  # a new submission starts a new history
         write_status(path, "pending", key=job.key)
@@ -592,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--executor",
         choices=EXECUTORS,
         default="auto",
-        help="slurm (submitit's Slurm executor, job arrays), local (this machine), auto: slurm where sbatch exists",
+        help="slurm (submitit's Slurm executor), local (this machine, --jobs at once), auto: slurm where a Slurm "
+        "controller answers, else local; debug: submitit's debug executor, every job in this process (tests, pdb)",
     )
     parser.add_argument("--workdir", type=Path, default=Path("."), help="cards/, runs/, cache/ and sweeps/ go here")
     parser.add_argument("--results", type=Path, help="results store (default: WORKDIR/results)")
@@ -674,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     sweep = Sweep(jobs, layout, plan, executor, plan_path.stem, parallel=args.jobs)
-    if executor == "local":
+    if executor in ("local", "debug"):
         sweep.run_local(progress=True)
     else:
         sweep.run_slurm()
