@@ -435,9 +435,11 @@ class Sweep:
         atomic_write_text(path, json.dumps(data, indent=1))
 
     def submit(self, job: Job, extra: dict[str, Any] | None = None) -> Any:
-        threads = job.resources.cpus if self.executor == "slurm" else max(1, (os.cpu_count() or 1) // self.parallel)
-        if self.executor == "debug":
-            threads = None  # in this process: leave its threads alone
+        threads: int | None = None  # debug: the job runs in this process, whose threads are left alone
+        if self.executor == "slurm":
+            threads = job.resources.cpus
+        elif self.executor == "local":
+            threads = max(1, (os.cpu_count() or 1) // self.parallel)
         path = status_file(self.layout, job.key)
         path.unlink(missing_ok=True)  # a new submission starts a new history
         write_status(path, "pending", key=job.key)
