@@ -164,14 +164,6 @@ def test_requeued_checkpointable_job_starts_again_and_finishes(tmp_path: Path) -
 
 # --- sweeps through submitit's Slurm executor ---
 
-SWEEP_PLAN = """
-backbones: [{path: 'cards/*.pth'}]
-tasks:
-  fewshot_digits: {episodes: 6, max_images_per_class: 12, shots: 2, queries: 3, resources: {cpus: 1, time_min: 5}}
-  linear_synthetic: {linear_synthetic_classes: 3, linear_synthetic_train: 4, linear_synthetic_test: 2,
-                     resources: {cpus: 1, time_min: 5}}
-"""
-
 
 def _sweep_argv(tmp_path: Path, plan_text: str) -> list[str]:
     plan = tmp_path / "plan.yaml"
@@ -180,28 +172,9 @@ def _sweep_argv(tmp_path: Path, plan_text: str) -> list[str]:
 
 
 def test_sweep_on_slurm_writes_each_record_once(tmp_path: Path, capsys) -> None:
-    from ringbench.cli import run_main
-    from tests.helpers import write_card
-    from transfer import sweep
-    from transfer.results import load_records
+    from tests.test_sweep import run_two_by_two
 
-    for i, name in enumerate(("plain", "ring")):
-        write_card(tmp_path / "cards" / f"{name}.pth", seed=i)
-    argv = _sweep_argv(tmp_path, SWEEP_PLAN)
-    assert run_main(sweep.main, argv) == 0
-    err = capsys.readouterr().err
-    assert "executor slurm" in err and "[4/4]" in err
-    records = load_records(tmp_path / "results")
-    assert sorted((r["backbone"], r["task"]) for r in records) == [
-        ("plain", "fewshot_digits"),
-        ("plain", "linear_synthetic"),
-        ("ring", "fewshot_digits"),
-        ("ring", "linear_synthetic"),
-    ]
-    assert run_main(sweep.main, argv) == 0  # nothing is submitted the second time
-    assert "0 to run, 4 done already" in capsys.readouterr().err
-    assert run_main(sweep.main, [*argv[:4], "--status"]) == 0
-    assert capsys.readouterr().out.count("record exists") == 4
+    run_two_by_two(tmp_path, capsys, "slurm")
 
 
 def test_requeued_sweep_job_finishes_with_one_record(tmp_path: Path, capsys) -> None:

@@ -36,6 +36,7 @@ def _jobs(tmp_path: Path, text: str, **kwargs) -> list[sweep.Job]:
 
 @pytest.fixture
 def two_cards(tmp_path: Path) -> list[Path]:
+    """Cards cards/plain.pth and cards/ring.pth."""
     return [write_card(tmp_path / "cards" / f"{n}.pth", seed=i) for i, n in enumerate(("plain", "ring"))]
 
 
@@ -108,12 +109,16 @@ def test_dry_run_lists_jobs_and_submits_nothing(tmp_path, two_cards, capsys):
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "results").exists()
 
 
-def test_local_sweep_runs_each_job_once(tmp_path, two_cards, capsys):
+def run_two_by_two(tmp_path: Path, capsys, executor: str, *extra: str) -> None:
+    """Two cards x two embedded tasks through ``executor``: each record written once, the plan's table
+    printed; a second run submits nothing; ``--status`` shows every job done (shared with the Slurm test)."""
+    for i, name in enumerate(("plain", "ring")):
+        write_card(tmp_path / "cards" / f"{name}.pth", seed=i)
     plan = _plan(tmp_path, "backbones: [{path: 'cards/*.pth'}]" + TINY_TASKS)
-    argv = ["--plan", str(plan), "--workdir", str(tmp_path), "--executor", "local", "--jobs", "2"]
+    argv = ["--plan", str(plan), "--workdir", str(tmp_path), "--executor", executor, *extra]
     assert run_main(sweep.main, argv) == 0
     out, err = capsys.readouterr()
-    assert "4 to run" in err and "[4/4]" in err
+    assert f"4 to run, 0 done already; executor {executor}" in err and "[4/4]" in err
     for name in ("plain", "ring"):  # the plan's leaderboard: both cards, both tasks
         assert f"| {name} " in out
     assert "fewshot_digits acc" in out and "linear_synthetic acc" in out
@@ -127,7 +132,7 @@ def test_local_sweep_runs_each_job_once(tmp_path, two_cards, capsys):
         ("ring", "linear_synthetic"),
     ]
     status = json.loads((tmp_path / "sweeps" / "plan" / "status" / "fewshot_digits__ring.json").read_text())
-    assert status["state"] == "done" and status["wall_s"] >= 0
+    assert status["state"] == "done" and status["wall_s"] >= 0 and status["starts"] == 1
 
     assert run_main(sweep.main, argv) == 0  # again: everything exists, nothing is submitted
     err = capsys.readouterr().err
@@ -139,16 +144,26 @@ def test_local_sweep_runs_each_job_once(tmp_path, two_cards, capsys):
     assert table.count("record exists") == 4 and "failed" not in table
 
 
-def test_a_failing_job_is_reported_with_its_error(tmp_path, capsys):
-    write_card(tmp_path / "bad" / "broken.pth").write_bytes(b"not a checkpoint")  # fails inside its job
-    plan = _plan(tmp_path, "backbones: [{path: 'bad/*.pth'}]\ntasks: {fewshot_digits: {episodes: 6}}")
-    argv = ["--plan", str(plan), "--workdir", str(tmp_path), "--executor", "local", "--no-table"]
+def test_local_sweep_runs_each_job_once(tmp_path, capsys):
+    run_two_by_two(tmp_path, capsys, "local", "--jobs", "2")
+
+
+def test_a_failing_job_is_reported_and_retried_alone(tmp_path, capsys):
+    write_card(tmp_path / "cards" / "good.pth")
+    (tmp_path / "cards" / "broken.pth").write_bytes(b"not a checkpoint")  # fails inside its job
+    plan = _plan(tmp_path, "backbones: [{path: 'cards/*.pth'}]\ntasks: {fewshot_digits: {episodes: 6}}")
+    argv = ["--plan", str(plan), "--workdir", str(tmp_path), "--executor", "local", "--no-table", "--jobs", "2"]
     assert run_main(sweep.main, argv) == 2
     err = capsys.readouterr().err
     assert "fewshot_digits/broken: failed" in err and "1 job(s) failed: fewshot_digits/broken" in err
     assert run_main(sweep.main, [*argv[:4], "--status"]) == 0
-    row = capsys.readouterr().out.splitlines()[2]
-    assert row.startswith("fewshot_digits/broken") and " failed " in row and "exit 2" in row
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert " failed " in rows["fewshot_digits/broken"] and "exit 2" in rows["fewshot_digits/broken"]
+    assert " done " in rows["fewshot_digits/good"]
+    write_card(tmp_path / "cards" / "broken.pth", seed=3)  # repaired
+    assert run_main(sweep.main, [*argv, "--retry-failed"]) == 0
+    err = capsys.readouterr().err
+    assert "1 to run" in err and "fewshot_digits/broken: done" in err and "good: running" not in err
 
 
 def test_flags_from_plan_values():
