@@ -30,11 +30,14 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# One pytest-xdist worker per core; heavy tests first (tests/conftest.py), idle workers steal the rest.
+PYTEST_PARALLEL ?= -n auto --dist worksteal
+
 test: setup
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest $(PYTEST_PARALLEL)
 
 test-slow: setup
-	$(PYTHON) -m pytest -m slow
+	$(PYTHON) -m pytest -m slow $(PYTEST_PARALLEL)
 
 # A real Slurm cluster on this machine (tests/cluster/slurm_up.sh; needs root and apt), the submitit
 # tests on it, then slurm_down.sh whatever happened; the exit code is pytest's (or slurm_up.sh's).

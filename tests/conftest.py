@@ -10,7 +10,9 @@ import torch
 
 from tests.helpers import write_card
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One torch thread per pytest-xdist worker (workers share the cores), else up to two.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture
@@ -25,3 +27,9 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``heavy`` (minutes of CPU in subprocesses) run first: with several pytest-xdist
+    workers, the others' tests then overlap them instead of waiting at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)

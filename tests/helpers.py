@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def resnet_state(arch: str = "resnet18", stem: str = "imagenet", seed: int = 0) -> dict[str, torch.Tensor]:
-    """A randomly initialised backbone's state dict (torchvision keys, no fc)."""
+    """A randomly initialised backbone's state dict (torchvision keys, no fc): a copy of one made once
+    per (arch, stem, seed), since initialising a ResNet is a large part of many tests' time."""
+    state, rng_after = _resnet_state(arch, stem, seed)
+    torch.set_rng_state(rng_after)  # the global generator ends where making the model would leave it
+    return {k: v.clone() for k, v in state.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _resnet_state(arch: str, stem: str, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     from pretrain.backbones import create_backbone
 
     torch.manual_seed(seed)
-    return create_backbone(arch, stem).state_dict()
+    state = create_backbone(arch, stem).state_dict()
+    return state, torch.get_rng_state()
 
 
 def write_card(path: Path, arch: str = "resnet18", stem: str = "cifar", seed: int = 0, **meta) -> Path:

@@ -183,8 +183,9 @@ def test_run_cli_appends_a_record(card, tmp_path, capsys):
     assert code == 0, evaluated.err[-2000:]
     assert "trained" not in evaluated.err
     records = load_records(tmp_path / "res")
-    assert len(records) == 2 and records[1]["config"]["eval_only"] is True
-    assert records[1]["metrics"] == pytest.approx(records[0]["metrics"])
+    trained, evaluated_only = sorted(records, key=lambda r: r["config"]["eval_only"])  # two identities
+    assert not trained["config"]["eval_only"] and evaluated_only["config"]["eval_only"] is True
+    assert evaluated_only["metrics"] == pytest.approx(trained["metrics"])
     code = run_main(run_transfer, [*common, "--seeds", "0"])  # a new config: validated before anything runs
     err = capsys.readouterr().err
     assert code == 2 and "--seeds must be at least 1" in err and "Traceback" not in err
