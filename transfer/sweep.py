@@ -18,8 +18,9 @@ per pretraining seed) and tasks with their flags (named like ``transfer/run.py``
 
 Each pretraining and each transfer is one submitit job running the stage's own ``main`` (the
 commands a user would type). A job whose result exists is not submitted: a card made with the config
-the plan resolves to, a record with the same identity. Transfer jobs wait for their card: a Slurm
-dependency (``afterok``) on a cluster, ordering on one machine, where ``--jobs`` jobs run at once
+the plan resolves to, a record with the same identity. On Slurm, jobs go in job arrays (one per stage,
+card and resources); transfer jobs wait for their card: a Slurm dependency (``afterok``) on a cluster,
+ordering on one machine, where ``--jobs`` jobs run at once
 through submitit's local executor. Jobs are checkpointable: a preempted or requeued job starts again
 (pretraining resumes from its work folder's checkpoint; a transfer job reuses its feature cache).
 Every job writes its state to ``<sweep>/status/<job>.json``; ``--status`` reads those and the
@@ -434,19 +435,22 @@ class Sweep:
         data = {"plan": self.name, "executor": self.executor, "jobs": entries}
         atomic_write_text(path, json.dumps(data, indent=1))
 
-    def submit(self, job: Job, extra: dict[str, Any] | None = None) -> Any:
+    def _stage_job(self, job: Job) -> StageJob:
+        """The callable of ``job``, with a fresh state file (a new submission starts a new history)."""
         threads: int | None = None  # debug: the job runs in this process, whose threads are left alone
         if self.executor == "slurm":
             threads = job.resources.cpus
         elif self.executor == "local":
             threads = max(1, (os.cpu_count() or 1) // self.parallel)
         path = status_file(self.layout, job.key)
-        path.unlink(missing_ok=True)  # a new submission starts a new history
+        path.unlink(missing_ok=True)
         write_status(path, "pending", key=job.key)
+        return StageJob(job.key, job.stage, job.argv, str(path), threads)
+
+    def submit(self, job: Job) -> Any:
+        """One job on its own (this machine's executors)."""
         executor = make_executor(self.executor, self.layout, job.resources, self.plan, job.key)
-        if extra:
-            executor.update_parameters(slurm_additional_parameters=extra)
-        handle = executor.submit(StageJob(job.key, job.stage, job.argv, str(path), threads))
+        handle = executor.submit(self._stage_job(job))
         self.handles[job.key] = handle
         return handle
 
@@ -480,17 +484,27 @@ class Sweep:
             time.sleep(0.2)
 
     def run_slurm(self) -> None:
-        """One submission per job; transfer jobs depend (``afterok``) on their card's pretraining job."""
+        """Slurm job arrays: one per (stage, card's pretraining job, resources), at most
+        ``cluster.array_parallelism`` tasks of an array at once; a transfer array waits (``afterok``)
+        for the pretraining job of its card, and is cancelled if that fails."""
+        groups: dict[tuple[str, str, str], list[Job]] = {}
         for job in self.jobs:
             if job.skip_reason:
                 self.states[job.key] = "skipped"
                 continue
-            extra = None
-            maker = self.handles.get(job.depends_on or "")
+            groups.setdefault((job.stage, job.depends_on or "", repr(job.resources)), []).append(job)
+        for (stage, depends_on, _), members in groups.items():  # pretraining groups come first
+            executor = make_executor(self.executor, self.layout, members[0].resources, self.plan, stage)
+            maker = self.handles.get(depends_on)
             if maker is not None:
-                extra = {"dependency": f"afterok:{maker.job_id}", "kill-on-invalid-dep": "yes"}
-            self.submit(job, extra)
-            self.states[job.key] = "pending"
+                executor.update_parameters(
+                    slurm_additional_parameters={"dependency": f"afterok:{maker.job_id}", "kill-on-invalid-dep": "yes"}
+                )
+            with executor.batch():
+                submitted = [(job.key, executor.submit(self._stage_job(job))) for job in members]
+            for key, handle in submitted:
+                self.handles[key] = handle
+                self.states[key] = "pending"
         self.save()
 
     def wait(self, progress: bool = True, poll_s: float = 2.0) -> None:
@@ -536,7 +550,8 @@ class Sweep:
 def _squeue_states() -> dict[str, str]:
     if shutil.which("squeue") is None:
         return {}
-    out = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True, check=False).stdout
+    # -r: one line per array task ("12_3 RUNNING"), pending ones too
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], capture_output=True, text=True, check=False).stdout
     return dict(line.split(None, 1) for line in out.splitlines() if " " in line)
 
 
