@@ -464,11 +464,11 @@ class Sweep:
         while todo or running:
             for job in list(todo):
                 dep = self.states.get(job.depends_on or "", "done" if job.depends_on is None else "pending")
-                if job.depends_on and Path(job.card).is_file() and dep == "skipped":
-                    dep = "done"
+                if dep == "skipped":  # its card's job was not run now: the card is there or it is not
+                    dep = "done" if Path(job.card).is_file() else "failed"
                 if dep in ("failed", "cancelled"):
                     todo.remove(job)
-                    self._set(job.key, "cancelled", f"its card's job {job.depends_on} failed", progress)
+                    self._set(job.key, "cancelled", f"no card: its job {job.depends_on} did not make it", progress)
                 elif dep == "done" and len(running) < self.parallel:
                     todo.remove(job)
                     running[job.key] = self.submit(job)
