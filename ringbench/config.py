@@ -121,10 +121,6 @@ def _reason(exc: BaseException) -> str:
 # --- command-line flags from a schema ------------------------------------------------------------
 
 
-def schema_fields(schema: type) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(schema))
-
-
 def add_schema_flags(
     parser: argparse.ArgumentParser, schema: type, title: str, prefix: str = ""
 ) -> argparse._ArgumentGroup | None:
@@ -135,7 +131,7 @@ def add_schema_flags(
     the user gave is told apart from the schema's default. Returns the group, or None (adding
     nothing) when the flags are already there (several tasks of a family share one group).
     """
-    fields = schema_fields(schema)
+    fields = dataclasses.fields(schema)
     first = "--" + prefix + fields[0].name.replace("_", "-")
     if first in parser._option_string_actions:
         return None
@@ -156,7 +152,9 @@ def add_schema_flags(
 
 def given_flags(args: argparse.Namespace, schema: type) -> dict[str, Any]:
     """The schema's settings the user gave on the command line (flags left at ``None`` are not)."""
-    return {f.name: getattr(args, f.name) for f in schema_fields(schema) if getattr(args, f.name, None) is not None}
+    return {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(schema) if getattr(args, f.name, None) is not None
+    }
 
 
 def settings_from_args(

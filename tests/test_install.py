@@ -8,6 +8,7 @@ on the path, so that nothing of the checkout is used.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -35,9 +36,26 @@ def test_shipped_configs_are_found_by_name(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_installed_wheel_runs_from_another_folder(tmp_path):
+    # Build from a copy of the tracked files: setuptools writes build/ and *.egg-info into the source tree.
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    for name in tracked.split():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO), "-w", str(wheels)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(source),
+            "-w",
+            str(wheels),
+        ],
         check=True,
         capture_output=True,
     )

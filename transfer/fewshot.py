@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,9 +68,6 @@ class FewShotSettings:
     )
     synthetic_classes: int = field(default=32, metadata={"help": "fewshot_synthetic: number of shape classes"})
     synthetic_images: int = field(default=40, metadata={"help": "fewshot_synthetic: images per class"})
-
-
-DEFAULTS: dict[str, Any] = asdict(FewShotSettings())
 
 
 def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -201,7 +198,7 @@ def run_fewshot(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> Task
 
     rules = _rules_from_config(config)
     probe = probe_from_config(config["probe"], device=ctx.device)
-    cache_dir = Path(ctx.cache_dir) if ctx.cache_dir else Path(ctx.output_dir) / "cache"
+    cache_dir = ctx.feature_cache_dir
     results: list[SourceResult] = []
     extra: dict[str, Any] = {
         "episode_accuracies": {},

@@ -322,7 +322,7 @@ def make_linear_task(dataset: str, description: str) -> Task:
 
     def run(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
         image_size = config["image_size"] or backbone.default_image_size
-        cache_dir = Path(ctx.cache_dir) if ctx.cache_dir else Path(ctx.output_dir) / "cache"
+        cache_dir = ctx.feature_cache_dir
         feats = {}
         for split in ("train", "test"):
             image_set = open_linear_split(dataset, split, config.get("data_root"), config, image_size)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -113,6 +114,8 @@ class Job:
     resources: Resources
     depends_on: Optional[str] = None  # key of the pretrain job that makes the card
     skip_reason: str = ""  # set when its result already exists
+    task: Optional[str] = None  # transfer jobs: the task and its resolved config's hash (the record's identity)
+    config_hash: Optional[str] = None
 
 
 def load_plan(path: Path) -> dict[str, Any]:
@@ -253,9 +256,12 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
                 *extra,
             ]
             jobs.append(Job(f"{task}/{card.stem}", "transfer", argv, str(card), resources, depends_on=maker))
+    from transfer.results import config_hash
+
     for job in jobs:  # every job's flags parse and its config resolves, before anything is submitted
         if job.stage == "transfer":
-            _transfer_config(job.argv, job.key)
+            args, task_config = _transfer_config(job.argv, job.key)
+            job.task, job.config_hash = args.task, config_hash(task_config)
     return jobs
 
 
@@ -278,11 +284,11 @@ def _transfer_config(argv: list[str], where: str) -> tuple[argparse.Namespace, d
         raise UserError(f"plan job {where}: {exc}") from exc
 
 
-def mark_existing(jobs: list[Job], force: bool = False) -> None:
-    """Set ``skip_reason`` on jobs whose result exists: a card made with this config, a record."""
+def mark_existing(jobs: list[Job], results: Path, force: bool = False) -> None:
+    """Set ``skip_reason`` on jobs whose result exists: a card made with this config, a record
+    with the job's identity in ``results`` (the lookup ``transfer/run.py`` makes before it runs)."""
     from pretrain.run import card_changes
-    from ringbench.fileio import sha256_file
-    from transfer.results import config_hash, find_record
+    from transfer.results import find_record
 
     fresh: set[str] = set()
     for job in jobs:
@@ -295,11 +301,24 @@ def mark_existing(jobs: list[Job], force: bool = False) -> None:
                 if changed:  # made with another config: its checkpoints are stale too
                     job.argv.append("--fresh")
         elif not force and job.depends_on not in fresh and Path(job.card).is_file():
-            args, config = _transfer_config(job.argv, job.key)
-            if find_record(args.results, sha256_file(job.card), args.task, config_hash(config)):
+            assert job.task is not None and job.config_hash is not None  # set by expand()
+            if find_record(results, card_sha256(job.card), job.task, job.config_hash):
                 job.skip_reason = "record exists"
         if force and job.stage == "transfer" and "--force" not in job.argv:
             job.argv.append("--force")
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
+    from ringbench.fileio import sha256_file
+
+    return sha256_file(path)
+
+
+def card_sha256(path: str | os.PathLike) -> str:
+    """A card's SHA-256, hashed once per version of the file (cards are large; a sweep asks twice)."""
+    stat = os.stat(path)
+    return _sha256_of(os.fspath(path), stat.st_mtime_ns, stat.st_size)
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -517,18 +536,17 @@ class Sweep:
                 if self.states.get(key) in STATES_FINAL:
                     continue
                 status = read_status(status_file(self.layout, key))
-                state = status.get("state", "pending")
+                queued = queue.get(str(handle.job_id))
+                state = slurm_state(status, queued)
                 if state in ("done", "failed"):
                     self._set(key, state, status.get("error", ""), progress)
-                    continue
-                queued = queue.get(str(handle.job_id))
-                if queued is None:  # left the queue: its state file should say how; give it a moment
+                elif queued is None:  # left the queue: its state file should say how; give it a moment
                     if time.monotonic() - gone.setdefault(key, time.monotonic()) > 30:
                         self._set(key, "cancelled", "left the queue without finishing", progress)
-                    continue
-                gone.pop(key, None)
-                if queued.lower() != self.states.get(key):
-                    self._set(key, queued.lower(), "", progress)
+                else:
+                    gone.pop(key, None)
+                    if state != self.states.get(key):
+                        self._set(key, state, "", progress)
             if all(self.states.get(k) in STATES_FINAL for k in self.handles):
                 return
             time.sleep(poll_s)
@@ -555,6 +573,14 @@ def _squeue_states() -> dict[str, str]:
     return dict(line.split(None, 1) for line in out.splitlines() if " " in line)
 
 
+def slurm_state(status: dict[str, Any], queued: str | None, default: str = "pending") -> str:
+    """A Slurm job's state: its own state file once it has finished, else what ``squeue`` says of it."""
+    state = status.get("state", default)
+    if state in ("done", "failed") or queued is None:
+        return state
+    return queued.lower()
+
+
 def status_rows(layout: Layout) -> list[list[Any]]:
     """One row per job of the last submission: job, state, scheduler id, wall time, log, last error."""
     path = layout.sweep_dir / "jobs.json"
@@ -568,9 +594,8 @@ def status_rows(layout: Layout) -> list[list[Any]]:
         reason = entry["skip_reason"]
         state = "done" if reason in EXISTS else "skipped" if reason else status.get("state", "not submitted")
         job_id = entry.get("job_id")
-        queued = queue.get(str(job_id)) if job_id else None
-        if queued and state not in ("done", "failed"):
-            state = queued.lower()
+        if data.get("executor") == "slurm" and not reason:
+            state = slurm_state(status, queue.get(str(job_id)) if job_id else None, default=state)
         elif state == "running" and data.get("executor") == "local" and not _alive(status.get("pid")):
             state = "failed"
             status.setdefault("error", "the job's process is gone")
@@ -668,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     jobs = expand(plan, layout, device, quick=args.quick)
     executor = resolve_executor(args.executor)
-    mark_existing(jobs, force=args.force)
+    mark_existing(jobs, layout.results, force=args.force)
     if args.retry_failed:
         failed_before = {r[0] for r in status_rows(layout) if r[1] in ("failed", "cancelled")}
         for job in jobs:
@@ -721,12 +746,11 @@ def _resource_text(res: Resources) -> str:
 
 def print_table(jobs: list[Job], layout: Layout) -> None:
     """The leaderboard of this plan's cards and tasks only (other records in the store are left out)."""
-    from ringbench.fileio import sha256_file
     from transfer.leaderboard import render_html, render_markdown, table_from_records
     from transfer.results import load_records
 
-    cards = {sha256_file(j.card) for j in jobs if j.stage == "transfer" and Path(j.card).is_file()}
-    tasks = {j.argv[j.argv.index("--task") + 1] for j in jobs if j.stage == "transfer"}
+    cards = {card_sha256(j.card) for j in jobs if j.stage == "transfer" and Path(j.card).is_file()}
+    tasks = {j.task for j in jobs if j.task}
     records = [r for r in load_records(layout.results) if r.get("backbone_sha256") in cards and r["task"] in tasks]
     if not records:
         print("no records for this plan yet", file=sys.stderr)

@@ -63,6 +63,11 @@ class TaskContext:
     cache_dir: Path | None = None
     debug: bool = False
 
+    @property
+    def feature_cache_dir(self) -> Path:
+        """Where frozen features are cached: ``cache_dir``, else the run's own folder."""
+        return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
+
     def output_dir_for(self, config: dict[str, Any]) -> Path:
         """The output folder of the run of the same backbone and task with another ``config``."""
         from transfer.results import config_hash
