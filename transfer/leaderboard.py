@@ -18,6 +18,7 @@ import argparse
 import csv
 import html
 import io
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,134 +29,248 @@ if __package__ in (None, ""):  # run by path: make the repository importable wit
 
 from ringbench.cli import add_common_flags, run_main
 from ringbench.errors import UserError
-from transfer.compare import Cell, Column, Delta, DeltaCell, Table, build_table
+from transfer.compare import (
+    EPISODES,
+    FT_SEEDS,
+    PT_SEEDS,
+    Column,
+    Delta,
+    DeltaCell,
+    Estimate,
+    Table,
+    build_table,
+    replicate_sds,
+)
+from transfer.results import PERCENT
+from transfer.stats import replicates_needed
 
 MISSING = "—"
 FORMATS = ("md", "latex", "html", "csv")
+# What an interval is over, as a cell abbreviates it.
+SHORT = {EPISODES: "ep", FT_SEEDS: "ft", PT_SEEDS: "pt"}
 
 
-def _digits(reference: float) -> int:
-    """Two decimals for AP-like numbers (0-100), three for fractions (accuracy in 0-1)."""
-    return 2 if abs(reference) >= 1 else 3
+def _n(n: int | None, over: str) -> str:
+    return f" ({n} {SHORT.get(over, over)})" if n is not None and over else ""
 
 
-def fmt_cell(cell: Cell | None) -> str:
+def fmt_cell(cell: Estimate | None) -> str:
+    """``mean ± half-width (n ep|ft)`` for a card, ``mean sd s (n pt)`` for a recipe of several seeds."""
     if cell is None:
         return MISSING
-    d = _digits(cell.mean)
-    text = f"{cell.mean:.{d}f}"
-    if cell.err is not None:
-        text += f" ± {cell.err:.{d}f}"
-    return text
+    text = f"{cell.mean:.2f}"
+    if cell.by_seed is not None and cell.sd is not None:
+        return f"{text} sd {cell.sd:.2f}{_n(cell.n, cell.over)}"
+    if cell.has_interval:
+        text += f" ± {(cell.hi - cell.lo) / 2:.2f}"  # type: ignore[operator]
+    return text + _n(cell.n, cell.over)
 
 
-def fmt_delta(delta: DeltaCell | None, reference: float = 1.0) -> str:
+def fmt_delta(delta: DeltaCell | None) -> str:
     if delta is None:
         return MISSING
-    d = _digits(reference)
-    text = f"{delta.diff:+.{d}f}"
-    if delta.lo is not None:
-        text += f" [{delta.lo:+.{d}f}, {delta.hi:+.{d}f}]" + ("*" if delta.significant else "")
-    return text
+    text = f"{delta.diff:+.2f}"
+    if delta.lo is not None and delta.hi is not None:
+        text += f" [{delta.lo:+.2f}, {delta.hi:+.2f}]" + ("*" if delta.significant else "")
+    return text + _n(delta.n, delta.over)
 
 
-def table_rows(table: Table, mark_best: Callable[[str], str]) -> list[list[str]]:
-    """Body rows as strings; ``mark_best(text)`` decorates the best cell of each column."""
-    best = {col: table.best(col) for col in table.columns}
+def fmt_rank(rank: tuple[float | None, int], columns: int) -> str:
+    value, count = rank
+    return MISSING if value is None else f"{value:.1f} ({count}/{columns})"
+
+
+def headers(table: Table) -> list[str]:
+    return ["recipe" if table.view == "recipes" else "card", *(c.label for c in table.columns), "avg rank"]
+
+
+def table_rows(table: Table, mark_tied: Callable[[str], str]) -> list[list[str]]:
+    """Body rows as text (names not yet escaped); ``mark_tied(text)`` decorates the entries not
+    significantly below their column's best."""
     rows = []
-    deltas_after: dict[str, list[Delta]] = {d.variant: [] for d in table.deltas}
+    deltas_after: dict[str, list[Delta]] = {}
     for d in table.deltas:
-        deltas_after[d.variant].append(d)
+        deltas_after.setdefault(d.variant, []).append(d)
     for row in table.rows:
         cells = []
         for col in table.columns:
-            cell = table.cells.get((row.name, col))
-            text = fmt_cell(cell)
-            cells.append(
-                mark_best(text)
-                if cell is not None and best[col] is not None and cell.mean == best[col] and _rows_with(table, col) > 1
-                else text
-            )
-        rows.append([row.name, *cells])
-        for delta in deltas_after.get(row.name, []):
-            rows.append(
-                [
-                    f"Δ {delta.variant} − {delta.plain}",
-                    *(fmt_delta(delta.cells.get(c), _reference(table, delta.plain, c)) for c in table.columns),
-                ]
-            )
+            text = fmt_cell(table.cells.get((row.key, col)))
+            cells.append(mark_tied(text) if (row.key, col) in table.tied else text)
+        rank = fmt_rank(table.ranks.get(row.key, (None, 0)), len(table.columns))
+        rows.append([row.name, *cells, rank])
+        for delta in deltas_after.get(row.key, []):
+            label = f"Δ {table.row(delta.variant).name} − {table.row(delta.plain).name}"
+            rows.append([label, *(fmt_delta(delta.cells.get(c)) for c in table.columns), ""])
     return rows
 
 
-def _reference(table: Table, name: str, col: Column) -> float:
-    cell = table.cells.get((name, col))
-    return cell.mean if cell is not None else 1.0
-
-
-def _rows_with(table: Table, col: Column) -> int:
-    return sum(1 for (_, c) in table.cells if c == col)
-
-
-def legend(table: Table) -> str:
-    kinds = {c.err_kind for c in table.cells.values() if c.err_kind}
-    spreads = {"ci95": "the 95% confidence interval over episodes", "std": "the standard deviation over seeds"}
-    parts = ["± is " + " or ".join(spreads[k] for k in sorted(kinds))] if kinds else []
-    parts.append("the best value of each column is marked")
+def legend(table: Table) -> list[str]:
+    """The notes under a table: units, what each interval is, the marks, and any warning."""
+    units = {c.unit for c in table.columns}
+    notes = ["Values in percentage points." if units == {PERCENT} else "Values in percentage points unless named."]
+    kinds = {(c.over, c.by_seed is not None) for c in table.cells.values() if c.n is not None and c.over}
+    spread = []
+    if (EPISODES, False) in kinds:
+        spread.append("± x (n ep): 95% interval over n episodes")
+    if (FT_SEEDS, False) in kinds:
+        spread.append("± x (n ft): 95% interval over n fine-tuning seeds (none for one seed)")
+    if (PT_SEEDS, True) in kinds:
+        spread.append("sd x (n pt): standard deviation across a recipe's n pretraining seeds (the row: their mean)")
+    if spread:
+        notes.append("; ".join(spread) + ".")
+    methods = table.methods()
+    if methods:
+        notes.append("Intervals: " + "; ".join(methods) + ".")
     if table.deltas:
-        parts.append("Δ rows: variant minus plain, [paired bootstrap 95% interval], * = significant")
-    parts.append(f"{MISSING} = not run")
-    return "; ".join(parts) + "."
+        notes.append(
+            "Δ rows: variant minus plain twin, [95% interval] over paired units (recipes: cards paired by pretraining "
+            "seed; cards: the same episodes or fine-tuning seeds); * = the interval excludes 0; one unit: no interval."
+        )
+    notes.append(
+        "Marked: not significantly below the column's best (Meta-Dataset's rule; an entry with no interval "
+        "cannot be shown to be below). avg rank: mean rank over the columns a row has (of all columns)."
+    )
+    notes.append(f"{MISSING} = not run.")
+    return notes + [f"Warning: {w}" for w in table.warnings]
+
+
+def _md_escape(text: str) -> str:
+    """A cell of a GitHub table: no newline, no unescaped ``|``."""
+    return " ".join(text.replace("\\", "\\\\").replace("|", "\\|").split())
 
 
 def render_markdown(table: Table) -> str:
     from tabulate import tabulate
 
-    headers = ["backbone", *(c.label for c in table.columns)]
-    body = tabulate(table_rows(table, lambda t: f"**{t}**"), headers=headers, tablefmt="github", disable_numparse=True)
-    return body + "\n\n" + legend(table) + "\n"
+    rows = [[_md_escape(c) for c in r] for r in table_rows(table, lambda t: f"**{t}**")]
+    body = tabulate(rows, headers=[_md_escape(h) for h in headers(table)], tablefmt="github", disable_numparse=True)
+    return body + "\n\n" + "\n".join(_md_escape(n) for n in legend(table)) + "\n"
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "\n": " ",
+    "\r": " ",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Text safe in a LaTeX cell: every special character escaped; ± and Δ as math."""
+    out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+    return out.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("−", "$-$").replace(MISSING, "--")
 
 
 def render_latex(table: Table) -> str:
-    def esc(text: str) -> str:
-        for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
-            text = text.replace(a, b)
-        return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("−", "$-$").replace(MISSING, "--")
-
+    """A booktabs tabular (``\\usepackage{booktabs}``); marked entries in bold."""
     rows = table_rows(table, lambda t: "\x00" + t + "\x01")
     lines = [
-        r"\begin{tabular}{l" + "r" * len(table.columns) + "}",
+        r"\begin{tabular}{l" + "r" * (len(table.columns) + 1) + "}",
         r"\toprule",
-        " & ".join(esc(h) for h in ["backbone", *(c.label for c in table.columns)]) + r" \\",
+        " & ".join(latex_escape(h) for h in headers(table)) + r" \\",
         r"\midrule",
     ]
     for row in rows:
-        cells = [esc(c).replace("\x00", r"\textbf{").replace("\x01", "}") for c in row]
+        cells = [latex_escape(c).replace("\x00", r"\textbf{").replace("\x01", "}") for c in row]
         lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", "% " + legend(table)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += ["% " + latex_escape(n) for n in legend(table)]
     return "\n".join(lines) + "\n"
 
 
+CSV_FIELDS = (
+    "row",
+    "kind",
+    "sha256",
+    "plain",
+    "variant",
+    "task",
+    "metric",
+    "config",
+    "unit",
+    "mean",
+    "lo",
+    "hi",
+    "sd",
+    "n",
+    "over",
+    "interval",
+    "significant",
+    "tied_with_best",
+)
+
+
+def csv_safe(text: str) -> str:
+    """A text field no spreadsheet runs as a formula (a leading ``= + - @``, tab or CR is quoted)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def render_csv(table: Table) -> str:
-    """Numbers, not strings: one value and one uncertainty column per table column."""
+    """Long format, one line per cell: numbers in numeric columns (mean, lo, hi, sd, n) and the unit."""
     out = io.StringIO()
-    writer = csv.writer(out)
-    header = ["backbone"]
-    for col in table.columns:
-        header += [col.label, f"{col.label} ±"]
-    writer.writerow(header)
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+
+    def write(fields: dict[str, Any]) -> None:
+        writer.writerow({k: csv_safe(v) if isinstance(v, str) else v for k, v in fields.items()})
+
+    def place(col: Column) -> dict[str, Any]:
+        return {"task": col.task, "metric": col.metric, "config": col.config_label or col.config_hash, "unit": col.unit}
+
     for row in table.rows:
-        values: list[str | float] = [row.name]
+        kind = "recipe" if row.is_recipe else "card"
         for col in table.columns:
-            cell = table.cells.get((row.name, col))
-            values += ["" if cell is None else cell.mean, "" if cell is None or cell.err is None else cell.err]
-        writer.writerow(values)
+            cell = table.cells.get((row.key, col))
+            if cell is None:
+                continue
+            write(
+                {
+                    "row": row.name,
+                    "kind": kind,
+                    "sha256": row.sha256,
+                    **place(col),
+                    "mean": cell.mean,
+                    "lo": _num(cell.lo),
+                    "hi": _num(cell.hi),
+                    "sd": _num(cell.sd),
+                    "n": _num(cell.n),
+                    "over": cell.over,
+                    "interval": cell.method,
+                    "tied_with_best": int((row.key, col) in table.tied),
+                }
+            )
     for delta in table.deltas:
-        values = [f"delta {delta.variant} - {delta.plain}"]
-        for col in table.columns:
-            d = delta.cells.get(col)
-            values += ["" if d is None else d.diff, "" if d is None or d.lo is None else f"{d.lo}..{d.hi}"]
-        writer.writerow(values)
+        plain, variant = table.row(delta.plain).name, table.row(delta.variant).name
+        for col, d in delta.cells.items():
+            write(
+                {
+                    "row": f"delta {variant} - {plain}",
+                    "kind": "delta",
+                    "plain": plain,
+                    "variant": variant,
+                    **place(col),
+                    "mean": d.diff,
+                    "lo": _num(d.lo),
+                    "hi": _num(d.hi),
+                    "n": _num(d.n),
+                    "over": d.over,
+                    "interval": d.method,
+                    "significant": int(d.significant),
+                }
+            )
     return out.getvalue()
+
+
+def _num(value: float | int | None) -> float | int | str:
+    return "" if value is None else value
 
 
 def render_html(table: Table, title: str = "ringbench leaderboard") -> str:
@@ -163,16 +278,17 @@ def render_html(table: Table, title: str = "ringbench leaderboard") -> str:
 
     from transfer.report_plots import family_bar_charts, ring_schedule_chart
 
-    headers = ["backbone", *(html.escape(c.label) for c in table.columns)]
+    head = [html.escape(h) for h in headers(table)]
     rows = [[html.escape(c) for c in r] for r in table_rows(table, lambda t: "\x00" + t + "\x01")]
     rows = [[c.replace("\x00", "<b>").replace("\x01", "</b>") for c in r] for r in rows]
-    body = tabulate(rows, headers=headers, tablefmt="unsafehtml", disable_numparse=True)
+    body = tabulate(rows, headers=head, tablefmt="unsafehtml", disable_numparse=True)
     figures = [*family_bar_charts(table), *ring_schedule_chart(table)]
     images = "\n".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"/>'
         f"<figcaption>{html.escape(name)}</figcaption></figure>"
         for name, data in figures
     )
+    notes = "\n".join(f'<p class="legend">{html.escape(n)}</p>' for n in legend(table))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -183,17 +299,14 @@ th:first-child, td:first-child {{ text-align: left; }}
 tr:nth-child(even) {{ background: #f7f7f7; }}
 figure {{ display: inline-block; margin: 1em; }}
 figcaption {{ text-align: center; font-size: 0.85em; color: #555; }}
-.legend {{ color: #555; font-size: 0.85em; }}
+.legend {{ color: #555; font-size: 0.85em; margin: 0.2em 0; }}
 </style></head>
 <body><h1>{html.escape(title)}</h1>
 {body}
-<p class="legend">{html.escape(legend(table))}</p>
+{notes}
 <div class="figures">{images}</div>
 </body></html>
 """
-
-
-RENDERERS = {"md": render_markdown, "latex": render_latex, "csv": render_csv, "html": render_html}
 
 
 def make_table(
@@ -202,6 +315,8 @@ def make_table(
     baselines: Sequence[str] = (),
     all_metrics: bool = False,
     records: Sequence[Mapping[str, Any]] | None = None,
+    view: str = "recipes",
+    latest: bool = False,
 ) -> Table:
     """The table of the records in ``results`` (or of ``records``, already loaded from them)."""
     from transfer.results import load_records
@@ -210,7 +325,7 @@ def make_table(
         records = load_records(list(results))
     if not records:
         raise UserError(f"no result records in {', '.join(map(str, results))}; run transfer/run.py first")
-    return table_from_records(records, tasks, baselines, all_metrics)
+    return table_from_records(records, tasks, baselines, all_metrics, view=view, latest=latest)
 
 
 def table_from_records(
@@ -218,33 +333,71 @@ def table_from_records(
     tasks: Sequence[str] | None = None,
     baselines: Sequence[str] = (),
     all_metrics: bool = False,
+    view: str = "recipes",
+    latest: bool = False,
 ) -> Table:
-    """The table of these records; ``baselines`` are extra ``PLAIN=VARIANT`` pairs for Δ rows."""
+    """The table of these records; ``baselines`` are extra ``PLAIN=VARIANT`` pairs (row names) for Δ rows."""
     from transfer.tasks import all_tasks
 
     pairs = []
     for item in baselines:
         plain, sep, variant = item.partition("=")
         if not sep or not plain or not variant:
-            raise UserError(f"--baseline {item!r}: expected PLAIN=VARIANT (backbone names)")
+            raise UserError(f"--baseline {item!r}: expected PLAIN=VARIANT (row names)")
         pairs.append((plain, variant))
     headline = {name: task.headline_metrics for name, task in all_tasks().items()}
-    table = build_table(records, tasks=tasks, headline=headline, all_metrics=all_metrics, pairs=pairs)
+    table = build_table(
+        records, tasks=tasks, headline=headline, all_metrics=all_metrics, pairs=pairs, view=view, latest=latest
+    )
     if not table.columns:
         raise UserError(f"no records for tasks {list(tasks or [])}")
     names = {r.name for r in table.rows}
     for plain, variant in pairs:
         missing = [n for n in (plain, variant) if n not in names]
         if missing:
-            raise UserError(f"--baseline {plain}={variant}: no records for {missing}; backbones: {sorted(names)}")
+            raise UserError(f"--baseline {plain}={variant}: no rows named {missing}; rows: {sorted(names)}")
     return table
+
+
+def power_report(table: Table, delta: float) -> str:
+    """How many replicates detect a difference of ``delta`` points at 80% power (two-sided paired
+    t-test, α = 0.05), per column and level, from the standard deviations the table's data show."""
+    from tabulate import tabulate
+
+    rows = []
+    for col in table.columns:
+        for level, (sd, n_from) in replicate_sds(table, col).items():
+            need = replicates_needed(delta, sd)
+            rows.append([col.label, level, f"{sd:.3f}", n_from, MISSING if need is None else need])
+    if not rows:
+        raise UserError("--power: no column has two paired replicates to estimate a standard deviation from")
+    text = tabulate(
+        rows,
+        headers=["column", "replicates", "sd of a paired difference", "sd from", f"n for Δ={delta:g}"],
+        tablefmt="github",
+        disable_numparse=True,
+    )
+    return text + (
+        f"\n\nn: replicates per arm for a two-sided paired t-test (α = 0.05) to detect Δ = {delta:g} points with 80% "
+        "power. Pretraining seeds: the sd of seed-paired Δs (or √2 × the sd of a recipe's cards when no pair has two "
+        "seeds); fine-tuning seeds and episodes: the sd of the per-unit differences of the table's pairs.\n"
+    )
+
+
+RENDERERS: dict[str, Callable[[Table], str]] = {
+    "md": render_markdown,
+    "latex": render_latex,
+    "csv": render_csv,
+    "html": render_html,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="transfer/leaderboard.py",
-        description="Render result records as one comparison table (rows: backbones; columns: task metrics) with "
-        "Δ rows for each plain -> variant pair (ring, HCL or DCL against InfoNCE / NT-Xent).",
+        description="Render result records as one comparison table (rows: recipes, i.e. cards that differ only in "
+        "their pretraining seed, or cards with --cards; columns: task metrics) with Δ rows for each plain -> "
+        "variant pair (ring, HCL or DCL against InfoNCE / NT-Xent).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -262,9 +415,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="PLAIN=VARIANT",
-        help="extra Δ rows for these backbone pairs (pairs are also found from card metadata)",
+        help="extra Δ rows for these row pairs (pairs are also found from card metadata)",
     )
     parser.add_argument("--all-metrics", action="store_true", help="every metric, not only each task's headline ones")
+    parser.add_argument("--cards", action="store_true", help="one row per card instead of one per recipe")
+    parser.add_argument("--latest", action="store_true", help="of several cards with one name, keep the newest")
+    parser.add_argument(
+        "--power",
+        type=float,
+        metavar="DELTA",
+        help="instead of the table: how many pretraining seeds, fine-tuning seeds or episodes a comparison needs to "
+        "detect a difference of DELTA points at 80%% power, per column",
+    )
     parser.add_argument(
         "--export-jsonl",
         type=Path,
@@ -273,14 +435,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_common_flags(parser)
     args = parser.parse_args(argv)
+    if args.power is not None and not (args.power > 0 and math.isfinite(args.power)):
+        raise UserError(f"--power {args.power}: expected a difference in points > 0")
     from transfer.results import export_jsonl, load_records
 
     records = load_records(args.results)
-    table = make_table(args.results, args.tasks, args.baseline, args.all_metrics, records=records)
+    table = make_table(
+        args.results,
+        args.tasks,
+        args.baseline,
+        args.all_metrics,
+        records=records,
+        view="cards" if args.cards else "recipes",
+        latest=args.latest,
+    )
+    for warning in table.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.export_jsonl:
         count = export_jsonl(records, args.export_jsonl)
         print(f"wrote {count} records to {args.export_jsonl}", file=sys.stderr)
-    text = RENDERERS[args.format](table)
+    text = power_report(table, args.power) if args.power is not None else RENDERERS[args.format](table)
     if args.out:
         from ringbench.fileio import atomic_write_text
 

@@ -45,6 +45,9 @@ from ringbench.errors import UserError
 from ringbench.fileio import atomic_write
 
 RECORDS_FILE = "records.jsonl"  # the legacy append-only store, still read
+PERCENT = "percent"  # percentage points (0-100), the unit every metric is stored in
+# Units a record may declare, and the factor that turns each into percentage points.
+UNIT_TO_PERCENT = {PERCENT: 1.0, "fraction": 100.0}
 REQUIRED = frozenset({"backbone", "task", "metrics"})
 _TASK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 _HASH_RE = re.compile(r"[A-Za-z0-9_]{1,128}")  # no '-': it separates the two hashes in a file name
@@ -314,13 +317,18 @@ def make_record(
     seeds: Iterable[int] = (),
     engine_versions: Mapping[str, str] | None = None,
     wall_s: float = 0.0,
+    units: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
+    """A record; ``units`` names each metric's unit (default: percentage points, as every ringbench
+    task reports, Detectron2's AP included)."""
+    units = dict(units or {})
     return {
         "backbone": backbone,
         "backbone_sha256": backbone_sha256,
         "task": task,
         "metrics": {k: _num(v) for k, v in metrics.items()},
+        "units": {k: units.get(k, PERCENT) for k in metrics},
         "ci95": {k: _num(v) for k, v in (ci95 or {}).items()},
         "seeds": list(seeds),
         "config": dict(config),
@@ -329,6 +337,47 @@ def make_record(
         "wall_s": round(float(wall_s), 3),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
+    }
+
+
+def in_percent(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """The record with every metric in percentage points: the one rule by which records are read.
+
+    * A record that has ``units`` states each metric's unit: ``percent`` is kept, ``fraction`` is
+      multiplied by 100 (the metric, its ``ci95``, ``extra.per_seed`` and ``extra.per_episode``);
+      another unit is kept as it is, and the table shows it in the column's name.
+    * A record without ``units`` was written before units were recorded; it is read as percent,
+      because every ringbench version wrote percentage points (Detectron2's AP; accuracies x 100
+      since the first few-shot and linear tasks). ``units_from`` says which case applied.
+    * ``extra.episode_accuracies`` (few-shot, per source and episode) are fractions in every version.
+    """
+    metrics = rec.get("metrics") or {}
+    declared = rec.get("units")
+    if not isinstance(declared, Mapping):
+        return {**rec, "units": {k: PERCENT for k in metrics}, "units_from": "legacy rule"}
+    factors = {k: UNIT_TO_PERCENT.get(str(declared.get(k, PERCENT)), 1.0) for k in metrics}
+    units = {k: PERCENT if str(declared.get(k, PERCENT)) in UNIT_TO_PERCENT else str(declared[k]) for k in metrics}
+    if all(f == 1.0 for f in factors.values()):
+        return {**rec, "units": units, "units_from": "record"}
+
+    def scaled(values: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v * factors[k] if k in factors and isinstance(v, (int, float)) else v for k, v in values.items()}
+
+    extra = dict(rec.get("extra") or {})
+    if isinstance(extra.get("per_seed"), list):
+        extra["per_seed"] = [scaled(s) if isinstance(s, Mapping) else s for s in extra["per_seed"]]
+    if isinstance(extra.get("per_episode"), Mapping):
+        extra["per_episode"] = {
+            k: [v * factors.get(k, 1.0) for v in values] if isinstance(values, list) else values
+            for k, values in extra["per_episode"].items()
+        }
+    return {
+        **rec,
+        "metrics": scaled(metrics),
+        "ci95": scaled(rec.get("ci95") or {}),
+        "extra": extra,
+        "units": units,
+        "units_from": "record",
     }
 
 

@@ -171,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config=config,
         engine_versions={**engine_versions_now(), **result.engine_versions},
         wall_s=time.perf_counter() - start,
+        units=result.units,
         family=task.family,
         backbone_meta={
             "arch": backbone.arch,
@@ -187,8 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _meta_summary(meta: dict) -> dict:
-    """The card metadata a leaderboard needs (method, loss and its parameters, data, epochs)."""
-    keys = ("method", "loss", "loss_params", "dataset", "epochs", "streams", "pair", "image_size", "seed")
+    """The card metadata a leaderboard needs: method, loss and its parameters, data, epochs, the
+    pretraining seed and config (cards whose configs differ only in the seed form a recipe) and
+    when the card was made."""
+    keys = ("method", "loss", "loss_params", "dataset", "epochs", "streams", "image_size", "seed", "config", "created")
     return {k: meta[k] for k in keys if k in meta}
 
 

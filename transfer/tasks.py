@@ -44,6 +44,7 @@ class TaskResult:
     seeds: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. per-seed metrics, skipped images
     engine_versions: dict[str, str] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)  # a metric's unit if not percentage points
 
 
 def run_dir(root: Path, backbone_name: str, backbone_sha256: str, task: str, config: dict[str, Any]) -> Path:
