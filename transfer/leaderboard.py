@@ -5,11 +5,14 @@
     python transfer/leaderboard.py --tasks syn_det fewshot_digits --baseline moco=ring_moco
     python transfer/leaderboard.py --export-jsonl all.jsonl     # also: every record in one file, to share
 
-One row per backbone, one column per (task, metric, config); cells are ``mean ± CI95`` (episodes)
-or ``mean ± std`` (seeds); the best value of each column is marked; a missing cell is shown as
-``—``, never as 0. Each plain -> variant pair (ring, HCL or DCL against the same method with
-InfoNCE / NT-Xent) gets a Δ row with a paired bootstrap 95% interval;
-``*`` marks a difference whose interval excludes 0.
+    python transfer/leaderboard.py --cards --latest          # a row per card; newest card of each name
+    python transfer/leaderboard.py --power 1.0               # replicates needed to detect 1 point
+
+One row per recipe (cards that differ only in their pretraining seed: mean, sd across seeds, n) or
+per card (``--cards``), one column per (task, metric, config, unit); every interval says what it is
+over and its n; entries not significantly below their column's best are marked (Meta-Dataset's
+rule); each plain -> variant pair gets a paired Δ row (the rules: ``transfer/compare.py``). A
+missing cell is ``—``, never 0.
 """
 
 from __future__ import annotations
