@@ -45,6 +45,11 @@ VARIANT_LOSSES = ("ring", "hcl", "dcl")
 PLAIN_LOSSES = ("nce", "ntxent")
 TWIN_KEYS = ("method", "dataset", "arch", "epochs")  # what a variant shares with its plain twin
 
+# Reference rows: a random initialisation and a supervised network frame a transfer table (MoCo's
+# tables always carry the supervised ImageNet row); published numbers are rows without cards.
+RANDOM, SUPERVISED = "random", "supervised"
+REFERENCE_METHODS = (RANDOM, SUPERVISED)
+
 # What an interval is over, as the tables abbreviate it.
 EPISODES, FT_SEEDS, PT_SEEDS = "episodes", "fine-tuning seeds", "pretraining seeds"
 
@@ -125,6 +130,22 @@ class Row:
     def sha256(self) -> str:
         return self.cards[0].sha256 if len(self.cards) == 1 else ""
 
+    @property
+    def published(self) -> bool:
+        """A published number's row: no card, its source in ``meta["source"]``."""
+        return not self.cards
+
+    @property
+    def reference(self) -> str | None:
+        """``"random"`` or ``"supervised"`` for a reference card's row, else None."""
+        method = self.meta.get("method")
+        return method if method in REFERENCE_METHODS and not self.published else None
+
+    @property
+    def family_key(self) -> tuple[Any, Any]:
+        """Cards are compared with the reference rows of their own architecture and stem."""
+        return (self.meta.get("arch"), self.meta.get("stem"))
+
 
 @dataclass
 class Delta:
@@ -143,6 +164,8 @@ class Table:
     tied: set[tuple[str, Column]] = field(default_factory=set)  # not significantly below the best
     ranks: dict[str, tuple[float | None, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    above_random: set[tuple[str, Column]] = field(default_factory=set)  # significantly above the random row
+    normalised: bool = False  # cells are shares of the random -> supervised gap
 
     def row(self, key: str) -> Row:
         return next(r for r in self.rows if r.key == key)
@@ -230,6 +253,7 @@ def build_table(
     ordered_columns = sorted(columns, key=_column_order)
     warnings += _unit_warnings(chosen.values(), ordered_columns)
     rows = _card_rows(cards) if view == "cards" else _recipe_rows(cards, warnings)
+    rows.sort(key=lambda r: (REFERENCE_METHODS.index(r.reference) if r.reference else len(REFERENCE_METHODS), r.name))
     cells: dict[tuple[str, Column], Estimate] = {}
     for row in rows:
         for col in ordered_columns:
@@ -256,7 +280,132 @@ def build_table(
     table.tied = ties_with_best(table, n_boot, rng)
     scores = [[cells[(r.key, c)].mean if (r.key, c) in cells else None for c in ordered_columns] for r in rows]
     table.ranks = {r.key: rank for r, rank in zip(rows, stats.average_ranks(scores))}
+    table.above_random = above_random(table, n_boot, rng)
     return table
+
+
+@dataclass(frozen=True)
+class Published:
+    """A number from the literature for one task and metric (percentage points), with its source."""
+
+    task: str
+    metric: str
+    value: float
+    method: str  # e.g. "MoCo v2, 800 epochs"
+    source: str  # where the table is: paper and table, or repository file
+    protocol: str = ""  # the protocol it was measured with, if the task's name does not say it all
+
+
+def with_published(table: Table, numbers: Iterable[Published]) -> Table:
+    """The table with a row per published method, its numbers in the columns of their task and
+    metric (every config of the task); such rows take no part in ties, ranks or Δs."""
+    by_method: dict[str, list[Published]] = {}
+    for number in numbers:
+        by_method.setdefault(number.method, []).append(number)
+    rows = list(table.rows)
+    cells = dict(table.cells)
+    for method, found in by_method.items():
+        placed = [(col, n) for n in found for col in table.columns if (col.task, col.metric) == (n.task, n.metric)]
+        if not placed:
+            continue
+        sources = sorted({n.source + (f" ({n.protocol})" if n.protocol else "") for n in found})
+        row = Row(f"published:{method}", f"{method} (published)", [], {"source": "; ".join(sources)})
+        rows.append(row)
+        for col, number in placed:
+            cells[(row.key, col)] = Estimate(float(number.value), method="published")
+    return replace(table, rows=rows, cells=cells)
+
+
+def reference_row(table: Table, row: Row, kind: str) -> Row | None:
+    """The ``kind`` (random / supervised) row of ``row``'s architecture and stem, if the table has one."""
+    found = [r for r in table.rows if r.reference == kind and r.family_key == row.family_key]
+    return found[0] if len(found) == 1 else None
+
+
+def above_random(table: Table, n_boot: int = 10_000, rng: np.random.Generator | None = None) -> set:
+    """The cells significantly above their random-initialisation row's (same architecture and stem),
+    by the same paired comparison as a Δ row."""
+    out = set()
+    for row in table.rows:
+        base = reference_row(table, row, RANDOM)
+        if base is None or base is row or row.published:
+            continue
+        for col in table.columns:
+            if (row.key, col) in table.cells and (base.key, col) in table.cells:
+                delta = compare(table.cells[(base.key, col)], table.cells[(row.key, col)], n_boot, rng)
+                if delta.significant and delta.diff > 0:
+                    out.add((row.key, col))
+    return out
+
+
+GAP_UNIT = "% of the random→supervised gap"
+
+
+def normalise(table: Table) -> Table:
+    """Each cell as the share of the gap from its random row to its supervised row (same
+    architecture and stem) that it closes: ``100 (x - random) / (supervised - random)``. Intervals
+    and Δs are mapped by the same affine map, holding the two references fixed; cells without
+    both references, or with no gap between them, are left out."""
+    if not any(r.reference == RANDOM for r in table.rows) or not any(r.reference == SUPERVISED for r in table.rows):
+        raise ValueError("normalising needs a random and a supervised row (method random / supervised)")
+    columns = {col: replace(col, unit=GAP_UNIT) for col in table.columns}
+    scale: dict[tuple[str, Column], tuple[float, float]] = {}  # (row, column) -> (random value, gap)
+    for row in table.rows:
+        low, high = reference_row(table, row, RANDOM), reference_row(table, row, SUPERVISED)
+        if low is None or high is None:
+            continue
+        for col in table.columns:
+            if (low.key, col) in table.cells and (high.key, col) in table.cells:
+                r, s = table.cells[(low.key, col)].mean, table.cells[(high.key, col)].mean
+                if s != r:
+                    scale[(row.key, col)] = (r, s - r)
+
+    def share(value: float | None, origin: float, gap: float) -> float | None:
+        return None if value is None else 100.0 * (value - origin) / gap
+
+    cells = {}
+    for (key, col), cell in table.cells.items():
+        if (key, col) not in scale:
+            continue
+        r, gap = scale[(key, col)]
+        lo, hi = share(cell.lo, r, gap), share(cell.hi, r, gap)
+        if lo is not None and hi is not None and lo > hi:
+            lo, hi = hi, lo
+        by_seed = (
+            {seed: replace(e, mean=100.0 * (e.mean - r) / gap, samples=None) for seed, e in cell.by_seed.items()}
+            if cell.by_seed is not None
+            else None
+        )
+        cells[(key, columns[col])] = replace(
+            cell,
+            mean=100.0 * (cell.mean - r) / gap,
+            lo=lo,
+            hi=hi,
+            sd=None if cell.sd is None else 100.0 * cell.sd / abs(gap),
+            samples=None if cell.samples is None else [100.0 * (v - r) / gap for v in cell.samples],
+            by_seed=by_seed,
+        )
+    deltas = []
+    for delta in table.deltas:
+        mapped = {}
+        for col, d in delta.cells.items():
+            if (delta.variant, col) in scale:
+                gap = scale[(delta.variant, col)][1]
+                lo, hi = share(d.lo, 0.0, gap), share(d.hi, 0.0, gap)
+                if lo is not None and hi is not None and lo > hi:
+                    lo, hi = hi, lo
+                mapped[columns[col]] = replace(d, diff=100.0 * d.diff / gap, lo=lo, hi=hi)
+        deltas.append(Delta(delta.plain, delta.variant, mapped))
+    used = [columns[c] for c in table.columns]
+    return replace(
+        table,
+        columns=used,
+        cells=cells,
+        deltas=deltas,
+        tied={(k, columns[c]) for k, c in table.tied if (k, c) in scale},
+        above_random={(k, columns[c]) for k, c in table.above_random if (k, c) in scale},
+        normalised=True,
+    )
 
 
 def make_cell(rec: Mapping[str, Any], metric: str) -> Estimate:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import html
 import io
 import math
 import sys
@@ -32,109 +31,11 @@ if __package__ in (None, ""):  # run by path: make the repository importable wit
 
 from ringbench.cli import add_common_flags, run_main
 from ringbench.errors import UserError
-from transfer.compare import (
-    EPISODES,
-    FT_SEEDS,
-    PT_SEEDS,
-    Column,
-    Delta,
-    DeltaCell,
-    Estimate,
-    Table,
-    build_table,
-    replicate_sds,
-)
-from transfer.results import PERCENT
+from transfer.compare import Column, Table, build_table, normalise, replicate_sds
 from transfer.stats import replicates_needed
+from transfer.table_text import MISSING, headers, legend, table_rows
 
-MISSING = "—"
 FORMATS = ("md", "latex", "html", "csv")
-# What an interval is over, as a cell abbreviates it.
-SHORT = {EPISODES: "ep", FT_SEEDS: "ft", PT_SEEDS: "pt"}
-
-
-def _n(n: int | None, over: str) -> str:
-    return f" ({n} {SHORT.get(over, over)})" if n is not None and over else ""
-
-
-def fmt_cell(cell: Estimate | None) -> str:
-    """``mean ± half-width (n ep|ft)`` for a card, ``mean sd s (n pt)`` for a recipe of several seeds."""
-    if cell is None:
-        return MISSING
-    text = f"{cell.mean:.2f}"
-    if cell.by_seed is not None and cell.sd is not None:
-        return f"{text} sd {cell.sd:.2f}{_n(cell.n, cell.over)}"
-    if cell.has_interval:
-        text += f" ± {(cell.hi - cell.lo) / 2:.2f}"  # type: ignore[operator]
-    return text + _n(cell.n, cell.over)
-
-
-def fmt_delta(delta: DeltaCell | None) -> str:
-    if delta is None:
-        return MISSING
-    text = f"{delta.diff:+.2f}"
-    if delta.lo is not None and delta.hi is not None:
-        text += f" [{delta.lo:+.2f}, {delta.hi:+.2f}]" + ("*" if delta.significant else "")
-    return text + _n(delta.n, delta.over)
-
-
-def fmt_rank(rank: tuple[float | None, int], columns: int) -> str:
-    value, count = rank
-    return MISSING if value is None else f"{value:.1f} ({count}/{columns})"
-
-
-def headers(table: Table) -> list[str]:
-    return ["recipe" if table.view == "recipes" else "card", *(c.label for c in table.columns), "avg rank"]
-
-
-def table_rows(table: Table, mark_tied: Callable[[str], str]) -> list[list[str]]:
-    """Body rows as text (names not yet escaped); ``mark_tied(text)`` decorates the entries not
-    significantly below their column's best."""
-    rows = []
-    deltas_after: dict[str, list[Delta]] = {}
-    for d in table.deltas:
-        deltas_after.setdefault(d.variant, []).append(d)
-    for row in table.rows:
-        cells = []
-        for col in table.columns:
-            text = fmt_cell(table.cells.get((row.key, col)))
-            cells.append(mark_tied(text) if (row.key, col) in table.tied else text)
-        rank = fmt_rank(table.ranks.get(row.key, (None, 0)), len(table.columns))
-        rows.append([row.name, *cells, rank])
-        for delta in deltas_after.get(row.key, []):
-            label = f"Δ {table.row(delta.variant).name} − {table.row(delta.plain).name}"
-            rows.append([label, *(fmt_delta(delta.cells.get(c)) for c in table.columns), ""])
-    return rows
-
-
-def legend(table: Table) -> list[str]:
-    """The notes under a table: units, what each interval is, the marks, and any warning."""
-    units = {c.unit for c in table.columns}
-    notes = ["Values in percentage points." if units == {PERCENT} else "Values in percentage points unless named."]
-    kinds = {(c.over, c.by_seed is not None) for c in table.cells.values() if c.n is not None and c.over}
-    spread = []
-    if (EPISODES, False) in kinds:
-        spread.append("± x (n ep): 95% interval over n episodes")
-    if (FT_SEEDS, False) in kinds:
-        spread.append("± x (n ft): 95% interval over n fine-tuning seeds (none for one seed)")
-    if (PT_SEEDS, True) in kinds:
-        spread.append("sd x (n pt): standard deviation across a recipe's n pretraining seeds (the row: their mean)")
-    if spread:
-        notes.append("; ".join(spread) + ".")
-    methods = table.methods()
-    if methods:
-        notes.append("Intervals: " + "; ".join(methods) + ".")
-    if table.deltas:
-        notes.append(
-            "Δ rows: variant minus plain twin, [95% interval] over paired units (recipes: cards paired by pretraining "
-            "seed; cards: the same episodes or fine-tuning seeds); * = the interval excludes 0; one unit: no interval."
-        )
-    notes.append(
-        "Marked: not significantly below the column's best (Meta-Dataset's rule; an entry with no interval "
-        "cannot be shown to be below). avg rank: mean rank over the columns a row has (of all columns)."
-    )
-    notes.append(f"{MISSING} = not run.")
-    return notes + [f"Warning: {w}" for w in table.warnings]
 
 
 def _md_escape(text: str) -> str:
@@ -208,6 +109,8 @@ CSV_FIELDS = (
     "interval",
     "significant",
     "tied_with_best",
+    "above_random",
+    "source",
 )
 
 
@@ -229,7 +132,7 @@ def render_csv(table: Table) -> str:
         return {"task": col.task, "metric": col.metric, "config": col.config_label or col.config_hash, "unit": col.unit}
 
     for row in table.rows:
-        kind = "recipe" if row.is_recipe else "card"
+        kind = "published" if row.published else "recipe" if row.is_recipe else "card"
         for col in table.columns:
             cell = table.cells.get((row.key, col))
             if cell is None:
@@ -248,6 +151,8 @@ def render_csv(table: Table) -> str:
                     "over": cell.over,
                     "interval": cell.method,
                     "tied_with_best": int((row.key, col) in table.tied),
+                    "above_random": int((row.key, col) in table.above_random),
+                    "source": row.meta.get("source", "") if row.published else "",
                 }
             )
     for delta in table.deltas:
@@ -274,42 +179,6 @@ def render_csv(table: Table) -> str:
 
 def _num(value: float | int | None) -> float | int | str:
     return "" if value is None else value
-
-
-def render_html(table: Table, title: str = "ringbench leaderboard") -> str:
-    from tabulate import tabulate
-
-    from transfer.report_plots import family_bar_charts, ring_schedule_chart
-
-    head = [html.escape(h) for h in headers(table)]
-    rows = [[html.escape(c) for c in r] for r in table_rows(table, lambda t: "\x00" + t + "\x01")]
-    rows = [[c.replace("\x00", "<b>").replace("\x01", "</b>") for c in r] for r in rows]
-    body = tabulate(rows, headers=head, tablefmt="unsafehtml", disable_numparse=True)
-    figures = [*family_bar_charts(table), *ring_schedule_chart(table)]
-    images = "\n".join(
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"/>'
-        f"<figcaption>{html.escape(name)}</figcaption></figure>"
-        for name, data in figures
-    )
-    notes = "\n".join(f'<p class="legend">{html.escape(n)}</p>' for n in legend(table))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; font-size: 0.9em; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: 0.3em 0.7em; text-align: right; white-space: nowrap; }}
-th:first-child, td:first-child {{ text-align: left; }}
-tr:nth-child(even) {{ background: #f7f7f7; }}
-figure {{ display: inline-block; margin: 1em; }}
-figcaption {{ text-align: center; font-size: 0.85em; color: #555; }}
-.legend {{ color: #555; font-size: 0.85em; margin: 0.2em 0; }}
-</style></head>
-<body><h1>{html.escape(title)}</h1>
-{body}
-{notes}
-<div class="figures">{images}</div>
-</body></html>
-"""
 
 
 def make_table(
@@ -387,6 +256,12 @@ def power_report(table: Table, delta: float) -> str:
     )
 
 
+def render_html(table: Table) -> str:
+    from transfer.report_page import render_page
+
+    return render_page(table)
+
+
 RENDERERS: dict[str, Callable[[Table], str]] = {
     "md": render_markdown,
     "latex": render_latex,
@@ -424,6 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cards", action="store_true", help="one row per card instead of one per recipe")
     parser.add_argument("--latest", action="store_true", help="of several cards with one name, keep the newest")
     parser.add_argument(
+        "--normalise",
+        action="store_true",
+        help="show each cell as the share of the gap from the random-initialisation row to the supervised row "
+        "(same architecture and stem) that it closes, in %%",
+    )
+    parser.add_argument(
         "--power",
         type=float,
         metavar="DELTA",
@@ -452,6 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         view="cards" if args.cards else "recipes",
         latest=args.latest,
     )
+    if args.normalise:
+        try:
+            table = normalise(table)
+        except ValueError as exc:
+            raise UserError(f"--normalise: {exc}; run the random and supervised cards on these tasks") from None
     for warning in table.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.export_jsonl:

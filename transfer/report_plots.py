@@ -7,7 +7,7 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-from transfer.compare import Estimate, Table
+from transfer.compare import Column, Estimate, Table
 
 
 def _matplotlib() -> Any:
@@ -30,29 +30,53 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def family_bar_charts(table: Table) -> list[tuple[str, str]]:
-    """One grouped bar chart per task family: a group per column, a bar per backbone, error bars."""
+def family_bar_chart(table: Table, family: str, columns: list[Column], labels: list[str]) -> str:
+    """A grouped bar chart of one task family: a group per column (``labels``), a bar per row that
+    was run here, error bars as the table's (half the 95% interval; a recipe's sd), the legend beside
+    the axes so it covers no bar."""
     import numpy as np
 
     plt = _matplotlib()
+    rows = [r for r in table.rows if not r.published]
+    width = 0.8 / max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(min(9.0, max(4.0, 0.9 * len(columns) + 2.0)), 3.0))
+    x = np.arange(len(columns))
+    for i, row in enumerate(rows):
+        cells = [table.cells.get((row.key, c)) for c in columns]
+        means = [c.mean if c else np.nan for c in cells]
+        errs = [_error_bar(c) for c in cells]
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=errs, capsize=2, label=row.name)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel(columns[0].unit if len({c.unit for c in columns}) == 1 else "value")
+    ax.set_title(f"{family} tasks", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _png(fig)
 
-    charts = []
-    families = list(dict.fromkeys(c.family or "other" for c in table.columns))
-    for family in families:
-        columns = [c for c in table.columns if (c.family or "other") == family]
-        width = 0.8 / max(1, len(table.rows))
-        fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(columns) + 1.5), 3.2))
-        x = np.arange(len(columns))
-        for i, row in enumerate(table.rows):
-            cells = [table.cells.get((row.key, c)) for c in columns]
-            means = [c.mean if c else np.nan for c in cells]
-            errs = [_error_bar(c) for c in cells]
-            ax.bar(x + (i - (len(table.rows) - 1) / 2) * width, means, width, yerr=errs, capsize=2, label=row.name)
-        ax.set_xticks(x, [c.label for c in columns], rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"{family} tasks")
-        ax.legend(fontsize=7)
-        charts.append((f"{family} tasks", _png(fig)))
-    return charts
+
+def forest_plot(table: Table) -> str | None:
+    """Every Δ row's difference with its 95% interval, one line per (pair, column), and the zero
+    line: the figure that answers "does the variant transfer better than its plain twin?". Filled
+    markers are significant; hollow ones have an interval that covers 0; crosses have no interval."""
+    items = [(d, col, cell) for d in table.deltas for col in table.columns if (cell := d.cells.get(col)) is not None]
+    if not items:
+        return None
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.28 * len(items)))
+    labels = []
+    for y, (delta, col, cell) in enumerate(reversed(items)):
+        labels.append(f"{table.row(delta.variant).name} − {table.row(delta.plain).name} · {col.label}")
+        if cell.lo is not None and cell.hi is not None:
+            ax.plot([cell.lo, cell.hi], [y, y], color="#333", linewidth=1.2)
+            face = "#1f77b4" if cell.significant else "white"
+            ax.plot([cell.diff], [y], "o", markerfacecolor=face, markeredgecolor="#1f77b4", markersize=6)
+        else:
+            ax.plot([cell.diff], [y], "x", color="#888", markersize=6)
+    ax.axvline(0.0, color="#c00", linewidth=1, linestyle="--")
+    ax.set_yticks(range(len(items)), labels, fontsize=7)
+    ax.set_xlabel("Δ variant − plain (" + ("% of gap" if table.normalised else "points") + "), 95% interval")
+    ax.set_title("Δ: conditional negatives against their plain twin", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
 
 
 def _error_bar(cell: Estimate | None) -> float:
@@ -64,13 +88,19 @@ def _error_bar(cell: Estimate | None) -> float:
     return (cell.hi - cell.lo) / 2 if cell.lo is not None and cell.hi is not None else 0.0
 
 
+def ring_curves(table: Table) -> dict[str, tuple[list[int], list[float]]]:
+    """Each ring row's share of the negatives kept, epoch by epoch."""
+    found = {r.name: schedule_curve(r.meta) for r in table.rows if r.meta.get("loss") == "ring"}
+    return {name: curve for name, curve in found.items() if curve}
+
+
 def ring_schedule_chart(table: Table) -> list[tuple[str, str]]:
     """The share of the negatives the ring keeps, ``w_outer * (1 - w_inner)``, over pretraining
     epochs, one line per ring row (the ring is ranks ``[floor(w_inner * outer), outer)`` of the
-    negatives sorted by similarity, ``outer = floor(w_outer * K)``)."""
-    all_curves = {r.name: schedule_curve(r.meta) for r in table.rows if r.meta.get("loss") == "ring"}
-    curves = {k: v for k, v in all_curves.items() if v}
-    if not curves:
+    negatives sorted by similarity, ``outer = floor(w_outer * K)``). None when every ring keeps a
+    constant share: a flat line says nothing a sentence cannot (``ring_constant_notes``)."""
+    curves = ring_curves(table)
+    if not curves or all(len(set(values)) == 1 for _, values in curves.values()):
         return []
     plt = _matplotlib()
     fig, ax = plt.subplots(figsize=(4.5, 3.0))
@@ -79,9 +109,18 @@ def ring_schedule_chart(table: Table) -> list[tuple[str, str]]:
     ax.set_xlabel("epoch")
     ax.set_ylabel("share of negatives in the ring, w_outer·(1−w_inner)")
     ax.set_ylim(0, 1.05)
-    ax.set_title("ring threshold schedule")
-    ax.legend(fontsize=7)
+    ax.set_title("ring threshold schedule", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return [("ring threshold schedule", _png(fig))]
+
+
+def ring_constant_notes(table: Table) -> list[str]:
+    """A sentence per ring row whose kept share never changes."""
+    return [
+        f"{name} keeps {100 * values[0]:.1f}% of the negatives (w_outer·(1−w_inner)) in all {len(values) - 1} epochs."
+        for name, (_, values) in ring_curves(table).items()
+        if len(set(values)) == 1
+    ]
 
 
 def schedule_curve(meta: Mapping[str, Any]) -> tuple[list[int], list[float]] | None:

@@ -1,0 +1,185 @@
+"""The HTML leaderboard page and the reference rows: random and supervised cards, published
+numbers, --normalise, one table per family with a two-level header, the forest plot, and the page
+in a real browser (headless Chromium): it renders, fits 1280 px, and every figure loads."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from ringbench.cli import run_main
+from tests.test_leaderboard import RING, _det, _fewshot, _meta
+from transfer.compare import GAP_UNIT, Published, build_table, normalise, with_published
+from transfer.leaderboard import main
+from transfer.report_page import render_page
+from transfer.results import write_record
+
+
+def _records():
+    """A random card, a supervised one, and a moco / ring_moco pair with 3 pretraining seeds each, on
+    a few-shot task (100 shared episodes) and a detection task (3 fine-tuning seeds), plus a second
+    detection config."""
+    rng = np.random.default_rng(0)
+    out = []
+    base = rng.uniform(0.2, 0.3, 100)
+    out.append(_fewshot("random", base, meta=_meta(method="random", loss="none")))
+    out.append(_det("random", [5.0, 5.5, 6.0], meta=_meta(method="random", loss="none")))
+    out.append(_fewshot("supervised", base + 0.5, meta=_meta(method="supervised", loss="ce")))
+    out.append(_det("supervised", [40.0, 41.0, 42.0], meta=_meta(method="supervised", loss="ce")))
+    for seed in range(3):
+        for name, loss, gain in (("moco", "nce", 0.3), ("ring_moco", "ring", 0.33)):
+            extra = {"loss_params": RING} if loss == "ring" else {}
+            meta = _meta(loss=loss, seed=seed, **extra)
+            eps = np.clip(base + gain + rng.normal(0, 0.02, 100), 0, 1)
+            out.append(_fewshot(f"{name}_s{seed}", eps, meta=meta))
+            ap = 20.0 + 10 * gain + rng.normal(0, 1, 3)
+            out.append(_det(f"{name}_s{seed}", list(ap), meta=meta))
+            out.append(_rec_det_long(f"{name}_s{seed}", ap, meta))
+    return out
+
+
+def _rec_det_long(name, ap, meta):
+    rec = _det(name, list(ap + 5), meta=meta)
+    rec["config"] = {"iters": 300}
+    from transfer.results import config_hash
+
+    rec["config_hash"] = config_hash(rec["config"])
+    return rec
+
+
+def test_reference_rows_lead_and_trained_cards_are_marked_above_random():
+    table = build_table(_records())
+    assert [r.name for r in table.rows][:2] == ["random", "supervised"]
+    assert sorted(r.name for r in table.rows[2:]) == ["moco", "ring_moco"]
+    moco = table.row_by_name("moco")
+    few = next(c for c in table.columns if c.task == "fewshot_digits")
+    assert (moco.key, few) in table.above_random  # 3 pretraining seeds, +30 points: clear
+    det = next(c for c in table.columns if c.task == "syn_det" and c.config_label == "iters=60")
+    # the random row has one card: moco's cards pair with it on none of their seeds but seed 0
+    assert (moco.key, det) in table.above_random
+    assert (table.row_by_name("random").key, few) not in table.above_random
+
+
+def test_normalise_maps_random_to_0_and_supervised_to_100():
+    table = build_table(_records())
+    norm = normalise(table)
+    few = next(c for c in norm.columns if c.task == "fewshot_digits")
+    assert few.unit == GAP_UNIT
+    value = {r.name: norm.cells[(r.key, few)].mean for r in norm.rows}
+    assert value["random"] == pytest.approx(0.0) and value["supervised"] == pytest.approx(100.0)
+    raw = next(c for c in table.columns if c.task == "fewshot_digits")
+    r, s = (table.cells[(table.row_by_name(n).key, raw)].mean for n in ("random", "supervised"))
+    m = table.cells[(table.row_by_name("moco").key, raw)].mean
+    assert value["moco"] == pytest.approx(100 * (m - r) / (s - r))
+    [delta] = norm.deltas
+    raw_delta = table.deltas[0].cells[raw]
+    assert delta.cells[few].diff == pytest.approx(100 * raw_delta.diff / (s - r))
+    with pytest.raises(ValueError, match="random and a supervised row"):
+        normalise(build_table(_records()[4:]))
+
+
+def test_published_rows_sit_in_their_task_columns_only():
+    numbers = [
+        Published("syn_det", "bbox/AP", 44.0, "MoCo v2, 800 ep", "a paper, Table 2"),
+        Published("voc_det", "bbox/AP", 57.4, "MoCo v2, 800 ep", "a paper, Table 2"),
+    ]
+    table = with_published(build_table(_records()), numbers)
+    row = table.row_by_name("MoCo v2, 800 ep (published)")
+    cols = [c for c in table.columns if (row.key, c) in table.cells]
+    assert {c.task for c in cols} == {"syn_det"} and len(cols) == 2  # both syn_det configs
+    page = render_page(table)
+    assert "MoCo v2, 800 ep (published)" in page and "a paper, Table 2" in page
+
+
+def test_page_has_a_table_per_family_with_a_two_level_header_and_footnotes():
+    page = render_page(build_table(_records()))
+    assert page.count("<table") == 3  # the rows' summary, detectron2, fewshot
+    assert '<th class="task" colspan="1">syn_det<sup>a</sup></th>' in page
+    assert '<th class="task" colspan="1">syn_det<sup>b</sup></th>' in page
+    assert "a: syn_det run with iters=300" in page and "b: syn_det run with iters=60" in page
+    assert "[iters=" not in page  # config differences are footnotes, not column names
+    assert '<span class="n">3 pt</span>' in page and '<span class="n">100 ep</span>' in page
+    images = dict(re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page))
+    assert set(images) == {"forest plot of every Δ with its 95% interval", "detectron2 tasks", "fewshot tasks"}
+    assert all(base64.b64decode(v)[:8] == b"\x89PNG\r\n\x1a\n" for v in images.values())
+    # a constant ring is a sentence, not a flat line
+    assert "ring threshold schedule" not in page and "ring_moco keeps 9.0% of the negatives" in page
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+
+
+def test_cli_normalise(tmp_path, capsys):
+    for rec in _records():
+        write_record(tmp_path, rec)
+    assert run_main(main, ["--results", str(tmp_path), "--normalise", "--tasks", "fewshot_digits"]) == 0
+    out = capsys.readouterr().out
+    assert "(% of the random→supervised gap)" in out and "| random " in out and " 0.00" in out
+    assert run_main(main, ["--results", str(tmp_path), "--normalise", "--tasks", "nope"]) == 2
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const root = document.documentElement;
+  const images = [...document.images];
+  const tables = [...document.querySelectorAll("table")];
+  const out = document.createElement("pre");
+  out.id = "probe";
+  out.textContent = JSON.stringify({
+    scrollWidth: root.scrollWidth, clientWidth: root.clientWidth,
+    images: images.length, loaded: images.filter((i) => i.complete && i.naturalWidth > 0).length,
+    tables: tables.length, tooWide: tables.filter((t) => t.getBoundingClientRect().right > root.clientWidth).length,
+  });
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (make test-browser installs it)")
+def test_page_in_headless_chromium_fits_1280px_and_loads_every_figure(tmp_path):
+    """The page as a researcher opens it, at 1280 px: no horizontal overflow, every figure decoded.
+    The probe script is added to a copy of the page; the page itself has no script."""
+    table = with_published(
+        build_table(_records()), [Published("syn_det", "bbox/AP", 44.0, "MoCo v2, 800 ep", "a paper")]
+    )
+    page = render_page(table)
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    out = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--window-size=1280,900",
+            "--virtual-time-budget=10000",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    found = re.search(r'<pre id="probe">(.*?)</pre>', out.stdout, re.S)
+    assert found, f"the page did not render: {out.stderr[-2000:]}"
+    probe = json.loads(found.group(1).replace("&quot;", '"'))
+    assert probe["clientWidth"] == 1280
+    assert probe["scrollWidth"] <= probe["clientWidth"] and probe["tooWide"] == 0, probe
+    assert probe["images"] == 3 and probe["loaded"] == 3, probe
+    assert probe["tables"] == 3

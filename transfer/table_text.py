@@ -1,0 +1,143 @@
+"""The text of a comparison table, shared by every format: cells, Δs, ranks, rows and the notes
+that say what each number and mark means."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from transfer.compare import EPISODES, FT_SEEDS, GAP_UNIT, PT_SEEDS, Column, Delta, DeltaCell, Estimate, Table
+from transfer.results import PERCENT
+
+MISSING = "—"
+ABOVE_RANDOM = "†"  # significantly above the random-initialisation row
+# What an interval is over, as a cell abbreviates it.
+SHORT = {EPISODES: "ep", FT_SEEDS: "ft", PT_SEEDS: "pt"}
+
+
+def n_text(n: int | None, over: str) -> str:
+    """``600 ep``: how many units an interval is over, and which (empty when unknown)."""
+    return f"{n} {SHORT.get(over, over)}" if n is not None and over else ""
+
+
+def _n(n: int | None, over: str) -> str:
+    text = n_text(n, over)
+    return f" ({text})" if text else ""
+
+
+def cell_value(cell: Estimate) -> str:
+    """``mean ± half-width`` for a card, ``mean sd s`` for a recipe of several seeds."""
+    text = f"{cell.mean:.2f}"
+    if cell.by_seed is not None and cell.sd is not None:
+        return f"{text} sd {cell.sd:.2f}"
+    if cell.has_interval:
+        text += f" ± {(cell.hi - cell.lo) / 2:.2f}"  # type: ignore[operator]
+    return text
+
+
+def fmt_cell(cell: Estimate | None) -> str:
+    """``mean ± half-width (n ep|ft)`` for a card, ``mean sd s (n pt)`` for a recipe of several seeds."""
+    if cell is None:
+        return MISSING
+    return cell_value(cell) + _n(cell.n, cell.over)
+
+
+def delta_value(delta: DeltaCell) -> str:
+    """``diff [lo, hi]*``: the difference, its interval when the data give one, * when it excludes 0."""
+    text = f"{delta.diff:+.2f}"
+    if delta.lo is not None and delta.hi is not None:
+        text += f" [{delta.lo:+.2f}, {delta.hi:+.2f}]" + ("*" if delta.significant else "")
+    return text
+
+
+def fmt_delta(delta: DeltaCell | None) -> str:
+    if delta is None:
+        return MISSING
+    return delta_value(delta) + _n(delta.n, delta.over)
+
+
+def fmt_rank(rank: tuple[float | None, int], columns: int) -> str:
+    value, count = rank
+    return MISSING if value is None else f"{value:.1f} ({count}/{columns})"
+
+
+def headers(table: Table) -> list[str]:
+    return [row_header(table), *(c.label for c in table.columns), "avg rank"]
+
+
+def row_header(table: Table) -> str:
+    return "recipe" if table.view == "recipes" else "card"
+
+
+def cell_text(table: Table, row_key: str, col: Column, mark_tied: Callable[[str], str]) -> str:
+    """A cell's text with its marks: ``mark_tied`` for an entry not significantly below its
+    column's best, † for one significantly above its random-initialisation row."""
+    text = fmt_cell(table.cells.get((row_key, col)))
+    if (row_key, col) in table.above_random:
+        text += ABOVE_RANDOM
+    return mark_tied(text) if (row_key, col) in table.tied else text
+
+
+def delta_label(table: Table, delta: Delta) -> str:
+    return f"Δ {table.row(delta.variant).name} − {table.row(delta.plain).name}"
+
+
+def table_rows(table: Table, mark_tied: Callable[[str], str], columns: list[Column] | None = None) -> list[list[str]]:
+    """Body rows as text (names not yet escaped), each row followed by its Δ rows, over ``columns``
+    (all by default), with the average rank over all of the table's columns last."""
+    columns = table.columns if columns is None else columns
+    rows = []
+    deltas_after: dict[str, list[Delta]] = {}
+    for d in table.deltas:
+        deltas_after.setdefault(d.variant, []).append(d)
+    for row in table.rows:
+        cells = [cell_text(table, row.key, col, mark_tied) for col in columns]
+        rank = MISSING if row.published else fmt_rank(table.ranks.get(row.key, (None, 0)), len(table.columns))
+        rows.append([row.name, *cells, rank])
+        for delta in deltas_after.get(row.key, []):
+            rows.append([delta_label(table, delta), *(fmt_delta(delta.cells.get(c)) for c in columns), ""])
+    return rows
+
+
+def legend(table: Table) -> list[str]:
+    """The notes under a table: units, what each interval is, the marks, and any warning."""
+    units = {c.unit for c in table.columns}
+    if table.normalised:
+        notes = [
+            f"Values in {GAP_UNIT}: 100 (x − random) / (supervised − random), the reference rows of the same "
+            "architecture and stem (0 = random initialisation, 100 = supervised); intervals mapped alike, "
+            "the references held fixed."
+        ]
+    else:
+        notes = ["Values in percentage points." if units == {PERCENT} else "Values in percentage points unless named."]
+    kinds = {(c.over, c.by_seed is not None) for c in table.cells.values() if c.n is not None and c.over}
+    spread = []
+    if (EPISODES, False) in kinds:
+        spread.append("± x (n ep): 95% interval over n episodes")
+    if (FT_SEEDS, False) in kinds:
+        spread.append("± x (n ft): 95% interval over n fine-tuning seeds (none for one seed)")
+    if (PT_SEEDS, True) in kinds:
+        spread.append("sd x (n pt): standard deviation across a recipe's n pretraining seeds (the row: their mean)")
+    if spread:
+        notes.append("; ".join(spread) + ".")
+    methods = table.methods()
+    if methods:
+        notes.append("Intervals: " + "; ".join(methods) + ".")
+    if table.deltas:
+        notes.append(
+            "Δ rows: variant minus plain twin, [95% interval] over paired units (recipes: cards paired by pretraining "
+            "seed; cards: the same episodes or fine-tuning seeds); * = the interval excludes 0; one unit: no interval."
+        )
+    notes.append(
+        "Marked: not significantly below the column's best (Meta-Dataset's rule; an entry with no interval "
+        "cannot be shown to be below). avg rank: mean rank over the columns a row has (of all columns)."
+    )
+    if table.above_random:
+        notes.append(
+            f"{ABOVE_RANDOM}: significantly above the random-initialisation row of the same architecture and stem "
+            "(the same paired comparison as a Δ row)."
+        )
+    for row in table.rows:
+        if row.published:
+            notes.append(f"{row.name}: {row.meta.get('source', '')}; not run here, no interval.")
+    notes.append(f"{MISSING} = not run.")
+    return notes + [f"Warning: {w}" for w in table.warnings]
