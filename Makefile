@@ -3,6 +3,8 @@
 #   make test   set up if needed, then run the default (fast) test suite
 #   make test-cluster  set up if needed, bring up a one-node Slurm cluster (root, apt), run the
 #               submitit tests on it (pytest -m cluster), then take down what it started
+#   make test-browser  set up if needed, install Debian's chromium if missing (root, apt), then check the
+#               HTML leaderboard in headless Chromium (the default suite skips that test without it)
 #   make demo   set up if needed, then run the main job on the embedded synthetic data
 PY ?= python3.11
 VENV ?= .venv
@@ -12,7 +14,7 @@ STAMP := $(VENV)/.ringbench-setup
 # every torch process down many times over. Set before Python starts, so it reaches torch.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup lint test test-slow test-cluster demo bench readme clean-venv
+.PHONY: setup lint test test-slow test-cluster test-browser demo bench readme clean-venv
 
 setup: $(STAMP)
 
@@ -46,6 +48,10 @@ test-cluster: setup
 	if bash tests/cluster/slurm_up.sh; then $(PYTHON) -m pytest -m cluster tests/test_cluster.py || status=$$?; \
 	else status=$$?; fi; \
 	bash tests/cluster/slurm_down.sh; exit $$status
+
+test-browser: setup
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	$(PYTHON) -m pytest tests/test_report_page.py -k chromium -rs
 
 demo: setup
 	$(PYTHON) transfer/sweep.py --plan demo --executor local --jobs 2
