@@ -20,7 +20,8 @@ from transfer.results import in_percent, make_record, write_record
 
 
 def _meta(method="moco", loss="nce", seed=0, epochs=5, **extra):
-    config = {"method": method, "loss": {"name": loss}, "train": {"epochs": epochs, "seed": seed}}
+    loss_config = {"name": loss, **extra.get("loss_params", {})}
+    config = {"method": method, "loss": loss_config, "train": {"epochs": epochs, "seed": seed}}
     return {
         "method": method,
         "loss": loss,
@@ -153,9 +154,10 @@ def test_same_name_cards_are_two_rows_with_their_own_deltas():
         _fewshot("ring_moco", eps + 0.05, sha="a" * 64, meta=old),
         _fewshot("ring_moco", eps - 0.05, sha="b" * 64, meta=new),
     ]
-    table = build_table(records, view="cards")
-    names = sorted(r.name for r in table.rows)
-    assert names == ["moco", "ring_moco@aaaaaaaa", "ring_moco@bbbbbbbb"]
+    for view in ("recipes", "cards"):  # two configs: two recipes as well as two cards
+        table = build_table(records, view=view)
+        names = sorted(r.name for r in table.rows)
+        assert names == ["moco", "ring_moco@aaaaaaaa", "ring_moco@bbbbbbbb"]
     assert any("2 different cards are named 'ring_moco'" in w for w in table.warnings)
     diffs = {table.row(d.variant).name: next(iter(d.cells.values())).diff for d in table.deltas}
     assert diffs == pytest.approx({"ring_moco@aaaaaaaa": 5.0, "ring_moco@bbbbbbbb": -5.0})
@@ -328,7 +330,7 @@ def test_variants_pair_with_their_plain_twin_only():
     assert find_pairs(rows) == [("c_ntxent", "a_dcl"), ("c_ntxent", "b_hcl"), ("c_ntxent", "d_ring")]
 
 
-NASTY = "=HYPERLINK(x)|$a^b{c}~d_e\nf"
+NASTY = "=HYPERLINK(x)|$a^b{c}~d_e\nf$_{x}^$"
 
 
 def _nasty_records():
