@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run by path: make the repository importable wit
 
 from ringbench.cli import add_common_flags, run_main
 from ringbench.errors import UserError
-from transfer.compare import Column, Table, build_table, normalise, replicate_sds
+from transfer.compare import Column, Published, Table, build_table, normalise, replicate_sds, with_published
 from transfer.stats import replicates_needed
 from transfer.table_text import MISSING, headers, legend, table_rows
 
@@ -223,6 +223,14 @@ def table_from_records(
     )
     if not table.columns:
         raise UserError(f"no records for tasks {list(tasks or [])}")
+    registry = all_tasks()
+    shown = {c.task for c in table.columns}
+    published = [
+        Published(**{k: number[k] for k in ("task", "metric", "value", "method", "source")})
+        for name in sorted(shown & registry.keys())
+        for number in getattr(registry[name], "published", ())
+    ]
+    table = with_published(table, published)
     names = {r.name for r in table.rows}
     for plain, variant in pairs:
         missing = [n for n in (plain, variant) if n not in names]
