@@ -33,7 +33,8 @@ class WriteError(UserError, OSError):
     Both a :class:`UserError` (one line, exit 2 on the command line) and an ``OSError``."""
 
 
-def _write_error(path: str | os.PathLike, exc: OSError) -> WriteError:
+def as_write_error(path: str | os.PathLike, exc: OSError) -> WriteError:
+    """``exc`` (an ``OSError`` from writing ``path``) as a one-line :class:`WriteError`."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     hint = {
         errno.ENOSPC: "; free some space or write elsewhere",
@@ -71,7 +72,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise _write_error(path, exc) from exc
+        raise as_write_error(path, exc) from exc
     try:
         try:
             handle: IO = os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
@@ -88,7 +89,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, (WriteError, FileNotFoundError)):
-            raise _write_error(path, exc) from exc
+            raise as_write_error(path, exc) from exc
         raise
     _fsync_dir(path.parent)
 
@@ -100,7 +101,7 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise _write_error(path, exc) from exc
+        raise as_write_error(path, exc) from exc
     try:
         start = os.fstat(fd).st_size
         try:
@@ -113,7 +114,7 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)
-            raise _write_error(path, exc) from exc
+            raise as_write_error(path, exc) from exc
     finally:
         os.close(fd)
 
@@ -145,7 +146,7 @@ def remove_stale_temps(folder: str | os.PathLike, max_age_s: float = STALE_AGE_S
     removed: list[Path] = []
     host = temp_prefix("x").split(".")[2].rpartition("-")[0]
     try:
-        entries = list(os.scandir(folder))
+        entries = list(os.scandir(os.fspath(folder)))
     except OSError:
         return removed
     now = time.time()
@@ -191,7 +192,7 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Non
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise _write_error(path, exc) from exc
+        raise as_write_error(path, exc) from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -80,7 +80,7 @@ def refuse_foreign_flags(args: argparse.Namespace, task) -> None:
             flag
             for flags in args._family_flags.values()
             for dest, flag in flags.items()
-            if dest not in own and getattr(args, dest, None) not in (None, False)
+            if dest not in own and getattr(args, dest, None) is not None
         }
     )
     if foreign:
