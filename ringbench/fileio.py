@@ -88,10 +88,24 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, (WriteError, FileNotFoundError)):
-            raise as_write_error(path, exc) from exc
+        cause = _os_error(exc)
+        if cause is not None:
+            raise as_write_error(path, cause) from exc
         raise
     _fsync_dir(path.parent)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` behind a failed write: ``exc`` itself, or the one it was raised while handling
+    (``torch.save`` turns a full disk into a ``RuntimeError`` of its zip writer)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None or isinstance(seen, WriteError):
+            return None
+        if isinstance(seen, OSError) and not isinstance(seen, FileNotFoundError):
+            return seen
+        seen = seen.__context__
+    return None
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
