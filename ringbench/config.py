@@ -69,7 +69,7 @@ def compose(schema: type, layers: Iterable[Layer] = (), overrides: Iterable[str]
 def check_range(name: str, value: Any, low: Any = None, high: Any = None) -> None:
     """``value`` is a number within ``[low, high]`` (see above), else a :class:`UserError` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not _within(value, low, high):
-        raise UserError(f"{name} must be in {_interval(low, high)}, got {value!r}")
+        raise UserError(f"{name} must be {_interval(low, high)}, got {value!r}")
 
 
 def check_values(schema: type, cfg: Mapping[str, Any], prefix: str = "") -> None:
@@ -88,7 +88,8 @@ def check_values(schema: type, cfg: Mapping[str, Any], prefix: str = "") -> None
 
 
 def _flag_or_key(name: str, prefix: str) -> str:
-    return f"config: {prefix}{name}" if prefix else f"{name} (--{name.replace('_', '-')})"
+    """How a value is named in messages: the flag of a flat settings schema, else the dotted key."""
+    return f"config: {prefix}{name}" if prefix else f"--{name.replace('_', '-')}"
 
 
 def _within(value: float, low: Any, high: Any) -> bool:
@@ -104,9 +105,12 @@ def _within(value: float, low: Any, high: Any) -> bool:
 
 
 def _interval(low: Any, high: Any) -> str:
+    """The range in words: ``at least 1``, ``> 0``, ``in [0, 1)``."""
+    if high is None and low is not None:
+        return f"> {low[0]}" if isinstance(low, tuple) else f"at least {low}"
     left = "(-inf" if low is None else (f"({low[0]}" if isinstance(low, tuple) else f"[{low}")
     right = "inf)" if high is None else (f"{high[0]})" if isinstance(high, tuple) else f"{high}]")
-    return f"{left}, {right}"
+    return f"in {left}, {right}"
 
 
 def parse_override(item: str) -> dict[str, Any]:

@@ -134,16 +134,20 @@ def append_line(path: str | os.PathLike, line: str) -> None:
 
 
 def check_writable_dir(folder: str | os.PathLike, what: str) -> Path:
-    """Create ``folder`` if needed and prove a file can be created in it, before any work starts.
+    """Prove that files can be created in ``folder`` (or, if it does not exist yet, in the nearest
+    folder above it that does), before any work starts, leaving nothing behind.
 
     A path that is a file, a read-only file system or a folder without permission is a
     :class:`UserError` naming the flag's folder (``what``)."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{what} {folder}: is a file, not a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == folder else f"{existing} "
+        raise UserError(f"{what} {folder}: {where}is a file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=temp_prefix("write-check"), suffix=".tmp", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix("write-check"), suffix=".tmp", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
