@@ -27,7 +27,7 @@ from pathlib import Path
 from pretrain.config import DATASETS, PROFILES, load_config
 from ringbench.cli import add_common_flags, resolve_device, run_main
 from ringbench.errors import UserError
-from ringbench.fileio import check_writable_dir
+from ringbench.fileio import check_writable_dir, remove_stale_temps
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--out {out}: is a folder; name the card file to write")
     check_writable_dir(workdir, "--workdir")
     check_writable_dir(out.parent, "--out's folder")
+    remove_stale_temps(out.parent)  # a card write cut by a kill
     from pretrain.train import train
 
     result = train(cfg, out, workdir, device=device, fresh=args.fresh, progress=not args.no_progress)

@@ -155,8 +155,11 @@ def check_writable_dir(folder: str | os.PathLike, what: str) -> Path:
     return folder
 
 
-def remove_stale_temps(folder: str | os.PathLike, max_age_s: float = STALE_AGE_S) -> list[Path]:
-    """Remove the temporary dot-files of killed writers in ``folder`` (not recursive); those removed.
+def remove_stale_temps(
+    folder: str | os.PathLike, max_age_s: float = STALE_AGE_S, recursive: bool = False
+) -> list[Path]:
+    """Remove the temporary dot-files of killed writers in ``folder`` (and its sub-folders when
+    ``recursive``: for small trees such as one run's output folder); those removed.
 
     A temporary file (``.<name>.<host>-<pid>.*.tmp|.raw``) is stale when its writer ran on this
     host and is no longer alive, or when it has not been touched for ``max_age_s`` (a writer on
@@ -170,6 +173,9 @@ def remove_stale_temps(folder: str | os.PathLike, max_age_s: float = STALE_AGE_S
     now = time.time()
     for entry in entries:
         name = entry.name
+        if recursive and entry.is_dir(follow_symlinks=False):
+            removed += remove_stale_temps(entry.path, max_age_s, recursive)
+            continue
         if not name.startswith(".") or not name.endswith(_TEMP_SUFFIXES):
             continue
         try:

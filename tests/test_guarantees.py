@@ -287,16 +287,20 @@ def test_unwritable_folders_are_refused_before_work(tmp_path, capsys):
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
 def test_every_writer_gives_the_umask_mode(tmp_path, umask, mode):
+    from transfer.d2.synthetic_coco import write_synthetic_coco
+
     old = os.umask(umask)
     try:
         fileio.atomic_save({"a": torch.zeros(1)}, tmp_path / "a.pth")
         fileio.append_line(tmp_path / "log.jsonl", "{}")
         with fileio.atomic_write(tmp_path / "b.npy") as handle:
             np.save(handle, np.zeros(2))
+        write_synthetic_coco(tmp_path / "coco", num_train=1, num_val=1)
     finally:
         os.umask(old)
     for name in ("a.pth", "log.jsonl", "b.npy"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+    assert (tmp_path / "coco").stat().st_mode & 0o777 == 0o777 & ~umask  # a folder, not mkdtemp's 0700
 
 
 def test_stale_temporary_files_are_removed(tmp_path):
@@ -309,9 +313,14 @@ def test_stale_temporary_files_are_removed(tmp_path):
     for name in (live, killed, other_host, old, "record.json"):
         (tmp_path / name).write_text("x")
     os.utime(tmp_path / old, (0, 0))
-    removed = fileio.remove_stale_temps(tmp_path)
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / killed).write_text("x")
+    assert fileio.remove_stale_temps(tmp_path / "seed0", max_age_s=float("inf")) == [tmp_path / "seed0" / killed]
+    (tmp_path / "seed0" / killed).write_text("x")
+    removed = fileio.remove_stale_temps(tmp_path)  # not recursive: seed0/ is left alone
     assert sorted(p.name for p in removed) == sorted([killed, old])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, other_host, "record.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, other_host, "record.json", "seed0"])
+    assert fileio.remove_stale_temps(tmp_path, recursive=True) == [tmp_path / "seed0" / killed]
 
 
 def test_a_workdir_takes_one_process_at_a_time(tmp_path):
@@ -380,6 +389,7 @@ def test_yaml_that_is_not_utf8_is_one_line(tmp_path):
         (["--episodes", "100000000"], r"--episodes must be in \[1, 100000\], got 100000000"),
         (["--seeds", "0"], "--seeds: not used by task fewshot_digits"),
         (["--linear-max-iter", "5"], "--linear-max-iter: not used by task fewshot_digits"),
+        (["--synthetic-classes", "4"], "--synthetic-classes: not used by task fewshot_digits"),
         (["--shots", "500"], "500-shot 15-query episodes need 5 classes of at least 515 images"),
         (["--device", "bogus"], "--device 'bogus': not a device"),
     ],

@@ -188,6 +188,8 @@ def make_fewshot_task(name: str, sources: list[str], description: str, needs_dat
         add_arguments=add_fewshot_arguments,
         primary_metric="acc_avg" if len(sources) > 1 else "acc",
         needs_data=needs_data,
+        unused_flags=(() if "synthetic" in sources else ("synthetic_classes", "synthetic_images"))
+        + (() if needs_data else ("md_root", "md_split")),
     )
 
 

@@ -378,6 +378,9 @@ def make_linear_task(dataset: str, description: str) -> Task:
         add_arguments=add_linear_arguments,
         primary_metric="acc",
         needs_data=dataset != "synthetic",
+        unused_flags=()
+        if dataset == "synthetic"
+        else ("linear_synthetic_classes", "linear_synthetic_train", "linear_synthetic_test"),
     )
 
 

@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def refuse_foreign_flags(args: argparse.Namespace, task) -> None:
-    """Flags of another task family than ``task``'s are refused, not silently ignored
-    (``--seeds 3`` on a few-shot task would otherwise record one seed as if three were asked)."""
-    own = args._family_flags.get(task.add_arguments, {})
+    """Flags that ``task`` does not use (another family's, or its ``unused_flags``) are refused, not
+    silently ignored (``--seeds 3`` on a few-shot task would otherwise record one seed as if three were asked)."""
+    own = {dest for dest in args._family_flags.get(task.add_arguments, {}) if dest not in task.unused_flags}
     foreign = sorted(
         {
             flag
@@ -177,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     check_writable_dir(ctx.output_dir, "--output-dir")
     check_writable_dir(args.results / task.name, "--results")
-    for folder in (ctx.output_dir, args.results / task.name):
-        remove_stale_temps(folder)  # left by killed runs
+    remove_stale_temps(ctx.output_dir, recursive=True)  # left by killed runs (per-seed folders too)
+    remove_stale_temps(args.results / task.name)
     print(
         f"{task.name}: {backbone.name} ({backbone.arch}, {backbone.source_format}, sha256 {backbone.sha256[:12]}) "
         f"on {ctx.device}; output {ctx.output_dir}",

@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run by path: make the repository importable wit
 from ringbench.cli import add_common_flags, run_main
 from ringbench.config import compose, find_config, read_yaml_mapping
 from ringbench.errors import UserError
-from ringbench.fileio import atomic_write_text
+from ringbench.fileio import atomic_write_text, path_component
 
 STAGES = {"pretrain": "pretrain.run", "transfer": "transfer.run"}
 EXECUTORS = ("auto", "local", "slurm", "debug")
@@ -206,6 +206,7 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
             raise UserError(f"{where}: recipe {entry['name']!r} needs a pretraining 'config'")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", entry["name"]):
             raise UserError(f"{where}: recipe name {entry['name']!r} may hold only letters, digits, '_', '.', '-'")
+        path_component(entry["name"], f"{where}: recipe name")  # not '..', not hidden: a folder of its own
         config = find_config(entry["config"], "pretrain")
         resources = _resources(entry["resources"], f"{where}.resources")
         seeds = entry["seeds"] or [None]

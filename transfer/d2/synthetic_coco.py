@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ringbench import shapes
-from ringbench.fileio import as_write_error
+from ringbench.fileio import as_write_error, current_umask
 
 SPLITS = {"train": 0, "val": 1}
 DEFAULTS: dict[str, Any] = {
@@ -162,6 +162,7 @@ def write_synthetic_coco(
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
+        os.chmod(staging, 0o777 & ~current_umask())  # the data set's folder: the umask's mode, not mkdtemp's 0700
         for split, count in (("train", num_train), ("val", num_val)):
             coco, pixels = build_split(split, count, height, width, max_objects, seed, min_radius, max_radius)
             folder = image_dir(staging, split)

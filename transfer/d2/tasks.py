@@ -249,6 +249,7 @@ def _register(name: str) -> None:
             primary_metric=primary,
             headline=headline,
             needs_data=not name.startswith("syn_"),
+            unused_flags=() if name.startswith("syn_") else ("syn_train_images", "syn_val_images", "syn_seed"),
         )
     )
 
