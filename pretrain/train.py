@@ -1,9 +1,12 @@
 """The pretraining loop: data -> method steps -> checkpoints, JSONL log, kNN monitor -> backbone card.
 
-* A checkpoint is written atomically after every epoch (``WORKDIR/checkpoint.pth``); a new run
-  with the same config and work folder resumes from it. Data order, augmentations and the
+* A checkpoint is written atomically after every epoch (``WORKDIR/checkpoint.pth``), before the kNN
+  monitor runs (and again with its result); a new run with the same config and work folder resumes
+  from it, first running a monitor that the interruption skipped. Data order, augmentations and the
   methods' random draws are seeded per epoch, so a resumed run repeats an uninterrupted one.
-* ``WORKDIR/log.jsonl``: one JSON object per line (steps every ``train.log_every``, and epochs).
+* ``WORKDIR/log.jsonl``: one JSON object per line (steps every ``train.log_every``, and epochs),
+  appended whole; on resume it is rebuilt from the checkpoint, so the killed epoch's lines go.
+* One process per work folder: the main process holds an ``fcntl`` lock on ``WORKDIR/.lock``.
 * The kNN monitor (k=200, temperature-weighted) runs on a held-out split after each epoch.
 * AMP and channels-last are used on CUDA only.
 * Under ``torchrun`` it runs DDP (NCCL on CUDA, gloo on CPU); process 0 writes files.
