@@ -392,6 +392,7 @@ def test_yaml_that_is_not_utf8_is_one_line(tmp_path):
         (["--synthetic-classes", "4"], "--synthetic-classes: not used by task fewshot_digits"),
         (["--shots", "500"], "500-shot 15-query episodes need 5 classes of at least 515 images"),
         (["--device", "bogus"], "--device 'bogus': not a device"),
+        (["--episode-mode", "sideways"], "--episode-mode must be 'variable' or 'fixed'"),
     ],
 )
 def test_transfer_flags_are_checked_before_work(tmp_path, card_path, capsys, flags, message):
@@ -512,3 +513,27 @@ def test_print_config_into_a_closed_pipe_is_quiet():
         f"{sys.executable} -c '{code}' | head -1", shell=True, capture_output=True, text=True, cwd=REPO
     )
     assert done.stdout == "0\n" and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_declared_ranges_are_on_numbers_and_hold_for_the_defaults():
+    import dataclasses
+    import typing
+
+    from pretrain.config import RANGES, PretrainConfig
+    from ringbench.config import _scalar_type, check_range, compose
+    from transfer.d2.tasks import Detectron2Settings
+    from transfer.fewshot import FewShotSettings
+    from transfer.linear import LinearSettings
+
+    for schema in (FewShotSettings, LinearSettings, Detectron2Settings):
+        hints = typing.get_type_hints(schema)
+        ranged = [f for f in dataclasses.fields(schema) if "range" in f.metadata]
+        assert ranged, schema
+        for f in ranged:
+            assert _scalar_type(hints[f.name]) in (int, float), (schema.__name__, f.name)
+        compose(schema)  # the defaults are within their ranges
+    defaults = compose(PretrainConfig)
+    for name, (low, high) in RANGES.items():
+        section, key = name.split(".")
+        if defaults[section][key] is not None:
+            check_range(name, defaults[section][key], low, high)

@@ -35,8 +35,9 @@ MD_ROOT_ENV = "RINGBENCH_MD_ROOT"
 MAX_EPISODES = 100_000  # Meta-Dataset uses 600; more is a typo, not a protocol
 
 
-def _help(text: str, low: Any = 1) -> Any:
-    return field(default=None, metadata={"help": text, "range": (low, None)})
+def _help(text: str, low: int | None = None) -> Any:
+    """An optional setting (default None) with its help, and its lower bound when it is a count."""
+    return field(default=None, metadata={"help": text, **({"range": (low, None)} if low is not None else {})})
 
 
 @dataclass
@@ -73,7 +74,7 @@ class FewShotSettings:
         metadata={"help": "seed of the episodes (same seed: same episodes for every backbone)", "range": (0, None)},
     )
     md_split: str = field(default="test", metadata={"help": "class split of the sources: train | valid | test"})
-    image_size: Optional[int] = _help("resize images to this square size (default: the backbone card's)")
+    image_size: Optional[int] = _help("resize images to this square size (default: the backbone card's)", low=1)
     pooling: str = field(default="avg", metadata={"help": f"feature pooling: {' | '.join(POOLINGS)}"})
     max_images_per_class: Optional[int] = _help(
         "use at most this many images per class (the first ones in the source's order); default all", low=2
