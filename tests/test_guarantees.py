@@ -151,6 +151,19 @@ def test_transfer_cli_refuses_a_malicious_backbone_in_one_line(tmp_path, marker,
     assert err.count("\n") == 1 and "holds Python objects" in err
 
 
+def test_eval_only_weights_are_refused_before_any_work(tmp_path, marker, card_path, capsys):
+    pytest.importorskip("fvcore")
+    from transfer.run import main
+
+    evil = _evil_pickle(tmp_path / "model.pkl", marker)
+    argv = ["--backbone", str(card_path), "--task", "syn_det", "--eval-only", "--weights", str(evil)]
+    argv += ["--results", str(tmp_path / "r"), "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    assert run_main(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "global io.open is not allowed" in err
+    assert not (tmp_path / "c").exists()  # no synthetic data set was built
+
+
 # --- cards: shapes and values ---------------------------------------------------------------------
 def test_card_tensors_are_checked_for_shape_and_finiteness(tmp_path):
     from ringbench.card import BackboneCard, make_meta
