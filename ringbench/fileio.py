@@ -23,6 +23,7 @@ from typing import IO
 
 from ringbench.errors import UserError
 
+MIN_FREE_BYTES = 64 * 1024  # a folder with less free space than this is refused before work starts
 STALE_AGE_S = 24 * 3600  # a temporary file untouched this long belongs to no running writer
 _TEMP_SUFFIXES = (".tmp", ".raw")
 
@@ -137,8 +138,8 @@ def check_writable_dir(folder: str | os.PathLike, what: str) -> Path:
     """Prove that files can be created in ``folder`` (or, if it does not exist yet, in the nearest
     folder above it that does), before any work starts, leaving nothing behind.
 
-    A path that is a file, a read-only file system or a folder without permission is a
-    :class:`UserError` naming the flag's folder (``what``)."""
+    A path that is a file, a read-only file system, a folder without permission or a full file
+    system is a :class:`UserError` naming the flag's folder (``what``)."""
     folder = Path(folder)
     existing = folder
     while not existing.exists() and existing != existing.parent:
@@ -152,6 +153,10 @@ def check_writable_dir(folder: str | os.PathLike, what: str) -> Path:
         os.unlink(probe)
     except OSError as exc:
         raise UserError(f"{what} {folder}: not writable ({exc.strerror or exc})") from exc
+    with contextlib.suppress(OSError):
+        stat = os.statvfs(existing)
+        if stat.f_bavail * stat.f_frsize < MIN_FREE_BYTES:
+            raise UserError(f"{what} {folder}: no space left on its file system; free some space or write elsewhere")
     return folder
 
 

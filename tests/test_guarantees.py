@@ -4,6 +4,7 @@ folders, and a killed or concurrent run leaves consistent files."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -227,6 +228,10 @@ def test_full_disk_leaves_no_partial_file_and_one_line(tiny_fs, capsys):
     assert run_main(lambda argv: write_record(tiny_fs, _record(extra={"blob": "x" * 200_000})), []) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err
+    with open(tiny_fs / "fill", "wb") as fill, contextlib.suppress(OSError):
+        fill.write(b"x" * 100_000)  # the rest of the disk
+    with pytest.raises(UserError, match="no space left on its file system"):
+        fileio.check_writable_dir(tiny_fs / "results", "--results")  # refused before a run starts
 
 
 class _ShortRaw(io.RawIOBase):
