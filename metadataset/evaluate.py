@@ -8,6 +8,7 @@ same episodes and their per-episode accuracies can be compared pairwise.
 
 from __future__ import annotations
 
+import itertools
 import time
 import zlib
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from metadataset.sampling import ClassStructure, FixedEpisodes, VariableEpisodes, sample_episodes, validate_split
+from metadataset.sampling import ClassStructure, FixedEpisodes, VariableEpisodes, iter_episodes, validate_episodes
 
 EPISODE_CHUNK = 100  # episodes whose features are gathered and solved together
 
@@ -60,24 +61,35 @@ def evaluate_source(
     episodes: int = 600,
     seed: int = 0,
     structure: ClassStructure | None = None,
+    progress: bool = False,
 ) -> SourceResult:
-    """Sample ``episodes`` episodes over ``(features, labels)`` and score ``probe`` on each."""
+    """Sample ``episodes`` episodes over ``(features, labels)`` and score ``probe`` on each.
+
+    Episodes are drawn lazily, ``EPISODE_CHUNK`` at a time (memory does not grow with their
+    number), with a progress bar when ``progress``."""
+    from tqdm import tqdm
+
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels, minlength=len(class_names))
-    validate_split(class_names, counts, rules.min_ways, where=source)
+    validate_episodes(class_names, counts, rules, where=source)
     start = time.perf_counter()
-    sampled = sample_episodes(episode_seed(seed, source), labels, len(class_names), episodes, rules, structure)
+    drawn = iter_episodes(episode_seed(seed, source), labels, len(class_names), episodes, rules, structure)
     accuracies: list[float] = []
-    for first in range(0, len(sampled), EPISODE_CHUNK):
-        chunk = sampled[first : first + EPISODE_CHUNK]
-        tasks = [(np.asarray(features[e.support]), e.support_labels, np.asarray(features[e.query])) for e in chunk]
-        preds = probe.fit_predict_many(tasks)
-        accuracies.extend(float(np.mean(p == e.query_labels)) for p, e in zip(preds, chunk))
+    ways: list[int] = []
+    support_sizes: list[int] = []
+    with tqdm(total=episodes, desc=f"episodes {source}", unit="ep", disable=not progress, leave=False) as bar:
+        while chunk := list(itertools.islice(drawn, EPISODE_CHUNK)):
+            tasks = [(np.asarray(features[e.support]), e.support_labels, np.asarray(features[e.query])) for e in chunk]
+            preds = probe.fit_predict_many(tasks)
+            accuracies.extend(float(np.mean(p == e.query_labels)) for p, e in zip(preds, chunk))
+            ways.extend(len(np.unique(e.support_labels)) for e in chunk)
+            support_sizes.extend(len(e.support) for e in chunk)
+            bar.update(len(chunk))
     return SourceResult(
         source=source,
         accuracies=np.asarray(accuracies),
-        ways=np.array([len(np.unique(e.support_labels)) for e in sampled]),
-        support_sizes=np.array([len(e.support) for e in sampled]),
+        ways=np.array(ways),
+        support_sizes=np.array(support_sizes),
         seconds=time.perf_counter() - start,
     )
 

@@ -39,7 +39,7 @@ import torch
 from metadataset.sources import ImageSet
 from ringbench import __version__
 from ringbench.errors import UserError
-from ringbench.fileio import atomic_write, atomic_write_text
+from ringbench.fileio import as_write_error, atomic_write, atomic_write_text, remove_stale_temps, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ def extract_features(
     std = torch.tensor(backbone.std, dtype=torch.float32)
     skipped: list[str] = []
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)  # the temporary files of killed extractions
     (folder / "index.json").unlink(missing_ok=True)  # a stale entry stays invalid until rebuilt
     labels: list[int] = []
     dim = None
@@ -214,7 +215,10 @@ def extract_features(
         disable=not progress,
         leave=False,
     )
-    fd, raw_path = tempfile.mkstemp(prefix=".features.", suffix=".raw", dir=folder)
+    try:
+        fd, raw_path = tempfile.mkstemp(prefix=temp_prefix("features"), suffix=".raw", dir=folder)
+    except OSError as exc:
+        raise as_write_error(folder, exc) from exc
     try:
         with os.fdopen(fd, "wb") as raw, torch.inference_mode():
             for images, batch_labels in _batches(image_set, image_size, mean, std, batch_size, skipped):
@@ -225,7 +229,10 @@ def extract_features(
                     out = model(images)
                 out = out.float().reshape(len(images), -1).cpu().numpy()
                 dim = out.shape[1]
-                raw.write(np.ascontiguousarray(out, dtype=np.float32).tobytes())
+                try:
+                    raw.write(np.ascontiguousarray(out, dtype=np.float32).tobytes())
+                except OSError as exc:
+                    raise as_write_error(raw_path, exc) from exc
                 labels.extend(batch_labels)
                 bar.update(len(batch_labels))
         bar.close()

@@ -19,7 +19,7 @@ Variable-way variable-shot (Triantafillou et al., ICLR 2020, section 3.2 and app
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +92,27 @@ def validate_split(class_names: Sequence[str], counts: Sequence[int] | np.ndarra
         raise UserError(
             f"{where}: every class needs at least 2 images (one support, one query); {len(small)} do not: {names}"
         )
+
+
+def validate_episodes(
+    class_names: Sequence[str],
+    counts: Sequence[int] | np.ndarray,
+    rules: VariableEpisodes | FixedEpisodes,
+    where: str,
+) -> None:
+    """The split can give episodes under ``rules``: :func:`validate_split`, and for fixed episodes
+    ``ways`` classes holding ``shots + queries`` images each. Checked before any feature is computed."""
+    validate_split(class_names, counts, rules.min_ways, where)
+    if isinstance(rules, FixedEpisodes):
+        counts = np.asarray(counts)
+        need = rules.shots + rules.queries
+        enough = int((counts >= need).sum())
+        if enough < rules.ways:
+            raise UserError(
+                f"{where}: {rules.ways}-way {rules.shots}-shot {rules.queries}-query episodes need {rules.ways} "
+                f"classes of at least {need} images; {enough} of {len(counts)} have that many "
+                f"(largest: {int(counts.max()) if len(counts) else 0})"
+            )
 
 
 # --- the rules, one function each ------------------------------------------------------------
@@ -259,6 +280,23 @@ def class_members(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
     return [order[bounds[c] : bounds[c + 1]] for c in range(num_classes)]
 
 
+def iter_episodes(
+    seed: int | Sequence[int],
+    labels: np.ndarray,
+    num_classes: int,
+    count: int,
+    rules: VariableEpisodes | FixedEpisodes,
+    structure: ClassStructure | None = None,
+) -> Iterator[Episode]:
+    """``count`` episodes over images with class ``labels``, drawn one at a time (memory does not
+    grow with ``count``); a function of ``seed`` only."""
+    rng = np.random.default_rng(seed)
+    members = class_members(labels, num_classes)
+    sizes = np.array([len(m) for m in members])
+    for _ in range(count):
+        yield draw_images(rng, sample_episode(rng, sizes, rules, structure), members)
+
+
 def sample_episodes(
     seed: int | Sequence[int],
     labels: np.ndarray,
@@ -267,8 +305,5 @@ def sample_episodes(
     rules: VariableEpisodes | FixedEpisodes,
     structure: ClassStructure | None = None,
 ) -> list[Episode]:
-    """``count`` episodes over images with class ``labels``; a function of ``seed`` only."""
-    rng = np.random.default_rng(seed)
-    members = class_members(labels, num_classes)
-    sizes = np.array([len(m) for m in members])
-    return [draw_images(rng, sample_episode(rng, sizes, rules, structure), members) for _ in range(count)]
+    """The episodes of :func:`iter_episodes` as a list."""
+    return list(iter_episodes(seed, labels, num_classes, count, rules, structure))

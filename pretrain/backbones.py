@@ -52,9 +52,15 @@ def create_backbone(arch: str, stem: str = "imagenet") -> nn.Module:
 
 def backbone_keys(arch: str, stem: str = "imagenet") -> set[str]:
     """The state-dict keys a backbone of this arch has (what strict loading expects)."""
+    return set(backbone_shapes(arch, stem))
+
+
+def backbone_shapes(arch: str, stem: str = "imagenet", meta: Mapping | None = None) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of a backbone of this arch (multi-stream when ``meta`` names streams)
+    with its tensor shape, from a model built on the meta device (no memory, no weights)."""
     with torch.device("meta"):
-        model = create_backbone(arch, stem)
-    return set(model.state_dict().keys())
+        model = create_multistream(arch, stem, meta) if meta and meta.get("streams") else create_backbone(arch, stem)
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 # --- two-stream (CMC) backbones: RGB in, Lab inside, L and ab streams --------------------------------

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ringbench.config import Layer, compose, find_config, read_yaml_mapping
+from ringbench.config import Layer, check_range, compose, find_config, read_yaml_mapping
 from ringbench.errors import UserError
 from ringbench.resnets import TORCHVISION_RESNETS
 
@@ -247,26 +247,11 @@ def validate_config(cfg: Mapping) -> None:
             raise UserError(
                 f"config: unknown architecture {cfg['arch']!r}; use {list(TORCHVISION_RESNETS)} or a timm name"
             )
-    positive = {
-        "train.epochs": cfg["train"]["epochs"],
-        "train.batch_size": cfg["train"]["batch_size"],
-        "optim.lr": cfg["optim"]["lr"],
-        "knn.k": cfg["knn"]["k"],
-        "moco.queue_size": cfg["moco"]["queue_size"],
-        "moco.shuffle_groups": cfg["moco"]["shuffle_groups"],
-        "ir.num_negatives": cfg["ir"]["num_negatives"],
-        "cmc.num_negatives": cfg["cmc"]["num_negatives"],
-        "cmc.width": cfg["cmc"]["width"],
-        "data.synthetic_classes": cfg["data"]["synthetic_classes"],
-        "data.synthetic_images_per_class": cfg["data"]["synthetic_images_per_class"],
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise UserError(f"config: {name} must be > 0, got {value}")
-    for name in ("moco.momentum", "ir.bank_momentum", "cmc.bank_momentum"):
-        section, key = name.split(".")
-        if not 0 <= cfg[section][key] < 1:
-            raise UserError(f"config: {name} must be in [0, 1), got {cfg[section][key]}")
+    for name, (low, high) in RANGES.items():  # (every float is already finite: compose checks it)
+        section, _, key = name.rpartition(".")
+        value = cfg[section][key] if section else cfg[key]
+        if value is not None or name not in NULLABLE:
+            check_range(f"config: {name}", value, low, high)
     if any(not 0 < m < 1 for m in cfg["optim"]["milestones"]):
         raise UserError(
             f"config: optim.milestones are fractions of training in (0, 1), got {cfg['optim']['milestones']}"
@@ -275,6 +260,56 @@ def validate_config(cfg: Mapping) -> None:
         raise UserError("config: SimCLR needs train.batch_size >= 2 (in-batch negatives)")
     if cfg["data"]["name"] not in ("synthetic",) and not cfg["data"]["root"]:
         raise UserError(f"config: dataset {cfg['data']['name']!r} needs data.root (or --data-root)")
+
+
+# The range of every bounded number (ringbench.config.check_range): (low, high); a bound in a
+# 1-tuple is exclusive, None is unbounded.
+_POS = ((0,), None)  # > 0
+_NONNEG = (0, None)  # >= 0
+_FRACTION = (0, 1)  # [0, 1]
+RANGES: dict[str, tuple[Any, Any]] = {
+    "train.epochs": _POS,
+    "train.batch_size": _POS,
+    "train.seed": _NONNEG,
+    "train.log_every": _POS,
+    "train.max_steps_per_epoch": _POS,
+    "optim.lr": _POS,
+    "optim.momentum": (0, (1,)),
+    "optim.weight_decay": _NONNEG,
+    "optim.gamma": _POS,
+    "data.image_size": _POS,
+    "data.workers": _NONNEG,
+    "data.synthetic_classes": _POS,
+    "data.synthetic_images_per_class": _POS,
+    "data.synthetic_image_size": _POS,
+    "data.color_jitter": _FRACTION,
+    "data.jitter_hue": (0, 0.5),
+    "data.grayscale": _FRACTION,
+    "loss.anneal_epochs": _NONNEG,
+    "loss.schedule_steps": _POS,
+    "loss.tau_plus": (0, (1,)),
+    "loss.beta": _NONNEG,
+    "loss.beta_anneal_epochs": _NONNEG,
+    "knn.k": _POS,
+    "knn.t": _POS,
+    "knn.every": _POS,
+    "knn.max_train": _POS,
+    "knn.max_test": _POS,
+    "moco.momentum": (0, (1,)),
+    "moco.queue_size": _POS,
+    "moco.head_dim": _POS,
+    "moco.shuffle_groups": _POS,
+    "ir.bank_momentum": (0, (1,)),
+    "ir.num_negatives": _POS,
+    "ir.head_dim": _POS,
+    "cmc.bank_momentum": (0, (1,)),
+    "cmc.num_negatives": _POS,
+    "cmc.head_dim": _POS,
+    "cmc.width": _POS,
+    "simclr.head_dim": _POS,
+    "simclr.hidden_dim": _POS,
+}
+NULLABLE = frozenset({"train.max_steps_per_epoch", "data.image_size"})  # null: the whole epoch, native size
 
 
 def resolved_stem(cfg: Mapping, image_size: int) -> str:

@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pretrain.config import DATASETS, PROFILES, load_config
-from ringbench.cli import add_common_flags, run_main
+from ringbench.cli import add_common_flags, resolve_device, run_main
 from ringbench.errors import UserError
+from ringbench.fileio import check_writable_dir, remove_stale_temps
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workdir", type=Path, help="checkpoints and log.jsonl (default: runs/pretrain/<config name>-<dataset>)"
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: cpu)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -102,6 +103,7 @@ def card_changes(argv: Sequence[str]) -> list[str] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)  # first: a bogus device wastes nothing
     cfg = resolve_config(args)
     if args.print_config:
         import yaml
@@ -117,9 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.config.stem if args.config else "default"
     workdir = args.workdir or Path("runs") / "pretrain" / f"{name}-{cfg['data']['name']}"
     out = args.out or workdir / "card.pth"
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; name the card file to write")
+    check_writable_dir(workdir, "--workdir")
+    check_writable_dir(out.parent, "--out's folder")
+    remove_stale_temps(out.parent)  # a card write cut by a kill
     from pretrain.train import train
 
-    result = train(cfg, out, workdir, device=args.device, fresh=args.fresh, progress=not args.no_progress)
+    result = train(cfg, out, workdir, device=device, fresh=args.fresh, progress=not args.no_progress)
     if result.card_path is not None:
         last = result.history[-1] if result.history else {}
         knn = f", kNN top-1 {last['knn_top1']:.1f}%" if "knn_top1" in last else ""

@@ -1,9 +1,12 @@
 """The pretraining loop: data -> method steps -> checkpoints, JSONL log, kNN monitor -> backbone card.
 
-* A checkpoint is written atomically after every epoch (``WORKDIR/checkpoint.pth``); a new run
-  with the same config and work folder resumes from it. Data order, augmentations and the
+* A checkpoint is written atomically after every epoch (``WORKDIR/checkpoint.pth``), before the kNN
+  monitor runs (and again with its result); a new run with the same config and work folder resumes
+  from it, first running a monitor that the interruption skipped. Data order, augmentations and the
   methods' random draws are seeded per epoch, so a resumed run repeats an uninterrupted one.
-* ``WORKDIR/log.jsonl``: one JSON object per line (steps every ``train.log_every``, and epochs).
+* ``WORKDIR/log.jsonl``: one JSON object per line (steps every ``train.log_every``, and epochs),
+  appended whole; on resume it is rebuilt from the checkpoint, so the killed epoch's lines go.
+* One process per work folder: the main process holds an ``fcntl`` lock on ``WORKDIR/.lock``.
 * The kNN monitor (k=200, temperature-weighted) runs on a held-out split after each epoch.
 * AMP and channels-last are used on CUDA only.
 * Under ``torchrun`` it runs DDP (NCCL on CUDA, gloo on CPU); process 0 writes files.
@@ -35,7 +38,7 @@ from pretrain.knn import extract_features, knn_accuracy
 from pretrain.methods import Method, build_method
 from ringbench.card import BackboneCard, load_checkpoint_file, make_meta, save_card
 from ringbench.errors import UserError
-from ringbench.fileio import atomic_save
+from ringbench.fileio import append_line, atomic_save, atomic_write_text, folder_lock, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +189,41 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _append_log(path: Path, record: Mapping[str, Any]) -> None:
-    with open(path, "a") as handle:  # one write per line
-        handle.write(json.dumps(record) + "\n")
+    append_line(path, json.dumps(record))  # whole line or nothing, even on a full disk
+
+
+def rebuild_log(path: Path, history: list[dict[str, Any]]) -> None:
+    """The log of a resumed run: each checkpointed epoch's step lines, then its epoch line (from the
+    checkpoint's history); the lines of the epoch that was killed are dropped, so none repeats."""
+    steps: dict[int, list[str]] = {}
+    if path.is_file():
+        for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the kill
+            if isinstance(entry, dict) and "step" in entry and isinstance(entry.get("epoch"), int):
+                steps.setdefault(entry["epoch"], []).append(line)
+    lines = [line for record in history for line in (*steps.get(record["epoch"], ()), json.dumps(record))]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def monitor_due(cfg: Mapping[str, Any], epoch: int) -> bool:
+    """Whether the kNN monitor runs after ``epoch`` (1-based): every ``knn.every`` epochs and the last."""
+    kc = cfg["knn"]
+    return bool(kc["enabled"]) and (epoch % kc["every"] == 0 or epoch == cfg["train"]["epochs"])
+
+
+def _checkpoint(cfg: Mapping[str, Any], epoch: int, method: Method, optimizer, scaler, history: list) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": _plain_config(cfg),
+        "epoch": epoch,
+        "method": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "history": history,
+    }
 
 
 def make_card(method: Method, cfg: Mapping[str, Any], data: DataBundle, history: list[dict]) -> BackboneCard:
@@ -225,7 +261,24 @@ def train(
     fresh: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Pretrain as ``cfg`` says; resume from ``workdir`` if it holds a checkpoint; write the card to ``out``."""
+    """Pretrain as ``cfg`` says; resume from ``workdir`` if it holds a checkpoint; write the card to ``out``.
+
+    The main process holds ``workdir``'s lock throughout: a second run on it is refused at once."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with folder_lock(workdir, "--workdir") if main_process else contextlib.nullcontext():
+        if main_process:
+            remove_stale_temps(workdir)  # temporary checkpoints of killed runs
+        return _train(cfg, out, workdir, device, fresh, progress)
+
+
+def _train(
+    cfg: Mapping[str, Any],
+    out: str | Path | None,
+    workdir: str | Path,
+    device: str | torch.device = "cpu",
+    fresh: bool = False,
+    progress: bool = True,
+) -> TrainResult:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
@@ -271,6 +324,11 @@ def train(
         start_epoch, history = int(state["epoch"]), list(state["history"])
         if dist.is_main():
             log.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
+            if history and monitor_due(cfg, start_epoch) and "knn_top1" not in history[-1]:
+                # killed during the monitor, after the epoch's checkpoint: run it now
+                history[-1]["knn_top1"] = evaluate_knn(method, data, cfg, device)
+                save_checkpoint(ckpt_path, _checkpoint(cfg, start_epoch, method, optimizer, scaler, history))
+            rebuild_log(log_path, history)
 
     model: torch.nn.Module = method
     if world > 1:
@@ -335,22 +393,14 @@ def train(
             "w_outer": method.w_outer,
             "images_per_s": round(seen / max(time.perf_counter() - started, 1e-9), 2),
         }
-        kc = cfg["knn"]
-        if kc["enabled"] and ((epoch + 1) % kc["every"] == 0 or epoch + 1 == epochs) and dist.is_main():
-            record["knn_top1"] = evaluate_knn(method, data, cfg, device)
         history.append(record)
         if dist.is_main():
+            # the epoch's checkpoint first: a monitor that fails (or is killed) loses no training
+            save_checkpoint(ckpt_path, _checkpoint(cfg, epoch + 1, method, optimizer, scaler, history))
+            if monitor_due(cfg, epoch + 1):
+                record["knn_top1"] = evaluate_knn(method, data, cfg, device)
+                save_checkpoint(ckpt_path, _checkpoint(cfg, epoch + 1, method, optimizer, scaler, history))
             _append_log(log_path, record)
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "config": _plain_config(cfg),
-                "epoch": epoch + 1,
-                "method": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if use_amp else {},
-                "history": history,
-            }
-            save_checkpoint(ckpt_path, state)
             log.info("epoch %d/%d: %s", epoch + 1, epochs, json.dumps(record))
         last_good = epoch + 1
         dist.barrier()

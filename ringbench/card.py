@@ -19,6 +19,8 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -122,6 +124,7 @@ def validate_card_dict(data: Mapping[str, Any], source: str = "card") -> None:
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise UserError(f"{source}: state_dict entries are not tensors: {bad[:5]}")
+    check_tensors(state, source)
     heads = [k for k in state if k.split(".")[0] == "fc" or ".fc." in k]
     if heads:
         raise UserError(f"{source}: a card holds the backbone only, found classifier keys {heads[:5]}")
@@ -142,7 +145,8 @@ def validate_card_dict(data: Mapping[str, Any], source: str = "card") -> None:
 def load_checkpoint_file(path: str | os.PathLike) -> Any:
     """``torch.load`` with ``weights_only=True`` and clear errors for every way a file can be bad.
 
-    This is the one place the suite reads a checkpoint file from disk.
+    This is the one place the suite reads a checkpoint file from disk: nothing in a file can run
+    code (``.pkl`` files go through :func:`load_numpy_pickle`).
     """
     path = Path(path)
     if not path.exists():
@@ -154,21 +158,59 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     if path.suffix == ".pkl":
         return _load_detectron2_pickle(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        lines = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-        detail = lines[0].strip() if lines else text.strip()[:160]
-        if "Unsupported global" in text or "GLOBAL" in detail:
+        detail = _unpickler_detail(text)
+        if re.search(r"unsupported global|GLOBAL|global .* is not allowed", text, re.IGNORECASE):
             raise UserError(
                 f"{path}: refused by torch.load(weights_only=True): it holds Python objects, not just "
-                f"tensors ({detail[:160]}). Re-save its state_dict, or convert it with a trusted script"
+                f"tensors ({detail}). Re-save its state_dict, or convert it with a trusted script"
             ) from exc
-        raise UserError(f"{path}: not a PyTorch checkpoint ({detail[:160]})") from exc
+        raise UserError(f"{path}: not a PyTorch checkpoint ({detail})") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as exc:
         # torch.load reports damaged files through many exception types; none is the user's bug.
         msg = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise UserError(f"{path}: truncated or not a PyTorch checkpoint ({msg})") from exc
+
+
+def _unpickler_detail(text: str) -> str:
+    """The informative line of torch's weights-only refusal (its wording changes between releases:
+    ``WeightsUnpickler error: Unsupported global: ...`` up to 2.5, ``Trying to load unsupported
+    GLOBAL posix.system whose module posix is blocked.`` in 2.14), without the boilerplate."""
+    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if re.search(r"global", line, re.IGNORECASE) and not line.startswith("Check the documentation"):
+            return line.split("WeightsUnpickler error:", 1)[-1].strip()[:160]
+    tail = text.split("WeightsUnpickler error:", 1)
+    if len(tail) == 2 and tail[1].strip():
+        return " ".join(tail[1].split()).split(" Check the documentation")[0][:160]
+    return (lines[0] if lines else "unreadable")[:160]
+
+
+def check_tensors(state: Mapping[str, Any], source: str, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """The weights themselves: every floating tensor finite, and (given the architecture's
+    ``shapes``) every shared key of the right shape. One :class:`UserError` listing what is wrong."""
+    if shapes:
+        wrong = [
+            f"{k} {tuple(v.shape)} (expected {tuple(shapes[k])})"
+            for k, v in state.items()
+            if k in shapes and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(shapes[k])
+        ]
+        if wrong:
+            raise UserError(
+                f"{source}: {len(wrong)} tensors have the wrong shape for the architecture: {'; '.join(wrong[:3])}"
+                + ("; ..." if len(wrong) > 3 else "")
+            )
+    bad = [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise UserError(f"{source}: {len(bad)} tensors hold NaN or infinite values: {bad[:5]}")
 
 
 class NumpyUnpickler(pickle.Unpickler):
@@ -193,18 +235,22 @@ class NumpyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a data or weights pickle")
 
 
-def _load_detectron2_pickle(path: Path) -> Any:
-    """Detectron2 ``.pkl`` model files: a dict of numpy arrays, sometimes under ``"model"``.
-
-    Unpickled with a restricted loader that only admits numpy arrays and builtins.
-    """
-    import numpy as np
-
+def load_numpy_pickle(path: str | os.PathLike, what: str = "Detectron2 weights pickle") -> Any:
+    """A pickle of dicts, lists, numbers, strings and NumPy arrays (Detectron2 ``.pkl`` weights,
+    CIFAR batches) through :class:`NumpyUnpickler`: any other global is refused, so nothing in
+    the file runs. Every problem is a :class:`UserError` naming the file."""
     try:
         with open(path, "rb") as handle:
-            data = NumpyUnpickler(handle, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
-        raise UserError(f"{path}: not a Detectron2 weights pickle ({' '.join(str(exc).split())[:160]})") from exc
+            return NumpyUnpickler(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError, TypeError, IndexError) as exc:
+        raise UserError(f"{path}: not a {what} ({' '.join(str(exc).split())[:160]})") from exc
+
+
+def _load_detectron2_pickle(path: Path) -> Any:
+    """Detectron2 ``.pkl`` model files: a dict of numpy arrays, sometimes under ``"model"``."""
+    import numpy as np
+
+    data = load_numpy_pickle(path)
     if isinstance(data, Mapping) and "model" in data and isinstance(data["model"], Mapping):
         data = data["model"]
     if not isinstance(data, Mapping):

@@ -34,6 +34,11 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     )
     try:
         code = main(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (``--print-config | head``): not an error; stop writing quietly
+        _silence_stdout()
+        return 0
     except (UserError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         if debug:
             raise
@@ -43,6 +48,41 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         print("interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def resolve_device(device: str, flag: str = "--device") -> str:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``, checked against this machine
+    before any work starts; anything else is a :class:`UserError`."""
+    import torch
+
+    text = str(device).strip()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(f"{flag} {device!r}: not a device; use auto, cpu, cuda or cuda:N") from exc
+    if parsed.type == "cpu":
+        return text
+    if parsed.type != "cuda":
+        raise UserError(f"{flag} {device!r}: only cpu and cuda devices are supported")
+    if not torch.cuda.is_available():
+        raise UserError(f"{flag} {device}: CUDA is not available on this machine")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UserError(f"{flag} {device}: only {torch.cuda.device_count()} CUDA devices are visible")
+    return text
 
 
 def _one_line(exc: BaseException) -> str:

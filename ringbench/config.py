@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Iterable, Mapping
@@ -34,7 +35,11 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "file") -> dict[str, 
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} as UTF-8") from exc
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:160]})") from exc
     if not isinstance(data, Mapping):
@@ -51,7 +56,61 @@ def compose(schema: type, layers: Iterable[Layer] = (), overrides: Iterable[str]
         _merge(cfg, dict(data), source, schema)
     for item in overrides:
         _merge(cfg, parse_override(item), f"override {item!r}", schema)
-    return typing.cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+    plain = typing.cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+    check_values(schema, plain)
+    return plain
+
+
+# --- value ranges --------------------------------------------------------------------------------
+# A range is ``(low, high)``: a number is an inclusive bound, a 1-tuple ``(x,)`` an exclusive one,
+# None no bound. Schema fields declare theirs as ``metadata={"range": (low, high)}``.
+
+
+def check_range(name: str, value: Any, low: Any = None, high: Any = None) -> None:
+    """``value`` is a number within ``[low, high]`` (see above), else a :class:`UserError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _within(value, low, high):
+        raise UserError(f"{name} must be {_interval(low, high)}, got {value!r}")
+
+
+def check_values(schema: type, cfg: Mapping[str, Any], prefix: str = "") -> None:
+    """Every float of a composed config is finite, and every field with a declared ``range`` is in it."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        value, name = cfg.get(f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(_scalar_type(hints[f.name])) and isinstance(value, Mapping):
+            check_values(_scalar_type(hints[f.name]), value, name + ".")
+            continue
+        floats = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in floats):
+            raise UserError(f"config: {name} must be finite, got {value!r}")
+        if "range" in f.metadata and value is not None:
+            check_range(_flag_or_key(f.name, prefix), value, *f.metadata["range"])
+
+
+def _flag_or_key(name: str, prefix: str) -> str:
+    """How a value is named in messages: the flag of a flat settings schema, else the dotted key."""
+    return f"config: {prefix}{name}" if prefix else f"--{name.replace('_', '-')}"
+
+
+def _within(value: float, low: Any, high: Any) -> bool:
+    for bound, above in ((low, True), (high, False)):
+        if bound is None:
+            continue
+        edge = bound[0] if isinstance(bound, tuple) else bound
+        if (value < edge) if above else (value > edge):
+            return False
+        if isinstance(bound, tuple) and value == edge:
+            return False
+    return True
+
+
+def _interval(low: Any, high: Any) -> str:
+    """The range in words: ``at least 1``, ``> 0``, ``in [0, 1)``."""
+    if high is None and low is not None:
+        return f"> {low[0]}" if isinstance(low, tuple) else f"at least {low}"
+    left = "(-inf" if low is None else (f"({low[0]}" if isinstance(low, tuple) else f"[{low}")
+    right = "inf)" if high is None else (f"{high[0]})" if isinstance(high, tuple) else f"{high}]")
+    return f"in {left}, {right}"
 
 
 def parse_override(item: str) -> dict[str, Any]:

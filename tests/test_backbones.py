@@ -139,8 +139,8 @@ def test_strict_keys_missing_and_unexpected(tmp_path, tv18):
         load_backbone(tmp_path / "extra.pth")
     wrong_shape = dict(tv18, **{"layer1.0.conv1.weight": torch.zeros(1)})
     torch.save(wrong_shape, tmp_path / "shape.pth")
-    with pytest.raises(RuntimeError):
-        load_backbone(tmp_path / "shape.pth").build_model()
+    with pytest.raises(UserError, match=r"wrong shape .*layer1.0.conv1.weight \(1,\) \(expected \(64, 64, 3, 3\)\)"):
+        load_backbone(tmp_path / "shape.pth")  # refused when read, not in the model's load_state_dict
 
 
 def test_unknown_layouts_are_refused(tmp_path, tv18):

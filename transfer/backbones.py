@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.backbones import backbone_keys, create_backbone
-from ringbench.card import IMAGENET_MEAN, IMAGENET_STD, is_card, load_checkpoint_file, validate_card_dict
+from pretrain.backbones import backbone_shapes, create_backbone
+from ringbench.card import IMAGENET_MEAN, IMAGENET_STD, check_tensors, is_card, load_checkpoint_file, validate_card_dict
 from ringbench.errors import UserError, preview
-from ringbench.fileio import sha256_file
+from ringbench.fileio import path_component, sha256_file
 from ringbench.resnets import TORCHVISION_RESNETS
 
 log = logging.getLogger(__name__)
@@ -154,15 +154,16 @@ def load_backbone(path: str | Path, name: str | None = None, arch: str | None = 
     ``arch`` is needed only for non-ResNet timm checkpoints that do not record it.
     """
     path = Path(path)
+    name = path_component(name, "--name") if name else path_component(path.stem, f"{path}: the file's stem")
     raw = load_checkpoint_file(path)
     sha = sha256_file(path)
-    name = name or path.stem
     if is_card(raw):
         validate_card_dict(raw, source=str(path))
         meta = dict(raw["meta"])
         state = dict(raw["state_dict"])
-        expected = _expected_keys(raw["arch"], raw["stem"], meta, path)
-        _check_keys(path, "card", state, expected, SOURCE_FORMATS["card"])
+        expected = _expected_shapes(raw["arch"], raw["stem"], meta, path)
+        _check_keys(path, "card", state, set(expected), SOURCE_FORMATS["card"])
+        check_tensors(state, str(path), expected)
         return Backbone(
             name=name,
             path=path,
@@ -184,9 +185,10 @@ def load_backbone(path: str | Path, name: str | None = None, arch: str | None = 
         backbone_state = detectron2_to_torchvision(backbone_state)
     arch = arch or arch_hint or infer_resnet_arch(backbone_state, path)
     stem = infer_stem(backbone_state)
-    expected = _expected_keys(arch, stem, {}, path)
-    backbone_state = _fill_bn_counters(backbone_state, expected)
-    _check_keys(path, fmt, backbone_state, expected, rules, extra_unexpected=dropped["unknown"])
+    expected = _expected_shapes(arch, stem, {}, path)
+    backbone_state = _fill_bn_counters(backbone_state, set(expected))
+    _check_keys(path, fmt, backbone_state, set(expected), rules, extra_unexpected=dropped["unknown"])
+    check_tensors(backbone_state, str(path), expected)
     log.warning("%s: %s checkpoint carries no input normalisation; using ImageNet mean/std", path.name, fmt)
     meta = {
         "method": fmt,
@@ -308,13 +310,14 @@ def infer_stem(state: Mapping[str, torch.Tensor]) -> str:
     return "cifar" if conv1 is not None and conv1.ndim == 4 and conv1.shape[-1] == 3 else "imagenet"
 
 
-def _expected_keys(arch: str, stem: str, meta: Mapping[str, Any], path: Path) -> set[str]:
-    if meta.get("streams"):
-        return set()  # multi-stream layouts are checked when the model is built
+def _expected_shapes(arch: str, stem: str, meta: Mapping[str, Any], path: Path) -> dict[str, tuple[int, ...]]:
+    """The architecture's keys and tensor shapes (multi-stream cards: their streams' model)."""
     try:
-        return backbone_keys(arch, stem)
+        return backbone_shapes(arch, stem, meta)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:  # a multi-stream card's meta the model cannot use
+        raise UserError(f"{path}: cannot build the card's {arch} ({type(exc).__name__}: {exc})") from exc
 
 
 def _fill_bn_counters(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ variable-way variable-shot episodes; the embedded tasks use fixed 5-way 5-shot 1
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any, Optional
 from metadataset.evaluate import SourceResult, evaluate_source, summarise, table_rows
 from metadataset.features import POOLINGS, extract_features
 from metadataset.probes import PROBES, make_probe, probe_from_config
-from metadataset.sampling import FixedEpisodes, VariableEpisodes, validate_split
+from metadataset.sampling import FixedEpisodes, VariableEpisodes, validate_episodes
 from metadataset.sources import MD_SOURCES, limit_per_class, open_source
 from ringbench.config import add_schema_flags, given_flags, settings_from_args
 from ringbench.errors import UserError
@@ -31,8 +32,12 @@ from transfer.tasks import Task, TaskContext, TaskResult, register
 MD_ROOT_ENV = "RINGBENCH_MD_ROOT"
 
 
-def _help(text: str) -> Any:
-    return field(default=None, metadata={"help": text})
+MAX_EPISODES = 100_000  # Meta-Dataset uses 600; more is a typo, not a protocol
+
+
+def _help(text: str, low: int | None = None) -> Any:
+    """An optional setting (default None) with its help, and its lower bound when it is a count."""
+    return field(default=None, metadata={"help": text, **({"range": (low, None)} if low is not None else {})})
 
 
 @dataclass
@@ -46,28 +51,40 @@ class FewShotSettings:
             "help": "logreg L2 weight: a number, or 'cv' (chosen per episode by cross-validation on the support set)"
         },
     )
-    knn_k: int = field(default=1, metadata={"help": "neighbours of the k-NN probe"})
-    episodes: int = field(default=600, metadata={"help": "episodes per source (Meta-Dataset: 600)"})
+    knn_k: int = field(default=1, metadata={"help": "neighbours of the k-NN probe", "range": (1, None)})
+    episodes: int = field(
+        default=600, metadata={"help": "episodes per source (Meta-Dataset: 600)", "range": (1, MAX_EPISODES)}
+    )
     episode_mode: Optional[str] = _help(
         "'variable' (Meta-Dataset's variable-way variable-shot) or 'fixed' (N-way "
         "K-shot Q-query); default: variable for md_* tasks, fixed for fewshot_*"
     )
     ways: int = field(
-        default=5, metadata={"help": "fixed episodes: classes per episode (implies --episode-mode fixed)"}
+        default=5,
+        metadata={"help": "fixed episodes: classes per episode (implies --episode-mode fixed)", "range": (2, None)},
     )
-    shots: int = field(default=5, metadata={"help": "fixed episodes: support images per class (implies fixed)"})
-    queries: int = field(default=15, metadata={"help": "fixed episodes: query images per class (implies fixed)"})
+    shots: int = field(
+        default=5, metadata={"help": "fixed episodes: support images per class (implies fixed)", "range": (1, None)}
+    )
+    queries: int = field(
+        default=15, metadata={"help": "fixed episodes: query images per class (implies fixed)", "range": (1, None)}
+    )
     episode_seed: int = field(
-        default=0, metadata={"help": "seed of the episodes (same seed: same episodes for every backbone)"}
+        default=0,
+        metadata={"help": "seed of the episodes (same seed: same episodes for every backbone)", "range": (0, None)},
     )
     md_split: str = field(default="test", metadata={"help": "class split of the sources: train | valid | test"})
-    image_size: Optional[int] = _help("resize images to this square size (default: the backbone card's)")
+    image_size: Optional[int] = _help("resize images to this square size (default: the backbone card's)", low=1)
     pooling: str = field(default="avg", metadata={"help": f"feature pooling: {' | '.join(POOLINGS)}"})
     max_images_per_class: Optional[int] = _help(
-        "use at most this many images per class (the first ones in the source's order); default all"
+        "use at most this many images per class (the first ones in the source's order); default all", low=2
     )
-    synthetic_classes: int = field(default=32, metadata={"help": "fewshot_synthetic: number of shape classes"})
-    synthetic_images: int = field(default=40, metadata={"help": "fewshot_synthetic: images per class"})
+    synthetic_classes: int = field(
+        default=32, metadata={"help": "fewshot_synthetic: number of shape classes", "range": (1, None)}
+    )
+    synthetic_images: int = field(
+        default=40, metadata={"help": "fewshot_synthetic: images per class", "range": (2, None)}
+    )
 
 
 def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,11 +126,8 @@ def resolve_settings(args: argparse.Namespace, sources: list[str]) -> dict[str, 
             settings["weight_decay"] = float(settings["weight_decay"])
         except ValueError:
             raise UserError(f"--weight-decay must be a number or 'cv', got {settings['weight_decay']!r}") from None
-    for key in ("episodes", "ways", "shots", "queries", "knn_k"):
-        if int(settings[key]) < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {settings[key]}")
-    if settings["episode_mode"] == "fixed" and settings["ways"] < 2:
-        raise UserError("--ways must be at least 2")
+        if not math.isfinite(settings["weight_decay"]) or settings["weight_decay"] <= 0:
+            raise UserError(f"--weight-decay must be a positive number or 'cv', got {settings['weight_decay']}")
     return settings
 
 
@@ -157,10 +171,10 @@ def make_fewshot_task(name: str, sources: list[str], description: str, needs_dat
     def validate(backbone: Any, config: dict[str, Any]) -> None:
         if config["pooling"] not in POOLINGS:
             raise UserError(f"--pooling must be one of {list(POOLINGS)}, got {config['pooling']!r}")
-        min_ways = _rules_from_config(config).min_ways
+        rules = _rules_from_config(config)
         for source in sources:  # listed counts: caught here, before any feature is extracted
             image_set = _open(source, config, backbone)
-            validate_split(image_set.class_names, image_set.counts, min_ways, where=source)
+            validate_episodes(image_set.class_names, image_set.counts, rules, where=source)
 
     def run(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
         return run_fewshot(backbone, config, ctx)
@@ -175,6 +189,8 @@ def make_fewshot_task(name: str, sources: list[str], description: str, needs_dat
         add_arguments=add_fewshot_arguments,
         primary_metric="acc_avg" if len(sources) > 1 else "acc",
         needs_data=needs_data,
+        unused_flags=(() if "synthetic" in sources else ("synthetic_classes", "synthetic_images"))
+        + (() if needs_data else ("md_root", "md_split")),
     )
 
 
@@ -232,6 +248,7 @@ def run_fewshot(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> Task
             episodes=config["episodes"],
             seed=config["episode_seed"],
             structure=image_set.structure,
+            progress=not ctx.debug,
         )
         results.append(result)
         extra["episode_accuracies"][source] = [round(float(a), 5) for a in result.accuracies]

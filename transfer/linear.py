@@ -62,16 +62,22 @@ class LinearSettings:
         metadata={"help": "comma-separated weight decays to choose from"},
     )
     linear_val_fraction: float = field(
-        default=0.2, metadata={"help": "fraction of train held out to choose the weight decay"}
+        default=0.2, metadata={"help": "fraction of train held out to choose the weight decay", "range": ((0,), (1,))}
     )
-    linear_seed: int = field(default=0, metadata={"help": "seed of the held-out split"})
-    linear_max_iter: int = field(default=1000, metadata={"help": "L-BFGS iterations per fit"})
+    linear_seed: int = field(default=0, metadata={"help": "seed of the held-out split", "range": (0, None)})
+    linear_max_iter: int = field(default=1000, metadata={"help": "L-BFGS iterations per fit", "range": (1, None)})
     linear_image_size: Optional[int] = field(
-        default=None, metadata={"help": "resize images to this size (default: the backbone card's)"}
+        default=None, metadata={"help": "resize images to this size (default: the backbone card's)", "range": (1, None)}
     )
-    linear_synthetic_classes: int = field(default=32, metadata={"help": "linear_synthetic: shape classes"})
-    linear_synthetic_train: int = field(default=40, metadata={"help": "linear_synthetic: train images per class"})
-    linear_synthetic_test: int = field(default=10, metadata={"help": "linear_synthetic: test images per class"})
+    linear_synthetic_classes: int = field(
+        default=32, metadata={"help": "linear_synthetic: shape classes", "range": (2, None)}
+    )
+    linear_synthetic_train: int = field(
+        default=40, metadata={"help": "linear_synthetic: train images per class", "range": (2, None)}
+    )
+    linear_synthetic_test: int = field(
+        default=10, metadata={"help": "linear_synthetic: test images per class", "range": (1, None)}
+    )
 
 
 def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
@@ -284,7 +290,7 @@ def _parse_grid(text: str) -> list[float]:
         grid = [float(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise UserError(f"--linear-grid must be comma-separated numbers, got {text!r}") from None
-    if not grid or any(g <= 0 for g in grid):
+    if not grid or any(not 0 < g < float("inf") for g in grid):
         raise UserError(f"--linear-grid needs positive weight decays, got {text!r}")
     return sorted(grid)
 
@@ -292,8 +298,6 @@ def _parse_grid(text: str) -> list[float]:
 def make_linear_task(dataset: str, description: str) -> Task:
     def make_config(args: argparse.Namespace) -> dict[str, Any]:
         settings = settings_from_args(args, LinearSettings)
-        if not 0 < settings["linear_val_fraction"] < 1:
-            raise UserError(f"--linear-val-fraction must be in (0, 1), got {settings['linear_val_fraction']}")
         config = {
             "dataset": dataset,
             "grid": _parse_grid(settings["linear_grid"]),
@@ -374,6 +378,9 @@ def make_linear_task(dataset: str, description: str) -> Task:
         add_arguments=add_linear_arguments,
         primary_metric="acc",
         needs_data=dataset != "synthetic",
+        unused_flags=()
+        if dataset == "synthetic"
+        else ("linear_synthetic_classes", "linear_synthetic_train", "linear_synthetic_test"),
     )
 
 

@@ -98,6 +98,9 @@ def write_record(results: str | os.PathLike, record: Mapping[str, Any]) -> Path:
     missing = REQUIRED - record.keys()
     if missing:
         raise ValueError(f"not a result record: no {sorted(missing)}")
+    problem = record_problem(record)
+    if problem:
+        raise ValueError(f"not a valid result record: {problem}")
     if "config" in record and config_hash(record["config"]) != record.get("config_hash"):
         raise ValueError(f"config_hash {record.get('config_hash')!r} is not the hash of the record's config")
     path = record_path(results, record.get("backbone_sha256", ""), record["task"], record.get("config_hash", ""))
@@ -256,6 +259,10 @@ def _parse_record_file(path: str, data: bytes | OSError, stacklevel: int = 3) ->
     if not isinstance(rec, dict) or not REQUIRED <= rec.keys():
         warnings.warn(f"{path}: skipping a file that is not a result record", stacklevel=stacklevel)
         return None
+    problem = record_problem(rec)
+    if problem:
+        warnings.warn(f"{path}: skipping a record with {problem}", stacklevel=stacklevel)
+        return None
     return rec
 
 
@@ -276,11 +283,60 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
                 msg = getattr(exc, "msg", exc)
                 warnings.warn(f"{path}:{lineno}: skipping a line that is not JSON ({msg})", stacklevel=3)
                 continue
-            if isinstance(rec, dict) and REQUIRED <= rec.keys():
-                records.append(rec)
-            else:
+            if not isinstance(rec, dict) or not REQUIRED <= rec.keys():
                 warnings.warn(f"{path}:{lineno}: skipping a line that is not a result record", stacklevel=3)
+            elif problem := record_problem(rec):
+                warnings.warn(f"{path}:{lineno}: skipping a record with {problem}", stacklevel=3)
+            else:
+                records.append(rec)
     return records
+
+
+_TYPES: dict[str, tuple[type, ...]] = {  # the value type of every field a reader relies on
+    "backbone": (str,),
+    "task": (str,),
+    "metrics": (dict,),
+    "ci95": (dict,),
+    "seeds": (list,),
+    "config": (dict,),
+    "config_hash": (str,),
+    "backbone_sha256": (str,),
+    "created": (str,),
+    "family": (str,),
+    "engine_versions": (dict,),
+    "backbone_meta": (dict,),
+    "extra": (dict,),
+    "wall_s": (int, float),
+}
+
+
+def record_problem(rec: Mapping[str, Any]) -> str | None:
+    """What makes ``rec`` unusable by the readers (tables, comparisons), in a few words; None if nothing.
+
+    Fields of the wrong type, metrics or intervals that are not numbers, per-seed metrics that
+    are not mappings. Checked on every read, so that one bad record is skipped with a warning
+    instead of breaking every table and every later run on its store."""
+    for key, types in _TYPES.items():
+        value = rec.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            return f"{key!r} of type {type(value).__name__} (expected {' or '.join(t.__name__ for t in types)})"
+    if not rec["backbone"] or not rec["task"]:
+        return "an empty 'backbone' or 'task'"
+    for key in ("metrics", "ci95"):
+        for name, value in (rec.get(key) or {}).items():
+            if not _is_number(value):
+                return f"{key}[{name!r}] = {value!r}, not a number"
+    per_seed = (rec.get("extra") or {}).get("per_seed")
+    if per_seed is not None and (
+        not isinstance(per_seed, list)
+        or not all(isinstance(s, dict) and all(map(_is_number, s.values())) for s in per_seed)
+    ):
+        return "extra['per_seed'] that is not a list of metric mappings"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _newest_per_identity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

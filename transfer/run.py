@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run by path: make the repository importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ringbench.cli import add_common_flags, run_main
+from ringbench.cli import add_common_flags, resolve_device, run_main
 from ringbench.errors import UserError
 
 
@@ -59,22 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     parser.add_argument("--readme", type=Path, help=argparse.SUPPRESS)  # with --list-tasks: refresh README's list
     add_common_flags(parser)
-    seen = set()
+    family_flags: dict[object, dict[str, str]] = {}
     for task in all_tasks().values():
-        if task.add_arguments is not None and task.add_arguments not in seen:
-            seen.add(task.add_arguments)
+        if task.add_arguments is not None and task.add_arguments not in family_flags:
+            before = set(parser._option_string_actions)
             task.add_arguments(parser)
+            family_flags[task.add_arguments] = {
+                parser._option_string_actions[flag].dest: flag for flag in set(parser._option_string_actions) - before
+            }
+    parser.set_defaults(_family_flags=family_flags)
     return parser
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    return device
+def refuse_foreign_flags(args: argparse.Namespace, task) -> None:
+    """Flags that ``task`` does not use (another family's, or its ``unused_flags``) are refused, not
+    silently ignored (``--seeds 3`` on a few-shot task would otherwise record one seed as if three were asked)."""
+    own = {dest for dest in args._family_flags.get(task.add_arguments, {}) if dest not in task.unused_flags}
+    foreign = sorted(
+        {
+            flag
+            for flags in args._family_flags.values()
+            for dest, flag in flags.items()
+            if dest not in own and getattr(args, dest, None) is not None
+        }
+    )
+    if foreign:
+        raise UserError(f"{', '.join(foreign)}: not used by task {task.name} ({task.family}); see --help")
 
 
 def list_tasks(tablefmt: str = "simple") -> str:
@@ -129,11 +139,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.backbone is None or args.task is None:
         raise UserError("--backbone and --task are required (see --help; --list-tasks lists tasks)")
 
+    device = resolve_device(args.device)  # first: a bogus device wastes nothing
+
+    from ringbench.fileio import check_writable_dir, remove_stale_temps
     from transfer.backbones import load_backbone
     from transfer.results import config_hash, engine_versions_now, make_record, write_record
     from transfer.tasks import TaskContext, get_task, run_dir
 
     task = get_task(args.task)
+    refuse_foreign_flags(args, task)
+    if args.results.suffix == ".jsonl":
+        raise UserError(f"--results {args.results}: results are written to a folder; .jsonl files are only read")
+    for folder, flag in (
+        (args.results, "--results"),
+        (args.output_dir, "--output-dir"),
+        (args.cache_dir, "--cache-dir"),
+    ):
+        check_writable_dir(folder, flag)
     backbone = load_backbone(args.backbone, name=args.name, arch=args.arch)
     config = task.make_config(args)
     cfg_hash = config_hash(config)
@@ -148,12 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     task.validate(backbone, config)
     ctx = TaskContext(
         output_dir=run_dir(args.output_dir, backbone.name, backbone.sha256, task.name, config),
-        device=resolve_device(args.device),
+        device=device,
         data_root=args.data_root,
         cache_dir=args.cache_dir,
         debug=args.debug,
     )
-    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(ctx.output_dir, "--output-dir")
+    check_writable_dir(args.results / task.name, "--results")
+    remove_stale_temps(ctx.output_dir, recursive=True)  # left by killed runs (per-seed folders too)
+    remove_stale_temps(args.results / task.name)
     print(
         f"{task.name}: {backbone.name} ({backbone.arch}, {backbone.source_format}, sha256 {backbone.sha256[:12]}) "
         f"on {ctx.device}; output {ctx.output_dir}",

@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # run by path: make the repository importable wit
 from ringbench.cli import add_common_flags, run_main
 from ringbench.config import compose, find_config, read_yaml_mapping
 from ringbench.errors import UserError
-from ringbench.fileio import atomic_write_text
+from ringbench.fileio import atomic_write_text, path_component
 
 STAGES = {"pretrain": "pretrain.run", "transfer": "transfer.run"}
 EXECUTORS = ("auto", "local", "slurm", "debug")
@@ -206,6 +206,7 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
             raise UserError(f"{where}: recipe {entry['name']!r} needs a pretraining 'config'")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", entry["name"]):
             raise UserError(f"{where}: recipe name {entry['name']!r} may hold only letters, digits, '_', '.', '-'")
+        path_component(entry["name"], f"{where}: recipe name")  # not '..', not hidden: a folder of its own
         config = find_config(entry["config"], "pretrain")
         resources = _resources(entry["resources"], f"{where}.resources")
         seeds = entry["seeds"] or [None]
@@ -252,7 +253,7 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
                 str(layout.cache),
                 "--device",
                 "cuda" if resources.gpus else device,
-                *(["--num-gpus", str(resources.gpus)] if resources.gpus else []),
+                *(["--num-gpus", str(resources.gpus)] if resources.gpus and _uses_gpus_flag(task) else []),
                 *extra,
             ]
             jobs.append(Job(f"{task}/{card.stem}", "transfer", argv, str(card), resources, depends_on=maker))
@@ -273,13 +274,22 @@ def _strict_parser(parser: argparse.ArgumentParser, where: str) -> argparse.Argu
     return parser
 
 
+def _uses_gpus_flag(task: str) -> bool:
+    """Whether a task takes ``--num-gpus`` (the Detectron2 family; others run on one device)."""
+    from transfer.tasks import get_task
+
+    return get_task(task).family == "detectron2"
+
+
 def _transfer_config(argv: list[str], where: str) -> tuple[argparse.Namespace, dict[str, Any]]:
-    from transfer.run import build_parser
+    from transfer.run import build_parser, refuse_foreign_flags
     from transfer.tasks import get_task
 
     args = _strict_parser(build_parser(), f"plan job {where}").parse_args(argv)
     try:
-        return args, get_task(args.task).make_config(args)
+        task = get_task(args.task)
+        refuse_foreign_flags(args, task)
+        return args, task.make_config(args)
     except UserError as exc:
         raise UserError(f"plan job {where}: {exc}") from exc
 

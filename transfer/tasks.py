@@ -88,6 +88,7 @@ class Task:
     primary_metric: str = ""
     headline: tuple[str, ...] = ()  # metrics the leaderboard shows by default (else primary_metric)
     needs_data: bool = False  # False: runs on an embedded default with nothing on disk
+    unused_flags: tuple[str, ...] = ()  # its family's flags this task ignores: refused when given
 
     @property
     def headline_metrics(self) -> tuple[str, ...]:

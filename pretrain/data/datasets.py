@@ -14,7 +14,6 @@ missing. Every dataset yields ``(PIL image, label)`` and has ``targets``.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ringbench.card import IMAGENET_MEAN, IMAGENET_STD, NumpyUnpickler
+from ringbench.card import IMAGENET_MEAN, IMAGENET_STD, load_numpy_pickle
 from ringbench.errors import UserError
 
 if TYPE_CHECKING:
@@ -84,11 +83,7 @@ def _find_folder(root: Path, folder: str, files: list[str], what: str) -> Path:
 
 def _load_cifar_pickle(path: Path) -> Mapping[str, Any]:
     """One CIFAR python-format file (a batch or the meta file) through the NumPy-only unpickler."""
-    try:
-        with open(path, "rb") as handle:
-            entry = NumpyUnpickler(handle, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as exc:
-        raise UserError(f"{path}: not a CIFAR python batch ({' '.join(str(exc).split())[:120]})") from exc
+    entry = load_numpy_pickle(path, "CIFAR python batch")
     if not isinstance(entry, Mapping):
         raise UserError(f"{path}: not a CIFAR python batch (not a dict)")
     return entry

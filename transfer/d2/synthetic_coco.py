@@ -15,6 +15,7 @@ which is what Detectron2's COCO loader and evaluator assume. Image ``i`` of a sp
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ringbench import shapes
+from ringbench.fileio import as_write_error, current_umask
 
 SPLITS = {"train": 0, "val": 1}
 DEFAULTS: dict[str, Any] = {
@@ -160,6 +162,7 @@ def write_synthetic_coco(
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
+        os.chmod(staging, 0o777 & ~current_umask())  # the data set's folder: the umask's mode, not mkdtemp's 0700
         for split, count in (("train", num_train), ("val", num_val)):
             coco, pixels = build_split(split, count, height, width, max_objects, seed, min_radius, max_radius)
             folder = image_dir(staging, split)
@@ -169,8 +172,12 @@ def write_synthetic_coco(
             annotation_path(staging, split).parent.mkdir(exist_ok=True)
             annotation_path(staging, split).write_text(json.dumps(coco))
         os.rename(staging, root)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(f"{root} already exists") from exc  # another process finished first
+        if isinstance(exc, OSError):  # a full disk, a read-only cache: one line
+            raise as_write_error(root, exc) from exc
         raise
     return root
 

@@ -65,14 +65,20 @@ class Detectron2Settings:
         default=None,
         metadata={
             "help": "total images per iteration; the learning rate, iterations, steps and warm-up follow by the "
-            "linear scaling rule (default: the task config's)"
+            "linear scaling rule (default: the task config's)",
+            "range": (1, None),
         },
     )
     iters: Optional[int] = field(
-        default=None, metadata={"help": "training iterations (after scaling; steps keep their fraction)"}
+        default=None,
+        metadata={"help": "training iterations (after scaling; steps keep their fraction)", "range": (1, None)},
     )
-    lr: Optional[float] = field(default=None, metadata={"help": "base learning rate (replaces the scaled one)"})
-    seeds: int = field(default=1, metadata={"help": "train with seeds 0..N-1; metrics are mean, with std"})
+    lr: Optional[float] = field(
+        default=None, metadata={"help": "base learning rate (replaces the scaled one)", "range": ((0,), None)}
+    )
+    seeds: int = field(
+        default=1, metadata={"help": "train with seeds 0..N-1; metrics are mean, with std", "range": (1, None)}
+    )
     eval_only: bool = field(
         default=False, metadata={"help": "evaluate the final weights of the same run (or --weights) without training"}
     )
@@ -80,11 +86,17 @@ class Detectron2Settings:
         default=None, metadata={"help": "with --eval-only: a Detectron2 model file to evaluate"}
     )
     num_gpus: Optional[int] = field(
-        default=None, metadata={"help": "GPUs per run (default: all visible with --device cuda)"}
+        default=None, metadata={"help": "GPUs per run (default: all visible with --device cuda)", "range": (1, None)}
     )
-    syn_train_images: int = field(default=SYN_DEFAULTS["num_train"], metadata={"help": "syn_* tasks: training images"})
-    syn_val_images: int = field(default=SYN_DEFAULTS["num_val"], metadata={"help": "syn_* tasks: validation images"})
-    syn_seed: int = field(default=SYN_DEFAULTS["seed"], metadata={"help": "syn_* tasks: dataset seed"})
+    syn_train_images: int = field(
+        default=SYN_DEFAULTS["num_train"], metadata={"help": "syn_* tasks: training images", "range": (1, None)}
+    )
+    syn_val_images: int = field(
+        default=SYN_DEFAULTS["num_val"], metadata={"help": "syn_* tasks: validation images", "range": (1, None)}
+    )
+    syn_seed: int = field(
+        default=SYN_DEFAULTS["seed"], metadata={"help": "syn_* tasks: dataset seed", "range": (0, None)}
+    )
 
 
 def add_detectron2_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,8 +152,14 @@ def validate(name: str, backbone: Any, config: dict[str, Any]) -> None:
         raise UserError(f"--seeds must be at least 1, got {config['seeds']}")
     if config["ims_per_batch"] < 1 or config["max_iter"] < 1 or not config["base_lr"] > 0:
         raise UserError("--ims-per-batch and --iters must be positive and --lr must be > 0")
-    if config.get("weights") and not Path(config["weights"]).is_file():
-        raise UserError(f"--weights {config['weights']}: no such file")
+    if config.get("weights"):
+        if not config["eval_only"]:
+            raise UserError("--weights is for --eval-only runs (training starts from the backbone card)")
+        if not Path(config["weights"]).is_file():
+            raise UserError(f"--weights {config['weights']}: no such file")
+        from transfer.d2.weights import read_model_file
+
+        read_model_file(config["weights"])  # refused now (bad or unsafe), not after the datasets are built
     synthetic = config.get("synthetic")
     if synthetic and (synthetic["num_train"] < 1 or synthetic["num_val"] < 1):
         raise UserError("--syn-train-images and --syn-val-images must be at least 1")
@@ -231,6 +249,7 @@ def _register(name: str) -> None:
             primary_metric=primary,
             headline=headline,
             needs_data=not name.startswith("syn_"),
+            unused_flags=() if name.startswith("syn_") else ("syn_train_images", "syn_val_images", "syn_seed"),
         )
     )
 

@@ -271,7 +271,9 @@ def run_seed(payload: dict[str, Any]) -> None:
         timings: dict[str, float] = {}
         if payload.get("eval_only_weights"):
             model = Trainer.build_model(cfg)
-            D2.checkpoint.DetectionCheckpointer(model).load(payload["eval_only_weights"])
+            from transfer.d2.weights import safe_checkpointer
+
+            safe_checkpointer(model).load(payload["eval_only_weights"])
         else:
             trainer = Trainer(cfg)
             model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model

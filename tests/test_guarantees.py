@@ -1,0 +1,557 @@
+"""The README's "Guarantees": untrusted files never run code, writes are whole or an error (full disk,
+read-only, short writes), bad input is refused in one line before work, names stay inside their
+folders, and a killed or concurrent run leaves consistent files."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ringbench import fileio
+from ringbench.card import load_card, load_checkpoint_file
+from ringbench.cli import run_main
+from ringbench.errors import UserError
+from tests.helpers import REPO, resnet_state, write_card
+from transfer.results import load_records, make_record, write_record
+
+
+# --- untrusted files ------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling it calls ``open(marker, "w")``: a file appears if a reader runs code from a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    path = tmp_path / "code-ran"
+    yield path
+    assert not path.exists(), "a file's pickle ran code"
+
+
+def _evil_torch(path: Path, marker: Path, wrap=lambda p: {"state_dict": {"conv1.weight": torch.zeros(1)}, "x": p}):
+    torch.save(wrap(_Payload(marker)), path)
+    return path
+
+
+def _evil_pickle(path: Path, marker: Path, wrap=lambda p: {"model": {"conv1.weight": p}}):
+    with open(path, "wb") as handle:
+        pickle.dump(wrap(_Payload(marker)), handle, protocol=2)
+    return path
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text and text
+    return text
+
+
+def test_the_payload_would_run_code_if_unpickled(tmp_path, marker):
+    """The test's premise: plain unpickling of these files does create the marker."""
+    pickle.loads(pickle.dumps(_Payload(marker)))
+    assert marker.exists()
+    marker.unlink()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_checkpoint_readers_refuse_code(tmp_path, marker, suffix):
+    from transfer.backbones import load_backbone
+    from transfer.d2.weights import read_model_file
+
+    path = (_evil_torch if suffix == ".pth" else _evil_pickle)(tmp_path / f"evil{suffix}", marker)
+    readers = [load_checkpoint_file, load_card, load_backbone, read_model_file]
+    for read in readers:
+        with pytest.raises(UserError) as info:
+            read(path)
+        assert str(path) in _one_line(info.value)
+    if suffix == ".pth":
+        assert "holds Python objects" in str(info.value) and "GLOBAL" in str(info.value).upper()
+
+
+def test_resume_checkpoint_refuses_code(tmp_path, marker):
+    from pretrain.config import load_config
+    from pretrain.train import load_resume_state
+
+    _evil_torch(tmp_path / "checkpoint.pth", marker, wrap=lambda p: {"format": "x", "config": {}, "history": p})
+    with pytest.raises(UserError, match="holds Python objects"):
+        load_resume_state(tmp_path / "checkpoint.pth", load_config(None))
+
+
+def test_cifar_batches_refuse_code(tmp_path, marker):
+    from pretrain.data.datasets import cifar
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        _evil_pickle(folder / name, marker, wrap=lambda p: {"data": p, "labels": [0]})
+    with pytest.raises(UserError, match="not a CIFAR python batch"):
+        cifar(tmp_path, "train", 10)
+
+
+def test_feature_cache_with_a_pickled_array_is_rebuilt_not_run(tmp_path, marker):
+    from metadataset.features import load_cached
+
+    folder = tmp_path / "entry"
+    folder.mkdir()
+    key = {"k": 1}
+    (folder / "index.json").write_text(json.dumps({"key": key, "shape": [1, 1], "class_names": ["a"]}))
+    np.save(folder / "features.npy", np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    np.save(folder / "labels.npy", np.zeros(1, dtype=np.int64))
+    assert load_cached(folder, key) is None
+
+
+def test_detectron2_eval_weights_are_read_by_the_safe_loader(tmp_path, marker):
+    """``--eval-only --weights x.pkl`` goes through ``read_model_file`` (the checkpointer's file
+    reader is replaced), for Detectron2 model-zoo and Caffe2 layouts alike."""
+    from transfer.d2.weights import read_model_file
+
+    weights = {"conv1.weight": np.ones((2, 3), dtype=np.float32), "res2_momentum": np.zeros(1)}
+    zoo = tmp_path / "zoo.pkl"
+    with open(zoo, "wb") as handle:
+        pickle.dump({"model": weights, "__author__": "Detectron2 Model Zoo"}, handle)
+    caffe = tmp_path / "caffe.pkl"
+    with open(caffe, "wb") as handle:
+        pickle.dump({"blobs": weights}, handle)
+    assert read_model_file(str(zoo))["__author__"] == "Detectron2 Model Zoo"
+    loaded = read_model_file(str(caffe))
+    assert loaded["matching_heuristics"] and list(loaded["model"]) == ["conv1.weight"]
+    np.testing.assert_array_equal(loaded["model"]["conv1.weight"], weights["conv1.weight"])
+    torch.save({"model": {"a": torch.ones(2)}, "iteration": 3}, tmp_path / "model_final.pth")
+    assert torch.equal(read_model_file(str(tmp_path / "model_final.pth"))["model"]["a"], torch.ones(2))
+    pytest.importorskip("detectron2")
+    from transfer.d2.weights import safe_checkpointer
+
+    checkpointer = safe_checkpointer(torch.nn.Linear(2, 2))
+    with pytest.raises(UserError, match="not allowed"):
+        checkpointer.load(str(_evil_pickle(tmp_path / "evil.pkl", marker)))
+
+
+def test_transfer_cli_refuses_a_malicious_backbone_in_one_line(tmp_path, marker, capsys):
+    from transfer.run import main
+
+    path = _evil_torch(tmp_path / "evil.pth", marker)
+    argv = ["--backbone", str(path), "--task", "fewshot_digits", "--results", str(tmp_path / "r")]
+    assert run_main(main, [*argv, "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds Python objects" in err
+
+
+def test_eval_only_weights_are_refused_before_any_work(tmp_path, marker, card_path, capsys):
+    pytest.importorskip("fvcore")
+    from transfer.run import main
+
+    evil = _evil_pickle(tmp_path / "model.pkl", marker)
+    argv = ["--backbone", str(card_path), "--task", "syn_det", "--eval-only", "--weights", str(evil)]
+    argv += ["--results", str(tmp_path / "r"), "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    assert run_main(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "global io.open is not allowed" in err
+    assert not (tmp_path / "c").exists()  # no synthetic data set was built
+
+
+# --- cards: shapes and values ---------------------------------------------------------------------
+def test_card_tensors_are_checked_for_shape_and_finiteness(tmp_path):
+    from ringbench.card import BackboneCard, make_meta
+    from transfer.backbones import load_backbone
+
+    meta = make_meta(method="m", loss="l", dataset="d", image_size=32, mean=[0.5] * 3, std=[0.2] * 3)
+    state = resnet_state("resnet18", "cifar")
+    bad = dict(state, **{"layer2.0.conv1.weight": torch.zeros(128, 64, 1, 1)})
+    torch.save(BackboneCard("resnet18", bad, "cifar", meta).to_dict(), tmp_path / "shape.pth")
+    with pytest.raises(UserError, match=r"1 tensors have the wrong shape.*layer2.0.conv1.weight \(128, 64, 1, 1\)"):
+        load_backbone(tmp_path / "shape.pth")
+    nan = dict(state, **{"bn1.weight": torch.full((64,), float("nan"))})
+    torch.save(BackboneCard("resnet18", nan, "cifar", meta).to_dict(), tmp_path / "nan.pth")
+    for read in (load_card, load_backbone):
+        with pytest.raises(UserError, match=r"NaN or infinite values: \['bn1.weight'\]"):
+            read(tmp_path / "nan.pth")
+    torch.save(dict(state, **{"conv1.weight": torch.full((64, 3, 3, 3), float("inf"))}), tmp_path / "tv.pth")
+    with pytest.raises(UserError, match="NaN or infinite"):
+        load_backbone(tmp_path / "tv.pth")  # foreign formats too
+
+
+# --- checked writes -------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 64 KiB tmpfs (needs root); skipped where it cannot be mounted."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root); the simulated short writes cover this")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _record(**extra) -> dict:
+    return make_record(
+        backbone="b", backbone_sha256="ab" * 32, task="fewshot_digits", metrics={"acc": 1.0}, config={}, **extra
+    )
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file() and p.name.startswith("."))
+
+
+def test_full_disk_leaves_no_partial_file_and_one_line(tiny_fs, capsys):
+    first = write_record(tiny_fs, _record())
+    with pytest.raises(fileio.WriteError, match="No space left on device") as info:
+        write_record(tiny_fs, _record(extra={"blob": "x" * 200_000}))
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    assert json.loads(first.read_text())["metrics"] == {"acc": 1.0} and _leftovers(tiny_fs) == []
+    with pytest.raises(fileio.WriteError):
+        fileio.atomic_save({"w": torch.zeros(100_000)}, tiny_fs / "checkpoint.pth")
+    assert not (tiny_fs / "checkpoint.pth").exists() and _leftovers(tiny_fs) == []
+    log = tiny_fs / "log.jsonl"
+    fileio.append_line(log, '{"step": 1}')
+    with pytest.raises(fileio.WriteError):
+        fileio.append_line(log, json.dumps({"step": 2, "pad": "y" * 200_000}))
+    assert log.read_text() == '{"step": 1}\n'  # the partial line was cut back
+    assert run_main(lambda argv: write_record(tiny_fs, _record(extra={"blob": "x" * 200_000})), []) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err
+    with open(tiny_fs / "fill", "wb") as fill, contextlib.suppress(OSError):
+        fill.write(b"x" * 100_000)  # the rest of the disk
+    with pytest.raises(UserError, match="no space left on its file system"):
+        fileio.check_writable_dir(tiny_fs / "results", "--results")  # refused before a run starts
+
+
+class _ShortRaw(io.RawIOBase):
+    """A raw file that accepts at most ``chunk`` bytes per write, and fails with ENOSPC after ``limit``."""
+
+    def __init__(self, fd: int, chunk: int, limit: float) -> None:
+        self.fd, self.chunk, self.limit, self.written = fd, chunk, limit, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if self.written >= self.limit:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = os.write(self.fd, bytes(data[: self.chunk]))
+        self.written += n
+        return n
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
+@pytest.mark.parametrize("limit", [float("inf"), 100])
+def test_short_writes_are_retried_or_fail_whole(tmp_path, monkeypatch, limit):
+    def fdopen(fd, mode="r", encoding=None):
+        raw = io.BufferedWriter(_ShortRaw(fd, chunk=7, limit=limit), buffer_size=64)
+        return raw if "b" in mode else io.TextIOWrapper(raw, encoding=encoding)
+
+    monkeypatch.setattr(fileio.os, "fdopen", fdopen)
+    text = "".join(f"line {i}\n" for i in range(100))
+    if limit == float("inf"):
+        fileio.atomic_write_text(tmp_path / "table.md", text)
+        assert (tmp_path / "table.md").read_text() == text  # every short write was continued
+    else:
+        with pytest.raises(fileio.WriteError, match="No space left"):
+            fileio.atomic_write_text(tmp_path / "table.md", text)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_folders_are_refused_before_work(tmp_path, capsys):
+    from transfer.run import main
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(ro)], capture_output=True)
+    (tmp_path / "file").write_text("x")
+    card = write_card(tmp_path / "card.pth")
+    base = ["--backbone", str(card), "--task", "fewshot_digits", "--cache-dir", str(tmp_path / "c")]
+    cases = [["--results", str(tmp_path / "file")], ["--output-dir", str(tmp_path / "file" / "sub")]]
+    if done.returncode == 0:
+        cases.append(["--results", str(ro / "results")])
+    try:
+        for extra in cases:
+            started = time.perf_counter()
+            assert run_main(main, [*base, "--output-dir", str(tmp_path / "o"), *extra]) == 2
+            assert time.perf_counter() - started < 10  # before any feature is computed
+        err = capsys.readouterr().err.splitlines()
+        assert "file: is a file, not a folder" in err[0] and "sub: " in err[1] and "is a file, not" in err[1]
+        if done.returncode == 0:
+            assert "Read-only file system" in err[2]
+    finally:
+        if done.returncode == 0:
+            subprocess.run(["umount", "-l", str(ro)], check=False)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.json"))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_every_writer_gives_the_umask_mode(tmp_path, umask, mode):
+    from transfer.d2.synthetic_coco import write_synthetic_coco
+
+    old = os.umask(umask)
+    try:
+        fileio.atomic_save({"a": torch.zeros(1)}, tmp_path / "a.pth")
+        fileio.append_line(tmp_path / "log.jsonl", "{}")
+        with fileio.atomic_write(tmp_path / "b.npy") as handle:
+            np.save(handle, np.zeros(2))
+        write_synthetic_coco(tmp_path / "coco", num_train=1, num_val=1)
+    finally:
+        os.umask(old)
+    for name in ("a.pth", "log.jsonl", "b.npy"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+    assert (tmp_path / "coco").stat().st_mode & 0o777 == 0o777 & ~umask  # a folder, not mkdtemp's 0700
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = fileio.temp_prefix("checkpoint.pth") + "abc.tmp"  # this process: still writing
+    killed = live.replace(f"-{os.getpid()}.", f"-{dead.pid}.")
+    other_host = ".checkpoint.pth.elsewhere-1.abc.tmp"
+    old = ".features.xyz.raw"
+    for name in (live, killed, other_host, old, "record.json"):
+        (tmp_path / name).write_text("x")
+    os.utime(tmp_path / old, (0, 0))
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / killed).write_text("x")
+    assert fileio.remove_stale_temps(tmp_path / "seed0", max_age_s=float("inf")) == [tmp_path / "seed0" / killed]
+    (tmp_path / "seed0" / killed).write_text("x")
+    removed = fileio.remove_stale_temps(tmp_path)  # not recursive: seed0/ is left alone
+    assert sorted(p.name for p in removed) == sorted([killed, old])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, other_host, "record.json", "seed0"])
+    assert fileio.remove_stale_temps(tmp_path, recursive=True) == [tmp_path / "seed0" / killed]
+
+
+def test_a_workdir_takes_one_process_at_a_time(tmp_path):
+    from pretrain.config import load_config
+    from pretrain.train import train
+
+    with fileio.folder_lock(tmp_path / "w", "--workdir"):
+        with pytest.raises(UserError, match=rf"--workdir {tmp_path / 'w'} is in use by pid {os.getpid()}"):
+            train(load_config(None, ["train.epochs=1"]), None, tmp_path / "w", progress=False)
+    with fileio.folder_lock(tmp_path / "w"):  # released when the holder ends
+        pass
+
+
+# --- names ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["../../x", "/abs", "a/b", "..", ".", "", ".hidden", "a\x00b", "x" * 300])
+def test_names_are_one_path_component(tmp_path, name):
+    with pytest.raises(UserError, match="must be one folder name"):
+        fileio.path_component(name, "--name")
+
+
+def test_a_backbone_name_cannot_leave_the_output_folder(tmp_path, card_path, capsys):
+    from transfer.run import main
+
+    argv = ["--backbone", str(card_path), "--task", "fewshot_digits", "--name", "../../escape"]
+    argv += ["--results", str(tmp_path / "r"), "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    assert run_main(main, argv) == 2
+    assert "must be one folder name" in capsys.readouterr().err
+    assert not (tmp_path.parent / "escape").exists()
+
+
+# --- validation before work -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.workers=-1", "data.workers must be at least 0, got -1"),
+        ("optim.momentum=-0.5", r"optim.momentum must be in \[0, 1\), got -0.5"),
+        ("data.image_size=0", "data.image_size must be > 0, got 0"),
+        ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch must be"),
+        ("knn.every=0", "knn.every must be"),
+        ("knn.max_train=0", "knn.max_train must be"),
+        ("optim.weight_decay=nan", "optim.weight_decay must be finite"),
+        ("train.epochs=null", "'train.epochs' must be an int"),
+    ],
+)
+def test_pretraining_config_values_are_checked(override, message):
+    from pretrain.config import load_config
+
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+def test_yaml_that_is_not_utf8_is_one_line(tmp_path):
+    from pretrain.config import load_config
+
+    (tmp_path / "bad.yaml").write_bytes(b"train:\n  epochs: 2 # \xff\xfe\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--episode-seed", "-1"], "--episode-seed must be at least 0, got -1"),
+        (["--weight-decay", "nan"], "--weight-decay must be a positive number"),
+        (["--image-size", "0"], "--image-size must be at least 1, got 0"),
+        (["--episodes", "100000000"], r"--episodes must be in \[1, 100000\], got 100000000"),
+        (["--seeds", "0"], "--seeds: not used by task fewshot_digits"),
+        (["--linear-max-iter", "5"], "--linear-max-iter: not used by task fewshot_digits"),
+        (["--synthetic-classes", "4"], "--synthetic-classes: not used by task fewshot_digits"),
+        (["--shots", "500"], "500-shot 15-query episodes need 5 classes of at least 515 images"),
+        (["--device", "bogus"], "--device 'bogus': not a device"),
+        (["--episode-mode", "sideways"], "--episode-mode must be 'variable' or 'fixed'"),
+    ],
+)
+def test_transfer_flags_are_checked_before_work(tmp_path, card_path, capsys, flags, message):
+    from transfer.run import main
+
+    argv = ["--backbone", str(card_path), "--task", "fewshot_digits", *flags]
+    argv += ["--results", str(tmp_path / "r"), "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    assert run_main(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and __import__("re").search(message, err), err
+    assert not (tmp_path / "c" / "features").exists()  # refused before any feature was computed
+
+
+def test_linear_iterations_are_checked(tmp_path, card_path, capsys):
+    from transfer.run import main
+
+    argv = ["--backbone", str(card_path), "--task", "linear_synthetic", "--linear-max-iter", "0"]
+    assert run_main(main, [*argv, "--results", str(tmp_path / "r"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--linear-max-iter must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_records_with_wrong_value_types_are_skipped_with_file_and_line(tmp_path):
+    good = write_record(tmp_path, _record())
+    bad_file = tmp_path / "fewshot_digits" / ("cd" * 32 + "-0123456789abcdef.json")
+    bad_file.write_text(json.dumps({**_record(), "backbone_sha256": "cd" * 32, "metrics": {"acc": "high"}}))
+    (tmp_path / "old.jsonl").write_bytes(
+        json.dumps({**_record(), "backbone_sha256": "ef" * 32, "ci95": [1]}).encode()
+        + b'\n{"backbone": "\xff"}\n'
+        + json.dumps({**_record(), "backbone_sha256": "12" * 32}).encode()
+        + b"\n"
+    )
+    with pytest.warns(UserWarning) as caught:
+        records = load_records(tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert any(f"{bad_file}: skipping a record with metrics['acc'] = 'high'" in m for m in messages)
+    assert any(f"{tmp_path / 'old.jsonl'}:1: skipping a record with 'ci95' of type list" in m for m in messages)
+    assert any(f"{tmp_path / 'old.jsonl'}:2: skipping a line that is not UTF-8" in m for m in messages)
+    assert sorted(r["backbone_sha256"] for r in records) == sorted(["ab" * 32, "12" * 32])
+    assert json.loads(good.read_text())["metrics"] == {"acc": 1.0}
+    with pytest.raises(ValueError, match="not a number"):
+        write_record(tmp_path, {**_record(), "metrics": {"acc": "high"}})  # never written either
+
+
+# --- crash semantics ------------------------------------------------------------------------------
+@pytest.mark.heavy
+def test_monitor_failure_keeps_the_epoch_and_resume_repeats_no_log_line(tmp_path, monkeypatch):
+    import pretrain.train as trainer
+    from tests.test_pretrain_train import tiny_cfg
+
+    cfg = tiny_cfg("train.epochs=1")
+    real_knn = trainer.evaluate_knn
+
+    def broken_monitor(*args, **kwargs):
+        raise RuntimeError("monitor failed")
+
+    monkeypatch.setattr(trainer, "evaluate_knn", broken_monitor)
+    with pytest.raises(RuntimeError, match="monitor failed"):
+        trainer.train(cfg, None, tmp_path / "b", progress=False)
+    saved = load_checkpoint_file(tmp_path / "b" / "checkpoint.pth")
+    assert saved["epoch"] == 1 and "knn_top1" not in saved["history"][-1]  # the epoch was not lost
+    monkeypatch.setattr(trainer, "evaluate_knn", real_knn)
+    resumed = trainer.train(cfg, None, tmp_path / "b", progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1]
+    assert 0 <= resumed.history[0]["knn_top1"] <= 100  # the pending monitor ran on resume
+    lines = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [(line["epoch"], line.get("step")) for line in lines] == [(1, 1), (1, 2), (1, None)]
+    assert lines[-1] == resumed.history[0]
+
+
+@pytest.mark.heavy
+def test_killed_mid_epoch_resumes_without_repeating_its_steps(tmp_path, monkeypatch):
+    import pretrain.train as trainer
+    from pretrain.methods.moco import MoCo
+    from tests.test_pretrain_train import tiny_cfg
+
+    real_step = MoCo.training_step
+
+    def dies_at_epoch_2_step_2(self, views, index):
+        if self.epoch == 1 and getattr(self, "_steps", 0) == 1:
+            raise KeyboardInterrupt
+        self._steps = getattr(self, "_steps", 0) + (self.epoch == 1)
+        return real_step(self, views, index)
+
+    monkeypatch.setattr(MoCo, "training_step", dies_at_epoch_2_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(tiny_cfg("knn.enabled=false"), None, tmp_path, progress=False)
+    before = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert (2, 1) in [(line["epoch"], line.get("step")) for line in before]  # the killed epoch's line
+    monkeypatch.setattr(MoCo, "training_step", real_step)
+    trainer.train(tiny_cfg("knn.enabled=false"), None, tmp_path, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(line["epoch"], line.get("step")) for line in lines] == [
+        (1, 1),
+        (1, 2),
+        (1, None),
+        (2, 1),
+        (2, 2),
+        (2, None),
+    ]
+
+
+def test_episodes_are_drawn_lazily():
+    from metadataset.sampling import FixedEpisodes, iter_episodes, sample_episodes
+
+    labels = np.repeat(np.arange(6), 30)
+    drawn = iter_episodes(0, labels, 6, 10**9, FixedEpisodes(5, 1, 2))  # a billion: nothing is built up front
+    first = [next(drawn) for _ in range(3)]
+    listed = sample_episodes(0, labels, 6, 3, FixedEpisodes(5, 1, 2))
+    assert all(np.array_equal(a.support, b.support) and np.array_equal(a.query, b.query) for a, b in zip(first, listed))
+
+
+def test_print_config_into_a_closed_pipe_is_quiet():
+    code = (
+        "from ringbench.cli import run_main; import sys; "
+        "sys.exit(run_main(lambda a: sum(print(i) or 0 for i in range(10**5))))"
+    )
+    done = subprocess.run(
+        f"{sys.executable} -c '{code}' | head -1", shell=True, capture_output=True, text=True, cwd=REPO
+    )
+    assert done.stdout == "0\n" and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_declared_ranges_are_on_numbers_and_hold_for_the_defaults():
+    import dataclasses
+    import typing
+
+    from pretrain.config import RANGES, PretrainConfig
+    from ringbench.config import _scalar_type, check_range, compose
+    from transfer.d2.tasks import Detectron2Settings
+    from transfer.fewshot import FewShotSettings
+    from transfer.linear import LinearSettings
+
+    for schema in (FewShotSettings, LinearSettings, Detectron2Settings):
+        hints = typing.get_type_hints(schema)
+        ranged = [f for f in dataclasses.fields(schema) if "range" in f.metadata]
+        assert ranged, schema
+        for f in ranged:
+            assert _scalar_type(hints[f.name]) in (int, float), (schema.__name__, f.name)
+        compose(schema)  # the defaults are within their ranges
+    defaults = compose(PretrainConfig)
+    for name, (low, high) in RANGES.items():
+        section, key = name.split(".")
+        if defaults[section][key] is not None:
+            check_range(name, defaults[section][key], low, high)
