@@ -44,6 +44,7 @@ class TaskResult:
     seeds: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. per-seed metrics, skipped images
     engine_versions: dict[str, str] = field(default_factory=dict)
+    write_record: bool = True  # False on machines other than machine 0 of a multi-machine run (0 writes it)
 
 
 def run_dir(root: Path, backbone_name: str, backbone_sha256: str, task: str, config: dict[str, Any]) -> Path:
@@ -62,6 +63,8 @@ class TaskContext:
     data_root: Path | None = None
     cache_dir: Path | None = None
     debug: bool = False
+    force: bool = False  # --force: start again (no reuse of finished seeds or checkpoints)
+    launch: Any = None  # multi-process families (Detectron2): the resolved launch (transfer.d2.launch.Launch)
 
     @property
     def feature_cache_dir(self) -> Path:
@@ -87,6 +90,12 @@ class Task:
     primary_metric: str = ""
     headline: tuple[str, ...] = ()  # metrics the leaderboard shows by default (else primary_metric)
     needs_data: bool = False  # False: runs on an embedded default with nothing on disk
+    # --print-config: the engine's resolved config as text (default: the task config as JSON)
+    describe_config: Callable[[Any, dict[str, Any], TaskContext], str] | None = None
+    # the launch of a multi-process family from the CLI flags and the device (None: one process)
+    make_launch: Callable[[argparse.Namespace, str], Any] | None = None
+    # published reference numbers for this task (rows of transfer.d2.published or the like)
+    published: tuple[dict[str, Any], ...] = ()
 
     @property
     def headline_metrics(self) -> tuple[str, ...]:
@@ -134,3 +143,9 @@ def get_task(name: str) -> Task:
             hint = " (not loaded: " + "; ".join(f"{m}: {e}" for m, e in _LOAD_ERRORS.items()) + ")"
         raise UserError(f"unknown task {name!r}; available: {', '.join(tasks) or 'none'}{hint}")
     return tasks[name]
+
+
+def reference_rows(name: str) -> list[dict[str, Any]]:
+    """Published reference numbers of a task, ``{task, metric, value, method, source}`` each (values in the
+    units of the task's metrics; empty when none can be cited): the leaderboard's reference rows."""
+    return [dict(row) for row in get_task(name).published]
