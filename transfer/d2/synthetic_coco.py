@@ -168,7 +168,12 @@ def write_synthetic_coco(
                 Image.fromarray(image).save(folder / info["file_name"])
             annotation_path(staging, split).parent.mkdir(exist_ok=True)
             annotation_path(staging, split).write_text(json.dumps(coco))
-        os.rename(staging, root)
+        try:
+            os.rename(staging, root)
+        except OSError as exc:  # another process renamed its copy first (ENOTEMPTY/EEXIST on Linux)
+            if annotation_path(root, "val").is_file():
+                raise FileExistsError(f"{root} already exists") from exc
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -227,6 +227,18 @@ def trainer_class():
             self.cfg = cfg
             self.register_hooks(self.build_hooks())
 
+        # Detectron2 v0.6 leaves the optimizer out of the trainer's state (later versions add it as
+        # "_trainer"): without it a resumed run would restart SGD momentum from zero.
+        def state_dict(self):
+            state = super().state_dict()
+            state["_trainer"] = self._trainer.state_dict()
+            return state
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict)
+            if "_trainer" in state_dict:
+                self._trainer.load_state_dict(state_dict["_trainer"])
+
         def build_writers(self):
             os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)  # JSONWriter does not create it
             return [
