@@ -6,6 +6,7 @@ The default suite keeps one small 2-process run (``syn_det --num-procs 2``); the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -234,3 +235,45 @@ def test_killed_run_resumes_from_its_checkpoint(card, tmp_path):
     assert code == 0
     assert len(load_records(tmp_path / "res")) == 1
     assert (seed_dir / "log.txt").read_text().count("trained ") == 1
+
+
+# --- the sweep's multi-node jobs ------------------------------------------------------------------------------
+def test_sweep_multi_node_job_takes_rank_and_rendezvous_from_slurm(card, tmp_path, monkeypatch):
+    """A plan job with ``nodes: 2`` asks for two machines; on each Slurm node its arguments get that node's
+    rank and the first host of the job as rendezvous (submitit's JobEnvironment), the same URL on every node."""
+    from transfer import sweep
+    from transfer.d2.launch import LaunchSettings
+    from transfer.run import build_parser
+
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(
+        f"backbones: [{{path: {card}}}]\ntasks:\n  voc_det: {{resources: {{gpus: 8, nodes: 2}}}}\n"
+        "  fewshot_digits: {episodes: 5}\n"
+    )
+    layout = sweep.Layout(tmp_path, tmp_path / "res", tmp_path / "sweeps" / "plan")
+    jobs = {j.task: j for j in sweep.expand(sweep.load_plan(plan_file), layout, "cpu")}
+    argv = jobs["voc_det"].argv
+    assert argv[argv.index("--num-gpus") + 1] == "8" and argv[argv.index("--num-machines") + 1] == "2"
+    assert "--num-machines" not in jobs["fewshot_digits"].argv
+    assert sweep.multi_node_argv(argv) == argv  # outside Slurm: nothing added
+    urls = set()
+    for node in (0, 1):
+        for key, value in {
+            "SUBMITIT_EXECUTOR": "slurm",
+            "SLURM_JOB_ID": "4321",
+            "SLURM_NODEID": str(node),
+            "SLURM_JOB_NODELIST": "gpu[07-08]",
+        }.items():
+            monkeypatch.setenv(key, value)
+        args = build_parser().parse_args(sweep.multi_node_argv(argv))
+        assert (args.machine_rank, args.num_machines) == (node, 2) and sweep.node_rank() == node
+        assert set(vars(args)) >= {f.name for f in dataclasses.fields(LaunchSettings)}
+        urls.add(args.dist_url)
+    (url,) = urls
+    assert url.startswith("tcp://gpu07:")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"backbones: [{{path: {card}}}]\ntasks:\n  fewshot_digits: {{resources: {{nodes: 2}}}}\n")
+    from ringbench.errors import UserError
+
+    with pytest.raises(UserError, match="nodes > 1 needs a Detectron2 task"):
+        sweep.expand(sweep.load_plan(bad), layout, "cpu")
