@@ -222,3 +222,26 @@ def test_print_config_from_a_card_needs_no_data(tmp_path, capsys, monkeypatch):
     assert printed["MODEL"]["PIXEL_MEAN"] == pytest.approx([127.5, 102.0, 76.5])
     assert printed["MODEL"]["PIXEL_STD"] == pytest.approx([51.0] * 3)
     assert out.startswith("# voc_det: resolved Detectron2 config")
+
+
+def test_published_reference_rows_travel_with_the_tasks():
+    """MoCo's VOC numbers (detection/README.md, R50-C4 24k, mean of 5 trials), in the records' metric names."""
+    from transfer.d2.published import reference_table
+    from transfer.d2.train import flatten_results
+    from transfer.tasks import reference_rows
+
+    expected = {  # method: (AP50, AP, AP75), as MoCo's detection README prints them
+        "ImageNet-1M, supervised": (81.3, 53.5, 58.8),
+        "ImageNet-1M, MoCo v1, 200ep": (81.5, 55.9, 62.6),
+        "ImageNet-1M, MoCo v2, 200ep": (82.4, 57.0, 63.6),
+        "ImageNet-1M, MoCo v2, 800ep": (82.5, 57.4, 64.0),
+    }
+    rows = reference_rows("voc_det")
+    assert len(rows) == 12 and all("mean of 5 trials" in r["source"] and "R50-C4" in r["source"] for r in rows)
+    table = reference_table("voc_det")
+    assert {m: (v["bbox/AP50"], v["bbox/AP"], v["bbox/AP75"]) for m, v in table.items()} == expected
+    # the metric names are the ones a voc_det record carries
+    metrics, _ = flatten_results({"bbox": {"AP": 50.0, "AP50": 80.0, "AP75": 55.0}})
+    assert {r["metric"] for r in rows} == set(metrics) == set(get_task("voc_det").headline_metrics)
+    for task in ("coco_det", "coco_instseg", "coco_kp", "coco_instseg_c4_1x", "coco_instseg_c4_2x", "syn_det"):
+        assert reference_rows(task) == []  # nothing that could not be cited
