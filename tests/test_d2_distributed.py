@@ -277,3 +277,27 @@ def test_sweep_multi_node_job_takes_rank_and_rendezvous_from_slurm(card, tmp_pat
 
     with pytest.raises(UserError, match="nodes > 1 needs a Detectron2 task"):
         sweep.expand(sweep.load_plan(bad), layout, "cpu")
+
+
+def test_launch_resolution_by_device(monkeypatch):
+    """NCCL with one process per visible GPU on CUDA, gloo with --num-procs on CPU (no GPU needed to check)."""
+    from ringbench.errors import UserError
+    from transfer.d2.launch import Launch, resolve
+
+    flags = {"num_gpus": None, "num_procs": None, "num_machines": 1, "machine_rank": 0, "dist_url": None}
+    assert resolve(flags, "cpu") == Launch(1, 1, 0, "auto", "gloo")
+    assert resolve({**flags, "num_procs": 3}, "cpu").world_size == 3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    two = resolve({**flags, "num_machines": 2, "machine_rank": 1, "dist_url": "tcp://10.0.0.1:29500"}, "cuda")
+    assert two == Launch(8, 2, 1, "tcp://10.0.0.1:29500", "nccl") and two.world_size == 16
+    assert resolve({**flags, "num_gpus": 4}, "cuda").procs_per_machine == 4
+    assert resolve(flags, "cuda:3").procs_per_machine == 1
+    for bad, device, message in [
+        ({"num_gpus": 9}, "cuda", "only 8 CUDA devices"),
+        ({"num_gpus": 2}, "cuda:1", "give --device cuda"),
+        ({"num_procs": 2}, "cuda", "--num-procs is for --device cpu"),
+        ({"num_machines": 2, "dist_url": "auto"}, "cpu", "works on one machine only"),
+        ({"dist_url": "10.0.0.1:29500"}, "cpu", "expected tcp://HOST:PORT"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            resolve({**flags, **bad}, device)

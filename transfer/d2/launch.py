@@ -91,6 +91,8 @@ def resolve(settings: dict[str, Any], device: str) -> Launch:
         if settings["num_procs"] is not None:
             raise UserError("--num-procs is for --device cpu; on CUDA give --num-gpus (one process per GPU)")
         procs = num_gpus(device, settings["num_gpus"])
+        if procs > 1 and device != "cuda":
+            raise UserError(f"--num-gpus {procs} runs one process per GPU: give --device cuda, not {device}")
     else:
         if settings["num_gpus"]:
             raise UserError(f"--num-gpus {settings['num_gpus']} needs --device cuda; on CPU give --num-procs N")
