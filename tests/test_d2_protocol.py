@@ -245,3 +245,12 @@ def test_published_reference_rows_travel_with_the_tasks():
     assert {r["metric"] for r in rows} == set(metrics) == set(get_task("voc_det").headline_metrics)
     for task in ("coco_det", "coco_instseg", "coco_kp", "coco_instseg_c4_1x", "coco_instseg_c4_2x", "syn_det"):
         assert reference_rows(task) == []  # nothing that could not be cited
+
+
+def test_readme_lists_every_deliberate_difference():
+    from tests.helpers import REPO
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("**Protocol differences**") : text.index("**Detectron2 installation.**")]
+    for key in DELIBERATE_ALL:
+        assert f"`{key}`" in section, key

@@ -13,6 +13,9 @@ Contract, used by ``transfer/run.py``:
 * ``task.validate(backbone, config)``: raise :class:`pretrain.cli.UserError` on anything that
   would fail later (unsupported arch, missing data files), before any work starts.
 * ``task.run(backbone, config, ctx) -> TaskResult``.
+* Optional: ``describe_config`` (``--print-config``), ``make_launch`` (several processes or machines:
+  the launch goes to ``ctx.launch``, outside the config and so outside the record's identity) and
+  ``published`` (reference numbers with their source, :func:`reference_rows`).
 """
 
 from __future__ import annotations
