@@ -301,3 +301,36 @@ def test_launch_resolution_by_device(monkeypatch):
     ]:
         with pytest.raises(UserError, match=message):
             resolve({**flags, **bad}, device)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.getcwd, ())  # a harmless call standing for arbitrary code
+
+
+def test_checkpointer_never_unpickles_code(tmp_path):
+    """Our Detectron2 checkpointer reads .pth files with weights_only and a .pkl only after the restricted
+    unpickler accepted it: a pickle that would call a function is refused with a one-line error."""
+    import pickle
+
+    from ringbench.errors import UserError
+    from transfer.d2.train import checkpointer_class
+
+    model = torch.nn.Linear(2, 2)
+    Checkpointer = checkpointer_class()
+    for name in ("evil.pkl", "evil.pth"):
+        path = tmp_path / name
+        if name.endswith(".pkl"):
+            path.write_bytes(pickle.dumps({"model": {"weight": _Payload()}}))
+        else:
+            torch.save({"model": {"weight": _Payload()}}, path)
+        with pytest.raises(UserError, match=r"not allowed|refused|not a"):
+            Checkpointer(model).load(str(path))
+    saver = Checkpointer(model, str(tmp_path / "ok"))
+    (tmp_path / "ok").mkdir()
+    saver.save("model_0000001", iteration=1)
+    assert (tmp_path / "ok" / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert not list((tmp_path / "ok").glob(".*"))  # no temporary file left
+    fresh = torch.nn.Linear(2, 2)
+    assert Checkpointer(fresh).load(str(tmp_path / "ok" / "model_0000001.pth"))["iteration"] == 1
+    torch.testing.assert_close(fresh.weight, model.weight)

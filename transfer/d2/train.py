@@ -174,7 +174,8 @@ def checkpointer_class():
 
     A checkpoint is written to a temporary file and renamed (a run killed while saving leaves the
     previous checkpoint whole), as is ``last_checkpoint``; our own ``.pth`` files are read with
-    ``torch.load(weights_only=True)`` (:func:`ringbench.card.load_checkpoint_file`), never unpickled.
+    ``torch.load(weights_only=True)`` (:func:`ringbench.card.load_checkpoint_file`), never unpickled, and
+    a ``.pkl`` given to ``--weights`` is read by Detectron2 only after the restricted unpickler accepted it.
     """
     D2: Any = d2()
 
@@ -194,10 +195,10 @@ def checkpointer_class():
             atomic_write_text(Path(self.save_dir) / "last_checkpoint", last_filename_basename)
 
         def _load_file(self, filename: str) -> dict[str, Any]:
+            loaded = load_checkpoint_file(filename)  # .pkl: a restricted unpickler (numpy arrays, builtins)
             if filename.endswith(".pth"):
-                loaded = load_checkpoint_file(filename)
                 return loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
-            return super()._load_file(filename)
+            return super()._load_file(filename)  # passed the restricted load: Detectron2's own reading is safe
 
     return Checkpointer
 
