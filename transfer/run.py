@@ -11,6 +11,7 @@ record already exists (same backbone hash, task and config hash) is skipped unle
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--force", action="store_true", help="run even if a record with this config exists")
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the task's resolved config (Detectron2 tasks: the full Detectron2 config) and exit; needs no data",
+    )
     parser.add_argument("--readme", type=Path, help=argparse.SUPPRESS)  # with --list-tasks: refresh README's list
     add_common_flags(parser)
     family_flags: dict[object, dict[str, str]] = {}
@@ -159,6 +165,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     backbone = load_backbone(args.backbone, name=args.name, arch=args.arch)
     config = task.make_config(args)
     cfg_hash = config_hash(config)
+    device = resolve_device(args.device)
+    launch = task.make_launch(args, device) if task.make_launch else None
+    if args.print_config:
+        ctx = TaskContext(
+            output_dir=run_dir(args.output_dir, backbone.name, backbone.sha256, task.name, config),
+            device=device,
+            launch=launch,
+        )
+        print(task.describe_config(backbone, config, ctx) if task.describe_config else json.dumps(config, indent=1))
+        return 0
     existing = existing_record(args, backbone.sha256, config)
     if existing and not args.force:
         print(
@@ -174,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_root=args.data_root,
         cache_dir=args.cache_dir,
         debug=args.debug,
+        force=args.force,
+        launch=launch,
     )
     check_writable_dir(ctx.output_dir, "--output-dir")
     check_writable_dir(args.results / task.name, "--results")
@@ -186,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     start = time.perf_counter()
     result = task.run(backbone, config, ctx)
+    if not result.write_record:
+        print(f"{task.name}: this machine's part is done; machine 0 writes the record", file=sys.stderr)
+        return 0
     record = make_record(
         backbone=backbone.name,
         backbone_sha256=backbone.sha256,

@@ -238,6 +238,8 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
         if not all(isinstance(k, str) for k in settings):
             raise UserError(f"plan tasks.{task}: flags must be names")
         resources = _resources(settings.pop("resources", None), f"plan tasks.{task}.resources")
+        if resources.nodes > 1 and tasks[task].family != "detectron2":
+            raise UserError(f"plan tasks.{task}.resources: nodes > 1 needs a Detectron2 task (multi-machine launch)")
         extra = flag_argv(settings)
         for card, maker in cards:
             argv = [
@@ -254,6 +256,8 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
                 "--device",
                 "cuda" if resources.gpus else device,
                 *(["--num-gpus", str(resources.gpus)] if resources.gpus and _uses_gpus_flag(task) else []),
+                # several nodes: machine rank and rendezvous come from the job environment (StageJob)
+                *(["--num-machines", str(resources.nodes)] if resources.nodes > 1 else []),
                 *extra,
             ]
             jobs.append(Job(f"{task}/{card.stem}", "transfer", argv, str(card), resources, depends_on=maker))
@@ -347,6 +351,16 @@ class StageJob:
     def __call__(self) -> int:
         import importlib
 
+        argv = multi_node_argv(self.argv)
+        if node_rank() > 0:  # another node of a multi-node job: its part of the run; node 0 keeps the state
+            if self.threads:
+                import torch
+
+                torch.set_num_threads(self.threads)
+            code = run_main(importlib.import_module(STAGES[self.stage]).main, argv)
+            if code != 0:
+                raise RuntimeError(f"{self.key} (node {node_rank()}): {self.stage}/run.py exited with {code}")
+            return code
         starts = int(read_status(self.status_file).get("starts", 0)) + 1  # > 1: requeued or retried
         write_status(
             self.status_file, "running", host=os.uname().nodename, pid=os.getpid(), job_id=_job_id(), starts=starts
@@ -357,7 +371,7 @@ class StageJob:
             torch.set_num_threads(self.threads)
         start = time.time()
         try:
-            code = run_main(importlib.import_module(STAGES[self.stage]).main, self.argv)
+            code = run_main(importlib.import_module(STAGES[self.stage]).main, argv)
         except BaseException as exc:
             write_status(self.status_file, "failed", error=_last_line(repr(exc)), wall_s=round(time.time() - start))
             raise
@@ -372,6 +386,22 @@ class StageJob:
 
         write_status(self.status_file, "requeued", job_id=_job_id())
         return submitit.helpers.DelayedSubmission(self)
+
+
+def node_rank() -> int:
+    """This node's rank in a multi-node Slurm job (``SLURM_NODEID``; 0 outside Slurm)."""
+    return int(os.environ.get("SLURM_NODEID", "0") or 0)
+
+
+def multi_node_argv(argv: list[str]) -> list[str]:
+    """A transfer job's arguments with ``--machine-rank`` and ``--dist-url`` from the Slurm job environment
+    when it asks for several machines (``--num-machines``) and does not name them itself."""
+    if "--num-machines" not in argv or "--dist-url" in argv or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return list(argv)
+    from transfer.d2.launch import slurm_rendezvous
+
+    rank, url = slurm_rendezvous()
+    return [*argv, "--machine-rank", str(rank), "--dist-url", url]
 
 
 def _job_id() -> str | None:

@@ -13,6 +13,9 @@ Contract, used by ``transfer/run.py``:
 * ``task.validate(backbone, config)``: raise :class:`pretrain.cli.UserError` on anything that
   would fail later (unsupported arch, missing data files), before any work starts.
 * ``task.run(backbone, config, ctx) -> TaskResult``.
+* Optional: ``describe_config`` (``--print-config``), ``make_launch`` (several processes or machines:
+  the launch goes to ``ctx.launch``, outside the config and so outside the record's identity) and
+  ``published`` (reference numbers with their source, :func:`reference_rows`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class TaskResult:
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. per-seed metrics, skipped images
     engine_versions: dict[str, str] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)  # a metric's unit if not percentage points
+    write_record: bool = True  # False on machines other than machine 0 of a multi-machine run (0 writes it)
 
 
 def run_dir(root: Path, backbone_name: str, backbone_sha256: str, task: str, config: dict[str, Any]) -> Path:
@@ -63,6 +67,8 @@ class TaskContext:
     data_root: Path | None = None
     cache_dir: Path | None = None
     debug: bool = False
+    force: bool = False  # --force: start again (no reuse of finished seeds or checkpoints)
+    launch: Any = None  # multi-process families (Detectron2): the resolved launch (transfer.d2.launch.Launch)
 
     @property
     def feature_cache_dir(self) -> Path:
@@ -89,6 +95,12 @@ class Task:
     headline: tuple[str, ...] = ()  # metrics the leaderboard shows by default (else primary_metric)
     needs_data: bool = False  # False: runs on an embedded default with nothing on disk
     unused_flags: tuple[str, ...] = ()  # its family's flags this task ignores: refused when given
+    # --print-config: the engine's resolved config as text (default: the task config as JSON)
+    describe_config: Callable[[Any, dict[str, Any], TaskContext], str] | None = None
+    # the launch of a multi-process family from the CLI flags and the device (None: one process)
+    make_launch: Callable[[argparse.Namespace, str], Any] | None = None
+    # published reference numbers for this task (rows of transfer.d2.published or the like)
+    published: tuple[dict[str, Any], ...] = ()
 
     @property
     def headline_metrics(self) -> tuple[str, ...]:
@@ -136,3 +148,9 @@ def get_task(name: str) -> Task:
             hint = " (not loaded: " + "; ".join(f"{m}: {e}" for m, e in _LOAD_ERRORS.items()) + ")"
         raise UserError(f"unknown task {name!r}; available: {', '.join(tasks) or 'none'}{hint}")
     return tasks[name]
+
+
+def reference_rows(name: str) -> list[dict[str, Any]]:
+    """Published reference numbers of a task, ``{task, metric, value, method, source}`` each (values in the
+    units of the task's metrics; empty when none can be cited): the leaderboard's reference rows."""
+    return [dict(row) for row in get_task(name).published]

@@ -145,6 +145,26 @@ def register_voc(root: Path) -> Splits:
     )
 
 
+def splits_without_data(task: str) -> Splits:
+    """The splits of ``task`` under Detectron2's builtin names, nothing registered or read (``--print-config``)."""
+    from ringbench import shapes
+
+    if task.startswith("syn_"):
+        return Splits(
+            ("rb_synthetic_train",),
+            ("rb_synthetic_val",),
+            "coco",
+            num_classes=shapes.NUM_SHAPES,
+            num_keypoints=shapes.NUM_KEYPOINTS,
+            kpt_oks_sigmas=list(shapes.KEYPOINT_SIGMAS),
+        )
+    if task.startswith("voc"):
+        return Splits(("voc_2007_trainval", "voc_2012_trainval"), ("voc_2007_test",), "voc", num_classes=20)
+    if task == "coco_kp":
+        return Splits(("keypoints_coco_2017_train",), ("keypoints_coco_2017_val",), "coco", 1, num_keypoints=17)
+    return Splits(("coco_2017_train",), ("coco_2017_val",), "coco", num_classes=80)
+
+
 def register_synthetic(root: Path) -> Splits:
     """Register a dataset written by :mod:`transfer.d2.synthetic_coco` (train and val)."""
     from ringbench import shapes

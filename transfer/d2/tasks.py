@@ -15,8 +15,10 @@ from typing import Any, Optional
 from ringbench.config import add_schema_flags, settings_from_args
 from ringbench.errors import UserError
 from ringbench.resnets import RESNETS
+from transfer.d2 import launch as d2launch
 from transfer.d2 import train
 from transfer.d2.data import check_files, resolve_data_root
+from transfer.d2.published import reference_rows
 from transfer.d2.synthetic_coco import DEFAULTS as SYN_DEFAULTS
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
@@ -32,6 +34,16 @@ TASKS = {
         "Keypoint R-CNN R50-FPN 1x, COCO 2017 person keypoints (keypoint AP)",
         "keypoints/AP",
         ("keypoints/AP", "bbox/AP"),
+    ),
+    "coco_instseg_c4_1x": (
+        "Mask R-CNN R50-C4 1x (90k iterations), COCO 2017: MoCo's C4 protocol (box and mask AP)",
+        "bbox/AP",
+        ("bbox/AP", "segm/AP"),
+    ),
+    "coco_instseg_c4_2x": (
+        "Mask R-CNN R50-C4 2x (180k iterations), COCO 2017: MoCo's coco_R_50_C4_2x_moco (box and mask AP)",
+        "bbox/AP",
+        ("bbox/AP", "segm/AP"),
     ),
     "voc_det": (
         "Faster R-CNN R50-C4, VOC07+12 trainval -> VOC07 test, 24k iterations (AP, AP50, AP75)",
@@ -85,9 +97,6 @@ class Detectron2Settings:
     weights: Optional[str] = field(
         default=None, metadata={"help": "with --eval-only: a Detectron2 model file to evaluate"}
     )
-    num_gpus: Optional[int] = field(
-        default=None, metadata={"help": "GPUs per run (default: all visible with --device cuda)", "range": (1, None)}
-    )
     syn_train_images: int = field(
         default=SYN_DEFAULTS["num_train"], metadata={"help": "syn_* tasks: training images", "range": (1, None)}
     )
@@ -102,6 +111,7 @@ class Detectron2Settings:
 def add_detectron2_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the Detectron2 family (added once to the shared ``transfer/run.py`` parser)."""
     add_schema_flags(parser, Detectron2Settings, "Detectron2 tasks (coco_*, voc_det, syn_*)")
+    d2launch.add_launch_arguments(parser)
 
 
 def make_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -116,7 +126,6 @@ def make_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "seeds": settings["seeds"],
         "eval_only": settings["eval_only"],
         "weights": settings["weights"],
-        "num_gpus": settings["num_gpus"],
     }
     if name.startswith("syn_"):
         config["synthetic"] = {
@@ -143,9 +152,9 @@ def validate(name: str, backbone: Any, config: dict[str, Any]) -> None:
             f"{backbone.path}: architecture {backbone.arch!r} has no Detectron2 backbone here; {name} supports "
             f"torchvision ResNets: {', '.join(RESNETS)}"
         )
-    if name == "voc_det" and backbone.arch not in C4_ARCHS:
+    if is_c4(name) and backbone.arch not in C4_ARCHS:
         raise UserError(
-            f"voc_det uses the C4 layout, whose res5 box head needs bottleneck blocks: "
+            f"{name} uses the C4 layout, whose res5 box head needs bottleneck blocks: "
             f"{', '.join(C4_ARCHS)} (got {backbone.arch})"
         )
     if config["seeds"] < 1:
@@ -170,6 +179,12 @@ def validate(name: str, backbone: Any, config: dict[str, Any]) -> None:
     check_conversion(backbone.arch, backbone.stem, backbone.state_dict, source=str(backbone.path))
 
 
+def is_c4(name: str) -> bool:
+    """Whether the task's config is an R-CNN C4 (res5 box head) one."""
+    heads = train.read_config(f"{name}.yaml").get("MODEL", {}).get("ROI_HEADS", {})
+    return str(heads.get("NAME", "")).startswith("Res5")
+
+
 def eval_weights(config: dict[str, Any], ctx: TaskContext, seed: int) -> str | None:
     """The model file an ``--eval-only`` run evaluates: ``--weights``, or the training run's final weights."""
     if not config["eval_only"]:
@@ -186,22 +201,70 @@ def eval_weights(config: dict[str, Any], ctx: TaskContext, seed: int) -> str | N
 
 
 def run(name: str, backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
-    gpus = train.num_devices(ctx.device, config.get("num_gpus"))
+    spec = ctx.launch or d2launch.Launch()
+    if config["ims_per_batch"] % spec.world_size:
+        raise UserError(
+            f"--ims-per-batch {config['ims_per_batch']} does not split over {spec.world_size} processes; "
+            f"give a multiple of {spec.world_size}"
+        )
     seeds = list(range(config["seeds"]))
     per_seed = []
     for seed in seeds:
+        seed_dir = Path(ctx.output_dir) / f"seed{seed}"
+        if ctx.force and spec.machine_rank == 0:
+            forget_seed(seed_dir)
         payload = {
             "task": name,
             "backbone": backbone,
             "config": config,
             "seed": seed,
             "device": ctx.device,
-            "output_dir": str(Path(ctx.output_dir) / f"seed{seed}"),
+            "output_dir": str(seed_dir),
             "cache_dir": str(ctx.cache_dir) if ctx.cache_dir else None,
             "eval_only_weights": eval_weights(config, ctx, seed),
         }
-        per_seed.append(train.launch_seed(payload, gpus))
-    return aggregate(per_seed, seeds, engine_versions())
+        per_seed.append(train.launch_seed(payload, spec))
+    if spec.machine_rank != 0:
+        return TaskResult(metrics={}, seeds=seeds, extra={"machine_rank": spec.machine_rank}, write_record=False)
+    result = aggregate([r for r in per_seed if r is not None], seeds, engine_versions())
+    result.extra.update(launch_extra(per_seed, spec))
+    return result
+
+
+def forget_seed(seed_dir: Path) -> None:
+    """``--force``: the seed's result and checkpoints go, so that it trains again from the card."""
+    for path in [seed_dir / "results.json", seed_dir / "last_checkpoint", *seed_dir.glob("model_*.pth")]:
+        path.unlink(missing_ok=True)
+
+
+def launch_extra(per_seed: list[dict[str, Any] | None], spec: Any) -> dict[str, Any]:
+    """What the record says of how the run was spread: processes, total batch, norm (of the seeds' runs)."""
+    launches = [r.get("launch", {}) for r in per_seed if r]
+    first = launches[0] if launches else {}
+    return {
+        "world_size": first.get("world_size", spec.world_size),
+        "ims_per_batch": first.get("ims_per_batch"),
+        "norm": first.get("norm"),
+        "launch": {**spec.as_dict(), "per_seed": launches},
+    }
+
+
+def describe_config(name: str, backbone: Any, config: dict[str, Any], ctx: TaskContext) -> str:
+    """``--print-config``: the resolved Detectron2 config of seed 0, built without the data."""
+    cfg = resolved_cfg(name, backbone, config, ctx.device, Path(ctx.output_dir) / "seed0")
+    spec = ctx.launch or d2launch.Launch()
+    header = (
+        f"# {name}: resolved Detectron2 config (seed 0); {spec.world_size} process(es), "
+        f"{config['ims_per_batch'] // spec.world_size} images per process, {spec.backend}\n"
+    )
+    return header + cfg.dump()
+
+
+def resolved_cfg(name: str, backbone: Any, config: dict[str, Any], device: str = "cpu", output_dir: Path = Path(".")):
+    """The Detectron2 config a run of ``name`` trains with (dataset names unregistered: no data read)."""
+    from transfer.d2.data import splits_without_data
+
+    return train.build_cfg(config, backbone, splits_without_data(name), output_dir, device, seed=0)
 
 
 def aggregate(per_seed: list[dict[str, Any]], seeds: list[int], versions: dict[str, str]) -> TaskResult:
@@ -250,6 +313,9 @@ def _register(name: str) -> None:
             headline=headline,
             needs_data=not name.startswith("syn_"),
             unused_flags=() if name.startswith("syn_") else ("syn_train_images", "syn_val_images", "syn_seed"),
+            describe_config=lambda backbone, config, ctx: describe_config(name, backbone, config, ctx),
+            make_launch=d2launch.launch_from_args,
+            published=tuple(reference_rows(name)),
         )
     )
 

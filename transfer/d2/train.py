@@ -4,9 +4,14 @@ The flow of one seed: build the Detectron2 config (task YAML + settings from the
 stage-2 width, stem, pixel mean/std in 0-255 units, RGB input), build the trainer, load the
 converted backbone weights into the model with every ResNet key checked
 (:func:`transfer.d2.convert.load_converted`), train, save the final weights, evaluate with
-``COCOEvaluator`` (``use_fast_impl`` only with compiled ops) or the VOC evaluator. Several GPUs run
-through Detectron2's ``launch`` with SyncBN. Per-seed outputs: ``seed<N>/`` with ``log.txt``,
-``config.yaml``, ``metrics.json`` (Detectron2's JSON writer), ``model_final.pth``, ``results.json``.
+``COCOEvaluator`` (``use_fast_impl`` only with compiled ops) or the VOC evaluator. Several processes
+(GPUs with NCCL, CPU processes with gloo, on one or several machines) run through
+:mod:`transfer.d2.launch`; the norm is MoCo's ``naiveSyncBN`` (Detectron2's ``NaiveSyncBatchNorm``,
+plain BN on one process) as the task YAML says. Checkpoints (``SOLVER.CHECKPOINT_PERIOD``, about ten
+per schedule) are written atomically, and a rerun of the same run resumes from the last one.
+Per-seed outputs: ``seed<N>/`` with ``log.txt`` (``log.txt.rank<R>`` for other ranks), ``config.yaml``,
+``metrics.json`` (Detectron2's JSON writer), ``last_checkpoint``, ``model_final.pth``, ``results.json``
+(its presence marks a finished seed, which is not run again).
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ import math
 import os
 import sys
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ringbench.card import load_checkpoint_file
 from ringbench.config import config_root
 from ringbench.errors import UserError
 from ringbench.fileio import atomic_save, atomic_write_text
@@ -34,6 +39,7 @@ from transfer.d2.compat import d2, has_compiled_ops
 CONFIG_DIR = config_root() / "transfer" / "detectron2"
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _NORM_KEYS = (("RESNETS", "NORM"), ("FPN", "NORM"), ("ROI_BOX_HEAD", "NORM"), ("ROI_MASK_HEAD", "NORM"))
+MAX_CHECKPOINT_PERIOD = 5000  # Detectron2's default period, the ceiling for long schedules
 
 
 # ----------------------------------------------------------------------------------- config
@@ -105,9 +111,13 @@ def scale_schedule(
     }
 
 
-def build_cfg(
-    config: Mapping[str, Any], backbone: Any, splits: Any, output_dir: Path, device: str, seed: int, world_size: int = 1
-):
+def checkpoint_period(max_iter: int) -> int:
+    """About ten checkpoints per schedule, at most every 5000 iterations (Detectron2's default):
+    2400 for VOC's 24k, 5000 for COCO's 90k, 10 for a 100-iteration synthetic run."""
+    return max(1, min(MAX_CHECKPOINT_PERIOD, math.ceil(int(max_iter) / 10)))
+
+
+def build_cfg(config: Mapping[str, Any], backbone: Any, splits: Any, output_dir: Path, device: str, seed: int):
     """The Detectron2 ``CfgNode`` of one seed's run."""
     from transfer.d2.modeling import add_ringbench_config, feature_names_for_stem, register
 
@@ -140,11 +150,8 @@ def build_cfg(
     cfg.SOLVER.MAX_ITER = int(config["max_iter"])
     cfg.SOLVER.STEPS = tuple(config["steps"])
     cfg.SOLVER.WARMUP_ITERS = int(config["warmup_iters"])
+    cfg.SOLVER.CHECKPOINT_PERIOD = checkpoint_period(cfg.SOLVER.MAX_ITER)
     cfg.TEST.EVAL_PERIOD = 0
-    if world_size > 1:  # the MoCo protocol: synchronised BN across GPUs
-        for section, key in _NORM_KEYS:
-            if cfg.MODEL[section][key] == "BN":
-                cfg.MODEL[section][key] = "SyncBN"
     cfg.MODEL.DEVICE = device
     cfg.SEED = int(seed)
     cfg.OUTPUT_DIR = str(output_dir)
@@ -156,13 +163,82 @@ def layout_of(cfg) -> str:
     return "fpn" if "fpn" in cfg.MODEL.BACKBONE.NAME else "c4"
 
 
+def norms_of(cfg) -> dict[str, str]:
+    """The norm of each part that has one (``RESNETS`` covers the backbone and the C4 res5 head)."""
+    return {f"{section}.{key}": cfg.MODEL[section][key] for section, key in _NORM_KEYS if cfg.MODEL[section][key]}
+
+
 # ---------------------------------------------------------------------------------- trainer
+def checkpointer_class():
+    """Detectron2's ``DetectionCheckpointer`` that writes atomically and reads ``.pth`` files safely.
+
+    A checkpoint is written to a temporary file and renamed (a run killed while saving leaves the
+    previous checkpoint whole), as is ``last_checkpoint``; our own ``.pth`` files are read with
+    ``torch.load(weights_only=True)``, never unpickled, and a ``.pkl`` given to ``--weights`` by the
+    NumPy-only unpickler (:func:`transfer.d2.weights.read_model_file`): Detectron2 never unpickles.
+    """
+    D2: Any = d2()
+
+    class Checkpointer(D2.checkpoint.DetectionCheckpointer):
+        def save(self, name: str, **kwargs: Any) -> None:
+            if not self.save_dir or not self.save_to_disk:
+                return
+            data = {"model": self.model.state_dict()}
+            data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+            data.update(kwargs)
+            path = Path(self.save_dir) / f"{name}.pth"
+            self.logger.info("Saving checkpoint to %s", path)
+            atomic_save(data, path)
+            self.tag_last_checkpoint(path.name)
+
+        def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+            atomic_write_text(Path(self.save_dir) / "last_checkpoint", last_filename_basename)
+
+        def _load_file(self, filename: str) -> dict[str, Any]:
+            from transfer.d2.weights import read_model_file
+
+            return read_model_file(filename)  # .pkl: the NumPy-only unpickler; .pth: weights_only
+
+    return Checkpointer
+
+
 def trainer_class():
-    """``DefaultTrainer`` with our writers, evaluators and hooks (built once Detectron2 is imported)."""
+    """``DefaultTrainer`` with our writers, evaluators, hooks and checkpointer (built once Detectron2 is imported)."""
     D2: Any = d2()  # Detectron2's classes exist only at runtime: subclass them as Any
     hooks = D2.engine.hooks
+    Checkpointer = checkpointer_class()
 
     class Trainer(D2.engine.DefaultTrainer):
+        def __init__(self, cfg):
+            # DefaultTrainer.__init__ (v0.6) with DDP made for the device: Detectron2's create_ddp_model
+            # gives DDP device_ids=[local rank], which CPU modules refuse; on CPU they stay None.
+            D2.engine.TrainerBase.__init__(self)
+            model = self.build_model(cfg)
+            optimizer = self.build_optimizer(cfg, model)
+            data_loader = self.build_train_loader(cfg)
+            ddp_args = {"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}
+            model = D2.engine.defaults.create_ddp_model(model, broadcast_buffers=False, **ddp_args)
+            loop = D2.engine.AMPTrainer if cfg.SOLVER.AMP.ENABLED else D2.engine.SimpleTrainer
+            self._trainer = loop(model, data_loader, optimizer)
+            self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+            self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+            self.start_iter = 0
+            self.max_iter = cfg.SOLVER.MAX_ITER
+            self.cfg = cfg
+            self.register_hooks(self.build_hooks())
+
+        # Detectron2 v0.6 leaves the optimizer out of the trainer's state (later versions add it as
+        # "_trainer"): without it a resumed run would restart SGD momentum from zero.
+        def state_dict(self):
+            state = super().state_dict()
+            state["_trainer"] = self._trainer.state_dict()
+            return state
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict)
+            if "_trainer" in state_dict:
+                self._trainer.load_state_dict(state_dict["_trainer"])
+
         def build_writers(self):
             os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)  # JSONWriter does not create it
             return [
@@ -171,13 +247,17 @@ def trainer_class():
             ]
 
         def build_hooks(self):
-            # Evaluation runs after training (timed on its own); the final weights are saved
-            # without optimizer state; the console shows ~10 lines per run.
+            # Evaluation runs after training (timed on its own); checkpoints every
+            # SOLVER.CHECKPOINT_PERIOD iterations, the last one kept, and model_final at the end;
+            # the console shows ~10 lines per run.
             period = max(1, min(20, self.max_iter // 10))
             kept = []
             for hook in super().build_hooks():
-                if isinstance(hook, (hooks.EvalHook, hooks.PeriodicCheckpointer)):
+                if isinstance(hook, hooks.EvalHook):
                     continue
+                if isinstance(hook, hooks.PeriodicCheckpointer):
+                    period_ckpt = self.cfg.SOLVER.CHECKPOINT_PERIOD
+                    hook = hooks.PeriodicCheckpointer(self.checkpointer, period_ckpt, max_to_keep=1)
                 if isinstance(hook, hooks.PeriodicWriter):
                     hook = hooks.PeriodicWriter(self.build_writers(), period=period)
                 kept.append(hook)
@@ -212,7 +292,8 @@ def run_logging(output_dir: Path, rank: int = 0) -> Iterator[None]:
     logger.propagate = False
     output_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.FileHandler(output_dir / "log.txt")]
+    name = "log.txt" if rank == 0 else f"log.txt.rank{rank}"  # Detectron2's naming for other ranks
+    handlers: list[logging.Handler] = [logging.FileHandler(output_dir / name)]
     if rank == 0:
         handlers.append(logging.StreamHandler(sys.stderr))
     for handler in handlers:
@@ -254,7 +335,11 @@ def flatten_results(results: Mapping[str, Mapping[str, float]]) -> tuple[dict[st
 
 # -------------------------------------------------------------------------------- one seed
 def run_seed(payload: dict[str, Any]) -> None:
-    """One seed on this process (or as one rank under ``launch``); rank 0 writes ``results.json``."""
+    """One seed on this process (or as one rank of a launch); rank 0 writes ``results.json``.
+
+    Training resumes from the seed folder's last checkpoint when there is one (a rerun of a killed
+    run: Detectron2's ``resume_or_load(resume=True)``), and the log says from which iteration.
+    """
     from transfer.d2 import data as d2data
 
     D2 = d2()
@@ -262,47 +347,61 @@ def run_seed(payload: dict[str, Any]) -> None:
     output_dir = Path(payload["output_dir"])
     backbone, config, seed = payload["backbone"], payload["config"], payload["seed"]
     with run_logging(output_dir, comm.get_rank()):
+        log = logging.getLogger("detectron2")
         splits = register_datasets(payload["task"], config, payload["cache_dir"], d2data)
-        cfg = build_cfg(config, backbone, splits, output_dir, payload["device"], seed, comm.get_world_size())
+        cfg = build_cfg(config, backbone, splits, output_dir, payload["device"], seed)
         D2.utils.env.seed_all_rng(seed + comm.get_rank())
         if comm.is_main_process():
             atomic_write_text(output_dir / "config.yaml", cfg.dump())
         Trainer = trainer_class()
         timings: dict[str, float] = {}
+        start_iter = 0
         if payload.get("eval_only_weights"):
             model = Trainer.build_model(cfg)
-            from transfer.d2.weights import safe_checkpointer
-
-            safe_checkpointer(model).load(payload["eval_only_weights"])
+            checkpointer_class()(model).load(payload["eval_only_weights"])
         else:
             trainer = Trainer(cfg)
             model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
             converted = convert.torchvision_to_detectron2(backbone.state_dict, layout_of(cfg))
             loaded = convert.load_converted(model, converted, source=str(backbone.path))
-            logging.getLogger("detectron2").info("loaded %d backbone tensors from %s", len(loaded), backbone.name)
-            trainer.resume_or_load(resume=False)  # MODEL.WEIGHTS is empty: keeps the converted weights
+            log.info("loaded %d backbone tensors from %s", len(loaded), backbone.name)
+            # With a checkpoint in the seed folder: its weights, optimizer, scheduler and iteration;
+            # without one, MODEL.WEIGHTS is empty and the converted weights stay.
+            trainer.resume_or_load(resume=True)
+            start_iter = trainer.start_iter
+            if start_iter:
+                log.info(
+                    "resuming from iteration %d of %d (%s)",
+                    start_iter,
+                    cfg.SOLVER.MAX_ITER,
+                    trainer.checkpointer.get_checkpoint_file(),
+                )
             start = time.perf_counter()
             trainer.train()
             timings["train_s"] = time.perf_counter() - start
-            timings["iters_per_s"] = cfg.SOLVER.MAX_ITER / timings["train_s"]
+            trained = cfg.SOLVER.MAX_ITER - start_iter
+            timings["iters_per_s"] = trained / timings["train_s"] if trained else 0.0
             if comm.is_main_process():
-                # Detectron2's checkpoint layout ({"model": state}), written atomically
-                atomic_save(
-                    {"model": model.state_dict(), "iteration": cfg.SOLVER.MAX_ITER}, output_dir / "model_final.pth"
-                )
-            message = (
-                f"trained {cfg.SOLVER.MAX_ITER} iterations in {timings['train_s']:.1f} s "
-                f"({timings['iters_per_s']:.2f} it/s)"
-            )
-            logging.getLogger("detectron2").info(message)
+                for old in output_dir.glob("model_[0-9]*.pth"):  # periodic checkpoints: model_final supersedes them
+                    old.unlink()
+            log.info(f"trained {trained} iterations in {timings['train_s']:.1f} s ({timings['iters_per_s']:.2f} it/s)")
         start = time.perf_counter()
         results = Trainer.test(cfg, model)
         timings["eval_s"] = time.perf_counter() - start
         if comm.is_main_process():
             metrics, extra = flatten_results(results)
+            launch = {
+                "world_size": comm.get_world_size(),
+                "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
+                "ims_per_process": cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size(),
+                "norm": norms_of(cfg),
+                "resumed_from_iter": start_iter,
+            }
             atomic_write_text(
                 output_dir / "results.json",
-                json.dumps({"metrics": metrics, "extra": extra, "timings": timings}, indent=1, sort_keys=True),
+                json.dumps(
+                    {"metrics": metrics, "extra": extra, "timings": timings, "launch": launch}, indent=1, sort_keys=True
+                ),
             )
 
 
@@ -317,24 +416,20 @@ def register_datasets(task: str, config: Mapping[str, Any], cache_dir: str | Non
     return d2data.register_voc(root) if task.startswith("voc") else d2data.register_coco(root, task)
 
 
-def launch_seed(payload: dict[str, Any], num_gpus: int) -> dict[str, Any]:
-    """Run one seed (through Detectron2's ``launch`` on several GPUs); its ``results.json``."""
-    output_dir = Path(payload["output_dir"])
-    result_file = output_dir / "results.json"
-    if result_file.exists():
-        result_file.unlink()
-    if num_gpus > 1:
-        d2().engine.launch(run_seed, num_gpus, dist_url="auto", args=(payload,))
-    else:
-        run_seed(payload)
+def launch_seed(payload: dict[str, Any], spec: Any) -> dict[str, Any] | None:
+    """Run one seed on the processes of ``spec`` (:class:`transfer.d2.launch.Launch`); its ``results.json``.
+
+    A seed whose ``results.json`` exists finished before (same card, task and config: the folder is
+    named by them) and is not run again. On machines other than machine 0 there is no result here: None.
+    """
+    from transfer.d2.launch import launch
+
+    result_file = Path(payload["output_dir"]) / "results.json"
+    if result_file.is_file():
+        logging.getLogger("detectron2").info("seed %s finished before: %s", payload["seed"], result_file)
+        print(f"seed {payload['seed']}: finished before, results in {result_file}", file=sys.stderr)
+        return json.loads(result_file.read_text())
+    launch(run_seed, spec, (payload,))
+    if spec.machine_rank != 0:
+        return None
     return json.loads(result_file.read_text())
-
-
-def num_devices(device: str, requested: int | None) -> int:
-    if not device.startswith("cuda"):
-        return 1
-    available = torch.cuda.device_count()
-    wanted = requested or (available if device == "cuda" else 1)
-    if wanted > available:
-        raise UserError(f"--num-gpus {wanted}: only {available} CUDA devices are visible")
-    return max(1, wanted)

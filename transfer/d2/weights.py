@@ -41,11 +41,8 @@ def read_model_file(path: str) -> dict[str, Any]:
 
 
 def safe_checkpointer(model: Any) -> Any:
-    """Detectron2's ``DetectionCheckpointer`` for ``model``, reading files with :func:`read_model_file`."""
-    base: Any = d2().checkpoint.DetectionCheckpointer
+    """The runs' ``DetectionCheckpointer`` for ``model`` (:func:`transfer.d2.train.checkpointer_class`),
+    which reads files with :func:`read_model_file`."""
+    from transfer.d2.train import checkpointer_class
 
-    class SafeDetectionCheckpointer(base):
-        def _load_file(self, filename: str) -> dict[str, Any]:
-            return read_model_file(filename)
-
-    return SafeDetectionCheckpointer(model)
+    return checkpointer_class()(model)
