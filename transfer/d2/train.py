@@ -28,7 +28,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ringbench.card import load_checkpoint_file
 from ringbench.config import config_root
 from ringbench.errors import UserError
 from ringbench.fileio import atomic_save, atomic_write_text

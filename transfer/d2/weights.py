@@ -13,7 +13,6 @@ from typing import Any
 
 from ringbench.card import load_checkpoint_file, load_numpy_pickle
 from ringbench.errors import UserError
-from transfer.d2.compat import d2
 
 
 def read_model_file(path: str) -> dict[str, Any]:
