@@ -30,10 +30,11 @@ from typing import Any
 
 from ringbench.config import config_root
 from ringbench.errors import UserError
-from ringbench.fileio import atomic_save, atomic_write_text
+from ringbench.fileio import atomic_write_text
 from ringbench.resnets import RESNETS
 from transfer.d2 import convert
 from transfer.d2.compat import d2, has_compiled_ops
+from transfer.d2.weights import checkpointer_class
 
 CONFIG_DIR = config_root() / "transfer" / "detectron2"
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -168,39 +169,6 @@ def norms_of(cfg) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------- trainer
-def checkpointer_class():
-    """Detectron2's ``DetectionCheckpointer`` that writes atomically and reads ``.pth`` files safely.
-
-    A checkpoint is written to a temporary file and renamed (a run killed while saving leaves the
-    previous checkpoint whole), as is ``last_checkpoint``; our own ``.pth`` files are read with
-    ``torch.load(weights_only=True)``, never unpickled, and a ``.pkl`` given to ``--weights`` by the
-    NumPy-only unpickler (:func:`transfer.d2.weights.read_model_file`): Detectron2 never unpickles.
-    """
-    D2: Any = d2()
-
-    class Checkpointer(D2.checkpoint.DetectionCheckpointer):
-        def save(self, name: str, **kwargs: Any) -> None:
-            if not self.save_dir or not self.save_to_disk:
-                return
-            data = {"model": self.model.state_dict()}
-            data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
-            data.update(kwargs)
-            path = Path(self.save_dir) / f"{name}.pth"
-            self.logger.info("Saving checkpoint to %s", path)
-            atomic_save(data, path)
-            self.tag_last_checkpoint(path.name)
-
-        def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-            atomic_write_text(Path(self.save_dir) / "last_checkpoint", last_filename_basename)
-
-        def _load_file(self, filename: str) -> dict[str, Any]:
-            from transfer.d2.weights import read_model_file
-
-            return read_model_file(filename)  # .pkl: the NumPy-only unpickler; .pth: weights_only
-
-    return Checkpointer
-
-
 def trainer_class():
     """``DefaultTrainer`` with our writers, evaluators, hooks and checkpointer (built once Detectron2 is imported)."""
     D2: Any = d2()  # Detectron2's classes exist only at runtime: subclass them as Any

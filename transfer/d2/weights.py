@@ -9,10 +9,13 @@ unpickler, anything else through ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ringbench.card import load_checkpoint_file, load_numpy_pickle
 from ringbench.errors import UserError
+from ringbench.fileio import atomic_save, atomic_write_text
+from transfer.d2.compat import d2
 
 
 def read_model_file(path: str) -> dict[str, Any]:
@@ -39,9 +42,37 @@ def read_model_file(path: str) -> dict[str, Any]:
     return dict(data) if "model" in data else {"model": dict(data)}
 
 
-def safe_checkpointer(model: Any) -> Any:
-    """The runs' ``DetectionCheckpointer`` for ``model`` (:func:`transfer.d2.train.checkpointer_class`),
-    which reads files with :func:`read_model_file`."""
-    from transfer.d2.train import checkpointer_class
+def checkpointer_class():
+    """Detectron2's ``DetectionCheckpointer`` that writes atomically and reads ``.pth`` files safely.
 
+    A checkpoint is written to a temporary file and renamed (a run killed while saving leaves the
+    previous checkpoint whole), as is ``last_checkpoint``; our own ``.pth`` files are read with
+    ``torch.load(weights_only=True)``, never unpickled, and a ``.pkl`` given to ``--weights`` by the
+    NumPy-only unpickler (:func:`transfer.d2.weights.read_model_file`): Detectron2 never unpickles.
+    """
+    D2: Any = d2()
+
+    class Checkpointer(D2.checkpoint.DetectionCheckpointer):
+        def save(self, name: str, **kwargs: Any) -> None:
+            if not self.save_dir or not self.save_to_disk:
+                return
+            data = {"model": self.model.state_dict()}
+            data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+            data.update(kwargs)
+            path = Path(self.save_dir) / f"{name}.pth"
+            self.logger.info("Saving checkpoint to %s", path)
+            atomic_save(data, path)
+            self.tag_last_checkpoint(path.name)
+
+        def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+            atomic_write_text(Path(self.save_dir) / "last_checkpoint", last_filename_basename)
+
+        def _load_file(self, filename: str) -> dict[str, Any]:
+            return read_model_file(filename)  # .pkl: the NumPy-only unpickler; .pth: weights_only
+
+    return Checkpointer
+
+
+def safe_checkpointer(model: Any) -> Any:
+    """The runs' ``DetectionCheckpointer`` (:func:`checkpointer_class`) for ``model``."""
     return checkpointer_class()(model)
