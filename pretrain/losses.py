@@ -8,20 +8,45 @@ cosine / temperature ``t``. Every loss is a mean over anchors.
   similarity rank to the anchor lies in ``[floor(w_inner * outer), outer)``, ``outer = floor(w_outer * K)``.
 * :func:`nt_xent_loss`, :func:`hcl_loss`, :func:`dcl_loss`: SimCLR in-batch losses with hard
   (Robinson et al., ICLR 2021) and debiased (Chuang et al., NeurIPS 2020) negatives, in log space.
-* :func:`ring_threshold`: the schedule of ``w_outer`` over training.
+* :func:`ring_threshold`: the schedule of ``w_outer`` over training (per epoch), and
+  :func:`official_ring_threshold`, the official ring code's per-iteration schedules.
+
+Every loss runs in float32 with autocast off (:func:`full_precision`): under mixed precision the
+encoder may run in float16, but the logits, the ring's rank selection and the loss do not.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ringbench.errors import UserError
 
 RING_SCHEDULES = ("constant", "linear", "step", "exponential")
+RING_SCHEDULE_STYLES = ("epoch", "official")
+RING_ROUNDINGS = ("eps", "int")
 HCL_ESTIMATORS = ("hard", "easy")
+
+_F = TypeVar("_F", bound=Callable[..., torch.Tensor])
+
+
+def full_precision(fn: _F) -> _F:
+    """Run a loss with autocast off on the inputs' device (its tensors are cast to float32 inside),
+    so that a float16/bfloat16 autocast region around the encoder leaves the loss in float32."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,15 +68,23 @@ def check_ring(w_outer: float, w_inner: float, num_samples: int | None = None) -
         raise UserError(f"ring num_samples must be >= 1, got {num_samples}")
 
 
-def ring_bounds(num_negatives: int, w_outer: float, w_inner: float) -> tuple[int, int]:
+def ring_bounds(num_negatives: int, w_outer: float, w_inner: float, rounding: str = "eps") -> tuple[int, int]:
     """Rank bounds ``(inner, outer)`` of the ring among ``num_negatives`` negatives ("dynamic inner").
 
     ``outer = floor(w_outer * K)``, ``inner = floor(w_inner * outer)``; the ring is ranks
-    ``[inner, outer)`` with rank 0 the negative most similar to the anchor.
+    ``[inner, outer)`` with rank 0 the negative most similar to the anchor. ``rounding="eps"``
+    floors ``w * K + 1e-9`` (a product that float arithmetic puts just below an integer, such as
+    ``0.29 * 100``, counts as that integer); ``"int"`` is the official code's ``int(w * K)``.
     """
     check_ring(w_outer, w_inner)
-    outer = math.floor(w_outer * num_negatives + 1e-9)
-    inner = math.floor(w_inner * outer + 1e-9)
+    if rounding not in RING_ROUNDINGS:
+        raise UserError(f"unknown ring rounding {rounding!r}; expected one of {list(RING_ROUNDINGS)}")
+    if rounding == "int":
+        outer = int(w_outer * num_negatives)
+        inner = int(w_inner * outer)
+    else:
+        outer = math.floor(w_outer * num_negatives + 1e-9)
+        inner = math.floor(w_inner * outer + 1e-9)
     if outer - inner < 1:
         raise UserError(
             f"ring is empty: {num_negatives} negatives with w_outer={w_outer}, w_inner={w_inner} give ranks "
@@ -122,6 +155,7 @@ def in_batch_logits(z1: torch.Tensor, z2: torch.Tensor, t: float) -> tuple[torch
 # Losses
 
 
+@full_precision
 def nce_loss(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float = 0.07) -> torch.Tensor:
     """InfoNCE (Oord et al. 2018; MoCo eq. 1): cross-entropy with the positive ``k`` at index 0."""
     pos, neg = pair_logits(q, k, negatives, t)
@@ -164,8 +198,9 @@ def ring_logits(
     w_inner: float,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    rounding: str = "eps",
 ) -> torch.Tensor:
-    """Select the ring from negative logits ``(B, K)``.
+    """Select the ring from negative logits ``(B, K)`` (bounds by :func:`ring_bounds` with ``rounding``).
 
     MoCo flavour (``num_samples=None``): ``(B, M)`` logits, ``M >= ring size``, in which every entry
     outside the ring is ``-inf`` (each row holds exactly ``outer - inner`` finite entries, in no
@@ -177,7 +212,7 @@ def ring_logits(
     largest.
     """
     check_ring(w_outer, w_inner, num_samples)
-    inner, outer = ring_bounds(neg.shape[1], w_outer, w_inner)
+    inner, outer = ring_bounds(neg.shape[1], w_outer, w_inner, rounding)
     cand = _outer_candidates(neg, outer)
     with torch.no_grad():
         drop = torch.zeros(cand.shape, dtype=torch.bool, device=cand.device)
@@ -194,6 +229,7 @@ def ring_logits(
     return ring.gather(1, picks.to(ring.device))
 
 
+@full_precision
 def ring_loss(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -203,6 +239,7 @@ def ring_loss(
     w_inner: float = 0.1,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    rounding: str = "eps",
 ) -> torch.Tensor:
     """Conditional negative sampling (Wu et al., ICLR 2021, "ring" / CNCE).
 
@@ -212,15 +249,17 @@ def ring_loss(
     the ring with replacement. ``loss = -mean(pos - logsumexp([pos, ring]))``.
     """
     pos, neg = pair_logits(q, k, negatives, t)
-    return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator))
+    return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator, rounding))
 
 
+@full_precision
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """SimCLR's NT-Xent over the ``2B`` anchors of a batch (Chen et al. 2020, eq. 1)."""
     pos, neg = in_batch_logits(z1, z2, t)
     return contrastive_from_logits(pos, neg)
 
 
+@full_precision
 def in_batch_ring_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -229,10 +268,11 @@ def in_batch_ring_loss(
     w_inner: float = 0.1,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    rounding: str = "eps",
 ) -> torch.Tensor:
     """The ring over SimCLR's in-batch negatives (each anchor ranks its own ``2B - 2`` negatives)."""
     pos, neg = in_batch_logits(z1, z2, t)
-    return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator))
+    return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator, rounding))
 
 
 def _log_sub_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -241,6 +281,7 @@ def _log_sub_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(a > b, a + torch.log(-torch.expm1(gap)), torch.full_like(a, -math.inf))
 
 
+@full_precision
 def hcl_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -273,6 +314,7 @@ def hcl_loss(
     return -(pos - torch.logaddexp(pos, log_ng)).mean()
 
 
+@full_precision
 def dcl_loss(z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5, tau_plus: float = 0.1) -> torch.Tensor:
     """Debiased contrastive loss (Chuang et al., NeurIPS 2020): :func:`hcl_loss` with ``beta = 0``."""
     return hcl_loss(z1, z2, t=t, tau_plus=tau_plus, beta=0.0, estimator="hard")
@@ -313,3 +355,36 @@ def ring_threshold(
         progress = math.floor(progress * steps + 1e-9) / steps
         return float(w_outer_start + (w_outer - w_outer_start) * progress)
     return float(w_outer_start * (w_outer / w_outer_start) ** progress)
+
+
+def official_ring_threshold(
+    step: int,
+    schedule: str = "constant",
+    w_outer: float = 0.1,
+    w_outer_start: float = 1.0,
+    anneal_steps: int = 1,
+) -> float:
+    """``w_outer`` at optimiser step ``step`` (0-based) as the official ring code's threshold policies
+    compute it: per iteration, over ``anneal_steps = int(anneal_epochs * int(N / B))`` iterations.
+
+    ``linear``: ``anneal_steps`` evenly spaced values from ``w_outer_start`` down to ``w_outer``;
+    ``step``: the values ``w_outer, w_outer + 0.1, ...`` up to ``w_outer_start`` (``numpy.arange``),
+    from the largest, each held ``int(anneal_steps / count)`` iterations; ``exponential``:
+    ``(start - end) * exp(-0.1 * step) + end`` (a decay of 0.1 per *iteration*); then ``w_outer``.
+    """
+    if schedule not in RING_SCHEDULES:
+        raise UserError(f"unknown ring schedule {schedule!r}; expected one of {list(RING_SCHEDULES)}")
+    check_ring(w_outer, 0.0)
+    check_ring(w_outer_start, 0.0)
+    if schedule == "constant":
+        return float(w_outer)
+    if anneal_steps < 1:
+        raise UserError(f"ring anneal must last >= 1 iteration, got {anneal_steps}")
+    if schedule == "linear":
+        values = np.linspace(w_outer, w_outer_start, anneal_steps)[::-1]
+    elif schedule == "step":
+        levels = np.arange(w_outer, w_outer_start + 0.1, 0.1)[::-1]
+        values = np.repeat(levels, int(anneal_steps / len(levels)))
+    else:
+        values = (w_outer_start - w_outer) * np.exp(-0.1 * np.arange(anneal_steps)) + w_outer
+    return float(values[step]) if 0 <= step < len(values) else float(w_outer)
