@@ -285,3 +285,35 @@ def test_ring_schedules():
     assert all(a > b for a, b in itertools.pairwise(values[:11]))  # decreasing until the anneal ends
     with pytest.raises(UserError, match="schedule"):
         ring_threshold(0, "cosine")
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda q, k, n: nce_loss(q, k, n, 0.07),
+        lambda q, k, n: ring_loss(q, k, n, 0.07, 0.3, 0.1),
+        lambda q, k, n: ring_loss(q, k, n, 0.07, 0.3, 0.1, num_samples=64, generator=torch.Generator().manual_seed(0)),
+        lambda q, k, n: nt_xent_loss(q, k, 0.5),
+        lambda q, k, n: in_batch_ring_loss(q, k, 0.5, 0.5, 0.1),
+        lambda q, k, n: hcl_loss(q, k, 0.5, 0.1, 1.0),
+        lambda q, k, n: dcl_loss(q, k, 0.5, 0.1),
+    ],
+)
+def test_losses_stay_float32_under_autocast(loss):
+    """Under mixed precision (here CPU bfloat16 autocast, which would run the matmuls in bfloat16) the
+    logits, the ring selection and the loss are float32: value and gradient equal the fp32 ones."""
+    q, k, neg = _random(7, 16, 512, 32)
+
+    def run(autocast: bool):
+        x = q.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            value = loss(x, k, neg)
+        value.backward()
+        return value, x.grad
+
+    (v32, g32), (vmix, gmix) = run(False), run(True)
+    assert vmix.dtype == torch.float32
+    assert vmix.item() == v32.item()
+    assert torch.equal(gmix, g32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast would have done to the loss
+        assert (q @ neg.t()).dtype == torch.bfloat16

@@ -24,8 +24,12 @@ class InstanceDiscrimination(Method):
         ic = cfg["ir"]
         self.encoder = Encoder(cfg["arch"], stem, ic["head_dim"], mlp=ic["mlp"])
         self.shared_negatives = bool(ic["shared_negatives"])
+        # A draw per anchor is with replacement from the whole bank (as the official code draws), so
+        # only the shared draw is capped at the bank's size.
+        self.num_negatives = int(ic["num_negatives"])
+        if self.shared_negatives:
+            self.num_negatives = min(self.num_negatives, dataset_size)
         self.bank = MemoryBank(dataset_size, ic["head_dim"], ic["bank_momentum"], seed=self.seed)
-        self.num_negatives = min(int(ic["num_negatives"]), dataset_size)
 
     def ring_pool_size(self, world_size: int = 1) -> int:
         return len(self.bank)
