@@ -289,7 +289,7 @@ class _RingPartition(torch.autograd.Function):
     (one matrix product for the anchors, one for the negatives if they need a gradient)."""
 
     @staticmethod
-    def forward(ctx, pos, scaled, negatives, inner, outer, num_samples, generator):  # type: ignore[override]
+    def forward(ctx, pos, scaled, negatives, inner, outer, num_samples, generator):
         values, cols = _ring_members(scaled @ negatives.t(), inner, outer)
         if num_samples is not None:
             picks = _draw(outer - inner, len(scaled), num_samples, generator, scaled.device)
@@ -299,7 +299,7 @@ class _RingPartition(torch.autograd.Function):
         return lse
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         pos, scaled, negatives, values, cols, lse = ctx.saved_tensors
         weights = torch.exp(values - lse[:, None]) * grad[:, None]  # d lse / d ring logit
         dense = scaled.new_zeros((len(scaled), negatives.shape[0]))
