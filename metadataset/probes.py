@@ -398,6 +398,9 @@ class LogisticRegressionProbe:
 
     def _solve_chunk(self, tasks) -> list[np.ndarray]:
         dtype = solver_dtype(self.device)
+        n, d = max(len(t[1]) for t in tasks), tasks[0][0].shape[1]
+        if self.weight_decay != "cv" and n < d:
+            return self._solve_chunk_fixed(tasks, dtype)
         batch = _pad_batch(tasks, self.device, dtype, project=True, principal=self.weight_decay == "cv")
         lam = (
             self._choose_weight_decay(batch)
@@ -410,6 +413,50 @@ class LogisticRegressionProbe:
         logits = logreg_logits(batch.query, weight, bias)[:, :, 0].masked_fill(~batch.class_mask[:, None], _MASKED)
         pred = logits.argmax(-1).cpu().numpy()
         return [pred[i, : len(t[2])] for i, t in enumerate(tasks)]
+
+    def _solve_chunk_fixed(self, tasks, dtype: torch.dtype) -> list[np.ndarray]:
+        """A fixed ``lambda`` with fewer support examples than dimensions: the solution of
+        :func:`_pad_batch` + :func:`solve_logreg`, computed from each episode's raw support Gram matrix.
+
+        With ``S0`` the raw support rows, ``R`` their norms and ``P`` the centring on the real rows,
+        the normalised, centred support is ``S = P R^-1 S0``, so its Gram matrix ``P R^-1 (S0 S0^T)
+        R^-1 P^T`` and, after the solve in span coordinates (map ``M``, :func:`_span_coordinates`), the
+        feature-space weights ``W = S^T M w = S0^T (R^-1 P^T M w)`` need one product with ``S0`` each
+        way: the ``(B, N, D)`` features are never rescaled or centred element by element. Each
+        episode's queries are scored with one ``(m, D) @ (D, K)`` product (``argmax`` of
+        ``(q / |q| - mean) W + b``), never projected onto the support."""
+        b, n, d = len(tasks), max(len(t[1]) for t in tasks), tasks[0][0].shape[1]
+        k = max(int(t[1].max()) + 1 for t in tasks)
+        y = np.zeros((b, n), dtype=np.int64)
+        valid = np.zeros((b, n), dtype=bool)
+        class_mask = np.zeros((b, k), dtype=bool)
+        for i, (_, sy, _) in enumerate(tasks):
+            y[i, : len(sy)], valid[i, : len(sy)] = sy, True
+            class_mask[i, sy] = True
+        raw = torch.from_numpy(_stack_padded([t[0] for t in tasks], n, d)).to(self.device)  # (B, N, D) float32
+        gram0 = (raw @ raw.transpose(1, 2)).to(dtype)  # the small (N, N) algebra in the solver's precision
+        real = torch.from_numpy(valid).to(device=self.device, dtype=dtype)
+        inv_norm = real / gram0.diagonal(dim1=1, dim2=2).sqrt().clamp_min(1e-12)  # R^-1 on the real rows
+        share = real / real.sum(1, keepdim=True).clamp_min(1)  # the mean's weights
+        centre = torch.diag_embed(real) - real[:, :, None] * share[:, None, :]  # P
+        left = centre * inv_norm[:, None, :]  # P R^-1
+        eye = torch.eye(n, dtype=dtype, device=self.device).expand(b, n, n)
+        coords, to_span = _span_coordinates(left @ gram0 @ left.transpose(1, 2), eye, principal=False)
+        lam = torch.full((b, 1), float(self.weight_decay), dtype=dtype, device=self.device)
+        y_t, valid_t, mask_t = (torch.from_numpy(a).to(self.device) for a in (y, valid, class_mask))
+        weight, bias = solve_logreg(coords, y_t, valid_t[:, None].to(dtype), mask_t, lam, self.max_iter, self.tol)
+        # scoring in the features' precision (float32)
+        along = (left.transpose(1, 2) @ (to_span @ weight[:, :, 0])).to(raw.dtype)  # R^-1 P^T M w, (B, N, K)
+        feature_weight = raw.transpose(1, 2) @ along  # (B, D, K)
+        mean_score = ((share * inv_norm).to(raw.dtype)[:, None, :] @ raw @ feature_weight)[:, 0]  # mean W
+        offset = (bias[:, 0].to(raw.dtype) - mean_score).masked_fill(~mask_t, _MASKED)
+        feature_weight, offset = feature_weight.cpu().numpy(), offset.cpu().numpy()
+        preds = []
+        for i, (_, _, qx) in enumerate(tasks):  # argmax of (q W) / |q| + (b - mean W), times |q| > 0
+            qx = np.asarray(qx, dtype=np.float32)
+            norms = np.sqrt(np.einsum("ij,ij->i", qx, qx))
+            preds.append((qx @ feature_weight[i] + norms[:, None] * offset[i]).argmax(-1))
+        return preds
 
     def _choose_weight_decay(self, batch: _Batch) -> torch.Tensor:
         """Per-episode ``lambda`` maximising stratified k-fold accuracy on the support set
@@ -446,7 +493,12 @@ def _episode_cost(n: int, m: int, k: int, d: int, problems: int) -> int:
 
 def _remap(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Arbitrary labels -> ``(classes, codes in 0..K-1)``."""
-    classes, codes = np.unique(np.asarray(labels), return_inverse=True)
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iu" and labels.size and 0 <= labels.min() and labels.max() < 4 * labels.size:
+        present = np.bincount(labels) > 0  # small non-negative integers: no sort
+        classes = np.flatnonzero(present)
+        return classes.astype(labels.dtype), (np.cumsum(present) - 1)[labels].astype(np.int64)
+    classes, codes = np.unique(labels, return_inverse=True)
     return classes, codes.astype(np.int64)
 
 
