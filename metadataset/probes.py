@@ -138,12 +138,24 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
         weight = theta[:, :, :d].permute(0, 2, 1, 3).contiguous()
         return logreg_objective(x, y, sample_weight, class_mask, lam, weight, theta[:, :, d])
 
-    def value_and_grad(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.enable_grad():
-            theta = theta.detach().requires_grad_(True)
-            f = objective(theta)
-            (g,) = torch.autograd.grad(f.sum(), theta)
-        return f.detach(), g
+    onehot = torch.nn.functional.one_hot(y, k).to(x.dtype)[:, :, None, :]  # (B, N, 1, K)
+    share = sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)  # (B, P, N)
+
+    def value_and_grad(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective and its gradient written out (no autograd graph for these small tensors):
+        ``dF/dlogits = (softmax - onehot) * w / sum(w)``, ``dF/dW = X^T dF/dlogits + lam W``."""
+        theta = phi if scale is None else phi * scale
+        weight = theta[:, :, :d].permute(0, 2, 1, 3).contiguous()  # (B, D, P, K)
+        logits = logreg_logits(x, weight, theta[:, :, d]).masked_fill(~class_mask[:, None, None, :], _MASKED)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        w = share.transpose(1, 2)[..., None]  # (B, N, P, 1)
+        f = ((lse - (logits * onehot).sum(-1, keepdim=True)) * w).sum(dim=(1, 3))
+        f = f + 0.5 * lam * weight.pow(2).sum(dim=(1, 3))
+        dlogits = (torch.exp(logits - lse) - onehot) * w  # (B, N, P, K)
+        grad_w = torch.bmm(x.transpose(1, 2), dlogits.reshape(b, x.shape[1], p * k)).reshape(b, d, p, k)
+        grad_w = grad_w + lam[:, None, :, None] * weight
+        g = torch.cat([grad_w.permute(0, 2, 1, 3), dlogits.sum(1)[:, :, None, :]], dim=2)  # (B, P, D+1, K)
+        return f, (g if scale is None else g * scale)
 
     def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (u * v).sum(dim=(2, 3))
@@ -178,23 +190,30 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
         if uphill.any():  # not a descent direction: restart with steepest descent
             direction = torch.where(per(uphill), -g * per(gamma), direction)
             slope = dot(g, direction)
-        # Armijo backtracking, per problem
+        # Armijo backtracking, per problem; the full step (nearly always taken) is evaluated with its
+        # gradient, so that accepting it costs one evaluation
         step = torch.ones_like(f)
-        todo = active.clone()
-        new_theta, new_f = theta.clone(), f.clone()
-        for _ in range(30):
-            with torch.no_grad():
-                trial = theta + per(step) * direction
-                f_trial = objective(trial)
-            ok = todo & (f_trial <= f + 1e-4 * step * slope)
-            new_theta = torch.where(per(ok), trial, new_theta)
-            new_f = torch.where(ok, f_trial, new_f)
-            todo &= ~ok
-            if not todo.any():
-                break
+        trial = theta + direction
+        f_trial, g_trial = value_and_grad(trial)
+        ok = active & (f_trial <= f + 1e-4 * slope)
+        new_theta, new_f = torch.where(per(ok), trial, theta), torch.where(ok, f_trial, f)
+        new_g = torch.where(per(ok), g_trial, g)
+        todo = active & ~ok
+        if todo.any():
             step = torch.where(todo, step * 0.5, step)
+            for _ in range(29):
+                with torch.no_grad():
+                    trial = theta + per(step) * direction
+                    f_trial = objective(trial)
+                ok = todo & (f_trial <= f + 1e-4 * step * slope)
+                new_theta = torch.where(per(ok), trial, new_theta)
+                new_f = torch.where(ok, f_trial, new_f)
+                todo &= ~ok
+                if not todo.any():
+                    break
+                step = torch.where(todo, step * 0.5, step)
+            new_f, new_g = value_and_grad(new_theta)
         active &= ~todo  # no decrease possible: converged to machine precision
-        new_f, new_g = value_and_grad(new_theta)
         s, yv = new_theta - theta, new_g - g
         sy = dot(s, yv)
         good = sy > 1e-10
@@ -374,7 +393,7 @@ class LogisticRegressionProbe:
     def fit_predict_many(self, tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Predictions for many episodes, solved in as few batched problems as memory allows
         (episodes of similar sizes together, so that little is padding)."""
-        remapped = [_remap(sy) for _, sy, _ in tasks]
+        remapped = _remap_many([sy for _, sy, _ in tasks])
         problems = len(self.grid) * self.folds if self.weight_decay == "cv" else 1
         dim = tasks[0][0].shape[1] if tasks else 0
         order = sorted(range(len(tasks)), key=lambda i: (len(tasks[i][1]), len(remapped[i][0]), len(tasks[i][2])))
@@ -448,14 +467,14 @@ class LogisticRegressionProbe:
         # scoring in the features' precision (float32)
         along = (left.transpose(1, 2) @ (to_span @ weight[:, :, 0])).to(raw.dtype)  # R^-1 P^T M w, (B, N, K)
         feature_weight = raw.transpose(1, 2) @ along  # (B, D, K)
-        mean_score = ((share * inv_norm).to(raw.dtype)[:, None, :] @ raw @ feature_weight)[:, 0]  # mean W
-        offset = (bias[:, 0].to(raw.dtype) - mean_score).masked_fill(~mask_t, _MASKED)
-        feature_weight, offset = feature_weight.cpu().numpy(), offset.cpu().numpy()
+        mean_score = ((share * inv_norm)[:, None, :] @ gram0 @ along.to(dtype))[:, 0]  # mean W = mean S0^T a
+        offset = (bias[:, 0] - mean_score).to(raw.dtype).masked_fill(~mask_t, _MASKED)
+        weights, offsets = feature_weight.cpu().numpy(), offset.cpu().numpy()
         preds = []
         for i, (_, _, qx) in enumerate(tasks):  # argmax of (q W) / |q| + (b - mean W), times |q| > 0
             qx = np.asarray(qx, dtype=np.float32)
             norms = np.sqrt(np.einsum("ij,ij->i", qx, qx))
-            preds.append((qx @ feature_weight[i] + norms[:, None] * offset[i]).argmax(-1))
+            preds.append((qx @ weights[i] + norms[:, None] * offsets[i]).argmax(-1))
         return preds
 
     def _choose_weight_decay(self, batch: _Batch) -> torch.Tensor:
@@ -489,6 +508,24 @@ def _episode_cost(n: int, m: int, k: int, d: int, problems: int) -> int:
     coordinates (and their Gram matrices), and per problem the L-BFGS history and logits."""
     r = min(n, d)
     return (n + m + n) * r + problems * (30 * (r + 1) * k + 4 * n * k)
+
+
+def _remap_many(label_sets: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`_remap` of many episodes' labels; small non-negative integers (the usual case) in one
+    vectorised pass over all episodes."""
+    arrays = [np.asarray(labels) for labels in label_sets]
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    if not flat.size or flat.dtype.kind not in "iu" or flat.min() < 0 or flat.max() >= 4 * flat.size:
+        return [_remap(labels) for labels in arrays]
+    sizes = np.array([len(a) for a in arrays])
+    episode = np.repeat(np.arange(len(arrays)), sizes)
+    present = np.zeros((len(arrays), int(flat.max()) + 1), dtype=bool)
+    present[episode, flat] = True
+    codes = (np.cumsum(present, axis=1) - 1)[episode, flat]
+    return [
+        (np.flatnonzero(row).astype(flat.dtype), part)
+        for row, part in zip(present, np.split(codes.astype(np.int64), np.cumsum(sizes)[:-1]))
+    ]
 
 
 def _remap(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
