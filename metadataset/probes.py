@@ -459,13 +459,26 @@ class LogisticRegressionProbe:
         share = real / real.sum(1, keepdim=True).clamp_min(1)  # the mean's weights
         centre = torch.diag_embed(real) - real[:, :, None] * share[:, None, :]  # P
         left = centre * inv_norm[:, None, :]  # P R^-1
-        eye = torch.eye(n, dtype=dtype, device=self.device).expand(b, n, n)
-        coords, to_span = _span_coordinates(left @ gram0 @ left.transpose(1, 2), eye, principal=False)
+        gram = left @ gram0 @ left.transpose(1, 2)
+        diag = gram.diagonal(dim1=-2, dim2=-1)  # as _span_coordinates(principal=False): jitter, padding
+        padding = (diag == 0).to(dtype)
+        chol, info = torch.linalg.cholesky_ex(
+            gram + torch.diag_embed(padding + 1e-6 * diag.amax(-1, keepdim=True).clamp_min(1e-30))
+        )
+        if bool((info > 0).any()):  # not positive definite even so: the principal axes
+            eye = torch.eye(n, dtype=dtype, device=self.device).expand(b, n, n)
+            coords, to_span = _span_coordinates(gram, eye, principal=True)
+        else:
+            coords, to_span = chol * (1 - padding)[..., None], None
         lam = torch.full((b, 1), float(self.weight_decay), dtype=dtype, device=self.device)
         y_t, valid_t, mask_t = (torch.from_numpy(a).to(self.device) for a in (y, valid, class_mask))
         weight, bias = solve_logreg(coords, y_t, valid_t[:, None].to(dtype), mask_t, lam, self.max_iter, self.tol)
+        # M w: L^-T w (Cholesky coordinates), or the principal axes' map
+        span = to_span @ weight[:, :, 0] if to_span is not None else None
+        if span is None:
+            span = torch.linalg.solve_triangular(chol.transpose(1, 2), weight[:, :, 0], upper=True)
         # scoring in the features' precision (float32)
-        along = (left.transpose(1, 2) @ (to_span @ weight[:, :, 0])).to(raw.dtype)  # R^-1 P^T M w, (B, N, K)
+        along = (left.transpose(1, 2) @ span).to(raw.dtype)  # R^-1 P^T M w, (B, N, K)
         feature_weight = raw.transpose(1, 2) @ along  # (B, D, K)
         mean_score = ((share * inv_norm)[:, None, :] @ gram0 @ along.to(dtype))[:, 0]  # mean W = mean S0^T a
         offset = (bias[:, 0] - mean_score).to(raw.dtype).masked_fill(~mask_t, _MASKED)
@@ -474,7 +487,9 @@ class LogisticRegressionProbe:
         for i, (_, _, qx) in enumerate(tasks):  # argmax of (q W) / |q| + (b - mean W), times |q| > 0
             qx = np.asarray(qx, dtype=np.float32)
             norms = np.sqrt(np.einsum("ij,ij->i", qx, qx))
-            preds.append((qx @ weights[i] + norms[:, None] * offsets[i]).argmax(-1))
+            scores = qx @ weights[i]
+            scores += norms[:, None] * offsets[i]
+            preds.append(scores.argmax(-1))
         return preds
 
     def _choose_weight_decay(self, batch: _Batch) -> torch.Tensor:
