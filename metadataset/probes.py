@@ -138,12 +138,24 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
         weight = theta[:, :, :d].permute(0, 2, 1, 3).contiguous()
         return logreg_objective(x, y, sample_weight, class_mask, lam, weight, theta[:, :, d])
 
-    def value_and_grad(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.enable_grad():
-            theta = theta.detach().requires_grad_(True)
-            f = objective(theta)
-            (g,) = torch.autograd.grad(f.sum(), theta)
-        return f.detach(), g
+    onehot = torch.nn.functional.one_hot(y, k).to(x.dtype)[:, :, None, :]  # (B, N, 1, K)
+    share = sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)  # (B, P, N)
+
+    def value_and_grad(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective and its gradient written out (no autograd graph for these small tensors):
+        ``dF/dlogits = (softmax - onehot) * w / sum(w)``, ``dF/dW = X^T dF/dlogits + lam W``."""
+        theta = phi if scale is None else phi * scale
+        weight = theta[:, :, :d].permute(0, 2, 1, 3).contiguous()  # (B, D, P, K)
+        logits = logreg_logits(x, weight, theta[:, :, d]).masked_fill(~class_mask[:, None, None, :], _MASKED)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        w = share.transpose(1, 2)[..., None]  # (B, N, P, 1)
+        f = ((lse - (logits * onehot).sum(-1, keepdim=True)) * w).sum(dim=(1, 3))
+        f = f + 0.5 * lam * weight.pow(2).sum(dim=(1, 3))
+        dlogits = (torch.exp(logits - lse) - onehot) * w  # (B, N, P, K)
+        grad_w = torch.bmm(x.transpose(1, 2), dlogits.reshape(b, x.shape[1], p * k)).reshape(b, d, p, k)
+        grad_w = grad_w + lam[:, None, :, None] * weight
+        g = torch.cat([grad_w.permute(0, 2, 1, 3), dlogits.sum(1)[:, :, None, :]], dim=2)  # (B, P, D+1, K)
+        return f, (g if scale is None else g * scale)
 
     def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (u * v).sum(dim=(2, 3))
@@ -178,23 +190,30 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
         if uphill.any():  # not a descent direction: restart with steepest descent
             direction = torch.where(per(uphill), -g * per(gamma), direction)
             slope = dot(g, direction)
-        # Armijo backtracking, per problem
+        # Armijo backtracking, per problem; the full step (nearly always taken) is evaluated with its
+        # gradient, so that accepting it costs one evaluation
         step = torch.ones_like(f)
-        todo = active.clone()
-        new_theta, new_f = theta.clone(), f.clone()
-        for _ in range(30):
-            with torch.no_grad():
-                trial = theta + per(step) * direction
-                f_trial = objective(trial)
-            ok = todo & (f_trial <= f + 1e-4 * step * slope)
-            new_theta = torch.where(per(ok), trial, new_theta)
-            new_f = torch.where(ok, f_trial, new_f)
-            todo &= ~ok
-            if not todo.any():
-                break
+        trial = theta + direction
+        f_trial, g_trial = value_and_grad(trial)
+        ok = active & (f_trial <= f + 1e-4 * slope)
+        new_theta, new_f = torch.where(per(ok), trial, theta), torch.where(ok, f_trial, f)
+        new_g = torch.where(per(ok), g_trial, g)
+        todo = active & ~ok
+        if todo.any():
             step = torch.where(todo, step * 0.5, step)
+            for _ in range(29):
+                with torch.no_grad():
+                    trial = theta + per(step) * direction
+                    f_trial = objective(trial)
+                ok = todo & (f_trial <= f + 1e-4 * step * slope)
+                new_theta = torch.where(per(ok), trial, new_theta)
+                new_f = torch.where(ok, f_trial, new_f)
+                todo &= ~ok
+                if not todo.any():
+                    break
+                step = torch.where(todo, step * 0.5, step)
+            new_f, new_g = value_and_grad(new_theta)
         active &= ~todo  # no decrease possible: converged to machine precision
-        new_f, new_g = value_and_grad(new_theta)
         s, yv = new_theta - theta, new_g - g
         sy = dot(s, yv)
         good = sy > 1e-10
@@ -374,7 +393,7 @@ class LogisticRegressionProbe:
     def fit_predict_many(self, tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Predictions for many episodes, solved in as few batched problems as memory allows
         (episodes of similar sizes together, so that little is padding)."""
-        remapped = [_remap(sy) for _, sy, _ in tasks]
+        remapped = _remap_many([sy for _, sy, _ in tasks])
         problems = len(self.grid) * self.folds if self.weight_decay == "cv" else 1
         dim = tasks[0][0].shape[1] if tasks else 0
         order = sorted(range(len(tasks)), key=lambda i: (len(tasks[i][1]), len(remapped[i][0]), len(tasks[i][2])))
@@ -398,6 +417,9 @@ class LogisticRegressionProbe:
 
     def _solve_chunk(self, tasks) -> list[np.ndarray]:
         dtype = solver_dtype(self.device)
+        n, d = max(len(t[1]) for t in tasks), tasks[0][0].shape[1]
+        if self.weight_decay != "cv" and n < d:
+            return self._solve_chunk_fixed(tasks, dtype)
         batch = _pad_batch(tasks, self.device, dtype, project=True, principal=self.weight_decay == "cv")
         lam = (
             self._choose_weight_decay(batch)
@@ -410,6 +432,65 @@ class LogisticRegressionProbe:
         logits = logreg_logits(batch.query, weight, bias)[:, :, 0].masked_fill(~batch.class_mask[:, None], _MASKED)
         pred = logits.argmax(-1).cpu().numpy()
         return [pred[i, : len(t[2])] for i, t in enumerate(tasks)]
+
+    def _solve_chunk_fixed(self, tasks, dtype: torch.dtype) -> list[np.ndarray]:
+        """A fixed ``lambda`` with fewer support examples than dimensions: the solution of
+        :func:`_pad_batch` + :func:`solve_logreg`, computed from each episode's raw support Gram matrix.
+
+        With ``S0`` the raw support rows, ``R`` their norms and ``P`` the centring on the real rows,
+        the normalised, centred support is ``S = P R^-1 S0``, so its Gram matrix ``P R^-1 (S0 S0^T)
+        R^-1 P^T`` and, after the solve in span coordinates (map ``M``, :func:`_span_coordinates`), the
+        feature-space weights ``W = S^T M w = S0^T (R^-1 P^T M w)`` need one product with ``S0`` each
+        way: the ``(B, N, D)`` features are never rescaled or centred element by element. Each
+        episode's queries are scored with one ``(m, D) @ (D, K)`` product (``argmax`` of
+        ``(q / |q| - mean) W + b``), never projected onto the support."""
+        b, n, d = len(tasks), max(len(t[1]) for t in tasks), tasks[0][0].shape[1]
+        k = max(int(t[1].max()) + 1 for t in tasks)
+        y = np.zeros((b, n), dtype=np.int64)
+        valid = np.zeros((b, n), dtype=bool)
+        class_mask = np.zeros((b, k), dtype=bool)
+        for i, (_, sy, _) in enumerate(tasks):
+            y[i, : len(sy)], valid[i, : len(sy)] = sy, True
+            class_mask[i, sy] = True
+        raw = torch.from_numpy(_stack_padded([t[0] for t in tasks], n, d)).to(self.device)  # (B, N, D) float32
+        gram0 = (raw @ raw.transpose(1, 2)).to(dtype)  # the small (N, N) algebra in the solver's precision
+        real = torch.from_numpy(valid).to(device=self.device, dtype=dtype)
+        inv_norm = real / gram0.diagonal(dim1=1, dim2=2).sqrt().clamp_min(1e-12)  # R^-1 on the real rows
+        share = real / real.sum(1, keepdim=True).clamp_min(1)  # the mean's weights
+        centre = torch.diag_embed(real) - real[:, :, None] * share[:, None, :]  # P
+        left = centre * inv_norm[:, None, :]  # P R^-1
+        gram = left @ gram0 @ left.transpose(1, 2)
+        diag = gram.diagonal(dim1=-2, dim2=-1)  # as _span_coordinates(principal=False): jitter, padding
+        padding = (diag == 0).to(dtype)
+        chol, info = torch.linalg.cholesky_ex(
+            gram + torch.diag_embed(padding + 1e-6 * diag.amax(-1, keepdim=True).clamp_min(1e-30))
+        )
+        if bool((info > 0).any()):  # not positive definite even so: the principal axes
+            eye = torch.eye(n, dtype=dtype, device=self.device).expand(b, n, n)
+            coords, to_span = _span_coordinates(gram, eye, principal=True)
+        else:
+            coords, to_span = chol * (1 - padding)[..., None], None
+        lam = torch.full((b, 1), float(self.weight_decay), dtype=dtype, device=self.device)
+        y_t, valid_t, mask_t = (torch.from_numpy(a).to(self.device) for a in (y, valid, class_mask))
+        weight, bias = solve_logreg(coords, y_t, valid_t[:, None].to(dtype), mask_t, lam, self.max_iter, self.tol)
+        # M w: L^-T w (Cholesky coordinates), or the principal axes' map
+        span = to_span @ weight[:, :, 0] if to_span is not None else None
+        if span is None:
+            span = torch.linalg.solve_triangular(chol.transpose(1, 2), weight[:, :, 0], upper=True)
+        # scoring in the features' precision (float32)
+        along = (left.transpose(1, 2) @ span).to(raw.dtype)  # R^-1 P^T M w, (B, N, K)
+        feature_weight = raw.transpose(1, 2) @ along  # (B, D, K)
+        mean_score = ((share * inv_norm)[:, None, :] @ gram0 @ along.to(dtype))[:, 0]  # mean W = mean S0^T a
+        offset = (bias[:, 0] - mean_score).to(raw.dtype).masked_fill(~mask_t, _MASKED)
+        weights, offsets = feature_weight.cpu().numpy(), offset.cpu().numpy()
+        preds = []
+        for i, (_, _, qx) in enumerate(tasks):  # argmax of (q W) / |q| + (b - mean W), times |q| > 0
+            qx = np.asarray(qx, dtype=np.float32)
+            norms = np.sqrt(np.einsum("ij,ij->i", qx, qx))
+            scores = qx @ weights[i]
+            scores += norms[:, None] * offsets[i]
+            preds.append(scores.argmax(-1))
+        return preds
 
     def _choose_weight_decay(self, batch: _Batch) -> torch.Tensor:
         """Per-episode ``lambda`` maximising stratified k-fold accuracy on the support set
@@ -444,9 +525,32 @@ def _episode_cost(n: int, m: int, k: int, d: int, problems: int) -> int:
     return (n + m + n) * r + problems * (30 * (r + 1) * k + 4 * n * k)
 
 
+def _remap_many(label_sets: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`_remap` of many episodes' labels; small non-negative integers (the usual case) in one
+    vectorised pass over all episodes."""
+    arrays = [np.asarray(labels) for labels in label_sets]
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    if not flat.size or flat.dtype.kind not in "iu" or flat.min() < 0 or flat.max() >= 4 * flat.size:
+        return [_remap(labels) for labels in arrays]
+    sizes = np.array([len(a) for a in arrays])
+    episode = np.repeat(np.arange(len(arrays)), sizes)
+    present = np.zeros((len(arrays), int(flat.max()) + 1), dtype=bool)
+    present[episode, flat] = True
+    codes = (np.cumsum(present, axis=1) - 1)[episode, flat]
+    return [
+        (np.flatnonzero(row).astype(flat.dtype), part)
+        for row, part in zip(present, np.split(codes.astype(np.int64), np.cumsum(sizes)[:-1]))
+    ]
+
+
 def _remap(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Arbitrary labels -> ``(classes, codes in 0..K-1)``."""
-    classes, codes = np.unique(np.asarray(labels), return_inverse=True)
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iu" and labels.size and 0 <= labels.min() and labels.max() < 4 * labels.size:
+        present = np.bincount(labels) > 0  # small non-negative integers: no sort
+        classes = np.flatnonzero(present)
+        return classes.astype(labels.dtype), (np.cumsum(present) - 1)[labels].astype(np.int64)
+    classes, codes = np.unique(labels, return_inverse=True)
     return classes, codes.astype(np.int64)
 
 

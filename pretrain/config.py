@@ -28,6 +28,9 @@ METHOD_LOSSES = {
     "simclr": ("ntxent", "ring", "hcl", "dcl"),
 }
 DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder")
+AUGMENTATIONS = ("mocov2", "ring_official")
+STL10_SPLITS = ("train+unlabeled", "train")
+MILESTONE_ROUNDINGS = ("exact", "int")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("step", "cosine", "constant")
 
@@ -46,6 +49,13 @@ class DataConfig:
     color_jitter: float = 0.8  # probability of the MoCo v2 colour jitter (CMC: 0, its ab view needs colour)
     jitter_hue: float = 0.1  # MoCo v2 colour jitter hue; 0 keeps colour a usable cue
     grayscale: float = 0.2  # MoCo v2 random-grayscale probability
+    # mocov2: the MoCo v2 pipeline above; ring_official: the ring code's default transforms (crop,
+    # grayscale p=0.2, ColorJitter(0.4, 0.4, 0.4, 0.4) on every image, flip; no blur)
+    augmentation: str = "mocov2"
+    crop_scale_min: float = 0.2  # RandomResizedCrop scale=(crop_scale_min, 1)
+    mean: Optional[list[float]] = None  # input normalisation; null: the dataset's own statistics
+    std: Optional[list[float]] = None
+    stl10_split: str = "train+unlabeled"  # STL-10 pretraining images (the official ring code: "train")
 
 
 @dataclass
@@ -63,6 +73,9 @@ class LossConfig:
     beta: float = 1.0
     beta_anneal_epochs: int = 0  # HCL: anneal beta linearly to 0 over this many epochs (0: off)
     estimator: str = "hard"
+    rounding: str = "eps"  # ring bounds: floor(w*K + 1e-9) ("eps") or the official int(w*K) ("int")
+    schedule_style: str = "epoch"  # w_outer per epoch ("epoch") or the official per-iteration policies
+    beta_anneal_steps: int = 0  # HCL: 0 anneals beta linearly per epoch; N: HCL's N-step schedule
 
 
 @dataclass
@@ -72,6 +85,7 @@ class MocoConfig:
     head_dim: int = 128
     mlp: bool = True
     shuffle_groups: int = 8
+    cap_queue: bool = True  # at most half the data set (the official code does not cap)
 
 
 @dataclass
@@ -79,6 +93,8 @@ class IRConfig:
     bank_momentum: float = 0.5
     num_negatives: int = 4096
     head_dim: int = 128
+    mlp: bool = False  # 2-layer MLP head (the official ring code's model) instead of one linear layer
+    shared_negatives: bool = True  # one draw for the whole batch; false: a draw per anchor (official)
 
 
 @dataclass
@@ -87,6 +103,7 @@ class CMCConfig:
     num_negatives: int = 4096
     head_dim: int = 128
     width: float = 0.5
+    shared_negatives: bool = True  # one draw for the whole batch; false: a draw per anchor (official)
 
 
 @dataclass
@@ -104,6 +121,7 @@ class OptimConfig:
     schedule: str = "step"
     milestones: list[float] = field(default_factory=lambda: [0.68, 0.83])  # fractions of training
     gamma: float = 0.1
+    milestone_rounding: str = "exact"  # drop at epoch >= m*E ("exact") or >= int(m*E) (official)
 
 
 @dataclass
@@ -221,7 +239,13 @@ def _choice(name: str, value: Any, choices: Iterable[str]) -> None:
 
 def validate_config(cfg: Mapping) -> None:
     """Cross-field checks; every problem is a one-line :class:`UserError` before any work starts."""
-    from pretrain.losses import RING_SCHEDULES, check_ring, check_temperature
+    from pretrain.losses import (
+        RING_ROUNDINGS,
+        RING_SCHEDULE_STYLES,
+        RING_SCHEDULES,
+        check_ring,
+        check_temperature,
+    )
 
     _choice("method", cfg["method"], METHODS)
     loss = cfg["loss"]
@@ -236,6 +260,19 @@ def validate_config(cfg: Mapping) -> None:
     _choice("optim.name", cfg["optim"]["name"], OPTIMIZERS)
     _choice("optim.schedule", cfg["optim"]["schedule"], LR_SCHEDULES)
     _choice("loss.schedule", loss["schedule"], RING_SCHEDULES)
+    _choice("loss.schedule_style", loss["schedule_style"], RING_SCHEDULE_STYLES)
+    _choice("loss.rounding", loss["rounding"], RING_ROUNDINGS)
+    _choice("data.augmentation", cfg["data"]["augmentation"], AUGMENTATIONS)
+    _choice("data.stl10_split", cfg["data"]["stl10_split"], STL10_SPLITS)
+    _choice("optim.milestone_rounding", cfg["optim"]["milestone_rounding"], MILESTONE_ROUNDINGS)
+    for key in ("mean", "std"):
+        value = cfg["data"][key]
+        if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+            raise UserError(f"config: data.{key} must be three numbers (one per RGB channel){', > 0' * (key == 'std')}")
+    if not 0 < cfg["data"]["crop_scale_min"] <= 1:
+        raise UserError(f"config: data.crop_scale_min must be in (0, 1], got {cfg['data']['crop_scale_min']}")
+    if loss["beta_anneal_steps"] < 0:
+        raise UserError(f"config: loss.beta_anneal_steps must be >= 0, got {loss['beta_anneal_steps']}")
     check_temperature(loss["t"])
     if loss["name"] == "ring":
         check_ring(loss["w_outer"], loss["w_inner"], loss["num_samples"])

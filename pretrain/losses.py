@@ -8,20 +8,45 @@ cosine / temperature ``t``. Every loss is a mean over anchors.
   similarity rank to the anchor lies in ``[floor(w_inner * outer), outer)``, ``outer = floor(w_outer * K)``.
 * :func:`nt_xent_loss`, :func:`hcl_loss`, :func:`dcl_loss`: SimCLR in-batch losses with hard
   (Robinson et al., ICLR 2021) and debiased (Chuang et al., NeurIPS 2020) negatives, in log space.
-* :func:`ring_threshold`: the schedule of ``w_outer`` over training.
+* :func:`ring_threshold`: the schedule of ``w_outer`` over training (per epoch), and
+  :func:`official_ring_threshold`, the official ring code's per-iteration schedules.
+
+Every loss runs in float32 with autocast off (:func:`full_precision`): under mixed precision the
+encoder may run in float16, but the logits, the ring's rank selection and the loss do not.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ringbench.errors import UserError
 
 RING_SCHEDULES = ("constant", "linear", "step", "exponential")
+RING_SCHEDULE_STYLES = ("epoch", "official")
+RING_ROUNDINGS = ("eps", "int")
 HCL_ESTIMATORS = ("hard", "easy")
+
+_F = TypeVar("_F", bound=Callable[..., torch.Tensor])
+
+
+def full_precision(fn: _F) -> _F:
+    """Run a loss with autocast off on the inputs' device (its tensors are cast to float32 inside),
+    so that a float16/bfloat16 autocast region around the encoder leaves the loss in float32."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,15 +68,23 @@ def check_ring(w_outer: float, w_inner: float, num_samples: int | None = None) -
         raise UserError(f"ring num_samples must be >= 1, got {num_samples}")
 
 
-def ring_bounds(num_negatives: int, w_outer: float, w_inner: float) -> tuple[int, int]:
+def ring_bounds(num_negatives: int, w_outer: float, w_inner: float, rounding: str = "eps") -> tuple[int, int]:
     """Rank bounds ``(inner, outer)`` of the ring among ``num_negatives`` negatives ("dynamic inner").
 
     ``outer = floor(w_outer * K)``, ``inner = floor(w_inner * outer)``; the ring is ranks
-    ``[inner, outer)`` with rank 0 the negative most similar to the anchor.
+    ``[inner, outer)`` with rank 0 the negative most similar to the anchor. ``rounding="eps"``
+    floors ``w * K + 1e-9`` (a product that float arithmetic puts just below an integer, such as
+    ``0.29 * 100``, counts as that integer); ``"int"`` is the official code's ``int(w * K)``.
     """
     check_ring(w_outer, w_inner)
-    outer = math.floor(w_outer * num_negatives + 1e-9)
-    inner = math.floor(w_inner * outer + 1e-9)
+    if rounding not in RING_ROUNDINGS:
+        raise UserError(f"unknown ring rounding {rounding!r}; expected one of {list(RING_ROUNDINGS)}")
+    if rounding == "int":
+        outer = int(w_outer * num_negatives)
+        inner = int(w_inner * outer)
+    else:
+        outer = math.floor(w_outer * num_negatives + 1e-9)
+        inner = math.floor(w_inner * outer + 1e-9)
     if outer - inner < 1:
         raise UserError(
             f"ring is empty: {num_negatives} negatives with w_outer={w_outer}, w_inner={w_inner} give ranks "
@@ -68,6 +101,15 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
+def _pair_parts(
+    q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positive logits ``(B,)``, the anchors scaled by ``1/t`` and the unit negatives."""
+    check_temperature(t)
+    q, k, negatives = _normalise(q), _normalise(k), _normalise(negatives)
+    return (q * k).sum(-1) / t, q / t, negatives  # divide the (B, D) side, not the (B, K) logits
+
+
 def pair_logits(
     q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,10 +117,7 @@ def pair_logits(
 
     ``negatives`` is either a shared ``(K, D)`` set (queue, memory bank) or per-anchor ``(B, K, D)``.
     """
-    check_temperature(t)
-    q, k, negatives = _normalise(q), _normalise(k), _normalise(negatives)
-    pos = (q * k).sum(-1) / t
-    scaled = q / t  # divide the (B, D) side, not the (B, K) logits
+    pos, scaled, negatives = _pair_parts(q, k, negatives, t)
     if negatives.dim() == 2:
         neg = scaled @ negatives.t()
     elif negatives.dim() == 3:
@@ -122,6 +161,7 @@ def in_batch_logits(z1: torch.Tensor, z2: torch.Tensor, t: float) -> tuple[torch
 # Losses
 
 
+@full_precision
 def nce_loss(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float = 0.07) -> torch.Tensor:
     """InfoNCE (Oord et al. 2018; MoCo eq. 1): cross-entropy with the positive ``k`` at index 0."""
     pos, neg = pair_logits(q, k, negatives, t)
@@ -129,33 +169,95 @@ def nce_loss(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t: float
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
-def _outer_candidates(neg: torch.Tensor, outer: int, sample: int = 4096) -> torch.Tensor:
-    """A ``(B, M)`` superset of each row's top ``outer`` logits, ``M`` a little above ``outer``.
+def _candidate_rank(outer: int, k: int, n: int) -> int:
+    """Rank in an ``n``-column subsample that lies below the ``outer``-th largest of ``k`` columns
+    with a 4-sigma binomial margin (plus 8)."""
+    frac = outer / k
+    return min(n, math.ceil(frac * n + 4 * math.sqrt(frac * (1 - frac) * n) + 8))
 
-    For large K (a 65,536-entry queue) a threshold below each row's ``outer``-th largest logit is
-    read from a strided subsample of the columns (with a 4-sigma binomial margin); the logits above
-    it are packed row by row and padded with ``-inf``. Rows where the estimate falls short (rare)
-    make the whole batch fall back to the full row. The selection is exact either way; only the
-    work differs.
-    """
+
+def _ring_members_torch(
+    neg: torch.Tensor, inner: int, outer: int, sample: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_ring_members` in torch operations (any device)."""
     rows, k = neg.shape
-    if k < 4 * sample or 2 * outer > k:
-        return neg
-    with torch.no_grad():
+    cand, cols = neg, torch.arange(k, device=neg.device).expand_as(neg)
+    if k >= 4 * sample and 2 * outer <= k:  # pack each row's logits above a subsampled threshold
         sub = neg[:, :: k // sample]
-        frac = outer / k
-        rank = min(sub.shape[1], math.ceil(frac * sub.shape[1] + 4 * math.sqrt(frac * (1 - frac) * sub.shape[1]) + 8))
-        low = torch.topk(sub, rank, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
-        row, col = (neg >= low).nonzero().unbind(1)  # row-major: rows ascend
-        starts = torch.searchsorted(row, torch.arange(rows + 1, device=neg.device))
-        counts = starts[1:] - starts[:-1]
-        if bool((counts < outer).any()):
-            return neg
-        slot = torch.arange(len(row), device=neg.device) - starts[:-1][row]
-        flat = row * k + col
-        width = int(counts.max())
-    padded = neg.new_full((rows * width,), -math.inf)
-    return padded.scatter(0, row * width + slot, neg.reshape(-1).gather(0, flat)).view(rows, width)
+        n = sub.shape[1]
+        low = sub.kthvalue(n - _candidate_rank(outer, k, n) + 1, dim=1, keepdim=True).values
+        flat = (neg >= low).view(-1).nonzero().squeeze(1)  # row-major: rows, then columns, ascend
+        row = flat // k
+        counts = torch.bincount(row, minlength=rows)
+        if bool((counts >= outer).all()):
+            slot = torch.arange(len(flat), device=neg.device) - (counts.cumsum(0) - counts)[row]
+            width = int(counts.max())
+            cand = neg.new_full((rows, width), -math.inf)
+            cand[row, slot] = neg.view(-1)[flat]
+            cols = torch.zeros((rows, width), dtype=torch.long, device=neg.device)
+            cols[row, slot] = flat - row * k
+    width, size = cand.shape[1], outer - inner
+    member = cand >= cand.kthvalue(width - outer + 1, dim=1, keepdim=True).values
+    if inner > 0:
+        member &= cand < cand.kthvalue(width - inner + 1, dim=1, keepdim=True).values
+    for r in (member.sum(1) != size).nonzero().flatten().tolist():  # a float tie at a bound: by index
+        order = torch.sort(cand[r], descending=True, stable=True).indices[inner:outer]
+        member[r] = False
+        member[r, order] = True
+    return cand[member].view(rows, size), cols[member].view(rows, size)
+
+
+def _ring_members_numpy(
+    neg: torch.Tensor, inner: int, outer: int, sample: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_ring_members` on the CPU, row by row with NumPy (each row stays in cache; NumPy's
+    comparisons, ``flatnonzero`` and ``partition`` are several times faster there than torch's)."""
+    a = neg.contiguous().numpy()
+    rows, k = a.shape
+    size = outer - inner
+    low = np.full(rows, -np.inf, dtype=a.dtype)
+    if k >= 4 * sample and 2 * outer <= k:  # keep each row's logits above a subsampled threshold
+        sub = a[:, :: k // sample]
+        kth = sub.shape[1] - _candidate_rank(outer, k, sub.shape[1])
+        low = np.partition(sub, kth, axis=1)[:, kth]
+    values = np.empty((rows, size), dtype=a.dtype)
+    cols = np.empty((rows, size), dtype=np.int64)
+    for r in range(rows):
+        idx = np.flatnonzero(a[r] >= low[r])
+        if len(idx) < outer:  # the estimate fell short: the whole row
+            idx = np.arange(k)
+        cand = a[r, idx]
+        width = len(cand)
+        member = cand >= np.partition(cand, width - outer)[width - outer]
+        if inner > 0:
+            member &= cand < np.partition(cand, width - inner)[width - inner]
+        if np.count_nonzero(member) != size:  # a float tie at a bound: rank by index
+            member[:] = False
+            member[np.sort(np.argsort(-cand, kind="stable")[inner:outer])] = True
+        values[r], cols[r] = cand[member], idx[member]
+    return torch.from_numpy(values), torch.from_numpy(cols)
+
+
+@torch.no_grad()
+def _ring_members(neg: torch.Tensor, inner: int, outer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ring of each row of ``neg (B, K)``: its values and columns ``(B, outer - inner)``, in column order.
+
+    No row is sorted. For large K the row's logits above a threshold read from a strided subsample
+    of the columns (a 4-sigma margin below the ``outer``-th largest) are packed row by row; two order
+    statistics of that small candidate set (``partition`` / ``kthvalue``) give the row's ``outer``-th
+    and ``inner``-th largest logit, and the ring lies between them. The selection is exact either way:
+    a row whose subsample estimate falls short keeps all its columns, and a row with a float tie at
+    a bound is ranked by index (a stable sort).
+    """
+    if neg.device.type == "cpu" and neg.dtype in (torch.float32, torch.float64) and neg.shape[1] >= 16384:
+        return _ring_members_numpy(neg, inner, outer)  # large K on the CPU (small K: one vectorised pass)
+    return _ring_members_torch(neg, inner, outer)
+
+
+def _draw(size: int, rows: int, num_samples: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """``(rows, num_samples)`` ring positions drawn uniformly with replacement from ``generator``."""
+    where = generator.device if generator is not None else device
+    return torch.randint(0, size, (rows, num_samples), generator=generator, device=where).to(device)
 
 
 def ring_logits(
@@ -164,36 +266,50 @@ def ring_logits(
     w_inner: float,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    rounding: str = "eps",
 ) -> torch.Tensor:
-    """Select the ring from negative logits ``(B, K)``.
+    """Select the ring from negative logits ``(B, K)`` (bounds by :func:`ring_bounds` with ``rounding``).
 
-    MoCo flavour (``num_samples=None``): ``(B, M)`` logits, ``M >= ring size``, in which every entry
-    outside the ring is ``-inf`` (each row holds exactly ``outer - inner`` finite entries, in no
-    particular order; a logsumexp over the row is the logsumexp over the ring). IR flavour:
-    ``(B, num_samples)`` ring members drawn uniformly with replacement, from ``generator``.
-
-    No row is sorted: the rank thresholds are selected with two partial selections (``topk``,
-    unsorted) on a small candidate set -- drop all but the ``outer`` largest, then the ``inner``
-    largest.
+    MoCo flavour (``num_samples=None``): the ``(B, outer - inner)`` ring logits of each row, in column
+    order. IR flavour: ``(B, num_samples)`` ring members drawn uniformly with replacement, from
+    ``generator``. Differentiable with respect to ``neg``.
     """
     check_ring(w_outer, w_inner, num_samples)
-    inner, outer = ring_bounds(neg.shape[1], w_outer, w_inner)
-    cand = _outer_candidates(neg, outer)
-    with torch.no_grad():
-        drop = torch.zeros(cand.shape, dtype=torch.bool, device=cand.device)
-        if cand.shape[1] > outer:
-            drop.scatter_(1, torch.topk(cand, cand.shape[1] - outer, dim=1, largest=False, sorted=False).indices, True)
-        if inner > 0:
-            kept = cand.masked_fill(drop, -math.inf)
-            drop.scatter_(1, torch.topk(kept, inner, dim=1, sorted=False).indices, True)
-    if num_samples is None:
-        return cand.masked_fill(drop, -math.inf)
-    ring = cand[~drop].view(len(cand), outer - inner)
-    device = generator.device if generator is not None else ring.device
-    picks = torch.randint(0, outer - inner, (ring.shape[0], num_samples), generator=generator, device=device)
-    return ring.gather(1, picks.to(ring.device))
+    inner, outer = ring_bounds(neg.shape[1], w_outer, w_inner, rounding)
+    cols = _ring_members(neg.detach(), inner, outer)[1]
+    if num_samples is not None:
+        cols = cols.gather(1, _draw(outer - inner, len(neg), num_samples, generator, neg.device))
+    return neg.gather(1, cols)
 
 
+class _RingPartition(torch.autograd.Function):
+    """``logsumexp([pos, ring])`` per anchor from the anchors ``scaled`` (already divided by ``t``) and the
+    unit ``negatives``. Forward keeps only the ring's values and columns (not the ``(B, K)`` logits);
+    backward scatters the ring's softmax weights into a ``(B, K)`` gradient and multiplies it back
+    (one matrix product for the anchors, one for the negatives if they need a gradient)."""
+
+    @staticmethod
+    def forward(ctx, pos, scaled, negatives, inner, outer, num_samples, generator):
+        values, cols = _ring_members(scaled @ negatives.t(), inner, outer)
+        if num_samples is not None:
+            picks = _draw(outer - inner, len(scaled), num_samples, generator, scaled.device)
+            values, cols = values.gather(1, picks), cols.gather(1, picks)
+        lse = torch.logsumexp(torch.cat([pos[:, None], values], dim=1), dim=1)
+        ctx.save_for_backward(pos, scaled, negatives, values, cols, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        pos, scaled, negatives, values, cols, lse = ctx.saved_tensors
+        weights = torch.exp(values - lse[:, None]) * grad[:, None]  # d lse / d ring logit
+        dense = scaled.new_zeros((len(scaled), negatives.shape[0]))
+        dense.scatter_add_(1, cols, weights)  # IR draws may repeat a member
+        grad_scaled = dense @ negatives if ctx.needs_input_grad[1] else None
+        grad_negatives = dense.t() @ scaled if ctx.needs_input_grad[2] else None
+        return grad * torch.exp(pos - lse), grad_scaled, grad_negatives, None, None, None, None
+
+
+@full_precision
 def ring_loss(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -203,6 +319,7 @@ def ring_loss(
     w_inner: float = 0.1,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    rounding: str = "eps",
 ) -> torch.Tensor:
     """Conditional negative sampling (Wu et al., ICLR 2021, "ring" / CNCE).
 
@@ -211,16 +328,24 @@ def ring_loss(
     (``num_samples=None``): the partition is the whole ring; IR flavour: ``num_samples`` draws from
     the ring with replacement. ``loss = -mean(pos - logsumexp([pos, ring]))``.
     """
-    pos, neg = pair_logits(q, k, negatives, t)
-    return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator))
+    if negatives.dim() != 2:  # per-anchor negatives (B, K, D)
+        pos, neg = pair_logits(q, k, negatives, t)
+        return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator, rounding))
+    check_ring(w_outer, w_inner, num_samples)
+    inner, outer = ring_bounds(negatives.shape[0], w_outer, w_inner, rounding)
+    pos, scaled, negatives = _pair_parts(q, k, negatives, t)
+    lse = _RingPartition.apply(pos, scaled, negatives, inner, outer, num_samples, generator)
+    return -(pos - lse).mean()
 
 
+@full_precision
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """SimCLR's NT-Xent over the ``2B`` anchors of a batch (Chen et al. 2020, eq. 1)."""
     pos, neg = in_batch_logits(z1, z2, t)
     return contrastive_from_logits(pos, neg)
 
 
+@full_precision
 def in_batch_ring_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -229,10 +354,11 @@ def in_batch_ring_loss(
     w_inner: float = 0.1,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    rounding: str = "eps",
 ) -> torch.Tensor:
     """The ring over SimCLR's in-batch negatives (each anchor ranks its own ``2B - 2`` negatives)."""
     pos, neg = in_batch_logits(z1, z2, t)
-    return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator))
+    return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator, rounding))
 
 
 def _log_sub_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -241,6 +367,7 @@ def _log_sub_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(a > b, a + torch.log(-torch.expm1(gap)), torch.full_like(a, -math.inf))
 
 
+@full_precision
 def hcl_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -273,6 +400,7 @@ def hcl_loss(
     return -(pos - torch.logaddexp(pos, log_ng)).mean()
 
 
+@full_precision
 def dcl_loss(z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5, tau_plus: float = 0.1) -> torch.Tensor:
     """Debiased contrastive loss (Chuang et al., NeurIPS 2020): :func:`hcl_loss` with ``beta = 0``."""
     return hcl_loss(z1, z2, t=t, tau_plus=tau_plus, beta=0.0, estimator="hard")
@@ -313,3 +441,36 @@ def ring_threshold(
         progress = math.floor(progress * steps + 1e-9) / steps
         return float(w_outer_start + (w_outer - w_outer_start) * progress)
     return float(w_outer_start * (w_outer / w_outer_start) ** progress)
+
+
+def official_ring_threshold(
+    step: int,
+    schedule: str = "constant",
+    w_outer: float = 0.1,
+    w_outer_start: float = 1.0,
+    anneal_steps: int = 1,
+) -> float:
+    """``w_outer`` at optimiser step ``step`` (0-based) as the official ring code's threshold policies
+    compute it: per iteration, over ``anneal_steps = int(anneal_epochs * int(N / B))`` iterations.
+
+    ``linear``: ``anneal_steps`` evenly spaced values from ``w_outer_start`` down to ``w_outer``;
+    ``step``: the values ``w_outer, w_outer + 0.1, ...`` up to ``w_outer_start`` (``numpy.arange``),
+    from the largest, each held ``int(anneal_steps / count)`` iterations; ``exponential``:
+    ``(start - end) * exp(-0.1 * step) + end`` (a decay of 0.1 per *iteration*); then ``w_outer``.
+    """
+    if schedule not in RING_SCHEDULES:
+        raise UserError(f"unknown ring schedule {schedule!r}; expected one of {list(RING_SCHEDULES)}")
+    check_ring(w_outer, 0.0)
+    check_ring(w_outer_start, 0.0)
+    if schedule == "constant":
+        return float(w_outer)
+    if anneal_steps < 1:
+        raise UserError(f"ring anneal must last >= 1 iteration, got {anneal_steps}")
+    if schedule == "linear":
+        values = np.linspace(w_outer, w_outer_start, anneal_steps)[::-1]
+    elif schedule == "step":
+        levels = np.arange(w_outer, w_outer_start + 0.1, 0.1)[::-1]
+        values = np.repeat(levels, int(anneal_steps / len(levels)))
+    else:
+        values = (w_outer_start - w_outer) * np.exp(-0.1 * np.arange(anneal_steps)) + w_outer
+    return float(values[step]) if 0 <= step < len(values) else float(w_outer)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -33,7 +34,13 @@ from pretrain import distributed as dist
 from pretrain import seeds
 from pretrain.config import resolved_stem
 from pretrain.data.datasets import DataSpec, open_splits
-from pretrain.data.transforms import IndexedDataset, MultiView, eval_transform, moco_v2_augmentation
+from pretrain.data.transforms import (
+    IndexedDataset,
+    MultiView,
+    eval_transform,
+    moco_v2_augmentation,
+    ring_official_augmentation,
+)
 from pretrain.knn import extract_features, knn_accuracy
 from pretrain.methods import Method, build_method
 from ringbench.card import BackboneCard, load_checkpoint_file, make_meta, save_card
@@ -73,9 +80,21 @@ def prepare_data(cfg: Mapping[str, Any], views: int) -> DataBundle:
     train, knn_train, knn_test, spec = open_splits(cfg["data"])
     size = int(cfg["data"]["image_size"] or spec.image_size)
     dc = cfg["data"]
-    augment = moco_v2_augmentation(
-        size, spec.mean, spec.std, dc["blur"], dc["jitter_hue"], dc["grayscale"], dc["color_jitter"]
-    )
+    if dc["mean"] is not None or dc["std"] is not None:  # a recipe's own normalisation (the card records it)
+        spec = dataclasses.replace(spec, mean=tuple(dc["mean"] or spec.mean), std=tuple(dc["std"] or spec.std))
+    if dc["augmentation"] == "ring_official":
+        augment = ring_official_augmentation(size, spec.mean, spec.std, dc["crop_scale_min"])
+    else:
+        augment = moco_v2_augmentation(
+            size,
+            spec.mean,
+            spec.std,
+            dc["blur"],
+            dc["jitter_hue"],
+            dc["grayscale"],
+            dc["color_jitter"],
+            dc["crop_scale_min"],
+        )
     plain = eval_transform(size, spec.mean, spec.std, native_size=spec.image_size)
     kc = cfg["knn"]
     return DataBundle(
@@ -135,10 +154,15 @@ def _to_device(x: torch.Tensor, device: torch.device, cfg: Mapping[str, Any]) ->
 
 
 def learning_rate(cfg: Mapping[str, Any], epoch: int) -> float:
-    """Per-epoch learning rate: ``step`` (x gamma at each milestone fraction of training), ``cosine``, ``constant``."""
+    """Per-epoch learning rate: ``step`` (x gamma at each milestone fraction of training), ``cosine``, ``constant``.
+
+    ``optim.milestone_rounding="int"`` drops at ``epoch >= int(m * E)`` as the official ring code does;
+    ``"exact"`` at ``epoch >= m * E``.
+    """
     oc, epochs = cfg["optim"], cfg["train"]["epochs"]
     if oc["schedule"] == "step":
-        passed = sum(epoch >= m * epochs for m in oc["milestones"])
+        whole = oc["milestone_rounding"] == "int"
+        passed = sum(epoch >= (int(m * epochs) if whole else m * epochs) for m in oc["milestones"])
         return oc["lr"] * oc["gamma"] ** passed
     if oc["schedule"] == "cosine":
         return oc["lr"] * 0.5 * (1 + math.cos(math.pi * epoch / epochs))

@@ -255,15 +255,17 @@ def config_root() -> Path:
 
 
 def find_config(name: str | os.PathLike, kind: str, what: str = "config file") -> Path:
-    """A config by path, or a shipped one by name (``moco_ring`` -> ``configs/<kind>/moco_ring.yaml``)."""
+    """A config by path, or a shipped one by name, subfolders included (``moco_ring`` ->
+    ``configs/<kind>/moco_ring.yaml``, ``official/moco_ring_cifar10`` -> ``configs/<kind>/official/...``)."""
     path = Path(name).expanduser()
     if path.is_file():
         return path
-    text = str(name)
-    if os.sep not in text and "/" not in text:
+    text = str(name).replace(os.sep, "/")
+    if not path.is_absolute() and ".." not in text.split("/"):
         shipped = config_root() / kind / (text if text.endswith((".yaml", ".yml")) else f"{text}.yaml")
         if shipped.is_file():
             return shipped
-        available = sorted(p.stem for p in (config_root() / kind).glob("*.yaml"))
+        root = config_root() / kind
+        available = sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
         raise UserError(f"{name}: {what} not found (as a path, or shipped in configs/{kind}/: {available})")
     raise UserError(f"{path}: {what} not found")

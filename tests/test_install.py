@@ -24,6 +24,8 @@ from tests.helpers import REPO
 def test_shipped_configs_are_found_by_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ here: names resolve to the shipped ones
     assert find_config("moco_ring", "pretrain") == config_root() / "pretrain" / "moco_ring.yaml"
+    official = config_root() / "pretrain" / "official" / "moco_ring_stl10.yaml"
+    assert find_config("official/moco_ring_stl10", "pretrain") == official
     assert find_config("meta_dataset.yaml", "metadataset").is_file()
     own = tmp_path / "mine.yaml"
     own.write_text("method: moco\n")
@@ -62,6 +64,7 @@ def test_installed_wheel_runs_from_another_folder(tmp_path):
     (wheel,) = wheels.glob("ringbench-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "ringbench/configs/pretrain/moco_ring.yaml" in names
+    assert "ringbench/configs/pretrain/official/moco_ring_cifar10.yaml" in names
     assert "ringbench/configs/transfer/detectron2/voc_det.yaml" in names
     target = tmp_path / "site"
     subprocess.run(
@@ -83,6 +86,16 @@ def test_installed_wheel_runs_from_another_folder(tmp_path):
     pretrain = run(str(target / "bin" / "ringbench-pretrain"), "--config", "moco_ring", "--print-config")
     assert pretrain.returncode == 0, pretrain.stderr
     assert "name: ring" in pretrain.stdout and "queue_size: 65536" in pretrain.stdout
+    official = run(
+        str(target / "bin" / "ringbench-pretrain"),
+        "--config",
+        "official/moco_cifar10",
+        "--data-root",
+        ".",
+        "--print-config",
+    )
+    assert official.returncode == 0, official.stderr
+    assert "queue_size: 4096" in official.stdout and "cap_queue: false" in official.stdout
     tasks = run(str(target / "bin" / "ringbench-transfer"), "--list-tasks")
     assert tasks.returncode == 0 and "voc_det" in tasks.stdout and "fewshot_digits" in tasks.stdout
     bad = run(str(target / "bin" / "ringbench-pretrain"), "--config", "nope")

@@ -285,3 +285,72 @@ def test_ring_schedules():
     assert all(a > b for a, b in itertools.pairwise(values[:11]))  # decreasing until the anneal ends
     with pytest.raises(UserError, match="schedule"):
         ring_threshold(0, "cosine")
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda q, k, n: nce_loss(q, k, n, 0.07),
+        lambda q, k, n: ring_loss(q, k, n, 0.07, 0.3, 0.1),
+        lambda q, k, n: ring_loss(q, k, n, 0.07, 0.3, 0.1, num_samples=64, generator=torch.Generator().manual_seed(0)),
+        lambda q, k, n: nt_xent_loss(q, k, 0.5),
+        lambda q, k, n: in_batch_ring_loss(q, k, 0.5, 0.5, 0.1),
+        lambda q, k, n: hcl_loss(q, k, 0.5, 0.1, 1.0),
+        lambda q, k, n: dcl_loss(q, k, 0.5, 0.1),
+    ],
+)
+def test_losses_stay_float32_under_autocast(loss):
+    """Under mixed precision (here CPU bfloat16 autocast, which would run the matmuls in bfloat16) the
+    logits, the ring selection and the loss are float32: value and gradient equal the fp32 ones."""
+    q, k, neg = _random(7, 16, 512, 32)
+
+    def run(autocast: bool):
+        x = q.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            value = loss(x, k, neg)
+        value.backward()
+        return value, x.grad
+
+    (v32, g32), (vmix, gmix) = run(False), run(True)
+    assert vmix.dtype == torch.float32
+    assert vmix.item() == v32.item()
+    assert torch.equal(gmix, g32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what autocast would have done to the loss
+        assert (q @ neg.t()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("k,w_outer,w_inner", [(300, 0.3, 0.2), (20000, 0.1, 0.1), (20000, 0.6, 0.0)])
+def test_ring_member_selection_paths_agree_and_are_exact(k, w_outer, w_inner):
+    """The NumPy (CPU, large K) and torch (any device) selections give the same ring, in column order,
+    equal to ranks [inner, outer) of a full sort, also for rows with float ties at a bound."""
+    from pretrain.losses import _ring_members_numpy, _ring_members_torch
+
+    g = torch.Generator().manual_seed(11)
+    neg = torch.randn(6, k, generator=g)
+    inner, outer = ring_bounds(k, w_outer, w_inner)
+    ranked = torch.sort(neg, dim=1, descending=True, stable=True).indices
+    neg[0, ranked[0, outer]] = neg[0, ranked[0, outer - 1]]  # ties at the outer bound
+    neg[1, ranked[1, inner]] = neg[1, ranked[1, max(inner - 1, 0)]]  # and at the inner one
+    ranked = torch.sort(neg, dim=1, descending=True, stable=True).indices
+    for select in (_ring_members_numpy, _ring_members_torch):
+        values, cols = select(neg, inner, outer)
+        assert values.shape == cols.shape == (6, outer - inner)
+        assert torch.equal(values, neg.gather(1, cols))
+        assert bool((cols[:, 1:] > cols[:, :-1]).all())  # column order
+        for row in range(6):  # the ring's values are the sorted row's ranks [inner, outer)
+            want = torch.sort(neg[row, ranked[row, inner:outer]]).values
+            assert torch.equal(torch.sort(values[row]).values, want)
+
+
+@pytest.mark.parametrize("num_samples", [None, 3000])
+def test_ring_loss_gradients_reach_anchor_positive_and_negatives(num_samples):
+    """The ring's custom backward against autograd through the gathered ring logits (per-anchor copies of
+    the shared negatives take the reference path), for q, k and the negatives; IR draws repeat members."""
+    q, k, neg = _random(13, 5, 20000, 8)
+    tensors = [x.clone().requires_grad_() for x in (q, k, neg)]
+    ring_loss(*tensors, 0.07, 0.1, 0.1, num_samples, torch.Generator().manual_seed(3)).backward()
+    reference = [x.clone().requires_grad_() for x in (q, k, neg)]
+    per_anchor = reference[2].expand(5, *neg.shape)
+    ring_loss(*reference[:2], per_anchor, 0.07, 0.1, 0.1, num_samples, torch.Generator().manual_seed(3)).backward()
+    for got, want in zip(tensors, reference):
+        assert torch.allclose(got.grad, want.grad, atol=1e-6, rtol=1e-4)

@@ -154,3 +154,20 @@ def test_probe_factory_errors():
         LogisticRegressionProbe(weight_decay="strong")
     with pytest.raises(UserError, match="k >= 1"):
         KNNProbe(k=0)
+
+
+def test_fixed_weight_decay_path_equals_projected_solve():
+    """A fixed lambda is solved from the raw support Gram matrix and scores the queries in feature space;
+    it predicts as the span-coordinate solve of _pad_batch does, with padded episodes in the batch."""
+    rng = np.random.default_rng(5)
+    tasks = [_episode(rng, dim=64, spread=3.0)[:3] for _ in range(20)]
+    tasks += [_episode(rng, ways=4, dim=64, shots_per_class=[1, 3, 2, 5], spread=3.0)[:3] for _ in range(5)]
+    tasks = [(sx * rng.uniform(0.5, 3.0), sy, qx * rng.uniform(0.5, 3.0)) for sx, sy, qx in tasks]  # any scale
+    probe = LogisticRegressionProbe(weight_decay=0.02)
+    fixed = probe._solve_chunk_fixed(tasks, torch.float64)
+    batch = _pad_batch(tasks, "cpu", torch.float64, project=True, principal=False)
+    lam = torch.full((len(tasks), 1), 0.02, dtype=torch.float64)
+    w, b = solve_logreg(batch.x, batch.y, batch.valid[:, None].double(), batch.class_mask, lam)
+    logits = logreg_logits(batch.query, w, b)[:, :, 0].masked_fill(~batch.class_mask[:, None], -1e9)
+    for i, (_, _, qx) in enumerate(tasks):
+        np.testing.assert_array_equal(fixed[i], logits[i, : len(qx)].argmax(-1).numpy())

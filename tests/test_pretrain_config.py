@@ -27,6 +27,7 @@ def test_shipped_configs_hold_official_hyperparameters(name):
         "schedule": "step",
         "milestones": [0.68, 0.83],
         "gamma": 0.1,
+        "milestone_rounding": "exact",
     }
     assert (cfg["train"]["epochs"], cfg["train"]["batch_size"]) == (200, 256)
     assert cfg["data"]["name"] == "synthetic"

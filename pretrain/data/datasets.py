@@ -240,7 +240,8 @@ def open_splits(
         return train, train, test, DataSpec(name, 32, *stats, classes)
     if name == "stl10":
         labelled = stl10(root, "train")
-        return stl10(root, "train+unlabeled"), labelled, stl10(root, "test"), DataSpec(name, 96, *STL10_STATS, 10)
+        pretraining = stl10(root, data_cfg.get("stl10_split", "train+unlabeled"))
+        return pretraining, labelled, stl10(root, "test"), DataSpec(name, 96, *STL10_STATS, 10)
     if name == "imagefolder":
         train_folder, val_folder = image_folder(root, "train"), image_folder(root, "val")
         classes = len(train_folder.classes)

@@ -17,9 +17,11 @@ def moco_v2_augmentation(
     hue: float = 0.1,
     grayscale: float = 0.2,
     jitter: float = 0.8,
+    scale_min: float = 0.2,
 ) -> Callable:
     """MoCo v2 (Chen et al. 2020): random resized crop (scale 0.2-1), colour jitter 0.4/0.4/0.4/0.1
-    with p=0.8, grayscale p=0.2, Gaussian blur (sigma 0.1-2, p=0.5), horizontal flip.
+    with p=0.8, grayscale p=0.2, Gaussian blur (sigma 0.1-2, p=0.5), horizontal flip. ``scale_min``:
+    the crop's smallest area fraction (0.08 is torchvision's default, used by SimCLR and HCL).
 
     ``blur=None`` keeps the blur only for images of 96 px and above: at 32 px (CIFAR) it erases
     the image, and the CIFAR recipes leave it out. ``hue``, ``grayscale`` and the jitter probability
@@ -29,7 +31,7 @@ def moco_v2_augmentation(
     if blur is None:
         blur = image_size >= 96
     steps: list[Any] = [
-        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+        T.RandomResizedCrop(image_size, scale=(scale_min, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, hue)], p=jitter),
         T.RandomGrayscale(p=grayscale),
     ]
@@ -38,6 +40,24 @@ def moco_v2_augmentation(
         steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
     steps += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
+
+
+def ring_official_augmentation(
+    image_size: int, mean: Sequence[float], std: Sequence[float], scale_min: float = 0.2
+) -> Callable:
+    """The official ring code's default training transforms (its ``load_default_transforms``): random
+    resized crop (scale 0.2-1), grayscale p=0.2, then colour jitter 0.4/0.4/0.4 with hue 0.4 on *every*
+    image, horizontal flip; no blur. The official recipe crops to 224 px on CIFAR and STL-10 alike."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(scale_min, 1.0)),
+            T.RandomGrayscale(p=0.2),
+            T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def eval_transform(

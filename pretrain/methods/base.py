@@ -81,22 +81,43 @@ class Method(nn.Module):
         self.epoch = 0
         self.w_outer = float(self.loss_cfg["w_outer"])
         self.generator = torch.Generator().manual_seed(self.seed)
+        # The official ring code anneals w_outer per iteration over int(N / B) iterations an epoch.
+        self.steps_per_epoch = max(1, int(dataset_size / int(cfg["train"]["batch_size"])))
+        self.step_in_epoch = 0
 
     # -- called by the trainer ---------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Loss schedules for this epoch; reseed the method's generator (same on every process,
         so that a resumed run draws what an uninterrupted one would)."""
         self.epoch = epoch
+        self.step_in_epoch = 0
         lc = self.loss_cfg
-        self.w_outer = losses.ring_threshold(
-            epoch, lc["schedule"], lc["w_outer"], lc["w_outer_start"], lc["anneal_epochs"], lc["schedule_steps"]
-        )
+        if lc["schedule_style"] == "official":
+            self._official_w_outer()
+        else:
+            self.w_outer = losses.ring_threshold(
+                epoch, lc["schedule"], lc["w_outer"], lc["w_outer_start"], lc["anneal_epochs"], lc["schedule_steps"]
+            )
         self.generator.manual_seed(stream_seed(self.seed, METHOD, epoch))
+
+    def _official_w_outer(self) -> None:
+        """``w_outer`` at this iteration under the official per-iteration policies."""
+        lc = self.loss_cfg
+        self.w_outer = losses.official_ring_threshold(
+            self.epoch * self.steps_per_epoch + self.step_in_epoch,
+            lc["schedule"],
+            lc["w_outer"],
+            lc["w_outer_start"],
+            int(lc["anneal_epochs"] * self.steps_per_epoch),
+        )
 
     def training_step(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
     def forward(self, views: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.training and self.loss_cfg["schedule_style"] == "official":
+            self._official_w_outer()
+            self.step_in_epoch += 1
         return self.training_step(views, index)
 
     @torch.no_grad()
@@ -117,7 +138,7 @@ class Method(nn.Module):
         lc = self.loss_cfg
         if lc["name"] == "ring":
             smallest = lc["w_outer"] if lc["schedule"] == "constant" else min(lc["w_outer"], lc["w_outer_start"])
-            losses.ring_bounds(self.ring_pool_size(world_size), smallest, lc["w_inner"])
+            losses.ring_bounds(self.ring_pool_size(world_size), smallest, lc["w_inner"], lc["rounding"])
 
     def card_meta(self) -> dict[str, Any]:
         """Extra card metadata the method needs to rebuild its backbone (e.g. CMC's stream width)."""
@@ -137,9 +158,11 @@ class Method(nn.Module):
                 "w_outer_start",
                 "anneal_epochs",
                 "schedule_steps",
+                "rounding",
+                "schedule_style",
             ),
             "ntxent": ("t",),
-            "hcl": ("t", "tau_plus", "beta", "beta_anneal_epochs", "estimator"),
+            "hcl": ("t", "tau_plus", "beta", "beta_anneal_epochs", "beta_anneal_steps", "estimator"),
             "dcl": ("t", "tau_plus"),
         }[lc["name"]]
         return {k: lc[k] for k in keys}
@@ -160,6 +183,7 @@ class Method(nn.Module):
                 lc["w_inner"],
                 num_samples=num_samples,
                 generator=self.generator,
+                rounding=lc["rounding"],
             )
         return losses.nce_loss(q, k, negatives, lc["t"])
 
@@ -181,9 +205,11 @@ class MemoryBank(nn.Module):
     def __len__(self) -> int:
         return self.memory.shape[0]
 
-    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        """``count`` entries drawn uniformly (shared by the batch)."""
-        idx = torch.randint(0, len(self), (count,), generator=generator)
+    def sample(self, count: int, generator: torch.Generator, anchors: int | None = None) -> torch.Tensor:
+        """``count`` entries drawn uniformly with replacement: ``(count, D)`` shared by the batch, or
+        ``(anchors, count, D)``, one draw per anchor (the official ring code's IR and CMC's NCEAverage)."""
+        shape = (count,) if anchors is None else (anchors, count)
+        idx = torch.randint(0, len(self), shape, generator=generator)
         return self.memory[idx.to(self.memory.device)]
 
     @torch.no_grad()

@@ -33,7 +33,12 @@ class CMC(Method):
         self.head_ab = ProjectionHead(cast(int, self.backbone.ab.feature_dim), cc["head_dim"], mlp=False)
         self.bank_l = MemoryBank(dataset_size, cc["head_dim"], cc["bank_momentum"], seed=self.seed)
         self.bank_ab = MemoryBank(dataset_size, cc["head_dim"], cc["bank_momentum"], seed=self.seed + 1)
-        self.num_negatives = min(int(cc["num_negatives"]), dataset_size)
+        self.shared_negatives = bool(cc["shared_negatives"])
+        # A draw per anchor is with replacement from the whole bank (as the official code draws), so
+        # only the shared draw is capped at the bank's size.
+        self.num_negatives = int(cc["num_negatives"])
+        if self.shared_negatives:
+            self.num_negatives = min(self.num_negatives, dataset_size)
 
     def ring_pool_size(self, world_size: int = 1) -> int:
         return len(self.bank_l)
@@ -43,7 +48,8 @@ class CMC(Method):
         if self.loss_cfg["name"] == "ring":
             samples = self.loss_cfg["num_samples"] or self.num_negatives
             return self.contrast(anchor, positives, bank.memory.detach(), num_samples=samples)
-        return self.contrast(anchor, positives, bank.sample(self.num_negatives, self.generator))
+        per_anchor = None if self.shared_negatives else len(anchor)
+        return self.contrast(anchor, positives, bank.sample(self.num_negatives, self.generator, per_anchor))
 
     def training_step(self, views, index):
         feat_l, feat_ab = self.backbone.encode(views[0])

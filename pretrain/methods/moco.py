@@ -33,9 +33,12 @@ class MoCo(Method):
         self.key_encoder = copy.deepcopy(self.encoder)
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
-        # At most half the dataset: a queue as long as an epoch would hold every image's own key
-        # from the previous epoch as a (false) negative, the hardest one for the ring.
-        size = max(1, min(int(mc["queue_size"]), dataset_size // 2))
+        # At most half the dataset (unless moco.cap_queue is off, as in the official ring code): a
+        # queue as long as an epoch would hold every image's own key from the previous epoch as a
+        # (false) negative, the hardest one for the ring.
+        size = int(mc["queue_size"])
+        if mc["cap_queue"]:
+            size = max(1, min(size, dataset_size // 2))
         g = torch.Generator().manual_seed(self.seed + 1)
         self.register_buffer(
             "queue", torch.nn.functional.normalize(torch.randn(size, mc["head_dim"], generator=g), dim=1)

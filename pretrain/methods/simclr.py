@@ -4,11 +4,14 @@ negatives (HCL, Robinson et al. 2021) and debiased negatives (DCL, Chuang et al.
 Two views per image through one encoder and a 2-layer MLP head (batch norm after the hidden
 layer, as the HCL reference) to 128-d; each of the ``2B``
 embeddings is an anchor whose positive is its other view and whose negatives are the other
-``2B - 2`` embeddings of the (per-process) batch. HCL's ``beta`` can be annealed linearly to 0
-over ``loss.beta_anneal_epochs``.
+``2B - 2`` embeddings of the (per-process) batch. HCL's ``beta`` can be annealed to 0 over
+``loss.beta_anneal_epochs``: linearly per epoch, or in ``loss.beta_anneal_steps`` steps as HCL's
+``--anneal down`` does (:func:`hcl_beta`).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from pretrain import losses
 from pretrain.methods.base import Encoder, Method
@@ -29,15 +32,15 @@ class SimCLR(Method):
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        anneal = self.loss_cfg["beta_anneal_epochs"]
-        self.beta = float(self.loss_cfg["beta"]) * (max(0.0, 1.0 - epoch / anneal) if anneal else 1.0)
+        lc = self.loss_cfg
+        self.beta = hcl_beta(epoch, lc["beta"], lc["beta_anneal_epochs"], lc["beta_anneal_steps"])
 
     def training_step(self, views, index):
         z1, z2 = self.encoder(views[0]), self.encoder(views[1])
         lc = self.loss_cfg
         if lc["name"] == "ring":
             loss = losses.in_batch_ring_loss(
-                z1, z2, lc["t"], self.w_outer, lc["w_inner"], lc["num_samples"], self.generator
+                z1, z2, lc["t"], self.w_outer, lc["w_inner"], lc["num_samples"], self.generator, lc["rounding"]
             )
         elif lc["name"] == "hcl":
             loss = losses.hcl_loss(z1, z2, lc["t"], lc["tau_plus"], self.beta, lc["estimator"])
@@ -46,3 +49,20 @@ class SimCLR(Method):
         else:
             loss = losses.nt_xent_loss(z1, z2, lc["t"])
         return loss, {"loss": loss.detach().item()}
+
+
+def hcl_beta(epoch: int, beta: float, anneal_epochs: int, steps: int = 0) -> float:
+    """HCL's ``beta`` during (0-based) ``epoch``.
+
+    ``anneal_epochs = 0``: constant. ``steps = 0``: linear from ``beta`` to 0 over ``anneal_epochs``.
+    ``steps = n``: HCL's ``--anneal down`` (``image/main.py``): after every ``int(anneal_epochs / n)``-th
+    epoch beta moves to the next value of ``linspace(beta, 0, n)``, whose first value is ``beta``
+    itself, so the first change comes after ``2 * int(anneal_epochs / n)`` epochs.
+    """
+    if not anneal_epochs:
+        return float(beta)
+    if not steps:
+        return float(beta) * max(0.0, 1.0 - epoch / anneal_epochs)
+    period = max(1, int(anneal_epochs / steps))
+    taken = min(epoch // period, steps)  # values drawn before this epoch
+    return float(np.linspace(beta, 0.0, steps)[max(taken - 1, 0)])
