@@ -269,10 +269,6 @@ def validate_config(cfg: Mapping) -> None:
         value = cfg["data"][key]
         if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
             raise UserError(f"config: data.{key} must be three numbers (one per RGB channel){', > 0' * (key == 'std')}")
-    if not 0 < cfg["data"]["crop_scale_min"] <= 1:
-        raise UserError(f"config: data.crop_scale_min must be in (0, 1], got {cfg['data']['crop_scale_min']}")
-    if loss["beta_anneal_steps"] < 0:
-        raise UserError(f"config: loss.beta_anneal_steps must be >= 0, got {loss['beta_anneal_steps']}")
     check_temperature(loss["t"])
     if loss["name"] == "ring":
         check_ring(loss["w_outer"], loss["w_inner"], loss["num_samples"])
@@ -322,11 +318,13 @@ RANGES: dict[str, tuple[Any, Any]] = {
     "data.color_jitter": _FRACTION,
     "data.jitter_hue": (0, 0.5),
     "data.grayscale": _FRACTION,
+    "data.crop_scale_min": ((0,), 1),
     "loss.anneal_epochs": _NONNEG,
     "loss.schedule_steps": _POS,
     "loss.tau_plus": (0, (1,)),
     "loss.beta": _NONNEG,
     "loss.beta_anneal_epochs": _NONNEG,
+    "loss.beta_anneal_steps": _NONNEG,
     "knn.k": _POS,
     "knn.t": _POS,
     "knn.every": _POS,
