@@ -93,11 +93,14 @@ def contrastive_from_logits(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tenso
     return -(pos - torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1)).mean()
 
 
-def in_batch_logits(z1: torch.Tensor, z2: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+def in_batch_logits(
+    z1: torch.Tensor, z2: torch.Tensor, t: float, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SimCLR logits for the ``2B`` anchors of two views: positives ``(2B,)``, negatives ``(2B, 2B-2)``.
 
     Anchor ``i`` of view 1 has positive ``i`` of view 2 (and vice versa); the negatives are the other
-    ``2B - 2`` embeddings of the batch, in batch order.
+    ``2B - 2`` embeddings of the batch, in batch order. ``rows`` (indices into the ``2B`` anchors,
+    view 1 first) keeps only those anchors: one process's share of a batch gathered from several.
     """
     check_temperature(t)
     if z1.shape != z2.shape or z1.dim() != 2:
@@ -106,15 +109,16 @@ def in_batch_logits(z1: torch.Tensor, z2: torch.Tensor, t: float) -> tuple[torch
     if batch < 2:
         raise UserError("in-batch negatives need a batch of at least 2 images")
     z = _normalise(torch.cat([z1, z2], dim=0))
-    sim = z @ z.t() / t
     n = 2 * batch
-    idx = torch.arange(n, device=z.device)
+    idx = torch.arange(n, device=z.device) if rows is None else rows.to(z.device)
+    sim = z[idx] @ z.t() / t
+    anchors = torch.arange(len(idx), device=z.device)
     partner = (idx + batch) % n
-    pos = sim[idx, partner]
-    keep = torch.ones(n, n, dtype=torch.bool, device=z.device)
-    keep[idx, idx] = False
-    keep[idx, partner] = False
-    neg = sim[keep].view(n, n - 2)
+    pos = sim[anchors, partner]
+    keep = torch.ones(len(idx), n, dtype=torch.bool, device=z.device)
+    keep[anchors, idx] = False
+    keep[anchors, partner] = False
+    neg = sim[keep].view(len(idx), n - 2)
     return pos, neg
 
 
@@ -164,13 +168,17 @@ def ring_logits(
     w_inner: float,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    draw_rows: torch.Tensor | None = None,
+    draw_total: int | None = None,
 ) -> torch.Tensor:
     """Select the ring from negative logits ``(B, K)``.
 
     MoCo flavour (``num_samples=None``): ``(B, M)`` logits, ``M >= ring size``, in which every entry
     outside the ring is ``-inf`` (each row holds exactly ``outer - inner`` finite entries, in no
     particular order; a logsumexp over the row is the logsumexp over the ring). IR flavour:
-    ``(B, num_samples)`` ring members drawn uniformly with replacement, from ``generator``.
+    ``(B, num_samples)`` ring members drawn uniformly with replacement, from ``generator``; with
+    ``draw_rows``, the draws are rows ``draw_rows`` of those for ``draw_total`` anchors (one process's
+    share of a global batch: the draws do not depend on the number of processes).
 
     No row is sorted: the rank thresholds are selected with two partial selections (``topk``,
     unsorted) on a small candidate set -- drop all but the ``outer`` largest, then the ``inner``
@@ -190,7 +198,12 @@ def ring_logits(
         return cand.masked_fill(drop, -math.inf)
     ring = cand[~drop].view(len(cand), outer - inner)
     device = generator.device if generator is not None else ring.device
-    picks = torch.randint(0, outer - inner, (ring.shape[0], num_samples), generator=generator, device=device)
+    total = ring.shape[0] if draw_rows is None else draw_total
+    if total is None:
+        raise ValueError("draw_rows needs draw_total")
+    picks = torch.randint(0, outer - inner, (total, num_samples), generator=generator, device=device)
+    if draw_rows is not None:
+        picks = picks[draw_rows.to(device)]
     return ring.gather(1, picks.to(ring.device))
 
 
@@ -203,21 +216,26 @@ def ring_loss(
     w_inner: float = 0.1,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    draw_rows: torch.Tensor | None = None,
+    draw_total: int | None = None,
 ) -> torch.Tensor:
     """Conditional negative sampling (Wu et al., ICLR 2021, "ring" / CNCE).
 
     Negatives are ranked by similarity to the anchor ``q``; those of rank in
     ``[floor(w_inner * outer), outer)``, ``outer = floor(w_outer * K)``, form the ring. MoCo flavour
     (``num_samples=None``): the partition is the whole ring; IR flavour: ``num_samples`` draws from
-    the ring with replacement. ``loss = -mean(pos - logsumexp([pos, ring]))``.
+    the ring with replacement (``draw_rows``/``draw_total``: see :func:`ring_logits`).
+    ``loss = -mean(pos - logsumexp([pos, ring]))``.
     """
     pos, neg = pair_logits(q, k, negatives, t)
-    return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator))
+    ring = ring_logits(neg, w_outer, w_inner, num_samples, generator, draw_rows, draw_total)
+    return contrastive_from_logits(pos, ring)
 
 
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5) -> torch.Tensor:
-    """SimCLR's NT-Xent over the ``2B`` anchors of a batch (Chen et al. 2020, eq. 1)."""
-    pos, neg = in_batch_logits(z1, z2, t)
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """SimCLR's NT-Xent over the ``2B`` anchors of a batch (Chen et al. 2020, eq. 1); ``rows``: only
+    those anchors (see :func:`in_batch_logits`)."""
+    pos, neg = in_batch_logits(z1, z2, t, rows)
     return contrastive_from_logits(pos, neg)
 
 
@@ -229,10 +247,13 @@ def in_batch_ring_loss(
     w_inner: float = 0.1,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The ring over SimCLR's in-batch negatives (each anchor ranks its own ``2B - 2`` negatives)."""
-    pos, neg = in_batch_logits(z1, z2, t)
-    return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator))
+    """The ring over SimCLR's in-batch negatives (each anchor ranks its own ``2B - 2`` negatives);
+    ``rows``: only those anchors, with the draws they get in the whole batch."""
+    pos, neg = in_batch_logits(z1, z2, t, rows)
+    ring = ring_logits(neg, w_outer, w_inner, num_samples, generator, rows, 2 * z1.shape[0])
+    return contrastive_from_logits(pos, ring)
 
 
 def _log_sub_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -248,6 +269,7 @@ def hcl_loss(
     tau_plus: float = 0.1,
     beta: float = 1.0,
     estimator: str = "hard",
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hard negative sampling (Robinson et al., ICLR 2021, eq. 6 / their reference loss), in log space.
 
@@ -255,12 +277,13 @@ def hcl_loss(
     ``imp = exp(beta * s_neg / t)``, ``reweight = sum(imp * exp(s_neg / t)) / mean(imp)``,
     ``Ng = max((-tau_plus * N * exp(s_pos / t) + reweight) / (1 - tau_plus), N * exp(-1 / t))``,
     ``loss = -log(exp(s_pos / t) / (exp(s_pos / t) + Ng))``. ``estimator="easy"``: ``Ng = sum(exp(s_neg / t))``.
+    ``rows``: only those anchors (see :func:`in_batch_logits`).
     """
     if estimator not in HCL_ESTIMATORS:
         raise UserError(f"unknown HCL estimator {estimator!r}; expected one of {list(HCL_ESTIMATORS)}")
     if not 0 <= tau_plus < 1:
         raise UserError(f"tau_plus must be in [0, 1), got {tau_plus}")
-    pos, neg = in_batch_logits(z1, z2, t)
+    pos, neg = in_batch_logits(z1, z2, t, rows)
     n = neg.shape[1]
     if estimator == "easy":
         log_ng = torch.logsumexp(neg, dim=1)
@@ -273,9 +296,11 @@ def hcl_loss(
     return -(pos - torch.logaddexp(pos, log_ng)).mean()
 
 
-def dcl_loss(z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5, tau_plus: float = 0.1) -> torch.Tensor:
+def dcl_loss(
+    z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5, tau_plus: float = 0.1, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Debiased contrastive loss (Chuang et al., NeurIPS 2020): :func:`hcl_loss` with ``beta = 0``."""
-    return hcl_loss(z1, z2, t=t, tau_plus=tau_plus, beta=0.0, estimator="hard")
+    return hcl_loss(z1, z2, t=t, tau_plus=tau_plus, beta=0.0, estimator="hard", rows=rows)
 
 
 # ---------------------------------------------------------------------------------------------
