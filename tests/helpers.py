@@ -70,13 +70,20 @@ def run_processes(fn, world: int, *args) -> None:
     port), so that code joining a process group from the environment runs as under torchrun, without it.
 
     Forked, not spawned: the workers start with torch and the test module already imported (seconds
-    less). An exception in a worker is raised here.
+    less). An exception in a worker is raised here; a port taken by another program between its choice
+    and the rendezvous (the machine is shared) is retried with another.
     """
     import torch.multiprocessing as mp
 
-    mp.start_processes(
-        _process_entry, args=(fn, world, free_port(), args), nprocs=world, join=True, start_method="fork"
-    )
+    for attempt in range(3):
+        try:
+            mp.start_processes(
+                _process_entry, args=(fn, world, free_port(), args), nprocs=world, join=True, start_method="fork"
+            )
+            return
+        except mp.ProcessRaisedException as error:
+            if "address already in use" not in str(error).lower() or attempt == 2:
+                raise
 
 
 def _process_entry(rank: int, fn, world: int, port: int, args: tuple) -> None:

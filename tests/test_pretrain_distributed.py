@@ -100,8 +100,29 @@ def _primitives_worker(rank: int, world: int, folder: str) -> None:
     moco.set_epoch(0)
     moco.training_step([v[rank * b : (rank + 1) * b] for v in views], torch.arange(b) + rank * b)
     out["queue"], out["queue_ptr"] = moco.queue.clone(), int(moco.queue_ptr)
+    # a loss that is not finite on process 1 only: no process steps, both see it
+    torch.manual_seed(0)
+    tiny = _NanOnRank1()
+    model = trainer.wrap_for_processes(tiny, CPU)
+    optimizer = torch.optim.SGD(tiny.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    before = tiny.linear.weight.detach().clone()
+    value, _ = trainer.optimisation_step(model, optimizer, scaler, [torch.ones(2, 3)], torch.arange(2), {}, CPU, False)
+    out["nan_value"], out["nan_stepped"] = value, not torch.equal(before, tiny.linear.weight)
     torch.save(out, Path(folder) / f"rank{rank}.pt")
     dist.leave()
+
+
+class _NanOnRank1(torch.nn.Module):
+    sync_batchnorm = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+
+    def forward(self, views, index):
+        loss = self.linear(views[0]).mean() * (float("nan") if dist.rank() == 1 else 1.0)
+        return loss, {"loss": float(loss.detach())}
 
 
 def _check_primitives(tmp_path: Path) -> None:
@@ -116,6 +137,7 @@ def _check_primitives(tmp_path: Path) -> None:
         assert torch.equal(got[r]["gathered_plain"], torch.tensor([0.0, 0.0, 1.0, 1.0]))
         assert got[r]["mean"] == {"a": 0.5, "b": 2.0}
         assert torch.equal(got[r]["bn_mean"], torch.ones(4)) and got[r]["bn_other"].item() == r
+        assert got[r]["nan_value"] != got[r]["nan_value"] and not got[r]["nan_stepped"]  # NaN, no step
     # the bank: the one-process update on the whole batch, identical everywhere
     bank = MemoryBank(DATASET, 8, momentum=0.5, seed=3)
     z = torch.cat([torch.randn(2, 8, generator=torch.Generator().manual_seed(r)) for r in range(2)])
