@@ -251,6 +251,26 @@ def test_two_processes_step_as_one_on_the_global_batch(tmp_path: Path):
     _check_equal(tmp_path, cases, 3)
 
 
+def test_in_batch_losses_on_one_process_share_of_the_anchors():
+    """The loss pieces a process computes for its anchors (``rows``) are those rows of the whole
+    batch's: logits, the ring's drawn negatives, and the losses (their mean over the shares)."""
+    from pretrain import losses
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    shares = [torch.tensor([0, 1, 2, 6, 7, 8]), torch.tensor([3, 4, 5, 9, 10, 11])]  # 2 processes, B = 6
+    pos, neg = losses.in_batch_logits(z1, z2, 0.5)
+    drawn = losses.ring_logits(neg, 0.5, 0.25, 3, torch.Generator().manual_seed(1))
+    for rows in shares:
+        pos_r, neg_r = losses.in_batch_logits(z1, z2, 0.5, rows)
+        assert torch.allclose(pos_r, pos[rows]) and torch.allclose(neg_r, neg[rows])
+        part = losses.ring_logits(neg_r, 0.5, 0.25, 3, torch.Generator().manual_seed(1), rows, 12)
+        assert torch.equal(part, drawn[rows])
+    for loss in (losses.nt_xent_loss, losses.hcl_loss, losses.dcl_loss):
+        halves = [loss(z1, z2, t=0.5, rows=rows) for rows in shares]
+        assert torch.allclose(sum(halves) / 2, loss(z1, z2, t=0.5), atol=1e-6), loss.__name__
+
+
 # -- the data ---------------------------------------------------------------------------------------
 
 
