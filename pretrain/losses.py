@@ -132,11 +132,14 @@ def contrastive_from_logits(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tenso
     return -(pos - torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1)).mean()
 
 
-def in_batch_logits(z1: torch.Tensor, z2: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+def in_batch_logits(
+    z1: torch.Tensor, z2: torch.Tensor, t: float, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SimCLR logits for the ``2B`` anchors of two views: positives ``(2B,)``, negatives ``(2B, 2B-2)``.
 
     Anchor ``i`` of view 1 has positive ``i`` of view 2 (and vice versa); the negatives are the other
-    ``2B - 2`` embeddings of the batch, in batch order.
+    ``2B - 2`` embeddings of the batch, in batch order. ``rows`` (indices into the ``2B`` anchors,
+    view 1 first) keeps only those anchors: one process's share of a batch gathered from several.
     """
     check_temperature(t)
     if z1.shape != z2.shape or z1.dim() != 2:
@@ -145,15 +148,16 @@ def in_batch_logits(z1: torch.Tensor, z2: torch.Tensor, t: float) -> tuple[torch
     if batch < 2:
         raise UserError("in-batch negatives need a batch of at least 2 images")
     z = _normalise(torch.cat([z1, z2], dim=0))
-    sim = z @ z.t() / t
     n = 2 * batch
-    idx = torch.arange(n, device=z.device)
+    idx = torch.arange(n, device=z.device) if rows is None else rows.to(z.device)
+    sim = z[idx] @ z.t() / t
+    anchors = torch.arange(len(idx), device=z.device)
     partner = (idx + batch) % n
-    pos = sim[idx, partner]
-    keep = torch.ones(n, n, dtype=torch.bool, device=z.device)
-    keep[idx, idx] = False
-    keep[idx, partner] = False
-    neg = sim[keep].view(n, n - 2)
+    pos = sim[anchors, partner]
+    keep = torch.ones(len(idx), n, dtype=torch.bool, device=z.device)
+    keep[anchors, idx] = False
+    keep[anchors, partner] = False
+    neg = sim[keep].view(len(idx), n - 2)
     return pos, neg
 
 
@@ -254,10 +258,25 @@ def _ring_members(neg: torch.Tensor, inner: int, outer: int) -> tuple[torch.Tens
     return _ring_members_torch(neg, inner, outer)
 
 
-def _draw(size: int, rows: int, num_samples: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """``(rows, num_samples)`` ring positions drawn uniformly with replacement from ``generator``."""
+def _draw(
+    size: int,
+    rows: int,
+    num_samples: int,
+    generator: torch.Generator | None,
+    device,
+    draw_rows: torch.Tensor | None = None,
+    draw_total: int | None = None,
+) -> torch.Tensor:
+    """``(rows, num_samples)`` ring positions drawn uniformly with replacement from ``generator``; with
+    ``draw_rows``, rows ``draw_rows`` of the draws made for ``draw_total`` anchors (one process's share
+    of a global batch: the draws do not depend on the number of processes)."""
     where = generator.device if generator is not None else device
-    return torch.randint(0, size, (rows, num_samples), generator=generator, device=where).to(device)
+    if draw_rows is None:
+        return torch.randint(0, size, (rows, num_samples), generator=generator, device=where).to(device)
+    if draw_total is None:
+        raise ValueError("draw_rows needs draw_total")
+    picks = torch.randint(0, size, (draw_total, num_samples), generator=generator, device=where)
+    return picks[draw_rows.to(where)].to(device)
 
 
 def ring_logits(
@@ -267,18 +286,22 @@ def ring_logits(
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
     rounding: str = "eps",
+    draw_rows: torch.Tensor | None = None,
+    draw_total: int | None = None,
 ) -> torch.Tensor:
     """Select the ring from negative logits ``(B, K)`` (bounds by :func:`ring_bounds` with ``rounding``).
 
     MoCo flavour (``num_samples=None``): the ``(B, outer - inner)`` ring logits of each row, in column
     order. IR flavour: ``(B, num_samples)`` ring members drawn uniformly with replacement, from
-    ``generator``. Differentiable with respect to ``neg``.
+    ``generator`` (``draw_rows``/``draw_total``: one process's rows of a global batch's draws, see
+    :func:`_draw`). Differentiable with respect to ``neg``.
     """
     check_ring(w_outer, w_inner, num_samples)
     inner, outer = ring_bounds(neg.shape[1], w_outer, w_inner, rounding)
     cols = _ring_members(neg.detach(), inner, outer)[1]
     if num_samples is not None:
-        cols = cols.gather(1, _draw(outer - inner, len(neg), num_samples, generator, neg.device))
+        picks = _draw(outer - inner, len(neg), num_samples, generator, neg.device, draw_rows, draw_total)
+        cols = cols.gather(1, picks)
     return neg.gather(1, cols)
 
 
@@ -289,10 +312,10 @@ class _RingPartition(torch.autograd.Function):
     (one matrix product for the anchors, one for the negatives if they need a gradient)."""
 
     @staticmethod
-    def forward(ctx, pos, scaled, negatives, inner, outer, num_samples, generator):
+    def forward(ctx, pos, scaled, negatives, inner, outer, num_samples, generator, draw_rows, draw_total):
         values, cols = _ring_members(scaled @ negatives.t(), inner, outer)
         if num_samples is not None:
-            picks = _draw(outer - inner, len(scaled), num_samples, generator, scaled.device)
+            picks = _draw(outer - inner, len(scaled), num_samples, generator, scaled.device, draw_rows, draw_total)
             values, cols = values.gather(1, picks), cols.gather(1, picks)
         lse = torch.logsumexp(torch.cat([pos[:, None], values], dim=1), dim=1)
         ctx.save_for_backward(pos, scaled, negatives, values, cols, lse)
@@ -306,7 +329,7 @@ class _RingPartition(torch.autograd.Function):
         dense.scatter_add_(1, cols, weights)  # IR draws may repeat a member
         grad_scaled = dense @ negatives if ctx.needs_input_grad[1] else None
         grad_negatives = dense.t() @ scaled if ctx.needs_input_grad[2] else None
-        return grad * torch.exp(pos - lse), grad_scaled, grad_negatives, None, None, None, None
+        return grad * torch.exp(pos - lse), grad_scaled, grad_negatives, None, None, None, None, None, None
 
 
 @full_precision
@@ -320,28 +343,33 @@ def ring_loss(
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
     rounding: str = "eps",
+    draw_rows: torch.Tensor | None = None,
+    draw_total: int | None = None,
 ) -> torch.Tensor:
     """Conditional negative sampling (Wu et al., ICLR 2021, "ring" / CNCE).
 
     Negatives are ranked by similarity to the anchor ``q``; those of rank in
     ``[floor(w_inner * outer), outer)``, ``outer = floor(w_outer * K)``, form the ring. MoCo flavour
     (``num_samples=None``): the partition is the whole ring; IR flavour: ``num_samples`` draws from
-    the ring with replacement. ``loss = -mean(pos - logsumexp([pos, ring]))``.
+    the ring with replacement (``draw_rows``/``draw_total``: see :func:`_draw`).
+    ``loss = -mean(pos - logsumexp([pos, ring]))``.
     """
     if negatives.dim() != 2:  # per-anchor negatives (B, K, D)
         pos, neg = pair_logits(q, k, negatives, t)
-        return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator, rounding))
+        ring = ring_logits(neg, w_outer, w_inner, num_samples, generator, rounding, draw_rows, draw_total)
+        return contrastive_from_logits(pos, ring)
     check_ring(w_outer, w_inner, num_samples)
     inner, outer = ring_bounds(negatives.shape[0], w_outer, w_inner, rounding)
     pos, scaled, negatives = _pair_parts(q, k, negatives, t)
-    lse = _RingPartition.apply(pos, scaled, negatives, inner, outer, num_samples, generator)
+    lse = _RingPartition.apply(pos, scaled, negatives, inner, outer, num_samples, generator, draw_rows, draw_total)
     return -(pos - lse).mean()
 
 
 @full_precision
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5) -> torch.Tensor:
-    """SimCLR's NT-Xent over the ``2B`` anchors of a batch (Chen et al. 2020, eq. 1)."""
-    pos, neg = in_batch_logits(z1, z2, t)
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """SimCLR's NT-Xent over the ``2B`` anchors of a batch (Chen et al. 2020, eq. 1); ``rows``: only
+    those anchors (see :func:`in_batch_logits`)."""
+    pos, neg = in_batch_logits(z1, z2, t, rows)
     return contrastive_from_logits(pos, neg)
 
 
@@ -355,10 +383,13 @@ def in_batch_ring_loss(
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
     rounding: str = "eps",
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The ring over SimCLR's in-batch negatives (each anchor ranks its own ``2B - 2`` negatives)."""
-    pos, neg = in_batch_logits(z1, z2, t)
-    return contrastive_from_logits(pos, ring_logits(neg, w_outer, w_inner, num_samples, generator, rounding))
+    """The ring over SimCLR's in-batch negatives (each anchor ranks its own ``2B - 2`` negatives);
+    ``rows``: only those anchors, with the draws they get in the whole batch."""
+    pos, neg = in_batch_logits(z1, z2, t, rows)
+    ring = ring_logits(neg, w_outer, w_inner, num_samples, generator, rounding, rows, 2 * z1.shape[0])
+    return contrastive_from_logits(pos, ring)
 
 
 def _log_sub_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -375,6 +406,7 @@ def hcl_loss(
     tau_plus: float = 0.1,
     beta: float = 1.0,
     estimator: str = "hard",
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hard negative sampling (Robinson et al., ICLR 2021, eq. 6 / their reference loss), in log space.
 
@@ -387,7 +419,7 @@ def hcl_loss(
         raise UserError(f"unknown HCL estimator {estimator!r}; expected one of {list(HCL_ESTIMATORS)}")
     if not 0 <= tau_plus < 1:
         raise UserError(f"tau_plus must be in [0, 1), got {tau_plus}")
-    pos, neg = in_batch_logits(z1, z2, t)
+    pos, neg = in_batch_logits(z1, z2, t, rows)
     n = neg.shape[1]
     if estimator == "easy":
         log_ng = torch.logsumexp(neg, dim=1)
@@ -401,9 +433,11 @@ def hcl_loss(
 
 
 @full_precision
-def dcl_loss(z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5, tau_plus: float = 0.1) -> torch.Tensor:
+def dcl_loss(
+    z1: torch.Tensor, z2: torch.Tensor, t: float = 0.5, tau_plus: float = 0.1, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Debiased contrastive loss (Chuang et al., NeurIPS 2020): :func:`hcl_loss` with ``beta = 0``."""
-    return hcl_loss(z1, z2, t=t, tau_plus=tau_plus, beta=0.0, estimator="hard")
+    return hcl_loss(z1, z2, t=t, tau_plus=tau_plus, beta=0.0, estimator="hard", rows=rows)
 
 
 # ---------------------------------------------------------------------------------------------

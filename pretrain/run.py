@@ -4,7 +4,8 @@ Examples::
 
     python pretrain/run.py --config moco_ring --data synthetic --profile demo --out ring_moco.pth
     python pretrain/run.py --config moco_ring --data cifar10 --data-root ~/data --out ring_moco.pth
-    torchrun --nproc_per_node 8 pretrain/run.py --config moco --data imagefolder --data-root /imagenet
+    torchrun --nproc_per_node 8 pretrain/run.py --config moco --data imagefolder --data-root /imagenet --device cuda
+    torchrun --nproc_per_node 2 pretrain/run.py --config moco_ring --profile demo   # 2 CPU processes (gloo)
 
 Shipped configs (configs/pretrain/): ir, ir_ring, moco, moco_ring, cmc, cmc_ring, simclr,
 simclr_ring, simclr_hcl, simclr_dcl -- each paper's hyper-parameters, on the embedded synthetic
@@ -15,6 +16,9 @@ Settings come from the YAML config, then ``--profile``, then the flags, then ``k
 overrides (e.g. ``loss.w_outer=0.05 train.seed=1``); an unknown key is an error. A work folder
 keeps ``checkpoint.pth`` (written every epoch; a rerun with the same config resumes from it) and
 ``log.jsonl``.
+
+Under torchrun (NCCL on CUDA, gloo on CPU) ``--batch-size`` is the global batch, split evenly over the
+processes; process 0 writes the log, the checkpoints and the card.
 """
 
 from __future__ import annotations

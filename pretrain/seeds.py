@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 AUGMENT = 0  # (epoch, rank): random augmentations in the main process of one rank
-ORDER = 1  # (epoch,): the order of the epoch's samples and the data workers' seeds
+ORDER = 1  # (): the sampler's seed; DistributedSampler shuffles with seed + epoch
 METHOD = 2  # (epoch,): a method's own draws (negatives from a memory bank), the same on every rank
+WORKERS = 3  # (epoch, rank): the base seed of one rank's data-loader workers (their augmentations)
 
 
 def stream_seed(seed: int, stream: int, *coords: int) -> int:

@@ -9,7 +9,11 @@
 * One process per work folder: the main process holds an ``fcntl`` lock on ``WORKDIR/.lock``.
 * The kNN monitor (k=200, temperature-weighted) runs on a held-out split after each epoch.
 * AMP and channels-last are used on CUDA only.
-* Under ``torchrun`` it runs DDP (NCCL on CUDA, gloo on CPU); process 0 writes files.
+* Under ``torchrun`` it runs DDP (NCCL on CUDA, gloo on CPU). ``train.batch_size`` is the global
+  batch; a ``DistributedSampler`` (also in one process) deals each epoch's shuffled order to the
+  processes without overlap, so step ``s`` trains on the same images for any number of processes
+  (the tail that does not fill a global batch is dropped). Process 0 writes the log, checkpoints
+  and the card (atomically) while the others wait; the logged values are means over processes.
 * A non-finite loss stops the run with a clear message; the last good checkpoint is kept.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -292,10 +297,10 @@ def train(
     with folder_lock(workdir, "--workdir") if main_process else contextlib.nullcontext():
         if main_process:
             remove_stale_temps(workdir)  # temporary checkpoints of killed runs
-        return _train(cfg, out, workdir, device, fresh, progress)
+        return _train_in_process_group(cfg, out, workdir, device, fresh, progress)
 
 
-def _train(
+def _train_in_process_group(
     cfg: Mapping[str, Any],
     out: str | Path | None,
     workdir: str | Path,
@@ -303,13 +308,66 @@ def _train(
     fresh: bool = False,
     progress: bool = True,
 ) -> TrainResult:
+    """Join the process group torchrun describes (if any), train, and leave it whatever happens."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    dist.init_from_env(device)
     if device.type == "cuda" and dist.launched_by_torchrun():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    dist.init_from_env(device)
+    try:
+        return _train(cfg, out, Path(workdir), device, fresh, progress)
+    finally:
+        dist.leave()
+
+
+def wrap_for_processes(method: Method, device: torch.device) -> torch.nn.Module:
+    """The module the loop calls: ``method`` itself in one process, else DDP around it (SyncBN first
+    for methods that want global batch statistics, on CUDA). Buffers are not broadcast at each step
+    (queues and banks stay identical by their gathered updates; BN statistics are shared per epoch)."""
+    if dist.world_size() == 1:
+        return method
+    if method.sync_batchnorm and device.type == "cuda":
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    elif method.sync_batchnorm and dist.is_main():
+        log.warning("%s: batch norm is per process on CPU (PyTorch has no CPU SyncBatchNorm)", method.name)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # no buffer sync at each forward (the name changed in recent PyTorch; both still sync at init)
+    no_sync = (
+        "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    )
+    device_ids = [device.index] if device.type == "cuda" else None  # CPU: no device_ids
+    options: dict[str, Any] = {no_sync: False}
+    return ddp(method, device_ids=device_ids, **options)
+
+
+def optimisation_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    views: list[torch.Tensor],
+    index: torch.Tensor,
+    cfg: Mapping[str, Any],
+    device: torch.device,
+    use_amp: bool,
+) -> tuple[float, dict[str, float]]:
+    """One step: ``(loss, logs)``, both means over the processes. A loss that is not finite on some
+    process is stepped on none (they all see the same mean, and stop together)."""
+    loss, logs = _forward(model, views, index, cfg, device, use_amp)
+    logs = dist.mean_over_processes({**logs, "_loss": float(loss.detach())})
+    value = logs.pop("_loss")
+    if math.isfinite(value):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return value, logs
+
+
+def _train(
+    cfg: Mapping[str, Any], out: str | Path | None, workdir: Path, device: torch.device, fresh: bool, progress: bool
+) -> TrainResult:
     world, rank = dist.world_size(), dist.rank()
     tc = cfg["train"]
     if tc["batch_size"] % world:
@@ -331,7 +389,6 @@ def _train(
     use_amp = _use_cuda_extras(cfg, device, "amp")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    workdir = Path(workdir)
     ckpt_path, log_path = workdir / CHECKPOINT_NAME, workdir / LOG_NAME
     if dist.is_main():
         workdir.mkdir(parents=True, exist_ok=True)
@@ -354,11 +411,7 @@ def _train(
                 save_checkpoint(ckpt_path, _checkpoint(cfg, start_epoch, method, optimizer, scaler, history))
             rebuild_log(log_path, history)
 
-    model: torch.nn.Module = method
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
+    model = wrap_for_processes(method, device)
 
     epochs, last_good = tc["epochs"], start_epoch
     for epoch in range(start_epoch, epochs):
@@ -375,21 +428,17 @@ def _train(
         for step, (batch_views, index) in enumerate(loader):
             if step >= steps:
                 break
-            loss, logs = _forward(model, batch_views, index, cfg, device, use_amp)
-            if not torch.isfinite(loss):
+            value, logs = optimisation_step(model, optimizer, scaler, batch_views, index, cfg, device, use_amp)
+            if not math.isfinite(value):
                 kept = (
                     f"the last good checkpoint {ckpt_path} (after epoch {last_good}) is kept"
                     if last_good
                     else "no checkpoint had been written yet"
                 )
                 raise TrainingDiverged(
-                    f"loss became {loss.detach().item()} at epoch {epoch + 1}, step {step + 1}: training diverged; "
+                    f"loss became {value} at epoch {epoch + 1}, step {step + 1}: training diverged; "
                     f"{kept}. Lower optim.lr or turn off train.amp, then rerun to resume"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
             seen += len(index) * world
             loss_sum += logs["loss"]
             rate = seen / max(time.perf_counter() - started, 1e-9)
@@ -408,8 +457,7 @@ def _train(
                     },
                 )
         bar.close()
-        if world > 1:
-            dist.broadcast_buffers_(method)  # BN statistics of process 0 everywhere
+        dist.broadcast_batchnorm_stats_(method)  # process 0's BN statistics everywhere
         record = {
             "epoch": epoch + 1,
             "loss": loss_sum / max(steps, 1),
@@ -455,18 +503,24 @@ def _forward(
 def _epoch_loader(
     dataset: Dataset, cfg: Mapping[str, Any], batch: int, epoch: int, world: int, rank: int
 ) -> DataLoader:
-    """This epoch's batches: order and worker seeds are a function of (seed, epoch)."""
+    """This process's batches of ``batch`` images in this epoch.
+
+    The order is a function of (seed, epoch): ``DistributedSampler`` shuffles the whole set and deals
+    position ``p`` to process ``p % world``, so global step ``s`` holds positions ``[s*B, (s+1)*B)``
+    of the order for any ``world`` (``B = world * batch``). ``drop_last`` on the sampler drops at most
+    ``world - 1`` images (no process repeats one to even out), on the loader the images that do not fill
+    a batch: ``floor(N / B)`` steps either way. Data workers are seeded per (epoch, rank).
+    """
     seed = cfg["train"]["seed"]
-    generator = torch.Generator().manual_seed(seeds.stream_seed(seed, seeds.ORDER, epoch))
-    sampler: torch.utils.data.DistributedSampler | None = None
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
+    sampler: torch.utils.data.DistributedSampler[int] = torch.utils.data.DistributedSampler(
+        dataset, world, rank, shuffle=True, seed=seeds.stream_seed(seed, seeds.ORDER), drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(seeds.stream_seed(seed, seeds.WORKERS, epoch, rank))
     workers = cfg["data"]["workers"]
     return DataLoader(
         dataset,
         batch_size=batch,
-        shuffle=sampler is None,
         sampler=sampler,
         generator=generator,
         num_workers=workers,

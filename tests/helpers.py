@@ -53,3 +53,44 @@ def write_card(path: Path, arch: str = "resnet18", stem: str = "cifar", seed: in
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python <args>`` from the repository root, as a user would."""
     return subprocess.run([sys.executable, *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(fn, world: int, *args) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes given the environment torchrun gives its
+    workers (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` on a free local
+    port), so that code joining a process group from the environment runs as under torchrun, without it.
+
+    Forked, not spawned: the workers start with torch and the test module already imported (seconds
+    less). An exception in a worker is raised here; a port taken by another program between its choice
+    and the rendezvous (the machine is shared) is retried with another.
+    """
+    import torch.multiprocessing as mp
+
+    for attempt in range(3):
+        try:
+            mp.start_processes(
+                _process_entry, args=(fn, world, free_port(), args), nprocs=world, join=True, start_method="fork"
+            )
+            return
+        except mp.ProcessRaisedException as error:
+            if "address already in use" not in str(error).lower() or attempt == 2:
+                raise
+
+
+def _process_entry(rank: int, fn, world: int, port: int, args: tuple) -> None:
+    import os
+
+    os.environ.update(
+        WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    fn(rank, world, *args)

@@ -160,12 +160,12 @@ def test_knn_matches_scikit_learn_weighted_vote():
 
 def test_stream_seeds_never_collide():
     # The old scheme seed*1000 + epoch*10 + rank gave (epoch 0, rank 10) the seed of (epoch 1, rank 0).
-    from pretrain.seeds import AUGMENT, METHOD, ORDER, stream_seed
+    from pretrain.seeds import AUGMENT, METHOD, ORDER, WORKERS, stream_seed
 
-    grid = [(s, AUGMENT, e, r) for s in range(3) for e in range(50) for r in range(64)]
-    grid += [(s, k, e) for s in range(3) for k in (ORDER, METHOD) for e in range(50)]
+    grid = [(s, k, e, r) for s in range(3) for k in (AUGMENT, WORKERS) for e in range(50) for r in range(64)]
+    grid += [(s, METHOD, e) for s in range(3) for e in range(50)] + [(s, ORDER) for s in range(3)]
     values = [stream_seed(*coords) for coords in grid]
     assert len(set(values)) == len(values)
     assert all(0 <= v < 2**63 for v in values)
     assert stream_seed(0, AUGMENT, 0, 10) != stream_seed(0, AUGMENT, 1, 0)
-    assert stream_seed(7, ORDER, 3) == stream_seed(7, ORDER, 3)  # a function of its inputs
+    assert stream_seed(7, METHOD, 3) == stream_seed(7, METHOD, 3)  # a function of its inputs

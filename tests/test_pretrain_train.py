@@ -1,16 +1,13 @@
-"""The trainer: card contents, resume after an interruption, NaN handling, DDP on 2 CPU processes,
-and ring-MoCo learning something (kNN above a randomly initialised ResNet-18)."""
+"""The trainer: card contents, resume after an interruption, NaN handling (several processes:
+tests/test_pretrain_distributed.py), and ring-MoCo learning something (kNN above a randomly initialised ResNet-18)."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import pretrain.train as trainer
 from pretrain.config import load_config
@@ -106,40 +103,6 @@ def test_empty_ring_is_refused_before_training(tmp_path: Path):
     with pytest.raises(UserError, match="ring is empty: 8 negatives"):
         trainer.train(tiny_cfg("loss.w_outer=0.1"), tmp_path / "c.pth", tmp_path / "w", progress=False)
     assert not (tmp_path / "w" / "checkpoint.pth").exists()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, cfg: dict, folder: str) -> None:
-    os.environ.update(
-        WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    result = trainer.train(cfg, Path(folder) / "card.pth", Path(folder) / "work", progress=False)
-    torch.save(result.method.state_dict(), Path(folder) / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
-
-
-def test_ddp_two_cpu_processes_end_identical(tmp_path: Path):
-    cfg = tiny_cfg("train.epochs=1", "knn.enabled=false")
-    # fork, not spawn: the workers start with torch and this module already imported (seconds less)
-    mp.start_processes(
-        _ddp_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2, join=True, start_method="fork"
-    )
-    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    card = load_card(tmp_path / "card.pth")
-    assert torch.equal(card.state_dict["conv1.weight"], a["encoder.backbone.conv1.weight"])
-    # a step happened: the weights moved away from the initialisation
-    torch.manual_seed(0)
-    init = build_method(cfg, 16, "cifar").state_dict()
-    assert not torch.equal(init["encoder.backbone.conv1.weight"], a["encoder.backbone.conv1.weight"])
 
 
 def _knn_gain(cfg: dict, tmp_path: Path) -> tuple[float, float]:

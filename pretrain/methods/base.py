@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain import distributed as dist
 from pretrain import losses
 from pretrain.backbones import create_backbone
 from pretrain.seeds import METHOD, stream_seed
@@ -60,6 +61,9 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     views: ClassVar[int] = 2
+    # Batch norm over the whole global batch on several GPUs (SimCLR's "global BN"); MoCo shuffles
+    # instead, and the memory-bank methods have no in-batch negatives.
+    sync_batchnorm: ClassVar[bool] = False
     encoder: Encoder  # set by the single-stream methods
 
     def __init__(
@@ -171,9 +175,12 @@ class Method(nn.Module):
     def contrast(
         self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, num_samples: int | None = None
     ) -> torch.Tensor:
-        """InfoNCE or the ring over a negatives store, as the config says."""
+        """InfoNCE or the ring over a negatives store, as the config says. On several processes the
+        ring's draws for these anchors are their rows of the draws for the global batch (the same
+        generator state everywhere), so they neither repeat across processes nor depend on their number."""
         lc = self.loss_cfg
         if lc["name"] == "ring":
+            world = dist.world_size()
             return losses.ring_loss(
                 q,
                 k,
@@ -184,6 +191,8 @@ class Method(nn.Module):
                 num_samples=num_samples,
                 generator=self.generator,
                 rounding=lc["rounding"],
+                draw_rows=dist.local_rows(len(q)) if world > 1 else None,
+                draw_total=len(q) * world,
             )
         return losses.nce_loss(q, k, negatives, lc["t"])
 
@@ -214,8 +223,7 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, z: torch.Tensor) -> None:
-        from pretrain.distributed import all_gather_cat
-
-        index, z = all_gather_cat(index), all_gather_cat(z.float())
+        """Move the entries of the global batch (gathered from every process) towards its embeddings."""
+        index, z = dist.all_gather_cat(index), dist.all_gather_cat(z.float())
         mixed = self.momentum * self.memory[index] + (1 - self.momentum) * z
         self.memory[index] = F.normalize(mixed, dim=1)

@@ -3,9 +3,11 @@
 A query encoder trained by SGD and a key encoder that follows it by EMA (``m = 0.999``); a
 queue of past keys are the negatives (``K = 65,536``, at most half the dataset); a 2-layer MLP
 head to 128-d. The key encoder sees the batch shuffled so that batch-norm statistics do not leak
-which key belongs to which query: across processes under DDP (gather, shuffle, shard, unshuffle),
-and in one process by splitting the shuffled batch into ``shuffle_groups`` groups that each get
-their own BN statistics (the per-GPU batches of the multi-GPU recipe).
+which key belongs to which query: across processes under DDP as MoCo's code does (gather the
+global batch, permute it with one permutation broadcast from process 0, encode each process's
+shard, gather the keys and undo the permutation), and in one process by splitting the shuffled
+batch into ``shuffle_groups`` groups that each get their own BN statistics (the per-GPU batches of
+the multi-GPU recipe). Every process enqueues the keys of the whole global batch.
 """
 
 from __future__ import annotations
@@ -55,15 +57,23 @@ class MoCo(Method):
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Key embeddings with shuffled batch norm (across processes, or in groups in one)."""
-        if dist.world_size() > 1:
+        """Key embeddings of this process's images ``x``, with shuffled batch norm."""
+        k = self.global_keys(x)
+        start = dist.rank() * len(x)
+        return k[start : start + len(x)]
+
+    @torch.no_grad()
+    def global_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Key embeddings of the global batch (rank order) with shuffled batch norm: across processes
+        (each encodes one shard of the permuted global batch), or in ``shuffle_groups`` groups in one."""
+        world = dist.world_size()
+        if world > 1:
             everything = dist.all_gather_cat(x)
             perm = torch.randperm(len(everything), generator=self.generator).to(x.device)
-            dist.broadcast_(perm)
-            mine = perm.view(dist.world_size(), -1)[dist.rank()]
+            dist.broadcast_(perm)  # process 0's permutation, whatever the generators hold
+            mine = perm.view(world, -1)[dist.rank()]
             k = dist.all_gather_cat(self.key_encoder(everything[mine]))
-            start = dist.rank() * len(x)
-            return k[torch.argsort(perm)][start : start + len(x)]
+            return k[torch.argsort(perm)]
         perm = torch.randperm(len(x), generator=self.generator).to(x.device)
         groups = max(1, min(self.shuffle_groups, len(x) // 2))
         k = torch.cat([self.key_encoder(chunk) for chunk in x[perm].chunk(groups)])
@@ -71,8 +81,8 @@ class MoCo(Method):
 
     @torch.no_grad()
     def enqueue(self, k: torch.Tensor) -> None:
-        """Replace the oldest keys (every process enqueues the keys of the whole global batch)."""
-        k = dist.all_gather_cat(k.float())[-len(self.queue) :]
+        """Replace the oldest keys with ``k``, the keys of the global batch (identical on every process)."""
+        k = k.float()[-len(self.queue) :]
         ptr = int(self.queue_ptr)
         slots = (torch.arange(len(k), device=k.device) + ptr) % len(self.queue)
         self.queue[slots] = k
@@ -82,7 +92,9 @@ class MoCo(Method):
         x_q, x_k = views[0], views[1]
         q = self.encoder(x_q)
         self.momentum_update()
-        k = self.keys(x_k)
+        everyone = self.global_keys(x_k)
+        start = dist.rank() * len(x_k)
+        k = everyone[start : start + len(x_k)]
         loss = self.contrast(q, k, self.queue.clone().detach())
-        self.enqueue(k)
+        self.enqueue(everyone)
         return loss, {"loss": loss.detach().item()}

@@ -4,15 +4,20 @@ negatives (HCL, Robinson et al. 2021) and debiased negatives (DCL, Chuang et al.
 Two views per image through one encoder and a 2-layer MLP head (batch norm after the hidden
 layer, as the HCL reference) to 128-d; each of the ``2B``
 embeddings is an anchor whose positive is its other view and whose negatives are the other
-``2B - 2`` embeddings of the (per-process) batch. HCL's ``beta`` can be annealed to 0 over
-``loss.beta_anneal_epochs``: linearly per epoch, or in ``loss.beta_anneal_steps`` steps as HCL's
-``--anneal down`` does (:func:`hcl_beta`).
+``2B - 2`` embeddings of the global batch: on several processes the embeddings are gathered with
+their gradients and each process computes the loss of its own anchors, so that the step is the
+one-process step on the whole batch (SimCLR's cross-replica negatives). Batch norm is synchronised
+across GPUs (SimCLR's global BN; not on CPU, where PyTorch has no SyncBatchNorm). HCL's ``beta``
+can be annealed to 0 over ``loss.beta_anneal_epochs``: linearly per epoch, or in
+``loss.beta_anneal_steps`` steps as HCL's ``--anneal down`` does (:func:`hcl_beta`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from pretrain import distributed as dist
 from pretrain import losses
 from pretrain.methods.base import Encoder, Method
 
@@ -20,6 +25,7 @@ from pretrain.methods.base import Encoder, Method
 class SimCLR(Method):
     name = "simclr"
     views = 2
+    sync_batchnorm = True
 
     def __init__(self, cfg, dataset_size: int, stem: str, mean=None, std=None) -> None:
         super().__init__(cfg, dataset_size, stem, mean, std)
@@ -28,7 +34,7 @@ class SimCLR(Method):
         self.beta = float(self.loss_cfg["beta"])
 
     def ring_pool_size(self, world_size: int = 1) -> int:
-        return 2 * (self.cfg["train"]["batch_size"] // world_size) - 2
+        return 2 * self.cfg["train"]["batch_size"] - 2  # negatives come from the global batch
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -37,17 +43,31 @@ class SimCLR(Method):
 
     def training_step(self, views, index):
         z1, z2 = self.encoder(views[0]), self.encoder(views[1])
+        rows = None
+        if dist.world_size() > 1:  # this process's anchors against the whole batch
+            local, total = len(z1), len(z1) * dist.world_size()
+            mine = dist.local_rows(local).to(z1.device)
+            rows = torch.cat([mine, mine + total])  # view-1 anchors, then view-2 anchors
+            z1, z2 = dist.all_gather_with_grad(z1), dist.all_gather_with_grad(z2)
         lc = self.loss_cfg
         if lc["name"] == "ring":
             loss = losses.in_batch_ring_loss(
-                z1, z2, lc["t"], self.w_outer, lc["w_inner"], lc["num_samples"], self.generator, lc["rounding"]
+                z1,
+                z2,
+                lc["t"],
+                self.w_outer,
+                lc["w_inner"],
+                lc["num_samples"],
+                self.generator,
+                lc["rounding"],
+                rows,
             )
         elif lc["name"] == "hcl":
-            loss = losses.hcl_loss(z1, z2, lc["t"], lc["tau_plus"], self.beta, lc["estimator"])
+            loss = losses.hcl_loss(z1, z2, lc["t"], lc["tau_plus"], self.beta, lc["estimator"], rows)
         elif lc["name"] == "dcl":
-            loss = losses.dcl_loss(z1, z2, lc["t"], lc["tau_plus"])
+            loss = losses.dcl_loss(z1, z2, lc["t"], lc["tau_plus"], rows)
         else:
-            loss = losses.nt_xent_loss(z1, z2, lc["t"])
+            loss = losses.nt_xent_loss(z1, z2, lc["t"], rows)
         return loss, {"loss": loss.detach().item()}
 
 
