@@ -354,7 +354,7 @@ def test_torchrun_moco_two_processes_to_a_card(tmp_path: Path):
     assert card.meta["method"] == "moco" and card.meta["epochs"] == 2 and card.meta["knn_top1"] is not None
     lines = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert [(line["epoch"], line.get("step")) for line in lines] == [(e, s) for e in (1, 2) for s in (1, 2, None)]
-    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["checkpoint.pth", "log.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [".lock", "checkpoint.pth", "log.jsonl"]
     from transfer.backbones import load_backbone
 
     assert load_backbone(tmp_path / "card.pth").build_model()(torch.zeros(1, 3, 16, 16)).shape == (1, 512)
