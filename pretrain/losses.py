@@ -444,6 +444,13 @@ def dcl_loss(
 # Schedules
 
 
+def _check_schedule(schedule: str, w_outer: float, w_outer_start: float) -> None:
+    if schedule not in RING_SCHEDULES:
+        raise UserError(f"unknown ring schedule {schedule!r}; expected one of {list(RING_SCHEDULES)}")
+    check_ring(w_outer, 0.0)
+    check_ring(w_outer_start, 0.0)
+
+
 def ring_threshold(
     epoch: float,
     schedule: str = "constant",
@@ -458,10 +465,7 @@ def ring_threshold(
     ``linear`` interpolation; ``step``: ``steps`` equal drops, the last one at ``anneal_epochs``;
     ``exponential``: geometric interpolation ``start * (end / start) ** progress``.
     """
-    if schedule not in RING_SCHEDULES:
-        raise UserError(f"unknown ring schedule {schedule!r}; expected one of {list(RING_SCHEDULES)}")
-    check_ring(w_outer, 0.0)
-    check_ring(w_outer_start, 0.0)
+    _check_schedule(schedule, w_outer, w_outer_start)
     if schedule == "constant":
         return float(w_outer)
     if anneal_epochs < 1:
@@ -492,10 +496,7 @@ def official_ring_threshold(
     from the largest, each held ``int(anneal_steps / count)`` iterations; ``exponential``:
     ``(start - end) * exp(-0.1 * step) + end`` (a decay of 0.1 per *iteration*); then ``w_outer``.
     """
-    if schedule not in RING_SCHEDULES:
-        raise UserError(f"unknown ring schedule {schedule!r}; expected one of {list(RING_SCHEDULES)}")
-    check_ring(w_outer, 0.0)
-    check_ring(w_outer_start, 0.0)
+    _check_schedule(schedule, w_outer, w_outer_start)
     if schedule == "constant":
         return float(w_outer)
     if anneal_steps < 1:
