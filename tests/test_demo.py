@@ -147,3 +147,21 @@ def test_shipped_example_plan_lists_its_jobs(tmp_path, capsys):
 def test_sweep_help_by_path():
     out = run_cli("transfer/sweep.py", "--help")
     assert out.returncode == 0 and "--executor" in out.stdout and "--retry-failed" in out.stdout
+
+
+@pytest.mark.heavy
+def test_demo_plan_has_reference_rows_and_seed_replicates(tmp_path):
+    """The main job's table ranks (issue: reference rows and replicates): it has the random and supervised
+    rows, and a ring/plain pair with at least three pretraining seeds each, paired seed by seed."""
+    from pretrain.run import build_parser, resolve_config
+
+    spec = sweep.load_plan(REPO / "configs" / "sweeps" / "demo.yaml")
+    jobs = sweep.expand(spec, sweep.Layout(tmp_path, tmp_path / "results", tmp_path / "sweeps"), "cpu")
+    seeds: dict[tuple[str, str], set[int]] = {}
+    for job in jobs:
+        if job.stage == "pretrain":
+            cfg = resolve_config(build_parser().parse_args(job.argv))
+            seeds.setdefault((cfg["method"], cfg["loss"]["name"]), set()).add(cfg["train"]["seed"])
+    assert ("random", "none") in seeds and ("supervised", "ce") in seeds
+    assert len(seeds[("moco", "nce")]) >= 3 and seeds[("moco", "ring")] == seeds[("moco", "nce")]
+    assert all(s == seeds[("random", "none")] for s in seeds.values())  # every row pairs with the random one
