@@ -19,13 +19,15 @@ from ringbench.config import Layer, check_range, compose, find_config, read_yaml
 from ringbench.errors import UserError
 from ringbench.resnets import TORCHVISION_RESNETS
 
-METHODS = ("ir", "moco", "cmc", "simclr")
-LOSSES = ("nce", "ring", "ntxent", "hcl", "dcl")
+METHODS = ("ir", "moco", "cmc", "simclr", "random", "supervised")
+LOSSES = ("nce", "ring", "ntxent", "hcl", "dcl", "none", "ce")
 METHOD_LOSSES = {
     "ir": ("nce", "ring"),
     "moco": ("nce", "ring"),
     "cmc": ("nce", "ring"),
     "simclr": ("ntxent", "ring", "hcl", "dcl"),
+    "random": ("none",),  # the reference rows: random initialisation, supervised cross-entropy
+    "supervised": ("ce",),
 }
 DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder")
 AUGMENTATIONS = ("mocov2", "ring_official")

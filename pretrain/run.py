@@ -8,7 +8,8 @@ Examples::
     torchrun --nproc_per_node 2 pretrain/run.py --config moco_ring --profile demo   # 2 CPU processes (gloo)
 
 Shipped configs (configs/pretrain/): ir, ir_ring, moco, moco_ring, cmc, cmc_ring, simclr,
-simclr_ring, simclr_hcl, simclr_dcl -- each paper's hyper-parameters, on the embedded synthetic
+simclr_ring, simclr_hcl, simclr_dcl -- each paper's hyper-parameters -- and the reference rows
+random (initial weights, no training) and supervised (cross-entropy on the labels), on the embedded synthetic
 data unless --data says otherwise (CIFAR-10/100 and STL-10 in torchvision's folder layout, or an
 ImageFolder root with train/ and val/; nothing is downloaded).
 

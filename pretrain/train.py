@@ -80,9 +80,12 @@ class DataBundle:
     stem: str
 
 
-def prepare_data(cfg: Mapping[str, Any], views: int) -> DataBundle:
-    """The pretraining set (multi-view MoCo v2 augmentations, with indices) and the kNN splits."""
+def prepare_data(cfg: Mapping[str, Any], views: int, labelled: bool = False) -> DataBundle:
+    """The pretraining set (multi-view MoCo v2 augmentations, with indices) and the kNN splits;
+    ``labelled``: the pretraining set is the labelled training split (STL-10 without its unlabeled images)."""
     train, knn_train, knn_test, spec = open_splits(cfg["data"])
+    if labelled:
+        train = knn_train
     size = int(cfg["data"]["image_size"] or spec.image_size)
     dc = cfg["data"]
     if dc["mean"] is not None or dc["std"] is not None:  # a recipe's own normalisation (the card records it)
@@ -377,11 +380,15 @@ def _train(
     torch.manual_seed(tc["seed"])
     from pretrain.methods import method_classes
 
-    views = method_classes()[cfg["method"]].views
-    data = prepare_data(cfg, views)
-    if len(data.train) < tc["batch_size"]:
+    method_class = method_classes()[cfg["method"]]
+    data = prepare_data(cfg, method_class.views, method_class.labelled)
+    if method_class.trains and len(data.train) < tc["batch_size"]:
         raise UserError(f"dataset has {len(data.train)} images, fewer than train.batch_size={tc['batch_size']}")
-    method = build_method(cfg, len(data.train), data.stem, data.spec.mean, data.spec.std).to(device)
+    method = build_method(cfg, len(data.train), data.stem, data.spec.mean, data.spec.std)
+    if method.labelled:
+        targets = list(cast(Any, data.train.base).targets)  # every dataset reader has targets
+        method.set_labels(targets, max(data.spec.num_classes, max(targets, default=-1) + 1))
+    method = method.to(device)
     method.check_ring(world)
     if _use_cuda_extras(cfg, device, "channels_last"):
         method = method.to(memory_format=torch.channels_last)
@@ -413,7 +420,8 @@ def _train(
 
     model = wrap_for_processes(method, device)
 
-    epochs, last_good = tc["epochs"], start_epoch
+    epochs = tc["epochs"] if method.trains else 0  # the random reference: its card is the initial weights
+    last_good = start_epoch
     for epoch in range(start_epoch, epochs):
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:

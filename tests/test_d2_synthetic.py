@@ -120,3 +120,21 @@ def test_detectron2_registration_and_perfect_predictions_score_100(dataset, tmp_
     results = evaluator.evaluate()
     for kind in ("bbox", "segm", "keypoints"):
         assert results[kind]["AP"] == pytest.approx(100.0, abs=0.5), (kind, results[kind])
+
+
+def test_two_processes_writing_one_dataset_both_get_it(tmp_path, monkeypatch):
+    """Two sweep jobs start together: the one whose rename comes second (onto the other's non-empty
+    folder, ENOTEMPTY on Linux) uses the folder the first one wrote, and leaves no staging copy."""
+    real_rename = synthetic_coco.os.rename
+    other: list = []
+
+    def rename_after_the_other_process(src, dst):
+        if not other:  # the other process finishes its copy just before this one renames
+            monkeypatch.setattr(synthetic_coco.os, "rename", real_rename)
+            other.append(synthetic_coco.write_synthetic_coco(dst, **SMALL))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(synthetic_coco.os, "rename", rename_after_the_other_process)
+    root = synthetic_coco.ensure_synthetic_coco(tmp_path, **SMALL)
+    assert other == [root] and synthetic_coco.annotation_path(root, "val").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]

@@ -189,3 +189,28 @@ def test_run_cli_appends_a_record(card, tmp_path, capsys):
     code = run_main(run_transfer, [*common, "--seeds", "0"])  # a new config: validated before anything runs
     err = capsys.readouterr().err
     assert code == 2 and "--seeds must be at least 1" in err and "Traceback" not in err
+
+
+def test_frozen_backbone_keeps_the_cards_weights_and_statistics(card, tmp_path):
+    """``--freeze-at 5`` (frozen-feature detection): the whole ResNet, CIFAR stem included, ends training
+    with the card's weights and BN statistics while the FPN and heads learn; 0 is not in the config."""
+    pytest.importorskip("detectron2")
+    import torch
+
+    from transfer.d2 import convert
+
+    task = get_task("syn_det")
+    assert "freeze_at" not in task.make_config(_args(*TINY))  # records made before the flag keep their identity
+    config = task.make_config(_args(*TINY, "--freeze-at", "5"))
+    assert config["freeze_at"] == 5
+    backbone = _backbone(card)
+    with pytest.raises(UserError, match="--freeze-at must be 0-5"):
+        task.validate(backbone, {**config, "freeze_at": 6})
+    ctx = TaskContext(output_dir=tmp_path / "out", device="cpu", cache_dir=tmp_path / "cache")
+    task.run(backbone, config, ctx)
+    final = torch.load(ctx.output_dir / "seed0" / "model_final.pth", weights_only=True)["model"]
+    initial = convert.torchvision_to_detectron2(backbone.state_dict)
+    resnet = {k: v for k, v in initial.items() if not k.endswith("num_batches_tracked")}
+    assert all(torch.equal(final[f"backbone.bottom_up.{k}"], v) for k, v in resnet.items())
+    heads = [k for k in final if k.startswith("backbone.fpn_lateral") and k.endswith("weight")]
+    assert heads  # the FPN is trained (its weights are not the card's: it has none)

@@ -125,7 +125,7 @@ def test_shipped_demo_plans_resolve(plan, tmp_path):
     layout = sweep.Layout(tmp_path, tmp_path / "results", tmp_path / "sweeps" / plan.stem)
     jobs = sweep.expand(spec, layout, "cpu")
     pretrain = [j for j in jobs if j.stage == "pretrain"]
-    assert len(pretrain) == len(spec["backbones"]) >= 2
+    assert len(pretrain) == sum(len(b["seeds"] or [None]) for b in spec["backbones"]) >= 2
     from pretrain.run import build_parser, resolve_config
 
     for job in pretrain:  # the pretraining command each job runs resolves to a config on the embedded data
@@ -147,3 +147,22 @@ def test_shipped_example_plan_lists_its_jobs(tmp_path, capsys):
 def test_sweep_help_by_path():
     out = run_cli("transfer/sweep.py", "--help")
     assert out.returncode == 0 and "--executor" in out.stdout and "--retry-failed" in out.stdout
+
+
+@pytest.mark.heavy
+def test_demo_plan_has_reference_rows_and_seed_replicates(tmp_path):
+    """The main job's table ranks: it has the random and supervised rows, a ring/plain pair with at least
+    three pretraining seeds each, paired seed by seed, and a random row of its own seeds (compared unpaired)."""
+    from pretrain.run import build_parser, resolve_config
+
+    spec = sweep.load_plan(REPO / "configs" / "sweeps" / "demo.yaml")
+    jobs = sweep.expand(spec, sweep.Layout(tmp_path, tmp_path / "results", tmp_path / "sweeps"), "cpu")
+    seeds: dict[tuple[str, str], set[int]] = {}
+    for job in jobs:
+        if job.stage == "pretrain":
+            cfg = resolve_config(build_parser().parse_args(job.argv))
+            seeds.setdefault((cfg["method"], cfg["loss"]["name"]), set()).add(cfg["train"]["seed"])
+    assert ("random", "none") in seeds and ("supervised", "ce") in seeds
+    assert len(seeds[("moco", "nce")]) >= 3 and seeds[("moco", "ring")] == seeds[("moco", "nce")]
+    trained = set().union(*(s for key, s in seeds.items() if key != ("random", "none")))
+    assert len(seeds[("random", "none")]) >= 3 and not seeds[("random", "none")] & trained

@@ -13,9 +13,18 @@ def method_classes() -> dict[str, type[Method]]:
     from pretrain.methods.cmc import CMC
     from pretrain.methods.ir import InstanceDiscrimination
     from pretrain.methods.moco import MoCo
+    from pretrain.methods.random_init import RandomInit
     from pretrain.methods.simclr import SimCLR
+    from pretrain.methods.supervised import Supervised
 
-    return {"ir": InstanceDiscrimination, "moco": MoCo, "cmc": CMC, "simclr": SimCLR}
+    return {
+        "ir": InstanceDiscrimination,
+        "moco": MoCo,
+        "cmc": CMC,
+        "simclr": SimCLR,
+        "random": RandomInit,
+        "supervised": Supervised,
+    }
 
 
 def build_method(

@@ -64,6 +64,8 @@ class Method(nn.Module):
     # Batch norm over the whole global batch on several GPUs (SimCLR's "global BN"); MoCo shuffles
     # instead, and the memory-bank methods have no in-batch negatives.
     sync_batchnorm: ClassVar[bool] = False
+    trains: ClassVar[bool] = True  # False: the card is the initial weights (the random reference)
+    labelled: ClassVar[bool] = False  # True: trains on the labelled split, given by set_labels()
     encoder: Encoder  # set by the single-stream methods
 
     def __init__(
@@ -132,6 +134,9 @@ class Method(nn.Module):
     def card_streams(self) -> dict[str, nn.Module]:
         """Backbone(s) that become the card: ``{"": backbone}``, or one entry per stream (CMC)."""
         return {"": self.encoder.backbone}
+
+    def set_labels(self, targets: Sequence[int], num_classes: int) -> None:
+        """The training split's labels, by image index (methods with ``labelled = True``)."""
 
     def ring_pool_size(self, world_size: int = 1) -> int:
         """How many negatives each anchor's ring is cut from (queue, memory bank or batch)."""

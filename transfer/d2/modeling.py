@@ -75,6 +75,8 @@ def _with_stem(cfg, resnet):
         resnet.stem = _cifar_stem_class()(old.conv1.in_channels, old.out_channels, cfg.MODEL.RESNETS.NORM)
         factor = old.stride // resnet.stem.stride
         resnet._out_feature_strides = {k: v // factor for k, v in resnet._out_feature_strides.items()}
+        if cfg.MODEL.BACKBONE.FREEZE_AT >= 1:  # the replaced stem was frozen by the builder; so is this one
+            resnet.stem.freeze()
     return resnet
 
 

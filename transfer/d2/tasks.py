@@ -91,6 +91,15 @@ class Detectron2Settings:
     seeds: int = field(
         default=1, metadata={"help": "train with seeds 0..N-1; metrics are mean, with std", "range": (1, None)}
     )
+    freeze_at: int = field(
+        default=0,
+        metadata={
+            "help": "backbone stages kept frozen, Detectron2's FREEZE_AT: 0 none (MoCo's fine-tuning protocol, the "
+            "default), 1 the stem, 2 also res2, ... 5 the whole ResNet with frozen BN statistics (the frozen-feature "
+            "detection of Goyal et al. 2019)",
+            "range": (0, 5),
+        },
+    )
     eval_only: bool = field(
         default=False, metadata={"help": "evaluate the final weights of the same run (or --weights) without training"}
     )
@@ -124,6 +133,7 @@ def make_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "config_sha256": train.config_sha256(config_file),
         **schedule,
         "seeds": settings["seeds"],
+        **({"freeze_at": settings["freeze_at"]} if settings["freeze_at"] else {}),  # 0: records keep their identity
         "eval_only": settings["eval_only"],
         "weights": settings["weights"],
     }
@@ -159,6 +169,8 @@ def validate(name: str, backbone: Any, config: dict[str, Any]) -> None:
         )
     if config["seeds"] < 1:
         raise UserError(f"--seeds must be at least 1, got {config['seeds']}")
+    if not 0 <= config.get("freeze_at", 0) <= 5:
+        raise UserError(f"--freeze-at must be 0-5 (the stem and res2..res5), got {config['freeze_at']}")
     if config["ims_per_batch"] < 1 or config["max_iter"] < 1 or not config["base_lr"] > 0:
         raise UserError("--ims-per-batch and --iters must be positive and --lr must be > 0")
     if config.get("weights"):

@@ -134,7 +134,7 @@ def build_cfg(config: Mapping[str, Any], backbone: Any, splits: Any, output_dir:
     cfg.MODEL.RPN.IN_FEATURES = feature_names_for_stem(cfg.MODEL.RPN.IN_FEATURES, backbone.stem)
     cfg.MODEL.ROI_HEADS.IN_FEATURES = feature_names_for_stem(cfg.MODEL.ROI_HEADS.IN_FEATURES, backbone.stem)
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
-    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.BACKBONE.FREEZE_AT = int(config.get("freeze_at", 0))
     cfg.MODEL.PIXEL_MEAN = [255.0 * float(v) for v in backbone.mean]
     cfg.MODEL.PIXEL_STD = [255.0 * float(v) for v in backbone.std]
     cfg.INPUT.FORMAT = "RGB"
