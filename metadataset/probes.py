@@ -128,49 +128,64 @@ def _few_threads_if_small(work: int, small: int = 1 << 30) -> Iterator[None]:
 
 
 def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, precondition, ftol):
-    b, _, d = x.shape
+    """Parameters are kept as ``theta (B, D+1, P, K)`` (the last feature row is the bias) and the
+    features as ``[x, 1] (B, N, D+1)``, so that all problems' logits are one ``bmm`` and their
+    gradient one ``baddbmm``: on these small tensors every elementwise operation costs about as much
+    as the products, so the evaluation is written with as few of them as possible."""
+    b, n, d = x.shape
     p, k = lam.shape[1], class_mask.shape[1]
-    shape = (b, p, d + 1, k)
-    scale = _curvature_diagonal(x, sample_weight, class_mask, lam).rsqrt()[..., None] if precondition else None
+    xa = torch.cat([x, torch.ones(b, n, 1, dtype=x.dtype, device=x.device)], dim=2)  # (B, N, D+1)
+    xa_t = xa.transpose(1, 2)
+    scale = None
+    if precondition:  # (B, D+1, P, 1)
+        scale = _curvature_diagonal(x, sample_weight, class_mask, lam).rsqrt().transpose(1, 2)[..., None]
+    share = (sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)).transpose(1, 2)  # (B, N, P)
+    target = torch.nn.functional.one_hot(y, k).to(x.dtype)[:, :, None, :] * share[..., None]  # (B, N, P, K)
+    ridge = torch.cat([lam[:, None, :].expand(b, d, p), torch.zeros_like(lam)[:, None, :]], dim=1)[..., None]
+    masked = None if bool(class_mask.all()) else torch.where(class_mask, 0.0, _MASKED).to(x.dtype)[:, None, None, :]
 
-    def objective(phi: torch.Tensor) -> torch.Tensor:
+    def evaluate(phi: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``F = sum_n w_n (lse_n - logit_{n,y_n}) + 1/2 lam ||W||^2`` and, written out (no autograd
+        graph), ``dF/dlogits = (softmax - onehot) w``, ``dF/dtheta = [x, 1]^T dF/dlogits + lam W``."""
         theta = phi if scale is None else phi * scale
-        weight = theta[:, :, :d].permute(0, 2, 1, 3).contiguous()
-        return logreg_objective(x, y, sample_weight, class_mask, lam, weight, theta[:, :, d])
-
-    onehot = torch.nn.functional.one_hot(y, k).to(x.dtype)[:, :, None, :]  # (B, N, 1, K)
-    share = sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)  # (B, P, N)
+        logits = torch.bmm(xa, theta.reshape(b, d + 1, p * k)).reshape(b, n, p, k)
+        if masked is not None:
+            logits.add_(masked)
+        top = logits.amax(-1, keepdim=True)
+        e = (logits - top).exp_()
+        total = e.sum(-1, keepdim=True)  # (B, N, P, 1)
+        penalised = ridge * theta  # (B, D+1, P, K)
+        f = (share * (top + total.log()).squeeze(-1)).sum(1) - (logits * target).sum(dim=(1, 3))
+        f = f + 0.5 * (penalised * theta).sum(dim=(1, 3))
+        if not grad:
+            return f, None
+        dlogits = e.mul_(share[..., None] / total).sub_(target)
+        g = torch.baddbmm(penalised.reshape(b, d + 1, p * k), xa_t, dlogits.reshape(b, n, p * k))
+        g = g.reshape(b, d + 1, p, k)
+        return f, (g if scale is None else g.mul_(scale))
 
     def value_and_grad(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The objective and its gradient written out (no autograd graph for these small tensors):
-        ``dF/dlogits = (softmax - onehot) * w / sum(w)``, ``dF/dW = X^T dF/dlogits + lam W``."""
-        theta = phi if scale is None else phi * scale
-        weight = theta[:, :, :d].permute(0, 2, 1, 3).contiguous()  # (B, D, P, K)
-        logits = logreg_logits(x, weight, theta[:, :, d]).masked_fill(~class_mask[:, None, None, :], _MASKED)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        w = share.transpose(1, 2)[..., None]  # (B, N, P, 1)
-        f = ((lse - (logits * onehot).sum(-1, keepdim=True)) * w).sum(dim=(1, 3))
-        f = f + 0.5 * lam * weight.pow(2).sum(dim=(1, 3))
-        dlogits = (torch.exp(logits - lse) - onehot) * w  # (B, N, P, K)
-        grad_w = torch.bmm(x.transpose(1, 2), dlogits.reshape(b, x.shape[1], p * k)).reshape(b, d, p, k)
-        grad_w = grad_w + lam[:, None, :, None] * weight
-        g = torch.cat([grad_w.permute(0, 2, 1, 3), dlogits.sum(1)[:, :, None, :]], dim=2)  # (B, P, D+1, K)
-        return f, (g if scale is None else g * scale)
+        f, g = evaluate(phi, True)
+        assert g is not None
+        return f, g
+
+    def value(phi: torch.Tensor) -> torch.Tensor:
+        return evaluate(phi, False)[0]
 
     def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (u * v).sum(dim=(2, 3))
+        return (u * v).sum(dim=(1, 3))
 
     def per(v: torch.Tensor) -> torch.Tensor:  # (B, P) -> broadcastable over a parameter tensor
-        return v[:, :, None, None]
+        return v[:, None, :, None]
 
-    theta = torch.zeros(shape, dtype=x.dtype, device=x.device)
+    theta = torch.zeros((b, d + 1, p, k), dtype=x.dtype, device=x.device)
     f, g = value_and_grad(theta)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     if scale is None:
-        gamma = 1.0 / g.abs().sum(dim=(2, 3)).clamp_min(1.0)  # first step as torch's L-BFGS
+        gamma = 1.0 / g.abs().sum(dim=(1, 3)).clamp_min(1.0)  # first step as torch's L-BFGS
     else:
         gamma = torch.ones_like(f)  # preconditioned: a Newton step of the quadratic model
-    active = g.abs().amax(dim=(2, 3)) > tol
+    active = g.abs().amax(dim=(1, 3)) > tol
     for _ in range(max_iter):
         if not active.any():
             break
@@ -179,12 +194,12 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
         alphas = []
         for s, yv, rho in reversed(pairs):
             a = rho * dot(s, q)
-            q -= per(a) * yv
+            q.sub_(per(a) * yv)
             alphas.append(a)
-        r = per(gamma) * q
+        r = q.mul_(per(gamma))
         for (s, yv, rho), a in zip(pairs, reversed(alphas)):
-            r += per(a - rho * dot(yv, r)) * s
-        direction = -r
+            r.add_(per(a - rho * dot(yv, r)) * s)
+        direction = r.neg_()
         slope = dot(g, direction)
         uphill = slope >= 0
         if uphill.any():  # not a descent direction: restart with steepest descent
@@ -192,19 +207,20 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
             slope = dot(g, direction)
         # Armijo backtracking, per problem; the full step (nearly always taken) is evaluated with its
         # gradient, so that accepting it costs one evaluation
-        step = torch.ones_like(f)
         trial = theta + direction
         f_trial, g_trial = value_and_grad(trial)
         ok = active & (f_trial <= f + 1e-4 * slope)
-        new_theta, new_f = torch.where(per(ok), trial, theta), torch.where(ok, f_trial, f)
-        new_g = torch.where(per(ok), g_trial, g)
         todo = active & ~ok
+        if bool(ok.all()):
+            new_theta, new_f, new_g = trial, f_trial, g_trial
+        else:
+            new_theta, new_f = torch.where(per(ok), trial, theta), torch.where(ok, f_trial, f)
+            new_g = torch.where(per(ok), g_trial, g)
         if todo.any():
-            step = torch.where(todo, step * 0.5, step)
+            step = torch.where(todo, 0.5, 1.0).to(f.dtype)
             for _ in range(29):
-                with torch.no_grad():
-                    trial = theta + per(step) * direction
-                    f_trial = objective(trial)
+                trial = theta + per(step) * direction
+                f_trial = value(trial)
                 ok = todo & (f_trial <= f + 1e-4 * step * slope)
                 new_theta = torch.where(per(ok), trial, new_theta)
                 new_f = torch.where(ok, f_trial, new_f)
@@ -222,10 +238,10 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
         gamma = torch.where(good, sy / dot(yv, yv).clamp_min(1e-30), gamma)
         stalled = (f - new_f) <= ftol * torch.maximum(f.abs(), new_f.abs()).clamp_min(1.0)
         theta, f, g = new_theta, new_f, new_g
-        active &= (g.abs().amax(dim=(2, 3)) > tol) & ~stalled
+        active &= (g.abs().amax(dim=(1, 3)) > tol) & ~stalled
     if scale is not None:
         theta = theta * scale
-    return theta[:, :, :d].permute(0, 2, 1, 3).contiguous(), theta[:, :, d].contiguous()
+    return theta[:, :d].contiguous(), theta[:, d].contiguous()
 
 
 def _curvature_diagonal(
