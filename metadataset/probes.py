@@ -321,6 +321,23 @@ def _pad_batch(
     return _Batch(x, y_t, valid_t, class_mask_t, q)
 
 
+def _padded_labels(labels: Sequence[np.ndarray], n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label codes padded to ``(B, n)`` (0 after the real rows), the real rows ``(B, n)`` and the
+    classes present ``(B, k)``."""
+    b = len(labels)
+    valid = np.zeros((b, n), dtype=bool)
+    class_mask = np.zeros((b, k), dtype=bool)
+    if all(len(sy) == n for sy in labels):
+        y = np.stack(labels).astype(np.int64, copy=False)
+        valid[:] = True
+    else:
+        y = np.zeros((b, n), dtype=np.int64)
+        for i, sy in enumerate(labels):
+            y[i, : len(sy)], valid[i, : len(sy)] = sy, True
+    class_mask[np.arange(b)[:, None], y] = True  # padding rows add class 0, which every episode has
+    return y, valid, class_mask
+
+
 def _stack_padded(arrays: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray:
     """``(len(arrays), rows, dim)`` float32, each array's rows first, zeros after."""
     if all(len(a) == rows for a in arrays):
@@ -462,30 +479,31 @@ class LogisticRegressionProbe:
         ``(q / |q| - mean) W + b``), never projected onto the support."""
         b, n, d = len(tasks), max(len(t[1]) for t in tasks), tasks[0][0].shape[1]
         k = max(int(t[1].max()) + 1 for t in tasks)
-        y = np.zeros((b, n), dtype=np.int64)
-        valid = np.zeros((b, n), dtype=bool)
-        class_mask = np.zeros((b, k), dtype=bool)
-        for i, (_, sy, _) in enumerate(tasks):
-            y[i, : len(sy)], valid[i, : len(sy)] = sy, True
-            class_mask[i, sy] = True
+        y, valid, class_mask = _padded_labels([t[1] for t in tasks], n, k)
         raw = torch.from_numpy(_stack_padded([t[0] for t in tasks], n, d)).to(self.device)  # (B, N, D) float32
         gram0 = (raw @ raw.transpose(1, 2)).to(dtype)  # the small (N, N) algebra in the solver's precision
         real = torch.from_numpy(valid).to(device=self.device, dtype=dtype)
         inv_norm = real / gram0.diagonal(dim1=1, dim2=2).sqrt().clamp_min(1e-12)  # R^-1 on the real rows
         share = real / real.sum(1, keepdim=True).clamp_min(1)  # the mean's weights
-        centre = torch.diag_embed(real) - real[:, :, None] * share[:, None, :]  # P
-        left = centre * inv_norm[:, None, :]  # P R^-1
-        gram = left @ gram0 @ left.transpose(1, 2)
+        # P R^-1 G0 R^-1 P^T written out: scale rows and columns, subtract the weighted row and column
+        # means, add the grand mean, zero the padding rows and columns
+        gram = gram0 * inv_norm[:, :, None] * inv_norm[:, None, :]
+        row_mean = gram @ share[:, :, None]  # (B, N, 1)
+        grand = share[:, None, :] @ row_mean  # (B, 1, 1)
+        gram = gram - row_mean - row_mean.transpose(1, 2) + grand
+        padded = not bool(valid.all())
+        if padded:
+            gram = gram * real[:, :, None] * real[:, None, :]
         diag = gram.diagonal(dim1=-2, dim2=-1)  # as _span_coordinates(principal=False): jitter, padding
         padding = (diag == 0).to(dtype)
-        chol, info = torch.linalg.cholesky_ex(
-            gram + torch.diag_embed(padding + 1e-6 * diag.amax(-1, keepdim=True).clamp_min(1e-30))
-        )
+        jittered = gram.clone()
+        jittered.diagonal(dim1=-2, dim2=-1).add_(padding + 1e-6 * diag.amax(-1, keepdim=True).clamp_min(1e-30))
+        chol, info = torch.linalg.cholesky_ex(jittered)
         if bool((info > 0).any()):  # not positive definite even so: the principal axes
             eye = torch.eye(n, dtype=dtype, device=self.device).expand(b, n, n)
             coords, to_span = _span_coordinates(gram, eye, principal=True)
         else:
-            coords, to_span = chol * (1 - padding)[..., None], None
+            coords, to_span = (chol * (1 - padding)[..., None] if padded else chol), None
         lam = torch.full((b, 1), float(self.weight_decay), dtype=dtype, device=self.device)
         y_t, valid_t, mask_t = (torch.from_numpy(a).to(self.device) for a in (y, valid, class_mask))
         weight, bias = solve_logreg(coords, y_t, valid_t[:, None].to(dtype), mask_t, lam, self.max_iter, self.tol)
@@ -494,7 +512,10 @@ class LogisticRegressionProbe:
         if span is None:
             span = torch.linalg.solve_triangular(chol.transpose(1, 2), weight[:, :, 0], upper=True)
         # scoring in the features' precision (float32)
-        along = (left.transpose(1, 2) @ span).to(raw.dtype)  # R^-1 P^T M w, (B, N, K)
+        # R^-1 P^T M w, (B, N, K): P^T v = real * v - share * (sum of the real rows of v)
+        along = (inv_norm[..., None] * (span - share[..., None] * (real[..., None] * span).sum(1, keepdim=True))).to(
+            raw.dtype
+        )
         feature_weight = raw.transpose(1, 2) @ along  # (B, D, K)
         mean_score = ((share * inv_norm)[:, None, :] @ gram0 @ along.to(dtype))[:, 0]  # mean W = mean S0^T a
         offset = (bias[:, 0] - mean_score).to(raw.dtype).masked_fill(~mask_t, _MASKED)
@@ -552,10 +573,14 @@ def _remap_many(label_sets: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.n
     episode = np.repeat(np.arange(len(arrays)), sizes)
     present = np.zeros((len(arrays), int(flat.max()) + 1), dtype=bool)
     present[episode, flat] = True
-    codes = (np.cumsum(present, axis=1) - 1)[episode, flat]
+    codes = (np.cumsum(present, axis=1) - 1)[episode, flat].astype(np.int64)
+    counts = present.sum(1)
+    if (sizes == sizes[0]).all() and (counts == counts[0]).all():  # the usual N-way K-shot: no per-episode calls
+        classes = np.nonzero(present)[1].astype(flat.dtype).reshape(len(arrays), counts[0])
+        return list(zip(classes, codes.reshape(len(arrays), sizes[0])))
     return [
         (np.flatnonzero(row).astype(flat.dtype), part)
-        for row, part in zip(present, np.split(codes.astype(np.int64), np.cumsum(sizes)[:-1]))
+        for row, part in zip(present, np.split(codes, np.cumsum(sizes)[:-1]))
     ]
 
 
