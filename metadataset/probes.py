@@ -138,10 +138,11 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
     xa_t = xa.transpose(1, 2)
     scale = None
     if precondition:  # (B, D+1, P, 1)
-        scale = _curvature_diagonal(x, sample_weight, class_mask, lam).rsqrt().transpose(1, 2)[..., None]
+        scale = _curvature_diagonal(xa, sample_weight, class_mask, lam).rsqrt().transpose(1, 2)[..., None]
     share = (sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)).transpose(1, 2)  # (B, N, P)
     target = torch.nn.functional.one_hot(y, k).to(x.dtype)[:, :, None, :] * share[..., None]  # (B, N, P, K)
-    ridge = torch.cat([lam[:, None, :].expand(b, d, p), torch.zeros_like(lam)[:, None, :]], dim=1)[..., None]
+    ridge = torch.zeros(b, d + 1, p, 1, dtype=x.dtype, device=x.device)
+    ridge[:, :d] = lam[:, None, :, None]
     masked = None if bool(class_mask.all()) else torch.where(class_mask, 0.0, _MASKED).to(x.dtype)[:, None, None, :]
 
     def evaluate(phi: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -194,11 +195,11 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
         alphas = []
         for s, yv, rho in reversed(pairs):
             a = rho * dot(s, q)
-            q.sub_(per(a) * yv)
+            q.addcmul_(yv, per(a), value=-1)
             alphas.append(a)
         r = q.mul_(per(gamma))
         for (s, yv, rho), a in zip(pairs, reversed(alphas)):
-            r.add_(per(a - rho * dot(yv, r)) * s)
+            r.addcmul_(s, per(a - rho * dot(yv, r)))
         direction = r.neg_()
         slope = dot(g, direction)
         uphill = slope >= 0
@@ -245,16 +246,16 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
 
 
 def _curvature_diagonal(
-    x: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor, lam: torch.Tensor
+    xa: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor, lam: torch.Tensor
 ) -> torch.Tensor:
-    """``(B, P, D+1)`` diagonal of each problem's ``M`` (see :func:`solve_logreg`)."""
-    b, n, d = x.shape
-    xa2 = torch.cat([x, torch.ones(b, n, 1, dtype=x.dtype, device=x.device)], dim=2).square()
+    """``(B, P, D+1)`` diagonal of each problem's ``M`` (see :func:`solve_logreg`); ``xa (B, N, D+1)``
+    the features with the bias's column of ones."""
     norm = sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)
-    classes = class_mask.sum(-1).clamp_min(2).to(x.dtype)[:, None, None]
-    diag = torch.bmm(norm, xa2) / classes  # (B, P, D+1)
-    ridge = torch.cat([lam[..., None].expand(-1, -1, d), torch.zeros_like(lam)[..., None]], -1)
-    return diag + ridge + 1e-6 * diag.mean(-1, keepdim=True) + 1e-12
+    classes = class_mask.sum(-1).clamp_min(2).to(xa.dtype)[:, None, None]
+    diag = torch.bmm(norm, xa.square()) / classes  # (B, P, D+1)
+    out = diag + (1e-6 * diag.mean(-1, keepdim=True) + 1e-12)
+    out[..., :-1] += lam[..., None]  # the ridge: on W, not on the bias
+    return out
 
 
 @dataclass
