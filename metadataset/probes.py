@@ -128,49 +128,65 @@ def _few_threads_if_small(work: int, small: int = 1 << 30) -> Iterator[None]:
 
 
 def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, precondition, ftol):
-    b, _, d = x.shape
+    """Parameters are kept as ``theta (B, D+1, P, K)`` (the last feature row is the bias) and the
+    features as ``[x, 1] (B, N, D+1)``, so that all problems' logits are one ``bmm`` and their
+    gradient one ``baddbmm``: on these small tensors every elementwise operation costs about as much
+    as the products, so the evaluation is written with as few of them as possible."""
+    b, n, d = x.shape
     p, k = lam.shape[1], class_mask.shape[1]
-    shape = (b, p, d + 1, k)
-    scale = _curvature_diagonal(x, sample_weight, class_mask, lam).rsqrt()[..., None] if precondition else None
+    xa = torch.cat([x, torch.ones(b, n, 1, dtype=x.dtype, device=x.device)], dim=2)  # (B, N, D+1)
+    xa_t = xa.transpose(1, 2)
+    scale = None
+    if precondition:  # (B, D+1, P, 1)
+        scale = _curvature_diagonal(xa, sample_weight, class_mask, lam).rsqrt().transpose(1, 2)[..., None]
+    share = (sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)).transpose(1, 2)  # (B, N, P)
+    target = torch.nn.functional.one_hot(y, k).to(x.dtype)[:, :, None, :] * share[..., None]  # (B, N, P, K)
+    ridge = torch.zeros(b, d + 1, p, 1, dtype=x.dtype, device=x.device)
+    ridge[:, :d] = lam[:, None, :, None]
+    masked = None if bool(class_mask.all()) else torch.where(class_mask, 0.0, _MASKED).to(x.dtype)[:, None, None, :]
 
-    def objective(phi: torch.Tensor) -> torch.Tensor:
+    def evaluate(phi: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``F = sum_n w_n (lse_n - logit_{n,y_n}) + 1/2 lam ||W||^2`` and, written out (no autograd
+        graph), ``dF/dlogits = (softmax - onehot) w``, ``dF/dtheta = [x, 1]^T dF/dlogits + lam W``."""
         theta = phi if scale is None else phi * scale
-        weight = theta[:, :, :d].permute(0, 2, 1, 3).contiguous()
-        return logreg_objective(x, y, sample_weight, class_mask, lam, weight, theta[:, :, d])
-
-    onehot = torch.nn.functional.one_hot(y, k).to(x.dtype)[:, :, None, :]  # (B, N, 1, K)
-    share = sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)  # (B, P, N)
+        logits = torch.bmm(xa, theta.reshape(b, d + 1, p * k)).reshape(b, n, p, k)
+        if masked is not None:
+            logits.add_(masked)
+        top = logits.amax(-1, keepdim=True)
+        e = (logits - top).exp_()
+        total = e.sum(-1, keepdim=True)  # (B, N, P, 1)
+        penalised = ridge * theta  # (B, D+1, P, K)
+        f = (share * (top + total.log()).squeeze(-1)).sum(1) - (logits * target).sum(dim=(1, 3))
+        f = f + 0.5 * (penalised * theta).sum(dim=(1, 3))
+        if not grad:
+            return f, None
+        dlogits = e.mul_(share[..., None] / total).sub_(target)
+        g = torch.baddbmm(penalised.reshape(b, d + 1, p * k), xa_t, dlogits.reshape(b, n, p * k))
+        g = g.reshape(b, d + 1, p, k)
+        return f, (g if scale is None else g.mul_(scale))
 
     def value_and_grad(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The objective and its gradient written out (no autograd graph for these small tensors):
-        ``dF/dlogits = (softmax - onehot) * w / sum(w)``, ``dF/dW = X^T dF/dlogits + lam W``."""
-        theta = phi if scale is None else phi * scale
-        weight = theta[:, :, :d].permute(0, 2, 1, 3).contiguous()  # (B, D, P, K)
-        logits = logreg_logits(x, weight, theta[:, :, d]).masked_fill(~class_mask[:, None, None, :], _MASKED)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        w = share.transpose(1, 2)[..., None]  # (B, N, P, 1)
-        f = ((lse - (logits * onehot).sum(-1, keepdim=True)) * w).sum(dim=(1, 3))
-        f = f + 0.5 * lam * weight.pow(2).sum(dim=(1, 3))
-        dlogits = (torch.exp(logits - lse) - onehot) * w  # (B, N, P, K)
-        grad_w = torch.bmm(x.transpose(1, 2), dlogits.reshape(b, x.shape[1], p * k)).reshape(b, d, p, k)
-        grad_w = grad_w + lam[:, None, :, None] * weight
-        g = torch.cat([grad_w.permute(0, 2, 1, 3), dlogits.sum(1)[:, :, None, :]], dim=2)  # (B, P, D+1, K)
-        return f, (g if scale is None else g * scale)
+        f, g = evaluate(phi, True)
+        assert g is not None
+        return f, g
+
+    def value(phi: torch.Tensor) -> torch.Tensor:
+        return evaluate(phi, False)[0]
 
     def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (u * v).sum(dim=(2, 3))
+        return (u * v).sum(dim=(1, 3))
 
     def per(v: torch.Tensor) -> torch.Tensor:  # (B, P) -> broadcastable over a parameter tensor
-        return v[:, :, None, None]
+        return v[:, None, :, None]
 
-    theta = torch.zeros(shape, dtype=x.dtype, device=x.device)
+    theta = torch.zeros((b, d + 1, p, k), dtype=x.dtype, device=x.device)
     f, g = value_and_grad(theta)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     if scale is None:
-        gamma = 1.0 / g.abs().sum(dim=(2, 3)).clamp_min(1.0)  # first step as torch's L-BFGS
+        gamma = 1.0 / g.abs().sum(dim=(1, 3)).clamp_min(1.0)  # first step as torch's L-BFGS
     else:
         gamma = torch.ones_like(f)  # preconditioned: a Newton step of the quadratic model
-    active = g.abs().amax(dim=(2, 3)) > tol
+    active = g.abs().amax(dim=(1, 3)) > tol
     for _ in range(max_iter):
         if not active.any():
             break
@@ -179,12 +195,12 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
         alphas = []
         for s, yv, rho in reversed(pairs):
             a = rho * dot(s, q)
-            q -= per(a) * yv
+            q.addcmul_(yv, per(a), value=-1)
             alphas.append(a)
-        r = per(gamma) * q
+        r = q.mul_(per(gamma))
         for (s, yv, rho), a in zip(pairs, reversed(alphas)):
-            r += per(a - rho * dot(yv, r)) * s
-        direction = -r
+            r.addcmul_(s, per(a - rho * dot(yv, r)))
+        direction = r.neg_()
         slope = dot(g, direction)
         uphill = slope >= 0
         if uphill.any():  # not a descent direction: restart with steepest descent
@@ -192,19 +208,20 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
             slope = dot(g, direction)
         # Armijo backtracking, per problem; the full step (nearly always taken) is evaluated with its
         # gradient, so that accepting it costs one evaluation
-        step = torch.ones_like(f)
         trial = theta + direction
         f_trial, g_trial = value_and_grad(trial)
         ok = active & (f_trial <= f + 1e-4 * slope)
-        new_theta, new_f = torch.where(per(ok), trial, theta), torch.where(ok, f_trial, f)
-        new_g = torch.where(per(ok), g_trial, g)
         todo = active & ~ok
+        if bool(ok.all()):
+            new_theta, new_f, new_g = trial, f_trial, g_trial
+        else:
+            new_theta, new_f = torch.where(per(ok), trial, theta), torch.where(ok, f_trial, f)
+            new_g = torch.where(per(ok), g_trial, g)
         if todo.any():
-            step = torch.where(todo, step * 0.5, step)
+            step = torch.where(todo, 0.5, 1.0).to(f.dtype)
             for _ in range(29):
-                with torch.no_grad():
-                    trial = theta + per(step) * direction
-                    f_trial = objective(trial)
+                trial = theta + per(step) * direction
+                f_trial = value(trial)
                 ok = todo & (f_trial <= f + 1e-4 * step * slope)
                 new_theta = torch.where(per(ok), trial, new_theta)
                 new_f = torch.where(ok, f_trial, new_f)
@@ -222,23 +239,23 @@ def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, 
         gamma = torch.where(good, sy / dot(yv, yv).clamp_min(1e-30), gamma)
         stalled = (f - new_f) <= ftol * torch.maximum(f.abs(), new_f.abs()).clamp_min(1.0)
         theta, f, g = new_theta, new_f, new_g
-        active &= (g.abs().amax(dim=(2, 3)) > tol) & ~stalled
+        active &= (g.abs().amax(dim=(1, 3)) > tol) & ~stalled
     if scale is not None:
         theta = theta * scale
-    return theta[:, :, :d].permute(0, 2, 1, 3).contiguous(), theta[:, :, d].contiguous()
+    return theta[:, :d].contiguous(), theta[:, d].contiguous()
 
 
 def _curvature_diagonal(
-    x: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor, lam: torch.Tensor
+    xa: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor, lam: torch.Tensor
 ) -> torch.Tensor:
-    """``(B, P, D+1)`` diagonal of each problem's ``M`` (see :func:`solve_logreg`)."""
-    b, n, d = x.shape
-    xa2 = torch.cat([x, torch.ones(b, n, 1, dtype=x.dtype, device=x.device)], dim=2).square()
+    """``(B, P, D+1)`` diagonal of each problem's ``M`` (see :func:`solve_logreg`); ``xa (B, N, D+1)``
+    the features with the bias's column of ones."""
     norm = sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)
-    classes = class_mask.sum(-1).clamp_min(2).to(x.dtype)[:, None, None]
-    diag = torch.bmm(norm, xa2) / classes  # (B, P, D+1)
-    ridge = torch.cat([lam[..., None].expand(-1, -1, d), torch.zeros_like(lam)[..., None]], -1)
-    return diag + ridge + 1e-6 * diag.mean(-1, keepdim=True) + 1e-12
+    classes = class_mask.sum(-1).clamp_min(2).to(xa.dtype)[:, None, None]
+    diag = torch.bmm(norm, xa.square()) / classes  # (B, P, D+1)
+    out = diag + (1e-6 * diag.mean(-1, keepdim=True) + 1e-12)
+    out[..., :-1] += lam[..., None]  # the ridge: on W, not on the bias
+    return out
 
 
 @dataclass
@@ -303,6 +320,23 @@ def _pad_batch(
             x[rows], q[rows] = support.to(dtype), (l2_normalise(query) - mean).to(dtype)
     y_t, valid_t, class_mask_t = (torch.from_numpy(a).to(device) for a in (y, valid, class_mask))
     return _Batch(x, y_t, valid_t, class_mask_t, q)
+
+
+def _padded_labels(labels: Sequence[np.ndarray], n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label codes padded to ``(B, n)`` (0 after the real rows), the real rows ``(B, n)`` and the
+    classes present ``(B, k)``."""
+    b = len(labels)
+    valid = np.zeros((b, n), dtype=bool)
+    class_mask = np.zeros((b, k), dtype=bool)
+    if all(len(sy) == n for sy in labels):
+        y = np.stack(labels).astype(np.int64, copy=False)
+        valid[:] = True
+    else:
+        y = np.zeros((b, n), dtype=np.int64)
+        for i, sy in enumerate(labels):
+            y[i, : len(sy)], valid[i, : len(sy)] = sy, True
+    class_mask[np.arange(b)[:, None], y] = True  # padding rows add class 0, which every episode has
+    return y, valid, class_mask
 
 
 def _stack_padded(arrays: Sequence[np.ndarray], rows: int, dim: int) -> np.ndarray:
@@ -446,30 +480,31 @@ class LogisticRegressionProbe:
         ``(q / |q| - mean) W + b``), never projected onto the support."""
         b, n, d = len(tasks), max(len(t[1]) for t in tasks), tasks[0][0].shape[1]
         k = max(int(t[1].max()) + 1 for t in tasks)
-        y = np.zeros((b, n), dtype=np.int64)
-        valid = np.zeros((b, n), dtype=bool)
-        class_mask = np.zeros((b, k), dtype=bool)
-        for i, (_, sy, _) in enumerate(tasks):
-            y[i, : len(sy)], valid[i, : len(sy)] = sy, True
-            class_mask[i, sy] = True
+        y, valid, class_mask = _padded_labels([t[1] for t in tasks], n, k)
         raw = torch.from_numpy(_stack_padded([t[0] for t in tasks], n, d)).to(self.device)  # (B, N, D) float32
         gram0 = (raw @ raw.transpose(1, 2)).to(dtype)  # the small (N, N) algebra in the solver's precision
         real = torch.from_numpy(valid).to(device=self.device, dtype=dtype)
         inv_norm = real / gram0.diagonal(dim1=1, dim2=2).sqrt().clamp_min(1e-12)  # R^-1 on the real rows
         share = real / real.sum(1, keepdim=True).clamp_min(1)  # the mean's weights
-        centre = torch.diag_embed(real) - real[:, :, None] * share[:, None, :]  # P
-        left = centre * inv_norm[:, None, :]  # P R^-1
-        gram = left @ gram0 @ left.transpose(1, 2)
+        # P R^-1 G0 R^-1 P^T written out: scale rows and columns, subtract the weighted row and column
+        # means, add the grand mean, zero the padding rows and columns
+        gram = gram0 * inv_norm[:, :, None] * inv_norm[:, None, :]
+        row_mean = gram @ share[:, :, None]  # (B, N, 1)
+        grand = share[:, None, :] @ row_mean  # (B, 1, 1)
+        gram = gram - row_mean - row_mean.transpose(1, 2) + grand
+        padded = not bool(valid.all())
+        if padded:
+            gram = gram * real[:, :, None] * real[:, None, :]
         diag = gram.diagonal(dim1=-2, dim2=-1)  # as _span_coordinates(principal=False): jitter, padding
         padding = (diag == 0).to(dtype)
-        chol, info = torch.linalg.cholesky_ex(
-            gram + torch.diag_embed(padding + 1e-6 * diag.amax(-1, keepdim=True).clamp_min(1e-30))
-        )
+        jittered = gram.clone()
+        jittered.diagonal(dim1=-2, dim2=-1).add_(padding + 1e-6 * diag.amax(-1, keepdim=True).clamp_min(1e-30))
+        chol, info = torch.linalg.cholesky_ex(jittered)
         if bool((info > 0).any()):  # not positive definite even so: the principal axes
             eye = torch.eye(n, dtype=dtype, device=self.device).expand(b, n, n)
             coords, to_span = _span_coordinates(gram, eye, principal=True)
         else:
-            coords, to_span = chol * (1 - padding)[..., None], None
+            coords, to_span = (chol * (1 - padding)[..., None] if padded else chol), None
         lam = torch.full((b, 1), float(self.weight_decay), dtype=dtype, device=self.device)
         y_t, valid_t, mask_t = (torch.from_numpy(a).to(self.device) for a in (y, valid, class_mask))
         weight, bias = solve_logreg(coords, y_t, valid_t[:, None].to(dtype), mask_t, lam, self.max_iter, self.tol)
@@ -478,19 +513,25 @@ class LogisticRegressionProbe:
         if span is None:
             span = torch.linalg.solve_triangular(chol.transpose(1, 2), weight[:, :, 0], upper=True)
         # scoring in the features' precision (float32)
-        along = (left.transpose(1, 2) @ span).to(raw.dtype)  # R^-1 P^T M w, (B, N, K)
+        # R^-1 P^T M w, (B, N, K): P^T v = real * v - share * (sum of the real rows of v)
+        along = (inv_norm[..., None] * (span - share[..., None] * (real[..., None] * span).sum(1, keepdim=True))).to(
+            raw.dtype
+        )
         feature_weight = raw.transpose(1, 2) @ along  # (B, D, K)
         mean_score = ((share * inv_norm)[:, None, :] @ gram0 @ along.to(dtype))[:, 0]  # mean W = mean S0^T a
         offset = (bias[:, 0] - mean_score).to(raw.dtype).masked_fill(~mask_t, _MASKED)
         weights, offsets = feature_weight.cpu().numpy(), offset.cpu().numpy()
-        preds = []
-        for i, (_, _, qx) in enumerate(tasks):  # argmax of (q W) / |q| + (b - mean W), times |q| > 0
+        # argmax of (q W) / |q| + (b - mean W), times |q| > 0: two calls per episode, the rest at once
+        m = max(len(t[2]) for t in tasks)
+        scores = np.zeros((b, m, k), dtype=np.float32)
+        squares = np.zeros((b, m), dtype=np.float32)
+        for i, (_, _, qx) in enumerate(tasks):
             qx = np.asarray(qx, dtype=np.float32)
-            norms = np.sqrt(np.einsum("ij,ij->i", qx, qx))
-            scores = qx @ weights[i]
-            scores += norms[:, None] * offsets[i]
-            preds.append(scores.argmax(-1))
-        return preds
+            np.matmul(qx, weights[i], out=scores[i, : len(qx)])
+            np.einsum("ij,ij->i", qx, qx, out=squares[i, : len(qx)])
+        scores += np.sqrt(squares)[..., None] * offsets[:, None, :]
+        pred = scores.argmax(-1)
+        return [pred[i, : len(t[2])] for i, t in enumerate(tasks)]
 
     def _choose_weight_decay(self, batch: _Batch) -> torch.Tensor:
         """Per-episode ``lambda`` maximising stratified k-fold accuracy on the support set
@@ -536,10 +577,14 @@ def _remap_many(label_sets: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.n
     episode = np.repeat(np.arange(len(arrays)), sizes)
     present = np.zeros((len(arrays), int(flat.max()) + 1), dtype=bool)
     present[episode, flat] = True
-    codes = (np.cumsum(present, axis=1) - 1)[episode, flat]
+    codes = (np.cumsum(present, axis=1) - 1)[episode, flat].astype(np.int64)
+    counts = present.sum(1)
+    if (sizes == sizes[0]).all() and (counts == counts[0]).all():  # the usual N-way K-shot: no per-episode calls
+        classes = np.nonzero(present)[1].astype(flat.dtype).reshape(len(arrays), counts[0])
+        return list(zip(classes, codes.reshape(len(arrays), sizes[0])))
     return [
         (np.flatnonzero(row).astype(flat.dtype), part)
-        for row, part in zip(present, np.split(codes.astype(np.int64), np.cumsum(sizes)[:-1]))
+        for row, part in zip(present, np.split(codes, np.cumsum(sizes)[:-1]))
     ]
 
 
