@@ -134,7 +134,8 @@ def legend(table: Table) -> list[str]:
     if table.above_random:
         notes.append(
             f"{ABOVE_RANDOM}: significantly above the random-initialisation row of the same architecture and stem "
-            "(the same paired comparison as a Δ row)."
+            "(compared as a Δ row is: paired by pretraining seed where seeds are shared, else Welch's t over the "
+            "recipes' cards)."
         )
     for row in table.rows:
         if row.published:
