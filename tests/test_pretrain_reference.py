@@ -77,7 +77,7 @@ def _train_accuracy(method, dataset, spec, image_size: int) -> float:
 
 @pytest.mark.slow
 def test_supervised_learns_the_synthetic_labels(tmp_path: Path):
-    """Cross-entropy on 4 classes x 16 images: after 12 short epochs (~1 min on a busy 2-core machine) the classifier is
+    """Cross-entropy on 4 classes x 16 images: after 30 short epochs (about a minute on 2 cores) the classifier is
     right on far more training images than chance (25%: more correct than chance's 99.99th percentile, 30 of 64)."""
     cfg = load_config(
         "supervised",
@@ -85,8 +85,9 @@ def test_supervised_learns_the_synthetic_labels(tmp_path: Path):
             *TINY_DATA,
             "data.synthetic_images_per_class=16",
             "train.batch_size=16",
-            "train.epochs=12",
+            "train.epochs=30",
             "optim.schedule=cosine",
+            "optim.lr=0.02",  # the He et al. 0.1 is for batch 256; batch 16 trains best lower
             "train.log_every=1",
         ],
     )
@@ -101,7 +102,7 @@ def test_supervised_learns_the_synthetic_labels(tmp_path: Path):
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < 0.6 * losses[0]
     card = load_card(result.card_path)
-    assert card.meta["method"] == "supervised" and card.meta["loss"] == "ce" and card.meta["epochs"] == 12
+    assert card.meta["method"] == "supervised" and card.meta["loss"] == "ce" and card.meta["epochs"] == 30
     assert set(card.state_dict) == set(result.method.backbone.state_dict())  # the classifier is not in it
     from transfer.backbones import load_backbone
 
