@@ -297,32 +297,20 @@ def train(
 
     The main process holds ``workdir``'s lock throughout: a second run on it is refused at once."""
     main_process = int(os.environ.get("RANK", "0")) == 0
-    with folder_lock(workdir, "--workdir") if main_process else contextlib.nullcontext():
-        if main_process:
-            remove_stale_temps(workdir)  # temporary checkpoints of killed runs
-        return _train_in_process_group(cfg, out, workdir, device, fresh, progress)
-
-
-def _train_in_process_group(
-    cfg: Mapping[str, Any],
-    out: str | Path | None,
-    workdir: str | Path,
-    device: str | torch.device = "cpu",
-    fresh: bool = False,
-    progress: bool = True,
-) -> TrainResult:
-    """Join the process group torchrun describes (if any), train, and leave it whatever happens."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    if device.type == "cuda" and dist.launched_by_torchrun():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    dist.init_from_env(device)
-    try:
-        return _train(cfg, out, Path(workdir), device, fresh, progress)
-    finally:
-        dist.leave()
+    with folder_lock(workdir, "--workdir") if main_process else contextlib.nullcontext():
+        if main_process:
+            remove_stale_temps(workdir)  # temporary checkpoints of killed runs
+        if device.type == "cuda" and dist.launched_by_torchrun():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_from_env(device)  # the process group torchrun describes, if any; left whatever happens
+        try:
+            return _train(cfg, out, Path(workdir), device, fresh, progress)
+        finally:
+            dist.leave()
 
 
 def wrap_for_processes(method: Method, device: torch.device) -> torch.nn.Module:

@@ -209,7 +209,7 @@ def table_from_records(
     latest: bool = False,
 ) -> Table:
     """The table of these records; ``baselines`` are extra ``PLAIN=VARIANT`` pairs (row names) for Δ rows."""
-    from transfer.tasks import all_tasks
+    from transfer.tasks import all_tasks, reference_rows
 
     pairs = []
     for item in baselines:
@@ -223,12 +223,11 @@ def table_from_records(
     )
     if not table.columns:
         raise UserError(f"no records for tasks {list(tasks or [])}")
-    registry = all_tasks()
-    shown = {c.task for c in table.columns}
+    shown = {c.task for c in table.columns} & all_tasks().keys()
     published = [
         Published(**{k: number[k] for k in ("task", "metric", "value", "method", "source")})
-        for name in sorted(shown & registry.keys())
-        for number in getattr(registry[name], "published", ())
+        for name in sorted(shown)
+        for number in reference_rows(name)
     ]
     table = with_published(table, published)
     names = {r.name for r in table.rows}

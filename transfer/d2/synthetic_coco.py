@@ -198,7 +198,7 @@ def ensure_synthetic_coco(cache_dir: str | os.PathLike, **params: Any) -> Path:
         return root
     try:
         return write_synthetic_coco(root, **{**DEFAULTS, **params})
-    except OSError:  # written concurrently: another process renamed its copy in first (ENOTEMPTY / EEXIST)
+    except FileExistsError:  # written concurrently: another process renamed its copy in first
         if annotation_path(root, "val").is_file():
             return root
         raise
