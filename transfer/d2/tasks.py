@@ -20,6 +20,7 @@ from transfer.d2 import train
 from transfer.d2.data import check_files, resolve_data_root
 from transfer.d2.published import reference_rows
 from transfer.d2.synthetic_coco import DEFAULTS as SYN_DEFAULTS
+from transfer.stats import t_interval
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
 # name -> (description, primary metric, headline metrics)
@@ -286,11 +287,10 @@ def aggregate(per_seed: list[dict[str, Any]], seeds: list[int], versions: dict[s
     for key in keys:
         values = [r["metrics"][key] for r in per_seed]
         metrics[key] = sum(values) / len(values)
-        if len(values) > 1:
-            from scipy import stats
-
+        interval = t_interval(values)  # the leaderboard's small-n interval (transfer/stats.py)
+        if interval is not None:
             std[key] = math.sqrt(sum((v - metrics[key]) ** 2 for v in values) / (len(values) - 1))
-            ci95[key] = float(stats.t.ppf(0.975, len(values) - 1)) * std[key] / math.sqrt(len(values))
+            ci95[key] = (interval[1] - interval[0]) / 2
     extra: dict[str, Any] = {
         "per_seed": [r["metrics"] for r in per_seed],
         "timings": [r.get("timings", {}) for r in per_seed],
