@@ -159,6 +159,62 @@ def test_local_sweep_runs_each_job_once(tmp_path, capsys):
     run_two_by_two(tmp_path, capsys, "local", "--jobs", "2")
 
 
+@pytest.mark.heavy
+def test_sigterm_to_a_local_sweep_stops_its_jobs(tmp_path):
+    """``kill`` (SIGTERM) reaches only the sweep's process; the jobs it started end with it."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    plan = _plan(
+        tmp_path,
+        "pretrain_args: [--data, synthetic, --profile, demo]\n"
+        "backbones: [{name: long, config: moco, seeds: [0], args: [--epochs, '200']}]\n" + TINY_TASKS,
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "transfer.sweep",
+        "--plan",
+        str(plan),
+        "--workdir",
+        str(tmp_path),
+        "--executor",
+        "local",
+    ]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(argv, cwd=root, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    status_path = tmp_path / "sweeps" / "plan" / "status" / "pretrain__long_s0.json"
+    try:
+        deadline = time.monotonic() + 120
+        pid = None
+        while pid is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if status_path.is_file():
+                pid = json.loads(status_path.read_text() or "{}").get("pid")
+        assert pid is not None, "the pretraining job never started"
+        time.sleep(2)  # inside the stage's own code
+        proc.send_signal(signal.SIGTERM)  # to the sweep's process only
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "pretrain/long_s0: cancelled (the sweep was interrupted)" in err
+        for _ in range(50):  # the job's process is gone (not merely orphaned)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"job process {pid} still runs after its sweep was stopped")
+        assert not (tmp_path / "cards" / "long_s0.pth").exists()
+    finally:  # a failure leaves nothing running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_a_failing_job_is_reported_and_retried(tmp_path, capsys):
     (tmp_path / "cards").mkdir()
     (tmp_path / "cards" / "broken.pth").write_bytes(b"not a checkpoint")  # fails inside its job, not before

@@ -48,7 +48,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run by path: make the repository importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ringbench.cli import add_common_flags, run_main
+from ringbench.cli import add_common_flags, run_main, sigterm_as_interrupt
 from ringbench.config import compose, find_config, read_yaml_mapping
 from ringbench.errors import UserError
 from ringbench.fileio import atomic_write_text, path_component
@@ -388,6 +388,13 @@ class StageJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
+def _wait_for(handle: Any, seconds: float) -> None:
+    """Until a cancelled local job has ended (it stops at its next Python instruction), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not handle.done() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def node_rank() -> int:
     """This node's rank in a multi-node Slurm job (``SLURM_NODEID``; 0 outside Slurm)."""
     return int(os.environ.get("SLURM_NODEID", "0") or 0)
@@ -520,6 +527,18 @@ class Sweep:
             if job.skip_reason:
                 self.states[job.key] = "skipped"
         running: dict[str, Any] = {}
+        try:
+            self._schedule(todo, running, progress)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): no job outlives its sweep
+            for key, handle in running.items():
+                handle.cancel(check=False)  # SIGINT: the stage ends as on Ctrl-C (exit 130)
+                self._set(key, "cancelled", "the sweep was interrupted", progress)
+            for handle in running.values():
+                _wait_for(handle, seconds=30)
+            self.save()
+            raise
+
+    def _schedule(self, todo: list[Job], running: dict[str, Any], progress: bool) -> None:
         while todo or running:
             for job in list(todo):
                 dep = self.states.get(job.depends_on or "", "done" if job.depends_on is None else "pending")
@@ -761,7 +780,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sweep = Sweep(jobs, layout, plan, executor, plan_path.stem, parallel=args.jobs)
     if executor in ("local", "debug"):
-        sweep.run_local(progress=True)
+        with sigterm_as_interrupt():  # `kill` or a scheduler's timeout stops the jobs too, as Ctrl-C does
+            sweep.run_local(progress=True)
     else:
         sweep.run_slurm()
         if args.no_wait:
