@@ -66,6 +66,26 @@ def test_reference_rows_lead_and_trained_cards_are_marked_above_random():
     assert (table.row_by_name("random").key, few) not in table.above_random
 
 
+def test_cards_significantly_below_random_are_marked_too():
+    """A trained recipe worse than a random network is marked ‡ (never †), in every format."""
+    from transfer.leaderboard import render_csv, render_markdown
+
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.5, 0.6, 100)
+    records = [_fewshot("random", base + 0.2, meta=_meta(method="random", loss="none"))]
+    for seed in range(3):
+        eps = np.clip(base + rng.normal(0, 0.02, 100), 0, 1)
+        records.append(_fewshot(f"moco_s{seed}", eps, meta=_meta(seed=seed)))
+    table = build_table(records)
+    moco, few = table.row_by_name("moco"), table.columns[0]
+    assert (moco.key, few) in table.below_random and not table.above_random
+    text = render_markdown(table)
+    assert "‡" in text and "†" not in text.split("Values in")[0] and "‡: significantly below the random" in text
+    [line] = [x for x in render_csv(table).splitlines() if x.startswith("moco,")]
+    assert line.endswith(",0,0,1,")  # tied_with_best, above_random, below_random, source
+    assert "‡" in render_page(table)
+
+
 def test_normalise_maps_random_to_0_and_supervised_to_100():
     table = build_table(_records())
     norm = normalise(table)

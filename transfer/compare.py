@@ -165,6 +165,7 @@ class Table:
     ranks: dict[str, tuple[float | None, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     above_random: set[tuple[str, Column]] = field(default_factory=set)  # significantly above the random row
+    below_random: set[tuple[str, Column]] = field(default_factory=set)  # significantly below it
     normalised: bool = False  # cells are shares of the random -> supervised gap
 
     def row(self, key: str) -> Row:
@@ -280,7 +281,7 @@ def build_table(
     table.tied = ties_with_best(table, n_boot, rng)
     scores = [[cells[(r.key, c)].mean if (r.key, c) in cells else None for c in ordered_columns] for r in rows]
     table.ranks = {r.key: rank for r, rank in zip(rows, stats.average_ranks(scores))}
-    table.above_random = above_random(table, n_boot, rng)
+    table.above_random, table.below_random = versus_random(table, n_boot, rng)
     return table
 
 
@@ -322,10 +323,14 @@ def reference_row(table: Table, row: Row, kind: str) -> Row | None:
     return found[0] if len(found) == 1 else None
 
 
-def above_random(table: Table, n_boot: int = 10_000, rng: np.random.Generator | None = None) -> set:
-    """The cells significantly above their random-initialisation row's (same architecture and stem),
-    by the same paired comparison as a Δ row."""
-    out = set()
+def versus_random(
+    table: Table, n_boot: int = 10_000, rng: np.random.Generator | None = None
+) -> tuple[set[tuple[str, Column]], set[tuple[str, Column]]]:
+    """The cells significantly above, and those significantly below, their random-initialisation row's
+    (same architecture and stem), by the same comparison as a Δ row: a trained card can be worse than
+    none, and the table says so as plainly as it says the opposite."""
+    above: set[tuple[str, Column]] = set()
+    below: set[tuple[str, Column]] = set()
     for row in table.rows:
         base = reference_row(table, row, RANDOM)
         if base is None or base is row or row.published:
@@ -333,9 +338,9 @@ def above_random(table: Table, n_boot: int = 10_000, rng: np.random.Generator | 
         for col in table.columns:
             if (row.key, col) in table.cells and (base.key, col) in table.cells:
                 delta = compare(table.cells[(base.key, col)], table.cells[(row.key, col)], n_boot, rng)
-                if delta.significant and delta.diff > 0:
-                    out.add((row.key, col))
-    return out
+                if delta.significant:
+                    (above if delta.diff > 0 else below).add((row.key, col))
+    return above, below
 
 
 GAP_UNIT = "% of the random→supervised gap"
@@ -404,6 +409,7 @@ def normalise(table: Table) -> Table:
         deltas=deltas,
         tied={(k, columns[c]) for k, c in table.tied if (k, c) in scale},
         above_random={(k, columns[c]) for k, c in table.above_random if (k, c) in scale},
+        below_random={(k, columns[c]) for k, c in table.below_random if (k, c) in scale},
         normalised=True,
     )
 

@@ -110,6 +110,7 @@ CSV_FIELDS = (
     "significant",
     "tied_with_best",
     "above_random",
+    "below_random",
     "source",
 )
 
@@ -152,6 +153,7 @@ def render_csv(table: Table) -> str:
                     "interval": cell.method,
                     "tied_with_best": int((row.key, col) in table.tied),
                     "above_random": int((row.key, col) in table.above_random),
+                    "below_random": int((row.key, col) in table.below_random),
                     "source": row.meta.get("source", "") if row.published else "",
                 }
             )

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 from transfer.compare import FAMILY_ORDER, Column, Table
 from transfer.table_text import (
-    ABOVE_RANDOM,
     MISSING,
     cell_value,
     delta_label,
@@ -22,6 +21,7 @@ from transfer.table_text import (
     fmt_rank,
     legend,
     n_text,
+    random_mark,
     row_header,
 )
 
@@ -142,7 +142,7 @@ def _cell(table: Table, key: str, col: Column) -> str:
     cell = table.cells.get((key, col))
     if cell is None:
         return MISSING
-    value = _e(cell_value(cell)) + (ABOVE_RANDOM if (key, col) in table.above_random else "")
+    value = _e(cell_value(cell) + random_mark(table, key, col))
     value = f"<b>{value}</b>" if (key, col) in table.tied else value
     n = n_text(cell.n, cell.over)
     return f'<span class="v">{value}</span>' + (f'<span class="n">{_e(n)}</span>' if n else "")

@@ -10,6 +10,7 @@ from transfer.results import PERCENT
 
 MISSING = "—"
 ABOVE_RANDOM = "†"  # significantly above the random-initialisation row
+BELOW_RANDOM = "‡"  # significantly below it
 # What an interval is over, as a cell abbreviates it.
 SHORT = {EPISODES: "ep", FT_SEEDS: "ft", PT_SEEDS: "pt"}
 
@@ -70,11 +71,16 @@ def row_header(table: Table) -> str:
 
 def cell_text(table: Table, row_key: str, col: Column, mark_tied: Callable[[str], str]) -> str:
     """A cell's text with its marks: ``mark_tied`` for an entry not significantly below its
-    column's best, † for one significantly above its random-initialisation row."""
-    text = fmt_cell(table.cells.get((row_key, col)))
-    if (row_key, col) in table.above_random:
-        text += ABOVE_RANDOM
+    column's best, † (‡) for one significantly above (below) its random-initialisation row."""
+    text = fmt_cell(table.cells.get((row_key, col))) + random_mark(table, row_key, col)
     return mark_tied(text) if (row_key, col) in table.tied else text
+
+
+def random_mark(table: Table, row_key: str, col: Column) -> str:
+    """† for a cell significantly above its random-initialisation row, ‡ for one significantly below."""
+    if (row_key, col) in table.above_random:
+        return ABOVE_RANDOM
+    return BELOW_RANDOM if (row_key, col) in table.below_random else ""
 
 
 def delta_label(table: Table, delta: Delta) -> str:
@@ -131,11 +137,16 @@ def legend(table: Table) -> list[str]:
         "Marked: not significantly below the column's best (Meta-Dataset's rule; an entry with no interval "
         "cannot be shown to be below). avg rank: mean rank over the columns a row has (of all columns)."
     )
-    if table.above_random:
+    marks = [
+        (m, word)
+        for m, word, cells in ((ABOVE_RANDOM, "above", table.above_random), (BELOW_RANDOM, "below", table.below_random))
+        if cells
+    ]
+    if marks:
         notes.append(
-            f"{ABOVE_RANDOM}: significantly above the random-initialisation row of the same architecture and stem "
-            "(compared as a Δ row is: paired by pretraining seed where seeds are shared, else Welch's t over the "
-            "recipes' cards)."
+            f"{' / '.join(m for m, _ in marks)}: significantly {' / '.join(w for _, w in marks)} the "
+            "random-initialisation row of the same architecture and stem (compared as a Δ row is: paired by "
+            "pretraining seed where seeds are shared, else Welch's t over the recipes' cards)."
         )
     for row in table.rows:
         if row.published:
