@@ -128,131 +128,231 @@ def _few_threads_if_small(work: int, small: int = 1 << 30) -> Iterator[None]:
 
 
 def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, precondition, ftol):
-    """Parameters are kept as ``theta (B, D+1, P, K)`` (the last feature row is the bias) and the
-    features as ``[x, 1] (B, N, D+1)``, so that all problems' logits are one ``bmm`` and their
-    gradient one ``baddbmm``: on these small tensors every elementwise operation costs about as much
-    as the products, so the evaluation is written with as few of them as possible."""
-    b, n, d = x.shape
-    p, k = lam.shape[1], class_mask.shape[1]
-    xa = torch.cat([x, torch.ones(b, n, 1, dtype=x.dtype, device=x.device)], dim=2)  # (B, N, D+1)
-    xa_t = xa.transpose(1, 2)
-    scale = None
-    if precondition:  # (B, D+1, P, 1)
-        scale = _curvature_diagonal(xa, sample_weight, class_mask, lam).rsqrt().transpose(1, 2)[..., None]
-    share = (sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)).transpose(1, 2)  # (B, N, P)
-    target = torch.nn.functional.one_hot(y, k).to(x.dtype)[:, :, None, :] * share[..., None]  # (B, N, P, K)
-    ridge = torch.zeros(b, d + 1, p, 1, dtype=x.dtype, device=x.device)
-    ridge[:, :d] = lam[:, None, :, None]
-    masked = None if bool(class_mask.all()) else torch.where(class_mask, 0.0, _MASKED).to(x.dtype)[:, None, None, :]
+    problem = _Problem.build(x, y, sample_weight, class_mask, lam, precondition)
+    phi = _lbfgs(problem, max_iter, tol, history, ftol)
+    return problem.weight_and_bias(phi)
 
-    def evaluate(phi: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``F = sum_n w_n (lse_n - logit_{n,y_n}) + 1/2 lam ||W||^2`` and, written out (no autograd
-        graph), ``dF/dlogits = (softmax - onehot) w``, ``dF/dtheta = [x, 1]^T dF/dlogits + lam W``."""
-        theta = phi if scale is None else phi * scale
-        logits = torch.bmm(xa, theta.reshape(b, d + 1, p * k)).reshape(b, n, p, k)
-        if masked is not None:
-            logits.add_(masked)
-        top = logits.amax(-1, keepdim=True)
-        e = (logits - top).exp_()
-        total = e.sum(-1, keepdim=True)  # (B, N, P, 1)
-        penalised = ridge * theta  # (B, D+1, P, K)
-        f = (share * (top + total.log()).squeeze(-1)).sum(1) - (logits * target).sum(dim=(1, 3))
-        f = f + 0.5 * (penalised * theta).sum(dim=(1, 3))
-        if not grad:
-            return f, None
-        dlogits = e.mul_(share[..., None] / total).sub_(target)
-        g = torch.baddbmm(penalised.reshape(b, d + 1, p * k), xa_t, dlogits.reshape(b, n, p * k))
-        g = g.reshape(b, d + 1, p, k)
-        return f, (g if scale is None else g.mul_(scale))
 
-    def value_and_grad(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f, g = evaluate(phi, True)
+@dataclass
+class _Problem:
+    """The ``B x P`` objectives of :func:`solve_logreg` in the solver's variables ``phi``.
+
+    Parameters are laid out ``(B, P, K, D+1)`` (the last feature column is the bias) and logits
+    ``(B, P, K, N)``, so that every problem's parameters are one contiguous block (its dot products are
+    plain sums) and the softmax over the few classes runs across rows of ``N`` samples, not along rows
+    of ``K`` (several times faster for ``K = 5``). On these small tensors every elementwise operation
+    costs about as much as the products, so the evaluation is written with as few of them as possible.
+
+    ``theta = phi * scale`` (the diagonal preconditioner). With one problem per batch item the scale
+    is folded into the features once (``[x, 1] * scale``, and the ridge becomes ``lambda scale^2``)
+    instead of being applied to the parameters and the gradient at every evaluation.
+    """
+
+    features_t: torch.Tensor  # (B, D+1, N): [x, 1] transposed, times the scale when it is folded in
+    target: torch.Tensor  # (B, P, K, N): one-hot label times the sample's share of its problem's weight
+    share: torch.Tensor  # (B, P, 1, N)
+    ridge: torch.Tensor  # (B, P, 1, D+1): lambda on W (in phi's units), 0 on the bias
+    mask: torch.Tensor | None  # (B, 1, K, 1): 0, or a large negative logit on padding classes
+    scale: torch.Tensor | None  # (B, P, 1, D+1) when not folded into the features
+    unscale: torch.Tensor | None  # (B, P, 1, D+1): theta = phi * unscale at the end
+    shape: tuple[int, int, int, int]  # B, P, K, D+1
+
+    @classmethod
+    def build(cls, x, y, sample_weight, class_mask, lam, precondition: bool) -> _Problem:
+        b, n, d = x.shape
+        p, k = lam.shape[1], class_mask.shape[1]
+        share = (sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0))[:, :, None]  # (B, P, 1, N)
+        onehot = torch.nn.functional.one_hot(y, k).to(x.dtype).transpose(1, 2)  # (B, K, N)
+        ridge = torch.zeros(b, p, 1, d + 1, dtype=x.dtype, device=x.device)
+        ridge[..., :d] = lam[:, :, None, None]
+        mask = None if bool(class_mask.all()) else torch.where(class_mask, 0.0, _MASKED).to(x.dtype)[:, None, :, None]
+        unscale = _curvature_diagonal(x, sample_weight, class_mask, lam).rsqrt()[:, :, None] if precondition else None
+        fold = p == 1
+        # [x, 1] (times the scale when folded), written once, transposed: (B, D+1, N)
+        features_t = torch.empty(b, d + 1, n, dtype=x.dtype, device=x.device)
+        if unscale is not None and fold:
+            torch.mul(x.transpose(1, 2), unscale[:, 0, 0, :d, None], out=features_t[:, :d])
+            features_t[:, d] = unscale[:, 0, 0, d, None]
+            ridge = ridge * unscale.square()
+        else:
+            features_t[:, :d] = x.transpose(1, 2)
+            features_t[:, d] = 1.0
+        return cls(
+            features_t,
+            onehot[:, None] * share,
+            share,
+            ridge,
+            mask,
+            None if fold else unscale,
+            unscale,
+            (b, p, k, d + 1),
+        )
+
+    def zeros(self) -> torch.Tensor:
+        return self.features_t.new_zeros(self.shape)
+
+    def select(self, rows: torch.Tensor) -> _Problem:
+        """The problems of the batch items ``rows`` only."""
+        return _Problem(
+            self.features_t[rows],
+            self.target[rows],
+            self.share[rows],
+            self.ridge[rows],
+            None if self.mask is None else self.mask[rows],
+            None if self.scale is None else self.scale[rows],
+            None if self.unscale is None else self.unscale[rows],
+            (len(rows), *self.shape[1:]),
+        )
+
+    def value_and_grad(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, g = self.evaluate(phi, grad=True)
         assert g is not None
         return f, g
 
-    def value(phi: torch.Tensor) -> torch.Tensor:
-        return evaluate(phi, False)[0]
+    def value(self, phi: torch.Tensor) -> torch.Tensor:
+        return self.evaluate(phi, grad=False)[0]
 
-    def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (u * v).sum(dim=(1, 3))
+    def evaluate(self, phi: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``F = sum_n w_n (lse_n - logit_{n,y_n}) + 1/2 lambda ||W||^2`` per problem ``(B, P)`` and,
+        written out (no autograd graph), ``dF/dlogits = (softmax - onehot) w``,
+        ``dF/dtheta = [x, 1]^T dF/dlogits + lambda W`` (times the scale: the gradient in ``phi``)."""
+        b, p, k, d1 = self.shape
+        theta = phi if self.scale is None else phi * self.scale
+        logits = torch.bmm(theta.view(b, p * k, d1), self.features_t).view(b, p, k, -1)
+        if self.mask is not None:
+            logits.add_(self.mask)
+        top = logits.amax(2, keepdim=True)  # (B, P, 1, N)
+        e = (logits - top).exp_()
+        total = e.sum(2, keepdim=True)
+        penalised = self.ridge * theta
+        f = (self.share * (top + total.log())).sum((2, 3)) - (logits * self.target).sum((2, 3))
+        f = f + 0.5 * (penalised * theta).sum((2, 3))
+        if not grad:
+            return f, None
+        dlogits = e.mul_(self.share / total).sub_(self.target)
+        features = self.features_t.transpose(1, 2)
+        g = torch.baddbmm(penalised.view(b, p * k, d1), dlogits.view(b, p * k, -1), features).view(self.shape)
+        return f, (g if self.scale is None else g.mul_(self.scale))
 
-    def per(v: torch.Tensor) -> torch.Tensor:  # (B, P) -> broadcastable over a parameter tensor
-        return v[:, None, :, None]
+    def weight_and_bias(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``weight (B, D, P, K)``, ``bias (B, P, K)`` from the solver's variables."""
+        theta = phi if self.unscale is None else phi * self.unscale
+        return theta[..., :-1].permute(0, 3, 1, 2).contiguous(), theta[..., -1].contiguous()
 
-    theta = torch.zeros((b, d + 1, p, k), dtype=x.dtype, device=x.device)
-    f, g = value_and_grad(theta)
+
+def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-problem inner products ``(B, P)`` of ``(B, P, K, D+1)`` tensors."""
+    return (u * v).sum((2, 3))
+
+
+def _per(v: torch.Tensor) -> torch.Tensor:
+    """``(B, P)`` -> broadcastable over ``(B, P, K, D+1)``."""
+    return v[:, :, None, None]
+
+
+def _lbfgs(problem: _Problem, max_iter: int, tol: float, history: int, ftol: float) -> torch.Tensor:
+    """Batched L-BFGS from ``phi = 0`` (see :func:`solve_logreg`); returns the solver's variables.
+
+    Once most batch items have converged, the rest are gathered into a smaller batch, so that the
+    last iterations (which few problems need) cost in proportion to those problems; a converged
+    problem's variables are final either way, so the result is unchanged."""
+    phi = problem.zeros()
+    out, rows = phi, None  # the whole batch; the items still being solved (None: all)
+    f, g = problem.value_and_grad(phi)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    if scale is None:
-        gamma = 1.0 / g.abs().sum(dim=(1, 3)).clamp_min(1.0)  # first step as torch's L-BFGS
+    if problem.unscale is None:
+        gamma = 1.0 / g.abs().sum((2, 3)).clamp_min(1.0)  # first step as torch's L-BFGS
     else:
         gamma = torch.ones_like(f)  # preconditioned: a Newton step of the quadratic model
-    active = g.abs().amax(dim=(1, 3)) > tol
+    active = g.abs().amax((2, 3)) > tol
     for _ in range(max_iter):
-        if not active.any():
+        busy = active.any(1)
+        if not busy.any():
             break
-        # two-loop recursion, per problem
-        q = g.clone()
-        alphas = []
-        for s, yv, rho in reversed(pairs):
-            a = rho * dot(s, q)
-            q.addcmul_(yv, per(a), value=-1)
-            alphas.append(a)
-        r = q.mul_(per(gamma))
-        for (s, yv, rho), a in zip(pairs, reversed(alphas)):
-            r.addcmul_(s, per(a - rho * dot(yv, r)))
-        direction = r.neg_()
-        slope = dot(g, direction)
+        if int(busy.sum()) <= 0.75 * len(busy):  # gather the unconverged items
+            keep = busy.nonzero()[:, 0]
+            if rows is None:
+                out = phi.clone()
+            else:
+                out[rows] = phi
+            rows = keep if rows is None else rows[keep]
+            problem = problem.select(keep)
+            phi, f, g, gamma, active = phi[keep], f[keep], g[keep], gamma[keep], active[keep]
+            pairs = [(s[keep], yv[keep], rho[keep]) for s, yv, rho in pairs]
+        direction = _two_loop(g, pairs, gamma)
+        slope = _dot(g, direction)
         uphill = slope >= 0
         if uphill.any():  # not a descent direction: restart with steepest descent
-            direction = torch.where(per(uphill), -g * per(gamma), direction)
-            slope = dot(g, direction)
-        # Armijo backtracking, per problem; the full step (nearly always taken) is evaluated with its
-        # gradient, so that accepting it costs one evaluation
-        trial = theta + direction
-        f_trial, g_trial = value_and_grad(trial)
-        ok = active & (f_trial <= f + 1e-4 * slope)
-        todo = active & ~ok
-        if bool(ok.all()):
-            new_theta, new_f, new_g = trial, f_trial, g_trial
-        else:
-            new_theta, new_f = torch.where(per(ok), trial, theta), torch.where(ok, f_trial, f)
-            new_g = torch.where(per(ok), g_trial, g)
-        if todo.any():
-            step = torch.where(todo, 0.5, 1.0).to(f.dtype)
-            for _ in range(29):
-                trial = theta + per(step) * direction
-                f_trial = value(trial)
-                ok = todo & (f_trial <= f + 1e-4 * step * slope)
-                new_theta = torch.where(per(ok), trial, new_theta)
-                new_f = torch.where(ok, f_trial, new_f)
-                todo &= ~ok
-                if not todo.any():
-                    break
-                step = torch.where(todo, step * 0.5, step)
-            new_f, new_g = value_and_grad(new_theta)
-        active &= ~todo  # no decrease possible: converged to machine precision
-        s, yv = new_theta - theta, new_g - g
-        sy = dot(s, yv)
+            direction = torch.where(_per(uphill), -g * _per(gamma), direction)
+            slope = _dot(g, direction)
+        new_phi, new_f, new_g, failed = _armijo(problem, phi, f, g, direction, slope, active)
+        active &= ~failed  # no decrease possible: converged to machine precision
+        s, yv = new_phi - phi, new_g - g
+        sy = _dot(s, yv)
         good = sy > 1e-10
         rho = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy))
-        pairs = ([*pairs, (s, yv, rho)])[-history:]
-        gamma = torch.where(good, sy / dot(yv, yv).clamp_min(1e-30), gamma)
+        pairs = [*pairs, (s, yv, rho)][-history:]
+        gamma = torch.where(good, sy / _dot(yv, yv).clamp_min(1e-30), gamma)
         stalled = (f - new_f) <= ftol * torch.maximum(f.abs(), new_f.abs()).clamp_min(1.0)
-        theta, f, g = new_theta, new_f, new_g
-        active &= (g.abs().amax(dim=(1, 3)) > tol) & ~stalled
-    if scale is not None:
-        theta = theta * scale
-    return theta[:, :d].contiguous(), theta[:, d].contiguous()
+        phi, f, g = new_phi, new_f, new_g
+        active &= (g.abs().amax((2, 3)) > tol) & ~stalled
+    if rows is None:
+        return phi
+    out[rows] = phi
+    return out
+
+
+def _two_loop(g: torch.Tensor, pairs, gamma: torch.Tensor) -> torch.Tensor:
+    """``-H g``, ``H`` each problem's L-BFGS inverse-curvature estimate (Nocedal & Wright, Algorithm
+    7.4); started from ``-g`` so that the direction needs no final negation."""
+    q = g.neg()
+    alphas = []
+    for s, yv, rho in reversed(pairs):
+        a = rho * _dot(s, q)
+        q.addcmul_(yv, _per(a), value=-1)
+        alphas.append(a)
+    r = q.mul_(_per(gamma))
+    for (s, yv, rho), a in zip(pairs, reversed(alphas)):
+        r.addcmul_(s, _per(a - rho * _dot(yv, r)))
+    return r
+
+
+def _armijo(problem: _Problem, phi, f, g, direction, slope, active):
+    """Armijo backtracking, per problem. The full step (nearly always taken) is evaluated with its
+    gradient, so that accepting it costs one evaluation. Returns the new ``phi``, ``F``, gradient and
+    the problems for which no step decreased ``F``."""
+    trial = phi + direction
+    f_trial, g_trial = problem.value_and_grad(trial)
+    ok = active & (f_trial <= f + 1e-4 * slope)
+    todo = active & ~ok
+    if bool(ok.all()):
+        return trial, f_trial, g_trial, todo
+    new_phi, new_f = torch.where(_per(ok), trial, phi), torch.where(ok, f_trial, f)
+    new_g = torch.where(_per(ok), g_trial, g)
+    if todo.any():
+        step = torch.where(todo, 0.5, 1.0).to(f.dtype)
+        for _ in range(29):
+            trial = phi + _per(step) * direction
+            f_trial = problem.value(trial)
+            ok = todo & (f_trial <= f + 1e-4 * step * slope)
+            new_phi = torch.where(_per(ok), trial, new_phi)
+            new_f = torch.where(ok, f_trial, new_f)
+            todo &= ~ok
+            if not todo.any():
+                break
+            step = torch.where(todo, step * 0.5, step)
+        new_f, new_g = problem.value_and_grad(new_phi)
+    return new_phi, new_f, new_g, todo
 
 
 def _curvature_diagonal(
-    xa: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor, lam: torch.Tensor
+    x: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor, lam: torch.Tensor
 ) -> torch.Tensor:
-    """``(B, P, D+1)`` diagonal of each problem's ``M`` (see :func:`solve_logreg`); ``xa (B, N, D+1)``
-    the features with the bias's column of ones."""
+    """``(B, P, D+1)`` diagonal of each problem's ``M`` (see :func:`solve_logreg`), the last entry
+    the bias's; ``x (B, N, D)`` the features."""
     norm = sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)
-    classes = class_mask.sum(-1).clamp_min(2).to(xa.dtype)[:, None, None]
-    diag = torch.bmm(norm, xa.square()) / classes  # (B, P, D+1)
+    classes = class_mask.sum(-1).clamp_min(2).to(x.dtype)[:, None, None]
+    diag = torch.cat([torch.bmm(norm, x.square()), norm.sum(-1, keepdim=True)], -1) / classes  # (B, P, D+1)
     out = diag + (1e-6 * diag.mean(-1, keepdim=True) + 1e-12)
     out[..., :-1] += lam[..., None]  # the ridge: on W, not on the bias
     return out
