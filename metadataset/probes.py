@@ -19,7 +19,7 @@ axes of its support (or a cheaper triangular basis of it) instead of ``D`` (:fun
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -479,6 +479,52 @@ def _span_coordinates(
     return chol * (1 - padding)[..., None], coords
 
 
+def _gram_factor(
+    gram: torch.Tensor, dtype: torch.dtype, rel_eps: float = 1e-6
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``F^T (B, n, n)``, ``F F^T = gram``, in ``dtype``, and the map ``v -> F^-T v`` (``(B, n, K)``).
+
+    ``F^T`` is the upper Cholesky factor of ``gram`` plus ``rel_eps`` of its largest diagonal entry
+    (and 1 on the diagonal of padding rows, which are zero in ``gram``; the caller zeroes their
+    coordinates). Not positive definite even so: the principal axes, dropping what they must
+    (:func:`_span_coordinates`)."""
+    jittered = gram.to(dtype, copy=True)
+    diag = jittered.diagonal(dim1=-2, dim2=-1)
+    diag.add_((diag == 0).to(dtype) + rel_eps * diag.amax(-1, keepdim=True))
+    upper, info = torch.linalg.cholesky_ex(jittered, upper=True)
+    if bool((info > 0).any()):
+        eye = torch.eye(gram.shape[-1], dtype=dtype, device=gram.device).expand(gram.shape)
+        factor, inverse_t = _span_coordinates(gram.to(dtype), eye, principal=True, rel_eps=rel_eps)
+        return factor.transpose(1, 2), lambda v: inverse_t @ v
+    return upper, lambda v: torch.linalg.solve_triangular(upper, v, upper=True)
+
+
+def _row_dots(x: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = x[i] . x[i]``: NumPy's vectorised ``vecdot`` (NumPy >= 2), else ``einsum``."""
+    if hasattr(np, "vecdot"):
+        np.vecdot(x, x, out=out)
+    else:
+        np.einsum("ij,ij->i", x, x, out=out)
+
+
+def _score_queries(queries: Sequence[np.ndarray], weight_t: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Predicted class ``(B, m)`` of every episode's queries: ``argmax_k (q / |q|) . w_k + offset_k``,
+    computed as ``argmax_k q . w_k + |q| offset_k`` (the same for ``|q| > 0``) from ``weight_t (B, K, D)``
+    and ``offset (B, K)``. Each episode's query array is read once (its squared norms are taken
+    while it is in cache), never stacked: this pass over the queries is most of the probe's
+    memory traffic."""
+    b, k = offset.shape
+    m = max(len(q) for q in queries)
+    scores = np.zeros((b, k, m), dtype=np.float32)
+    squares = np.zeros((b, m), dtype=np.float32)
+    for i, q in enumerate(queries):
+        q = np.asarray(q, dtype=np.float32)
+        np.matmul(weight_t[i], q.T, out=scores[i, :, : len(q)])
+        _row_dots(q, squares[i, : len(q)])
+    scores += np.sqrt(squares)[:, None, :] * offset[:, :, None]
+    return scores.argmax(1)
+
+
 def stratified_folds(y: torch.Tensor, valid: torch.Tensor, folds: int) -> torch.Tensor:
     """Fold index of every support example: its rank within its class, modulo ``folds``."""
     onehot = torch.nn.functional.one_hot(y, int(y.max()) + 1) * valid[..., None]
@@ -572,65 +618,36 @@ class LogisticRegressionProbe:
         :func:`_pad_batch` + :func:`solve_logreg`, computed from each episode's raw support Gram matrix.
 
         With ``S0`` the raw support rows, ``R`` their norms and ``P`` the centring on the real rows,
-        the normalised, centred support is ``S = P R^-1 S0``, so its Gram matrix ``P R^-1 (S0 S0^T)
-        R^-1 P^T`` and, after the solve in span coordinates (map ``M``, :func:`_span_coordinates`), the
-        feature-space weights ``W = S^T M w = S0^T (R^-1 P^T M w)`` need one product with ``S0`` each
-        way: the ``(B, N, D)`` features are never rescaled or centred element by element. Each
-        episode's queries are scored with one ``(m, D) @ (D, K)`` product (``argmax`` of
+        the normalised, centred support is ``S = P R^-1 S0``. Factor the raw Gram matrix once,
+        ``S0 S0^T = F F^T`` (Cholesky), then ``Z = P R^-1 F`` are coordinates of the support in its own
+        span (``Z Z^T = S S^T``), and the solver's weights ``w`` in them are the feature-space weights
+        ``W = S0^T F^-T w``: the ``(B, N, D)`` features are never rescaled or centred element by element,
+        and the normalisation and centring cost one pass over the small ``(N, N)`` factor. Each
+        episode's queries are scored with one ``(K, D) @ (D, m)`` product (``argmax`` of
         ``(q / |q| - mean) W + b``), never projected onto the support."""
         b, n, d = len(tasks), max(len(t[1]) for t in tasks), tasks[0][0].shape[1]
         k = max(int(t[1].max()) + 1 for t in tasks)
         y, valid, class_mask = _padded_labels([t[1] for t in tasks], n, k)
         raw = torch.from_numpy(_stack_padded([t[0] for t in tasks], n, d)).to(self.device)  # (B, N, D) float32
-        gram0 = (raw @ raw.transpose(1, 2)).to(dtype)  # the small (N, N) algebra in the solver's precision
+        gram0 = raw @ raw.transpose(1, 2)
         real = torch.from_numpy(valid).to(device=self.device, dtype=dtype)
-        inv_norm = real / gram0.diagonal(dim1=1, dim2=2).sqrt().clamp_min(1e-12)  # R^-1 on the real rows
+        inv_norm = real / gram0.diagonal(dim1=1, dim2=2).to(dtype).sqrt().clamp_min(1e-12)  # R^-1 on the real rows
         share = real / real.sum(1, keepdim=True).clamp_min(1)  # the mean's weights
-        # P R^-1 G0 R^-1 P^T written out: scale rows and columns, subtract the weighted row and column
-        # means, add the grand mean, zero the padding rows and columns
-        gram = gram0 * inv_norm[:, :, None] * inv_norm[:, None, :]
-        row_mean = gram @ share[:, :, None]  # (B, N, 1)
-        grand = share[:, None, :] @ row_mean  # (B, 1, 1)
-        gram = gram - row_mean - row_mean.transpose(1, 2) + grand
-        padded = not bool(valid.all())
-        if padded:
-            gram = gram * real[:, :, None] * real[:, None, :]
-        diag = gram.diagonal(dim1=-2, dim2=-1)  # as _span_coordinates(principal=False): jitter, padding
-        padding = (diag == 0).to(dtype)
-        jittered = gram.clone()
-        jittered.diagonal(dim1=-2, dim2=-1).add_(padding + 1e-6 * diag.amax(-1, keepdim=True).clamp_min(1e-30))
-        chol, info = torch.linalg.cholesky_ex(jittered)
-        if bool((info > 0).any()):  # not positive definite even so: the principal axes
-            eye = torch.eye(n, dtype=dtype, device=self.device).expand(b, n, n)
-            coords, to_span = _span_coordinates(gram, eye, principal=True)
-        else:
-            coords, to_span = (chol * (1 - padding)[..., None] if padded else chol), None
+        upper, to_span = _gram_factor(gram0, dtype)  # the small (N, N) algebra in the solver's precision
+        # Z^T = F^T R^-1 - m 1^T P (m = F^T R^-1 share, the mean row of R^-1 F; padding rows zero), written
+        # transposed in one pass, as the solver reads it
+        mean = upper @ (inv_norm * share)[..., None]  # (B, N, 1)
+        centre = mean if bool(valid.all()) else mean * real[:, None, :]
+        coords = torch.addcmul(-centre, upper, inv_norm[:, None, :]).transpose(1, 2)
         lam = torch.full((b, 1), float(self.weight_decay), dtype=dtype, device=self.device)
         y_t, valid_t, mask_t = (torch.from_numpy(a).to(self.device) for a in (y, valid, class_mask))
         weight, bias = solve_logreg(coords, y_t, valid_t[:, None].to(dtype), mask_t, lam, self.max_iter, self.tol)
-        # M w: L^-T w (Cholesky coordinates), or the principal axes' map
-        span = to_span @ weight[:, :, 0] if to_span is not None else None
-        if span is None:
-            span = torch.linalg.solve_triangular(chol.transpose(1, 2), weight[:, :, 0], upper=True)
         # scoring in the features' precision (float32)
-        # R^-1 P^T M w, (B, N, K): P^T v = real * v - share * (sum of the real rows of v)
-        along = (inv_norm[..., None] * (span - share[..., None] * (real[..., None] * span).sum(1, keepdim=True))).to(
-            raw.dtype
-        )
-        feature_weight = raw.transpose(1, 2) @ along  # (B, D, K)
-        mean_score = ((share * inv_norm)[:, None, :] @ gram0 @ along.to(dtype))[:, 0]  # mean W = mean S0^T a
-        offset = (bias[:, 0] - mean_score).to(raw.dtype).masked_fill(~mask_t, _MASKED)
-        weights, offsets = feature_weight.cpu().numpy(), offset.cpu().numpy()
-        # argmax of (q W) / |q| + (b - mean W), times |q| > 0: two calls per episode, the rest at once
-        m = max(len(t[2]) for t in tasks)
-        scores = np.zeros((b, m, k), dtype=np.float32)
-        squares = np.zeros((b, m), dtype=np.float32)
-        for i, (_, _, qx) in enumerate(tasks):
-            qx = np.asarray(qx, dtype=np.float32)
-            np.matmul(qx, weights[i], out=scores[i, : len(qx)])
-            np.einsum("ij,ij->i", qx, qx, out=squares[i, : len(qx)])
-        scores += np.sqrt(squares)[..., None] * offsets[:, None, :]
-        pred = scores.argmax(-1)
+        along = to_span(weight[:, :, 0]).to(raw.dtype)  # F^-T w, (B, N, K): W = S0^T along
+        feature_weight = along.transpose(1, 2) @ raw  # W^T, (B, K, D)
+        mean_score = ((share * inv_norm).to(raw.dtype)[:, None, :] @ gram0 @ along)[:, 0]  # mean W = mean S0^T along
+        offset = (bias[:, 0].to(raw.dtype) - mean_score).masked_fill(~mask_t, _MASKED)
+        pred = _score_queries([t[2] for t in tasks], feature_weight.cpu().numpy(), offset.cpu().numpy())
         return [pred[i, : len(t[2])] for i, t in enumerate(tasks)]
 
     def _choose_weight_decay(self, batch: _Batch) -> torch.Tensor:
