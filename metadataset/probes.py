@@ -422,12 +422,11 @@ def _pad_batch(
     return _Batch(x, y_t, valid_t, class_mask_t, q)
 
 
-def _padded_labels(labels: Sequence[np.ndarray], n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Label codes padded to ``(B, n)`` (0 after the real rows), the real rows ``(B, n)`` and the
-    classes present ``(B, k)``."""
+def _padded_labels(labels: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label codes ``0..K-1`` padded to ``(B, n)`` (0 after the real rows), the real rows ``(B, n)`` and the
+    classes present ``(B, K)``, ``K`` the largest code plus one."""
     b = len(labels)
     valid = np.zeros((b, n), dtype=bool)
-    class_mask = np.zeros((b, k), dtype=bool)
     if all(len(sy) == n for sy in labels):
         y = np.stack(labels).astype(np.int64, copy=False)
         valid[:] = True
@@ -435,6 +434,7 @@ def _padded_labels(labels: Sequence[np.ndarray], n: int, k: int) -> tuple[np.nda
         y = np.zeros((b, n), dtype=np.int64)
         for i, sy in enumerate(labels):
             y[i, : len(sy)], valid[i, : len(sy)] = sy, True
+    class_mask = np.zeros((b, int(y.max()) + 1), dtype=bool)
     class_mask[np.arange(b)[:, None], y] = True  # padding rows add class 0, which every episode has
     return y, valid, class_mask
 
@@ -576,23 +576,16 @@ class LogisticRegressionProbe:
         remapped = _remap_many([sy for _, sy, _ in tasks])
         problems = len(self.grid) * self.folds if self.weight_decay == "cv" else 1
         dim = tasks[0][0].shape[1] if tasks else 0
-        order = sorted(range(len(tasks)), key=lambda i: (len(tasks[i][1]), len(remapped[i][0]), len(tasks[i][2])))
+        sizes = np.array([(len(sy), len(c), len(qx)) for (_, sy, qx), (c, _) in zip(tasks, remapped)]).reshape(-1, 3)
+        order = np.lexsort(sizes.T[::-1])  # by support size, then ways, then queries (stable)
         out: list[np.ndarray] = [np.empty(0)] * len(tasks)
-        start = 0
-        while start < len(order):
-            stop, n, m, k = start, 0, 0, 0
-            while stop < len(order):
-                i = order[stop]
-                n2, m2, k2 = max(n, len(tasks[i][1])), max(m, len(tasks[i][2])), max(k, len(remapped[i][0]))
-                if stop > start and (stop + 1 - start) * _episode_cost(n2, m2, k2, dim, problems) > self.max_elements:
-                    break
-                n, m, k, stop = n2, m2, k2, stop + 1
+        for start, stop in _plan_chunks(sizes[order], dim, problems, self.max_elements):
             chunk = order[start:stop]
+            n, k = sizes[chunk, 0].max(), sizes[chunk, 1].max()
             with _few_threads_if_small(len(chunk) * n * min(n, dim) * problems * k):
                 preds = self._solve_chunk([(tasks[i][0], remapped[i][1], tasks[i][2]) for i in chunk])
             for i, pred in zip(chunk, preds):
                 out[i] = remapped[i][0][pred]
-            start = stop
         return out
 
     def _solve_chunk(self, tasks) -> list[np.ndarray]:
@@ -626,8 +619,7 @@ class LogisticRegressionProbe:
         episode's queries are scored with one ``(K, D) @ (D, m)`` product (``argmax`` of
         ``(q / |q| - mean) W + b``), never projected onto the support."""
         b, n, d = len(tasks), max(len(t[1]) for t in tasks), tasks[0][0].shape[1]
-        k = max(int(t[1].max()) + 1 for t in tasks)
-        y, valid, class_mask = _padded_labels([t[1] for t in tasks], n, k)
+        y, valid, class_mask = _padded_labels([t[1] for t in tasks], n)
         raw = torch.from_numpy(_stack_padded([t[0] for t in tasks], n, d)).to(self.device)  # (B, N, D) float32
         gram0 = raw @ raw.transpose(1, 2)
         real = torch.from_numpy(valid).to(device=self.device, dtype=dtype)
@@ -676,11 +668,24 @@ class LogisticRegressionProbe:
         return grid[best][:, None]
 
 
-def _episode_cost(n: int, m: int, k: int, d: int, problems: int) -> int:
-    """Tensor elements one episode adds to a batched solve: features in ``r = min(n, d)``
-    coordinates (and their Gram matrices), and per problem the L-BFGS history and logits."""
-    r = min(n, d)
+def _episode_cost(n, m, k, d: int, problems: int):
+    """Tensor elements one episode adds to a batched solve (integers or arrays of them): features in
+    ``r = min(n, d)`` coordinates (and their Gram matrices), and per problem the L-BFGS history and logits."""
+    r = np.minimum(n, d)
     return (n + m + n) * r + problems * (30 * (r + 1) * k + 4 * n * k)
+
+
+def _plan_chunks(sizes: np.ndarray, dim: int, problems: int, max_elements: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges ``[start, stop)`` of episodes with ``sizes (E, 3)`` = (support, ways, queries),
+    each as long as its batch, padded to its largest sizes, stays within ``max_elements`` (at least
+    one episode). Vectorised: the cost of every prefix of the rest at once (it grows with the prefix)."""
+    start = 0
+    while start < len(sizes):
+        peak = np.maximum.accumulate(sizes[start:], axis=0)
+        cost = np.arange(1, len(peak) + 1) * _episode_cost(peak[:, 0], peak[:, 2], peak[:, 1], dim, problems)
+        stop = start + max(1, int(np.searchsorted(cost, max_elements, side="right")))
+        yield start, stop
+        start = stop
 
 
 def _remap_many(label_sets: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
