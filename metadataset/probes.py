@@ -257,7 +257,8 @@ def _lbfgs(problem: _Problem, max_iter: int, tol: float, history: int, ftol: flo
     last iterations (which few problems need) cost in proportion to those problems; a converged
     problem's variables are final either way, so the result is unchanged."""
     phi = problem.zeros()
-    out, rows = phi, None  # the whole batch; the items still being solved (None: all)
+    solved = problem.zeros()  # every batch item's variables, written when it leaves the solve
+    rows = torch.arange(len(phi), device=phi.device)  # the batch items still in the solve
     f, g = problem.value_and_grad(phi)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     if problem.unscale is None:
@@ -269,15 +270,11 @@ def _lbfgs(problem: _Problem, max_iter: int, tol: float, history: int, ftol: flo
         busy = active.any(1)
         if not busy.any():
             break
-        if int(busy.sum()) <= 0.75 * len(busy):  # gather the unconverged items
+        if int(busy.sum()) <= 0.75 * len(busy):  # gather the unconverged items into a smaller batch
+            solved[rows] = phi
             keep = busy.nonzero()[:, 0]
-            if rows is None:
-                out = phi.clone()
-            else:
-                out[rows] = phi
-            rows = keep if rows is None else rows[keep]
-            problem = problem.select(keep)
-            phi, f, g, gamma, active = phi[keep], f[keep], g[keep], gamma[keep], active[keep]
+            rows, problem = rows[keep], problem.select(keep)
+            phi, f, g, gamma, active = (t[keep] for t in (phi, f, g, gamma, active))
             pairs = [(s[keep], yv[keep], rho[keep]) for s, yv, rho in pairs]
         direction = _two_loop(g, pairs, gamma)
         slope = _dot(g, direction)
@@ -296,10 +293,8 @@ def _lbfgs(problem: _Problem, max_iter: int, tol: float, history: int, ftol: flo
         stalled = (f - new_f) <= ftol * torch.maximum(f.abs(), new_f.abs()).clamp_min(1.0)
         phi, f, g = new_phi, new_f, new_g
         active &= (g.abs().amax((2, 3)) > tol) & ~stalled
-    if rows is None:
-        return phi
-    out[rows] = phi
-    return out
+    solved[rows] = phi
+    return solved
 
 
 def _two_loop(g: torch.Tensor, pairs, gamma: torch.Tensor) -> torch.Tensor:
