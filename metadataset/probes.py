@@ -140,7 +140,7 @@ class _Problem:
     Parameters are laid out ``(B, P, K, D+1)`` (the last feature column is the bias) and logits
     ``(B, P, K, N)``, so that every problem's parameters are one contiguous block (its dot products are
     plain sums) and the softmax over the few classes runs across rows of ``N`` samples, not along rows
-    of ``K`` (several times faster for ``K = 5``). On these small tensors every elementwise operation
+    of ``K`` (its reductions about twice as fast for ``K = 5``). On these small tensors every elementwise operation
     costs about as much as the products, so the evaluation is written with as few of them as possible.
 
     ``theta = phi * scale`` (the diagonal preconditioner). With one problem per batch item the scale
@@ -621,8 +621,8 @@ class LogisticRegressionProbe:
         inv_norm = real / gram0.diagonal(dim1=1, dim2=2).to(dtype).sqrt().clamp_min(1e-12)  # R^-1 on the real rows
         share = real / real.sum(1, keepdim=True).clamp_min(1)  # the mean's weights
         upper, to_span = _gram_factor(gram0, dtype)  # the small (N, N) algebra in the solver's precision
-        # Z^T = F^T R^-1 - m 1^T P (m = F^T R^-1 share, the mean row of R^-1 F; padding rows zero), written
-        # transposed in one pass, as the solver reads it
+        # Z^T = F^T R^-1 - m 1^T, m = F^T R^-1 share (the support's weighted mean row of R^-1 F), with the
+        # padding rows of Z zero: written transposed in one pass, as the solver reads it
         mean = upper @ (inv_norm * share)[..., None]  # (B, N, 1)
         centre = mean if bool(valid.all()) else mean * real[:, None, :]
         coords = torch.addcmul(-centre, upper, inv_norm[:, None, :]).transpose(1, 2)
