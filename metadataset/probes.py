@@ -19,7 +19,7 @@ axes of its support (or a cheaper triangular basis of it) instead of ``D`` (:fun
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -128,131 +128,226 @@ def _few_threads_if_small(work: int, small: int = 1 << 30) -> Iterator[None]:
 
 
 def _solve_logreg(x, y, sample_weight, class_mask, lam, max_iter, tol, history, precondition, ftol):
-    """Parameters are kept as ``theta (B, D+1, P, K)`` (the last feature row is the bias) and the
-    features as ``[x, 1] (B, N, D+1)``, so that all problems' logits are one ``bmm`` and their
-    gradient one ``baddbmm``: on these small tensors every elementwise operation costs about as much
-    as the products, so the evaluation is written with as few of them as possible."""
-    b, n, d = x.shape
-    p, k = lam.shape[1], class_mask.shape[1]
-    xa = torch.cat([x, torch.ones(b, n, 1, dtype=x.dtype, device=x.device)], dim=2)  # (B, N, D+1)
-    xa_t = xa.transpose(1, 2)
-    scale = None
-    if precondition:  # (B, D+1, P, 1)
-        scale = _curvature_diagonal(xa, sample_weight, class_mask, lam).rsqrt().transpose(1, 2)[..., None]
-    share = (sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)).transpose(1, 2)  # (B, N, P)
-    target = torch.nn.functional.one_hot(y, k).to(x.dtype)[:, :, None, :] * share[..., None]  # (B, N, P, K)
-    ridge = torch.zeros(b, d + 1, p, 1, dtype=x.dtype, device=x.device)
-    ridge[:, :d] = lam[:, None, :, None]
-    masked = None if bool(class_mask.all()) else torch.where(class_mask, 0.0, _MASKED).to(x.dtype)[:, None, None, :]
+    problem = _Problem.build(x, y, sample_weight, class_mask, lam, precondition)
+    phi = _lbfgs(problem, max_iter, tol, history, ftol)
+    return problem.weight_and_bias(phi)
 
-    def evaluate(phi: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``F = sum_n w_n (lse_n - logit_{n,y_n}) + 1/2 lam ||W||^2`` and, written out (no autograd
-        graph), ``dF/dlogits = (softmax - onehot) w``, ``dF/dtheta = [x, 1]^T dF/dlogits + lam W``."""
-        theta = phi if scale is None else phi * scale
-        logits = torch.bmm(xa, theta.reshape(b, d + 1, p * k)).reshape(b, n, p, k)
-        if masked is not None:
-            logits.add_(masked)
-        top = logits.amax(-1, keepdim=True)
-        e = (logits - top).exp_()
-        total = e.sum(-1, keepdim=True)  # (B, N, P, 1)
-        penalised = ridge * theta  # (B, D+1, P, K)
-        f = (share * (top + total.log()).squeeze(-1)).sum(1) - (logits * target).sum(dim=(1, 3))
-        f = f + 0.5 * (penalised * theta).sum(dim=(1, 3))
-        if not grad:
-            return f, None
-        dlogits = e.mul_(share[..., None] / total).sub_(target)
-        g = torch.baddbmm(penalised.reshape(b, d + 1, p * k), xa_t, dlogits.reshape(b, n, p * k))
-        g = g.reshape(b, d + 1, p, k)
-        return f, (g if scale is None else g.mul_(scale))
 
-    def value_and_grad(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f, g = evaluate(phi, True)
+@dataclass
+class _Problem:
+    """The ``B x P`` objectives of :func:`solve_logreg` in the solver's variables ``phi``.
+
+    Parameters are laid out ``(B, P, K, D+1)`` (the last feature column is the bias) and logits
+    ``(B, P, K, N)``, so that every problem's parameters are one contiguous block (its dot products are
+    plain sums) and the softmax over the few classes runs across rows of ``N`` samples, not along rows
+    of ``K`` (its reductions about twice as fast for ``K = 5``). On these small tensors every elementwise operation
+    costs about as much as the products, so the evaluation is written with as few of them as possible.
+
+    ``theta = phi * scale`` (the diagonal preconditioner). With one problem per batch item the scale
+    is folded into the features once (``[x, 1] * scale``, and the ridge becomes ``lambda scale^2``)
+    instead of being applied to the parameters and the gradient at every evaluation.
+    """
+
+    features_t: torch.Tensor  # (B, D+1, N): [x, 1] transposed, times the scale when it is folded in
+    target: torch.Tensor  # (B, P, K, N): one-hot label times the sample's share of its problem's weight
+    share: torch.Tensor  # (B, P, 1, N)
+    ridge: torch.Tensor  # (B, P, 1, D+1): lambda on W (in phi's units), 0 on the bias
+    mask: torch.Tensor | None  # (B, 1, K, 1): 0, or a large negative logit on padding classes
+    scale: torch.Tensor | None  # (B, P, 1, D+1) when not folded into the features
+    unscale: torch.Tensor | None  # (B, P, 1, D+1): theta = phi * unscale at the end
+    shape: tuple[int, int, int, int]  # B, P, K, D+1
+
+    @classmethod
+    def build(cls, x, y, sample_weight, class_mask, lam, precondition: bool) -> _Problem:
+        b, n, d = x.shape
+        p, k = lam.shape[1], class_mask.shape[1]
+        share = (sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0))[:, :, None]  # (B, P, 1, N)
+        onehot = torch.nn.functional.one_hot(y, k).to(x.dtype).transpose(1, 2)  # (B, K, N)
+        ridge = torch.zeros(b, p, 1, d + 1, dtype=x.dtype, device=x.device)
+        ridge[..., :d] = lam[:, :, None, None]
+        mask = None if bool(class_mask.all()) else torch.where(class_mask, 0.0, _MASKED).to(x.dtype)[:, None, :, None]
+        unscale = _curvature_diagonal(x, sample_weight, class_mask, lam).rsqrt()[:, :, None] if precondition else None
+        fold = p == 1
+        # [x, 1] (times the scale when folded), written once, transposed: (B, D+1, N)
+        features_t = torch.empty(b, d + 1, n, dtype=x.dtype, device=x.device)
+        if unscale is not None and fold:
+            torch.mul(x.transpose(1, 2), unscale[:, 0, 0, :d, None], out=features_t[:, :d])
+            features_t[:, d] = unscale[:, 0, 0, d, None]
+            ridge = ridge * unscale.square()
+        else:
+            features_t[:, :d] = x.transpose(1, 2)
+            features_t[:, d] = 1.0
+        return cls(
+            features_t,
+            onehot[:, None] * share,
+            share,
+            ridge,
+            mask,
+            None if fold else unscale,
+            unscale,
+            (b, p, k, d + 1),
+        )
+
+    def zeros(self) -> torch.Tensor:
+        return self.features_t.new_zeros(self.shape)
+
+    def select(self, rows: torch.Tensor) -> _Problem:
+        """The problems of the batch items ``rows`` only."""
+        return _Problem(
+            self.features_t[rows],
+            self.target[rows],
+            self.share[rows],
+            self.ridge[rows],
+            None if self.mask is None else self.mask[rows],
+            None if self.scale is None else self.scale[rows],
+            None if self.unscale is None else self.unscale[rows],
+            (len(rows), *self.shape[1:]),
+        )
+
+    def value_and_grad(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f, g = self.evaluate(phi, grad=True)
         assert g is not None
         return f, g
 
-    def value(phi: torch.Tensor) -> torch.Tensor:
-        return evaluate(phi, False)[0]
+    def value(self, phi: torch.Tensor) -> torch.Tensor:
+        return self.evaluate(phi, grad=False)[0]
 
-    def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (u * v).sum(dim=(1, 3))
+    def evaluate(self, phi: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``F = sum_n w_n (lse_n - logit_{n,y_n}) + 1/2 lambda ||W||^2`` per problem ``(B, P)`` and,
+        written out (no autograd graph), ``dF/dlogits = (softmax - onehot) w``,
+        ``dF/dtheta = [x, 1]^T dF/dlogits + lambda W`` (times the scale: the gradient in ``phi``)."""
+        b, p, k, d1 = self.shape
+        theta = phi if self.scale is None else phi * self.scale
+        logits = torch.bmm(theta.view(b, p * k, d1), self.features_t).view(b, p, k, -1)
+        if self.mask is not None:
+            logits.add_(self.mask)
+        top = logits.amax(2, keepdim=True)  # (B, P, 1, N)
+        e = (logits - top).exp_()
+        total = e.sum(2, keepdim=True)
+        penalised = self.ridge * theta
+        f = (self.share * (top + total.log())).sum((2, 3)) - (logits * self.target).sum((2, 3))
+        f = f + 0.5 * (penalised * theta).sum((2, 3))
+        if not grad:
+            return f, None
+        dlogits = e.mul_(self.share / total).sub_(self.target)
+        features = self.features_t.transpose(1, 2)
+        g = torch.baddbmm(penalised.view(b, p * k, d1), dlogits.view(b, p * k, -1), features).view(self.shape)
+        return f, (g if self.scale is None else g.mul_(self.scale))
 
-    def per(v: torch.Tensor) -> torch.Tensor:  # (B, P) -> broadcastable over a parameter tensor
-        return v[:, None, :, None]
+    def weight_and_bias(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``weight (B, D, P, K)``, ``bias (B, P, K)`` from the solver's variables."""
+        theta = phi if self.unscale is None else phi * self.unscale
+        return theta[..., :-1].permute(0, 3, 1, 2).contiguous(), theta[..., -1].contiguous()
 
-    theta = torch.zeros((b, d + 1, p, k), dtype=x.dtype, device=x.device)
-    f, g = value_and_grad(theta)
+
+def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-problem inner products ``(B, P)`` of ``(B, P, K, D+1)`` tensors."""
+    return (u * v).sum((2, 3))
+
+
+def _per(v: torch.Tensor) -> torch.Tensor:
+    """``(B, P)`` -> broadcastable over ``(B, P, K, D+1)``."""
+    return v[:, :, None, None]
+
+
+def _lbfgs(problem: _Problem, max_iter: int, tol: float, history: int, ftol: float) -> torch.Tensor:
+    """Batched L-BFGS from ``phi = 0`` (see :func:`solve_logreg`); returns the solver's variables.
+
+    Once most batch items have converged, the rest are gathered into a smaller batch, so that the
+    last iterations (which few problems need) cost in proportion to those problems; a converged
+    problem's variables are final either way, so the result is unchanged."""
+    phi = problem.zeros()
+    solved = problem.zeros()  # every batch item's variables, written when it leaves the solve
+    rows = torch.arange(len(phi), device=phi.device)  # the batch items still in the solve
+    f, g = problem.value_and_grad(phi)
     pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    if scale is None:
-        gamma = 1.0 / g.abs().sum(dim=(1, 3)).clamp_min(1.0)  # first step as torch's L-BFGS
+    if problem.unscale is None:
+        gamma = 1.0 / g.abs().sum((2, 3)).clamp_min(1.0)  # first step as torch's L-BFGS
     else:
         gamma = torch.ones_like(f)  # preconditioned: a Newton step of the quadratic model
-    active = g.abs().amax(dim=(1, 3)) > tol
+    active = g.abs().amax((2, 3)) > tol
     for _ in range(max_iter):
-        if not active.any():
+        busy = active.any(1)
+        if not busy.any():
             break
-        # two-loop recursion, per problem
-        q = g.clone()
-        alphas = []
-        for s, yv, rho in reversed(pairs):
-            a = rho * dot(s, q)
-            q.addcmul_(yv, per(a), value=-1)
-            alphas.append(a)
-        r = q.mul_(per(gamma))
-        for (s, yv, rho), a in zip(pairs, reversed(alphas)):
-            r.addcmul_(s, per(a - rho * dot(yv, r)))
-        direction = r.neg_()
-        slope = dot(g, direction)
+        if int(busy.sum()) <= 0.75 * len(busy):  # gather the unconverged items into a smaller batch
+            solved[rows] = phi
+            keep = busy.nonzero()[:, 0]
+            rows, problem = rows[keep], problem.select(keep)
+            phi, f, g, gamma, active = (t[keep] for t in (phi, f, g, gamma, active))
+            pairs = [(s[keep], yv[keep], rho[keep]) for s, yv, rho in pairs]
+        direction = _two_loop(g, pairs, gamma)
+        slope = _dot(g, direction)
         uphill = slope >= 0
         if uphill.any():  # not a descent direction: restart with steepest descent
-            direction = torch.where(per(uphill), -g * per(gamma), direction)
-            slope = dot(g, direction)
-        # Armijo backtracking, per problem; the full step (nearly always taken) is evaluated with its
-        # gradient, so that accepting it costs one evaluation
-        trial = theta + direction
-        f_trial, g_trial = value_and_grad(trial)
-        ok = active & (f_trial <= f + 1e-4 * slope)
-        todo = active & ~ok
-        if bool(ok.all()):
-            new_theta, new_f, new_g = trial, f_trial, g_trial
-        else:
-            new_theta, new_f = torch.where(per(ok), trial, theta), torch.where(ok, f_trial, f)
-            new_g = torch.where(per(ok), g_trial, g)
-        if todo.any():
-            step = torch.where(todo, 0.5, 1.0).to(f.dtype)
-            for _ in range(29):
-                trial = theta + per(step) * direction
-                f_trial = value(trial)
-                ok = todo & (f_trial <= f + 1e-4 * step * slope)
-                new_theta = torch.where(per(ok), trial, new_theta)
-                new_f = torch.where(ok, f_trial, new_f)
-                todo &= ~ok
-                if not todo.any():
-                    break
-                step = torch.where(todo, step * 0.5, step)
-            new_f, new_g = value_and_grad(new_theta)
-        active &= ~todo  # no decrease possible: converged to machine precision
-        s, yv = new_theta - theta, new_g - g
-        sy = dot(s, yv)
+            direction = torch.where(_per(uphill), -g * _per(gamma), direction)
+            slope = _dot(g, direction)
+        new_phi, new_f, new_g, failed = _armijo(problem, phi, f, g, direction, slope, active)
+        active &= ~failed  # no decrease possible: converged to machine precision
+        s, yv = new_phi - phi, new_g - g
+        sy = _dot(s, yv)
         good = sy > 1e-10
         rho = torch.where(good, 1.0 / torch.where(good, sy, torch.ones_like(sy)), torch.zeros_like(sy))
-        pairs = ([*pairs, (s, yv, rho)])[-history:]
-        gamma = torch.where(good, sy / dot(yv, yv).clamp_min(1e-30), gamma)
+        pairs = [*pairs, (s, yv, rho)][-history:]
+        gamma = torch.where(good, sy / _dot(yv, yv).clamp_min(1e-30), gamma)
         stalled = (f - new_f) <= ftol * torch.maximum(f.abs(), new_f.abs()).clamp_min(1.0)
-        theta, f, g = new_theta, new_f, new_g
-        active &= (g.abs().amax(dim=(1, 3)) > tol) & ~stalled
-    if scale is not None:
-        theta = theta * scale
-    return theta[:, :d].contiguous(), theta[:, d].contiguous()
+        phi, f, g = new_phi, new_f, new_g
+        active &= (g.abs().amax((2, 3)) > tol) & ~stalled
+    solved[rows] = phi
+    return solved
+
+
+def _two_loop(g: torch.Tensor, pairs, gamma: torch.Tensor) -> torch.Tensor:
+    """``-H g``, ``H`` each problem's L-BFGS inverse-curvature estimate (Nocedal & Wright, Algorithm
+    7.4); started from ``-g`` so that the direction needs no final negation."""
+    q = g.neg()
+    alphas = []
+    for s, yv, rho in reversed(pairs):
+        a = rho * _dot(s, q)
+        q.addcmul_(yv, _per(a), value=-1)
+        alphas.append(a)
+    r = q.mul_(_per(gamma))
+    for (s, yv, rho), a in zip(pairs, reversed(alphas)):
+        r.addcmul_(s, _per(a - rho * _dot(yv, r)))
+    return r
+
+
+def _armijo(problem: _Problem, phi, f, g, direction, slope, active):
+    """Armijo backtracking, per problem. The full step (nearly always taken) is evaluated with its
+    gradient, so that accepting it costs one evaluation. Returns the new ``phi``, ``F``, gradient and
+    the problems for which no step decreased ``F``."""
+    trial = phi + direction
+    f_trial, g_trial = problem.value_and_grad(trial)
+    ok = active & (f_trial <= f + 1e-4 * slope)
+    todo = active & ~ok
+    if bool(ok.all()):
+        return trial, f_trial, g_trial, todo
+    new_phi, new_f = torch.where(_per(ok), trial, phi), torch.where(ok, f_trial, f)
+    new_g = torch.where(_per(ok), g_trial, g)
+    if todo.any():
+        step = torch.where(todo, 0.5, 1.0).to(f.dtype)
+        for _ in range(29):
+            trial = phi + _per(step) * direction
+            f_trial = problem.value(trial)
+            ok = todo & (f_trial <= f + 1e-4 * step * slope)
+            new_phi = torch.where(_per(ok), trial, new_phi)
+            new_f = torch.where(ok, f_trial, new_f)
+            todo &= ~ok
+            if not todo.any():
+                break
+            step = torch.where(todo, step * 0.5, step)
+        new_f, new_g = problem.value_and_grad(new_phi)
+    return new_phi, new_f, new_g, todo
 
 
 def _curvature_diagonal(
-    xa: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor, lam: torch.Tensor
+    x: torch.Tensor, sample_weight: torch.Tensor, class_mask: torch.Tensor, lam: torch.Tensor
 ) -> torch.Tensor:
-    """``(B, P, D+1)`` diagonal of each problem's ``M`` (see :func:`solve_logreg`); ``xa (B, N, D+1)``
-    the features with the bias's column of ones."""
+    """``(B, P, D+1)`` diagonal of each problem's ``M`` (see :func:`solve_logreg`), the last entry
+    the bias's; ``x (B, N, D)`` the features."""
     norm = sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0)
-    classes = class_mask.sum(-1).clamp_min(2).to(xa.dtype)[:, None, None]
-    diag = torch.bmm(norm, xa.square()) / classes  # (B, P, D+1)
+    classes = class_mask.sum(-1).clamp_min(2).to(x.dtype)[:, None, None]
+    diag = torch.cat([torch.bmm(norm, x.square()), norm.sum(-1, keepdim=True)], -1) / classes  # (B, P, D+1)
     out = diag + (1e-6 * diag.mean(-1, keepdim=True) + 1e-12)
     out[..., :-1] += lam[..., None]  # the ridge: on W, not on the bias
     return out
@@ -322,12 +417,11 @@ def _pad_batch(
     return _Batch(x, y_t, valid_t, class_mask_t, q)
 
 
-def _padded_labels(labels: Sequence[np.ndarray], n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Label codes padded to ``(B, n)`` (0 after the real rows), the real rows ``(B, n)`` and the
-    classes present ``(B, k)``."""
+def _padded_labels(labels: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label codes ``0..K-1`` padded to ``(B, n)`` (0 after the real rows), the real rows ``(B, n)`` and the
+    classes present ``(B, K)``, ``K`` the largest code plus one."""
     b = len(labels)
     valid = np.zeros((b, n), dtype=bool)
-    class_mask = np.zeros((b, k), dtype=bool)
     if all(len(sy) == n for sy in labels):
         y = np.stack(labels).astype(np.int64, copy=False)
         valid[:] = True
@@ -335,6 +429,7 @@ def _padded_labels(labels: Sequence[np.ndarray], n: int, k: int) -> tuple[np.nda
         y = np.zeros((b, n), dtype=np.int64)
         for i, sy in enumerate(labels):
             y[i, : len(sy)], valid[i, : len(sy)] = sy, True
+    class_mask = np.zeros((b, int(y.max()) + 1), dtype=bool)
     class_mask[np.arange(b)[:, None], y] = True  # padding rows add class 0, which every episode has
     return y, valid, class_mask
 
@@ -377,6 +472,52 @@ def _span_coordinates(
         return _span_coordinates(gram, cross, principal=True, rel_eps=rel_eps)
     coords = torch.linalg.solve_triangular(chol, cross.transpose(1, 2), upper=False).transpose(1, 2)
     return chol * (1 - padding)[..., None], coords
+
+
+def _gram_factor(
+    gram: torch.Tensor, dtype: torch.dtype, rel_eps: float = 1e-6
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``F^T (B, n, n)``, ``F F^T = gram``, in ``dtype``, and the map ``v -> F^-T v`` (``(B, n, K)``).
+
+    ``F^T`` is the upper Cholesky factor of ``gram`` plus ``rel_eps`` of its largest diagonal entry
+    (and 1 on the diagonal of padding rows, which are zero in ``gram``; the caller zeroes their
+    coordinates). Not positive definite even so: the principal axes, dropping what they must
+    (:func:`_span_coordinates`)."""
+    jittered = gram.to(dtype, copy=True)
+    diag = jittered.diagonal(dim1=-2, dim2=-1)
+    diag.add_((diag == 0).to(dtype) + rel_eps * diag.amax(-1, keepdim=True))
+    upper, info = torch.linalg.cholesky_ex(jittered, upper=True)
+    if bool((info > 0).any()):
+        eye = torch.eye(gram.shape[-1], dtype=dtype, device=gram.device).expand(gram.shape)
+        factor, inverse_t = _span_coordinates(gram.to(dtype), eye, principal=True, rel_eps=rel_eps)
+        return factor.transpose(1, 2), lambda v: inverse_t @ v
+    return upper, lambda v: torch.linalg.solve_triangular(upper, v, upper=True)
+
+
+def _row_dots(x: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = x[i] . x[i]``: NumPy's vectorised ``vecdot`` (NumPy >= 2), else ``einsum``."""
+    if hasattr(np, "vecdot"):
+        np.vecdot(x, x, out=out)
+    else:
+        np.einsum("ij,ij->i", x, x, out=out)
+
+
+def _score_queries(queries: Sequence[np.ndarray], weight_t: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Predicted class ``(B, m)`` of every episode's queries: ``argmax_k (q / |q|) . w_k + offset_k``,
+    computed as ``argmax_k q . w_k + |q| offset_k`` (the same for ``|q| > 0``) from ``weight_t (B, K, D)``
+    and ``offset (B, K)``. Each episode's query array is read once (its squared norms are taken
+    while it is in cache), never stacked: this pass over the queries is most of the probe's
+    memory traffic."""
+    b, k = offset.shape
+    m = max(len(q) for q in queries)
+    scores = np.zeros((b, k, m), dtype=np.float32)
+    squares = np.zeros((b, m), dtype=np.float32)
+    for i, q in enumerate(queries):
+        q = np.asarray(q, dtype=np.float32)
+        np.matmul(weight_t[i], q.T, out=scores[i, :, : len(q)])
+        _row_dots(q, squares[i, : len(q)])
+    scores += np.sqrt(squares)[:, None, :] * offset[:, :, None]
+    return scores.argmax(1)
 
 
 def stratified_folds(y: torch.Tensor, valid: torch.Tensor, folds: int) -> torch.Tensor:
@@ -430,23 +571,16 @@ class LogisticRegressionProbe:
         remapped = _remap_many([sy for _, sy, _ in tasks])
         problems = len(self.grid) * self.folds if self.weight_decay == "cv" else 1
         dim = tasks[0][0].shape[1] if tasks else 0
-        order = sorted(range(len(tasks)), key=lambda i: (len(tasks[i][1]), len(remapped[i][0]), len(tasks[i][2])))
+        sizes = np.array([(len(sy), len(c), len(qx)) for (_, sy, qx), (c, _) in zip(tasks, remapped)]).reshape(-1, 3)
+        order = np.lexsort(sizes.T[::-1])  # by support size, then ways, then queries (stable)
         out: list[np.ndarray] = [np.empty(0)] * len(tasks)
-        start = 0
-        while start < len(order):
-            stop, n, m, k = start, 0, 0, 0
-            while stop < len(order):
-                i = order[stop]
-                n2, m2, k2 = max(n, len(tasks[i][1])), max(m, len(tasks[i][2])), max(k, len(remapped[i][0]))
-                if stop > start and (stop + 1 - start) * _episode_cost(n2, m2, k2, dim, problems) > self.max_elements:
-                    break
-                n, m, k, stop = n2, m2, k2, stop + 1
+        for start, stop in _plan_chunks(sizes[order], dim, problems, self.max_elements):
             chunk = order[start:stop]
+            n, k = sizes[chunk, 0].max(), sizes[chunk, 1].max()
             with _few_threads_if_small(len(chunk) * n * min(n, dim) * problems * k):
                 preds = self._solve_chunk([(tasks[i][0], remapped[i][1], tasks[i][2]) for i in chunk])
             for i, pred in zip(chunk, preds):
                 out[i] = remapped[i][0][pred]
-            start = stop
         return out
 
     def _solve_chunk(self, tasks) -> list[np.ndarray]:
@@ -472,65 +606,35 @@ class LogisticRegressionProbe:
         :func:`_pad_batch` + :func:`solve_logreg`, computed from each episode's raw support Gram matrix.
 
         With ``S0`` the raw support rows, ``R`` their norms and ``P`` the centring on the real rows,
-        the normalised, centred support is ``S = P R^-1 S0``, so its Gram matrix ``P R^-1 (S0 S0^T)
-        R^-1 P^T`` and, after the solve in span coordinates (map ``M``, :func:`_span_coordinates`), the
-        feature-space weights ``W = S^T M w = S0^T (R^-1 P^T M w)`` need one product with ``S0`` each
-        way: the ``(B, N, D)`` features are never rescaled or centred element by element. Each
-        episode's queries are scored with one ``(m, D) @ (D, K)`` product (``argmax`` of
+        the normalised, centred support is ``S = P R^-1 S0``. Factor the raw Gram matrix once,
+        ``S0 S0^T = F F^T`` (Cholesky), then ``Z = P R^-1 F`` are coordinates of the support in its own
+        span (``Z Z^T = S S^T``), and the solver's weights ``w`` in them are the feature-space weights
+        ``W = S0^T F^-T w``: the ``(B, N, D)`` features are never rescaled or centred element by element,
+        and the normalisation and centring cost one pass over the small ``(N, N)`` factor. Each
+        episode's queries are scored with one ``(K, D) @ (D, m)`` product (``argmax`` of
         ``(q / |q| - mean) W + b``), never projected onto the support."""
         b, n, d = len(tasks), max(len(t[1]) for t in tasks), tasks[0][0].shape[1]
-        k = max(int(t[1].max()) + 1 for t in tasks)
-        y, valid, class_mask = _padded_labels([t[1] for t in tasks], n, k)
+        y, valid, class_mask = _padded_labels([t[1] for t in tasks], n)
         raw = torch.from_numpy(_stack_padded([t[0] for t in tasks], n, d)).to(self.device)  # (B, N, D) float32
-        gram0 = (raw @ raw.transpose(1, 2)).to(dtype)  # the small (N, N) algebra in the solver's precision
+        gram0 = raw @ raw.transpose(1, 2)
         real = torch.from_numpy(valid).to(device=self.device, dtype=dtype)
-        inv_norm = real / gram0.diagonal(dim1=1, dim2=2).sqrt().clamp_min(1e-12)  # R^-1 on the real rows
+        inv_norm = real / gram0.diagonal(dim1=1, dim2=2).to(dtype).sqrt().clamp_min(1e-12)  # R^-1 on the real rows
         share = real / real.sum(1, keepdim=True).clamp_min(1)  # the mean's weights
-        # P R^-1 G0 R^-1 P^T written out: scale rows and columns, subtract the weighted row and column
-        # means, add the grand mean, zero the padding rows and columns
-        gram = gram0 * inv_norm[:, :, None] * inv_norm[:, None, :]
-        row_mean = gram @ share[:, :, None]  # (B, N, 1)
-        grand = share[:, None, :] @ row_mean  # (B, 1, 1)
-        gram = gram - row_mean - row_mean.transpose(1, 2) + grand
-        padded = not bool(valid.all())
-        if padded:
-            gram = gram * real[:, :, None] * real[:, None, :]
-        diag = gram.diagonal(dim1=-2, dim2=-1)  # as _span_coordinates(principal=False): jitter, padding
-        padding = (diag == 0).to(dtype)
-        jittered = gram.clone()
-        jittered.diagonal(dim1=-2, dim2=-1).add_(padding + 1e-6 * diag.amax(-1, keepdim=True).clamp_min(1e-30))
-        chol, info = torch.linalg.cholesky_ex(jittered)
-        if bool((info > 0).any()):  # not positive definite even so: the principal axes
-            eye = torch.eye(n, dtype=dtype, device=self.device).expand(b, n, n)
-            coords, to_span = _span_coordinates(gram, eye, principal=True)
-        else:
-            coords, to_span = (chol * (1 - padding)[..., None] if padded else chol), None
+        upper, to_span = _gram_factor(gram0, dtype)  # the small (N, N) algebra in the solver's precision
+        # Z^T = F^T R^-1 - m 1^T, m = F^T R^-1 share (the support's weighted mean row of R^-1 F), with the
+        # padding rows of Z zero: written transposed in one pass, as the solver reads it
+        mean = upper @ (inv_norm * share)[..., None]  # (B, N, 1)
+        centre = mean if bool(valid.all()) else mean * real[:, None, :]
+        coords = torch.addcmul(-centre, upper, inv_norm[:, None, :]).transpose(1, 2)
         lam = torch.full((b, 1), float(self.weight_decay), dtype=dtype, device=self.device)
         y_t, valid_t, mask_t = (torch.from_numpy(a).to(self.device) for a in (y, valid, class_mask))
         weight, bias = solve_logreg(coords, y_t, valid_t[:, None].to(dtype), mask_t, lam, self.max_iter, self.tol)
-        # M w: L^-T w (Cholesky coordinates), or the principal axes' map
-        span = to_span @ weight[:, :, 0] if to_span is not None else None
-        if span is None:
-            span = torch.linalg.solve_triangular(chol.transpose(1, 2), weight[:, :, 0], upper=True)
         # scoring in the features' precision (float32)
-        # R^-1 P^T M w, (B, N, K): P^T v = real * v - share * (sum of the real rows of v)
-        along = (inv_norm[..., None] * (span - share[..., None] * (real[..., None] * span).sum(1, keepdim=True))).to(
-            raw.dtype
-        )
-        feature_weight = raw.transpose(1, 2) @ along  # (B, D, K)
-        mean_score = ((share * inv_norm)[:, None, :] @ gram0 @ along.to(dtype))[:, 0]  # mean W = mean S0^T a
-        offset = (bias[:, 0] - mean_score).to(raw.dtype).masked_fill(~mask_t, _MASKED)
-        weights, offsets = feature_weight.cpu().numpy(), offset.cpu().numpy()
-        # argmax of (q W) / |q| + (b - mean W), times |q| > 0: two calls per episode, the rest at once
-        m = max(len(t[2]) for t in tasks)
-        scores = np.zeros((b, m, k), dtype=np.float32)
-        squares = np.zeros((b, m), dtype=np.float32)
-        for i, (_, _, qx) in enumerate(tasks):
-            qx = np.asarray(qx, dtype=np.float32)
-            np.matmul(qx, weights[i], out=scores[i, : len(qx)])
-            np.einsum("ij,ij->i", qx, qx, out=squares[i, : len(qx)])
-        scores += np.sqrt(squares)[..., None] * offsets[:, None, :]
-        pred = scores.argmax(-1)
+        along = to_span(weight[:, :, 0]).to(raw.dtype)  # F^-T w, (B, N, K): W = S0^T along
+        feature_weight = along.transpose(1, 2) @ raw  # W^T, (B, K, D)
+        mean_score = ((share * inv_norm).to(raw.dtype)[:, None, :] @ gram0 @ along)[:, 0]  # mean W = mean S0^T along
+        offset = (bias[:, 0].to(raw.dtype) - mean_score).masked_fill(~mask_t, _MASKED)
+        pred = _score_queries([t[2] for t in tasks], feature_weight.cpu().numpy(), offset.cpu().numpy())
         return [pred[i, : len(t[2])] for i, t in enumerate(tasks)]
 
     def _choose_weight_decay(self, batch: _Batch) -> torch.Tensor:
@@ -559,11 +663,24 @@ class LogisticRegressionProbe:
         return grid[best][:, None]
 
 
-def _episode_cost(n: int, m: int, k: int, d: int, problems: int) -> int:
-    """Tensor elements one episode adds to a batched solve: features in ``r = min(n, d)``
-    coordinates (and their Gram matrices), and per problem the L-BFGS history and logits."""
-    r = min(n, d)
+def _episode_cost(n, m, k, d: int, problems: int):
+    """Tensor elements one episode adds to a batched solve (integers or arrays of them): features in
+    ``r = min(n, d)`` coordinates (and their Gram matrices), and per problem the L-BFGS history and logits."""
+    r = np.minimum(n, d)
     return (n + m + n) * r + problems * (30 * (r + 1) * k + 4 * n * k)
+
+
+def _plan_chunks(sizes: np.ndarray, dim: int, problems: int, max_elements: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ranges ``[start, stop)`` of episodes with ``sizes (E, 3)`` = (support, ways, queries),
+    each as long as its batch, padded to its largest sizes, stays within ``max_elements`` (at least
+    one episode). Vectorised: the cost of every prefix of the rest at once (it grows with the prefix)."""
+    start = 0
+    while start < len(sizes):
+        peak = np.maximum.accumulate(sizes[start:], axis=0)
+        cost = np.arange(1, len(peak) + 1) * _episode_cost(peak[:, 0], peak[:, 2], peak[:, 1], dim, problems)
+        stop = start + max(1, int(np.searchsorted(cost, max_elements, side="right")))
+        yield start, stop
+        start = stop
 
 
 def _remap_many(label_sets: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -13,7 +13,10 @@ from metadataset.probes import (
     CentroidProbe,
     KNNProbe,
     LogisticRegressionProbe,
+    _episode_cost,
+    _gram_factor,
     _pad_batch,
+    _plan_chunks,
     l2_normalise,
     logreg_logits,
     make_probe,
@@ -171,3 +174,55 @@ def test_fixed_weight_decay_path_equals_projected_solve():
     logits = logreg_logits(batch.query, w, b)[:, :, 0].masked_fill(~batch.class_mask[:, None], -1e9)
     for i, (_, _, qx) in enumerate(tasks):
         np.testing.assert_array_equal(fixed[i], logits[i, : len(qx)].argmax(-1).numpy())
+
+
+def test_episodes_solved_in_chunks_predict_as_one_batch():
+    """Episodes of mixed sizes are sorted into chunks (here forced small by the memory bound); the
+    predictions return to their episodes' places and equal a single batched solve's."""
+    rng = np.random.default_rng(7)
+    tasks = [_episode(rng, ways=w, shots=s, queries=q)[:3] for w, s, q in [(5, 5, 10), (3, 2, 7), (4, 6, 5)] * 4]
+    one = LogisticRegressionProbe(weight_decay=0.02).fit_predict_many(tasks)
+    cost = _episode_cost(30, 50, 5, 32, 1)
+    chunked = LogisticRegressionProbe(weight_decay=0.02, max_elements=3 * cost).fit_predict_many(tasks)
+    for a, b, (_, _, qx) in zip(one, chunked, tasks):
+        assert len(a) == len(qx)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_chunk_plan_is_the_greedy_rule():
+    """The vectorised plan equals adding sorted episodes one by one while the padded batch fits."""
+    rng = np.random.default_rng(8)
+    sizes = rng.integers(1, 40, size=(200, 3))
+    sizes = sizes[np.lexsort(sizes.T[::-1])]
+    limit = 40 * _episode_cost(20, 20, 20, 64, 3)
+    expected, start = [], 0
+    while start < len(sizes):
+        stop, peak = start, np.zeros(3, dtype=int)
+        while stop < len(sizes):
+            grown = np.maximum(peak, sizes[stop])
+            if stop > start and (stop + 1 - start) * _episode_cost(grown[0], grown[2], grown[1], 64, 3) > limit:
+                break
+            peak, stop = grown, stop + 1
+        expected.append((start, stop))
+        start = stop
+    assert list(_plan_chunks(sizes, 64, 3, limit)) == expected
+    assert len(expected) > 3
+
+
+@pytest.mark.parametrize("indefinite", [False, True])
+def test_gram_factor_maps_weights_back_to_the_support(indefinite):
+    """``F^T`` and ``v -> F^-T v`` from a Gram matrix: ``F F^T = G``, and ``G F^-T w = F w`` (the support's
+    scores under the feature-space weights equal the solver's); the principal axes when no Cholesky factor exists."""
+    rng = np.random.default_rng(9)
+    a = torch.from_numpy(rng.normal(size=(3, 6, 4)))
+    gram = a @ a.transpose(1, 2) + (-1e-3 if indefinite else 0.5) * torch.eye(6, dtype=torch.float64)
+    upper, to_span = _gram_factor(gram.float(), torch.float64)
+    factor = upper.transpose(1, 2)
+    evals, evecs = torch.linalg.eigh(gram.float().double())
+    positive = evecs @ torch.diag_embed(evals.clamp_min(0)) @ evecs.transpose(1, 2)
+    np.testing.assert_allclose(factor @ upper, positive, atol=1e-4)
+    assert bool((upper.tril(-1) == 0).all()) != indefinite  # triangular: the Cholesky factor was used
+    w = torch.from_numpy(rng.normal(size=(3, 6, 5)))
+    if indefinite:  # weights along the kept axes only
+        w = upper @ torch.linalg.pinv(upper) @ w
+    np.testing.assert_allclose(gram.float().double() @ to_span(w), factor @ w, atol=1e-4)
