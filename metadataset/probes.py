@@ -464,14 +464,22 @@ def _span_coordinates(
         root = torch.where(keep, evals.clamp_min(0).sqrt(), torch.zeros_like(evals))
         inv_root = torch.where(keep, 1.0 / root.clamp_min(1e-30), torch.zeros_like(evals))
         return evecs * root[:, None, :], (cross @ evecs) * inv_root[:, None, :]
+    upper, padding = _jittered_cholesky(gram, rel_eps)
+    if upper is None:  # not positive definite even so: the principal axes drop what they must
+        return _span_coordinates(gram, cross, principal=True, rel_eps=rel_eps)
+    coords = torch.linalg.solve_triangular(upper, cross, upper=True, left=False)  # Q S^T L^-T
+    return upper.transpose(1, 2) * (1 - padding)[..., None], coords
+
+
+def _jittered_cholesky(gram: torch.Tensor, rel_eps: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The upper Cholesky factor ``L^T`` of ``gram`` plus ``rel_eps`` of its largest diagonal entry and
+    1 on the diagonal of padding rows (zero in ``gram``), or None where some matrix is not positive
+    definite even so; and the padding rows ``(B, n)`` (1.0), whose coordinates the callers zero."""
     diag = gram.diagonal(dim1=-2, dim2=-1)
     padding = (diag == 0).to(gram.dtype)
     jitter = rel_eps * diag.amax(-1, keepdim=True).clamp_min(1e-30)
-    chol, info = torch.linalg.cholesky_ex(gram + torch.diag_embed(padding + jitter))
-    if bool((info > 0).any()):  # not positive definite even so: the principal axes drop what they must
-        return _span_coordinates(gram, cross, principal=True, rel_eps=rel_eps)
-    coords = torch.linalg.solve_triangular(chol, cross.transpose(1, 2), upper=False).transpose(1, 2)
-    return chol * (1 - padding)[..., None], coords
+    upper, info = torch.linalg.cholesky_ex(gram + torch.diag_embed(padding + jitter), upper=True)
+    return (None if bool((info > 0).any()) else upper), padding
 
 
 def _gram_factor(
@@ -483,15 +491,14 @@ def _gram_factor(
     (and 1 on the diagonal of padding rows, which are zero in ``gram``; the caller zeroes their
     coordinates). Not positive definite even so: the principal axes, dropping what they must
     (:func:`_span_coordinates`)."""
-    jittered = gram.to(dtype, copy=True)
-    diag = jittered.diagonal(dim1=-2, dim2=-1)
-    diag.add_((diag == 0).to(dtype) + rel_eps * diag.amax(-1, keepdim=True))
-    upper, info = torch.linalg.cholesky_ex(jittered, upper=True)
-    if bool((info > 0).any()):
+    gram = gram.to(dtype)
+    upper, _ = _jittered_cholesky(gram, rel_eps)
+    if upper is None:
         eye = torch.eye(gram.shape[-1], dtype=dtype, device=gram.device).expand(gram.shape)
-        factor, inverse_t = _span_coordinates(gram.to(dtype), eye, principal=True, rel_eps=rel_eps)
+        factor, inverse_t = _span_coordinates(gram, eye, principal=True, rel_eps=rel_eps)
         return factor.transpose(1, 2), lambda v: inverse_t @ v
-    return upper, lambda v: torch.linalg.solve_triangular(upper, v, upper=True)
+    found = upper
+    return found, lambda v: torch.linalg.solve_triangular(found, v, upper=True)
 
 
 def _row_dots(x: np.ndarray, out: np.ndarray) -> None:
