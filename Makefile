@@ -54,7 +54,7 @@ test-browser: setup
 	$(PYTHON) -m pytest tests/test_report_page.py -k chromium -rs
 
 demo: setup
-	$(PYTHON) transfer/sweep.py --plan demo --executor local --jobs 2
+	$(PYTHON) -m sweep --plan demo --executor local --jobs 2
 
 bench: setup
 	for script in $(filter-out bench/interleave.py,$(wildcard bench/*.py)); do echo "== $$script"; $(PYTHON) $$script || exit 1; done

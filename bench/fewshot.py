@@ -32,7 +32,7 @@ from ringbench.cli import add_common_flags, run_main
 def _random_card(folder: Path) -> Path:
     import torch
 
-    from pretrain.backbones import create_backbone
+    from ringbench.backbones import create_backbone
     from ringbench.card import BackboneCard, make_meta, save_card
 
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.interleave import interleaved, machine_line
     from metadataset.probes import LogisticRegressionProbe, l2_normalise
     from metadataset.sampling import FixedEpisodes, sample_episodes
-    from transfer.backbones import load_backbone
+    from transfer.checkpoints import load_backbone
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,6 +1,6 @@
 """Benchmark: loading 100,000 result records from the per-record store vs one legacy JSONL file.
 
-The leaderboard's load (``transfer.results.load_records``) of N tiny records (default 100,000,
+The leaderboard's load (``ringbench.store.load_records``) of N tiny records (default 100,000,
 spread over 10 tasks): from N record files (``<store>/<task>/<sha256>-<config_hash>.json``) and
 from the same records as lines of one ``records.jsonl``. Prints the best time of each over
 ``--repeats`` (warm page cache) and their ratio; the seconds are for information only.
@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run by path: make the repository importable wit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ringbench.cli import add_common_flags, run_main
-from transfer.results import config_hash, load_records, record_path
+from ringbench.store import config_hash, load_records, record_path
 
 
 def tiny_records(n: int, tasks: int) -> list[dict]:

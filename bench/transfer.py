@@ -34,7 +34,7 @@ from ringbench.cli import add_common_flags, run_main
 def _random_card(folder: Path) -> Path:
     import torch
 
-    from pretrain.backbones import create_backbone
+    from ringbench.backbones import create_backbone
     from ringbench.card import BackboneCard, make_meta, save_card
 
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
 
     import logging
 
-    from transfer.backbones import load_backbone
+    from transfer.checkpoints import load_backbone
     from transfer.d2 import train
 
     quiet = logging.getLogger("detectron2")  # INFO-enabled (so Detectron2 adds no handler of its own), silent

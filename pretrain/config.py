@@ -241,13 +241,8 @@ def _choice(name: str, value: Any, choices: Iterable[str]) -> None:
 
 def validate_config(cfg: Mapping) -> None:
     """Cross-field checks; every problem is a one-line :class:`UserError` before any work starts."""
-    from pretrain.losses import (
-        RING_ROUNDINGS,
-        RING_SCHEDULE_STYLES,
-        RING_SCHEDULES,
-        check_ring,
-        check_temperature,
-    )
+    from pretrain.losses import RING_ROUNDINGS, check_temperature
+    from ringbench.ring_schedules import RING_SCHEDULE_STYLES, RING_SCHEDULES, check_ring
 
     _choice("method", cfg["method"], METHODS)
     loss = cfg["loss"]

@@ -22,7 +22,7 @@ def resnet_state(arch: str = "resnet18", stem: str = "imagenet", seed: int = 0) 
 
 @functools.lru_cache(maxsize=16)
 def _resnet_state(arch: str, stem: str, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    from pretrain.backbones import create_backbone
+    from ringbench.backbones import create_backbone
 
     torch.manual_seed(seed)
     state = create_backbone(arch, stem).state_dict()

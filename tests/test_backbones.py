@@ -14,7 +14,7 @@ import torchvision
 from ringbench.card import IMAGENET_MEAN
 from ringbench.errors import UserError
 from tests.helpers import write_card
-from transfer.backbones import load_backbone
+from transfer.checkpoints import load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_ring_lightning_checkpoint_with_small_resnet_names(tmp_path):
     """The official ring code saves its system: ``model.`` (a CIFAR ResNet with ``shortcut``
     modules and a projection head in ``fc``), the momentum encoder ``model_k.`` and the queue."""
     torch.manual_seed(2)
-    from pretrain.backbones import create_backbone
+    from ringbench.backbones import create_backbone
 
     cifar = create_backbone("resnet18", "cifar").state_dict()
     renamed = {k.replace(".downsample.", ".shortcut."): v for k, v in cifar.items()}

@@ -179,9 +179,9 @@ def test_sweep_on_slurm_writes_each_record_once(tmp_path: Path, capsys) -> None:
 
 def test_requeued_sweep_job_finishes_with_one_record(tmp_path: Path, capsys) -> None:
     from ringbench.cli import run_main
+    from ringbench.store import load_records
+    from sweep import cli as sweep
     from tests.helpers import write_card
-    from transfer import sweep
-    from transfer.results import load_records
 
     write_card(tmp_path / "cards" / "plain.pth")
     plan = "backbones: [{path: 'cards/*.pth'}]\ntasks:\n  fewshot_digits: {episodes: 200, resources: {time_min: 10}}\n"

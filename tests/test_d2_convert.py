@@ -96,7 +96,7 @@ def test_c4_layout_puts_res5_in_the_box_head():
 
 
 def test_moco_checkpoint_converts(tmp_path):
-    from transfer.backbones import load_backbone
+    from transfer.checkpoints import load_backbone
 
     state = resnet_state("resnet50", "imagenet", seed=3)
     moco = {f"module.encoder_q.{k}": v for k, v in state.items()}

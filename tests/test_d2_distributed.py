@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from ringbench.cli import run_main
+from ringbench.store import load_records
 from tests.helpers import REPO, write_card
-from transfer.results import load_records
 from transfer.run import main as run_transfer
 
 pytest.importorskip("detectron2")
@@ -241,7 +241,7 @@ def test_killed_run_resumes_from_its_checkpoint(card, tmp_path):
 def test_sweep_multi_node_job_takes_rank_and_rendezvous_from_slurm(card, tmp_path, monkeypatch):
     """A plan job with ``nodes: 2`` asks for two machines; on each Slurm node its arguments get that node's
     rank and the first host of the job as rendezvous (submitit's JobEnvironment), the same URL on every node."""
-    from transfer import sweep
+    from sweep import cli as sweep
     from transfer.d2.launch import LaunchSettings
     from transfer.run import build_parser
 

@@ -37,7 +37,7 @@ def _export_backbone(model_file: Path, like: Path, out: Path) -> Path:
 
 def test_syn_det_from_trained_card_beats_random_init(tmp_path):
     pytest.importorskip("detectron2")
-    from transfer.backbones import load_backbone
+    from transfer.checkpoints import load_backbone
     from transfer.tasks import TaskContext, get_task
 
     task = get_task("syn_det")

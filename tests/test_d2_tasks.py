@@ -11,10 +11,10 @@ import pytest
 
 from ringbench.cli import run_main
 from ringbench.errors import UserError
+from ringbench.store import load_records
 from tests.helpers import write_card
 from transfer.d2 import tasks as d2tasks
 from transfer.d2 import train
-from transfer.results import load_records
 from transfer.run import main as run_transfer
 from transfer.tasks import TaskContext, get_task
 
@@ -95,7 +95,7 @@ def card(tmp_path_factory) -> Path:
 
 
 def _backbone(path: Path):
-    from transfer.backbones import load_backbone
+    from transfer.checkpoints import load_backbone
 
     return load_backbone(path)
 

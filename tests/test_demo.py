@@ -13,9 +13,9 @@ import yaml
 
 from ringbench.card import load_card
 from ringbench.cli import run_main
+from ringbench.store import load_records
+from sweep import cli as sweep
 from tests.helpers import REPO, run_cli, write_card
-from transfer import sweep
-from transfer.results import load_records
 
 TINY_TASK = {
     "episodes": 20,

@@ -23,8 +23,8 @@ from ringbench import fileio
 from ringbench.card import load_card, load_checkpoint_file
 from ringbench.cli import run_main
 from ringbench.errors import UserError
+from ringbench.store import load_records, make_record, write_record
 from tests.helpers import REPO, resnet_state, write_card
-from transfer.results import load_records, make_record, write_record
 
 
 # --- untrusted files ------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def test_the_payload_would_run_code_if_unpickled(tmp_path, marker):
 
 @pytest.mark.parametrize("suffix", [".pth", ".pkl"])
 def test_checkpoint_readers_refuse_code(tmp_path, marker, suffix):
-    from transfer.backbones import load_backbone
+    from transfer.checkpoints import load_backbone
     from transfer.d2.weights import read_model_file
 
     path = (_evil_torch if suffix == ".pth" else _evil_pickle)(tmp_path / f"evil{suffix}", marker)
@@ -94,7 +94,7 @@ def test_resume_checkpoint_refuses_code(tmp_path, marker):
 
 
 def test_cifar_batches_refuse_code(tmp_path, marker):
-    from pretrain.data.datasets import cifar
+    from ringbench.readers import cifar
 
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
@@ -168,7 +168,7 @@ def test_eval_only_weights_are_refused_before_any_work(tmp_path, marker, card_pa
 # --- cards: shapes and values ---------------------------------------------------------------------
 def test_card_tensors_are_checked_for_shape_and_finiteness(tmp_path):
     from ringbench.card import BackboneCard, make_meta
-    from transfer.backbones import load_backbone
+    from transfer.checkpoints import load_backbone
 
     meta = make_meta(method="m", loss="l", dataset="d", image_size=32, mean=[0.5] * 3, std=[0.2] * 3)
     state = resnet_state("resnet18", "cifar")

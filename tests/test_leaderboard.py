@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from leaderboard.cli import main, render_csv, render_html, render_latex, render_markdown
+from leaderboard.compare import EPISODES, FT_SEEDS, PT_SEEDS, Row, build_table, find_pairs
+from ringbench import stats
 from ringbench.cli import run_main
-from transfer import stats
-from transfer.compare import EPISODES, FT_SEEDS, PT_SEEDS, Row, build_table, find_pairs
-from transfer.leaderboard import main, render_csv, render_html, render_latex, render_markdown
-from transfer.results import in_percent, make_record, write_record
+from ringbench.store import in_percent, make_record, write_record
 
 
 def _meta(method="moco", loss="nce", seed=0, epochs=5, **extra):
@@ -385,7 +385,7 @@ def test_html_is_self_contained_and_survives_dollars(records):
 
 
 def test_ring_schedule_shows_the_share_the_ring_keeps():
-    from transfer.report_plots import schedule_curve
+    from leaderboard.plots import schedule_curve
 
     meta = {"epochs": 4, "loss_params": {"w_outer": 0.5, "w_inner": 0.2}}
     assert schedule_curve(meta) == ([0, 1, 2, 3, 4], pytest.approx([0.4] * 5))

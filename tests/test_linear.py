@@ -14,7 +14,7 @@ from metadataset.probes import l2_normalise
 from ringbench.errors import UserError
 from tests.helpers import write_card
 from tests.test_metadataset_probes import _one_blas_thread  # noqa: F401 (autouse fixture)
-from transfer.backbones import load_backbone
+from transfer.checkpoints import load_backbone
 from transfer.linear import (
     add_linear_arguments,
     linear_evaluation,

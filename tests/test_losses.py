@@ -19,9 +19,9 @@ from pretrain.losses import (
     ring_bounds,
     ring_logits,
     ring_loss,
-    ring_threshold,
 )
 from ringbench.errors import UserError
+from ringbench.ring_schedules import ring_threshold
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

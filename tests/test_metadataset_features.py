@@ -15,7 +15,7 @@ from metadataset.features import cache_folder, cache_key, extract_features, prep
 from metadataset.sources import digits_source, limit_per_class, open_source
 from tests.helpers import write_card
 from tests.test_metadataset_sources import image_bytes
-from transfer.backbones import Backbone, load_backbone
+from transfer.checkpoints import Backbone, load_backbone
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import pytest
 from metadataset.evaluate import confidence_interval
 from ringbench.cli import run_main
 from ringbench.errors import UserError
+from ringbench.store import load_records
 from tests.helpers import write_card
 from tests.test_metadataset_sources import image_bytes, write_omniglot
-from transfer.backbones import load_backbone
+from transfer.checkpoints import load_backbone
 from transfer.fewshot import add_fewshot_arguments
-from transfer.results import load_records
 from transfer.run import main as run_transfer
 from transfer.tasks import TaskContext, all_tasks, get_task
 

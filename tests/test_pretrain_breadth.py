@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import pretrain.train as trainer
-from pretrain.backbones import TwoStreamBackbone, rgb_to_lab, scaled_resnet
 from pretrain.config import load_config
 from pretrain.losses import hcl_loss, in_batch_ring_loss, nt_xent_loss
+from ringbench.backbones import TwoStreamBackbone, rgb_to_lab, scaled_resnet
 from ringbench.card import load_card
 from tests.test_pretrain_methods import _views, one_thread, tiny_method  # noqa: F401  (autouse fixture)
 from tests.test_pretrain_train import TINY_RUN
@@ -32,7 +32,7 @@ def test_lab_conversion_matches_scikit_image():
 
 
 def test_half_width_streams_keep_torchvision_keys():
-    from pretrain.backbones import backbone_keys
+    from ringbench.backbones import backbone_keys
 
     model = scaled_resnet("resnet18", "cifar", in_channels=2, width=0.5)
     assert set(model.state_dict()) == backbone_keys("resnet18", "cifar")
@@ -136,7 +136,7 @@ def test_cmc_card_is_two_stream_and_loads_in_transfer(tmp_path: Path):
     assert card.streams == ("l", "ab") and card.meta["stream_width"] == 0.25 and card.meta["method"] == "cmc"
     assert {k.split(".")[0] for k in card.state_dict} == {"l", "ab"}
     assert card.state_dict["l.conv1.weight"].shape[1] == 1 and card.state_dict["ab.conv1.weight"].shape[1] == 2
-    from transfer.backbones import load_backbone
+    from transfer.checkpoints import load_backbone
 
     model = load_backbone(result.card_path).build_model()
     x = torch.randn(2, 3, 16, 16)

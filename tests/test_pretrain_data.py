@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.data.datasets import cifar, image_folder, open_splits, stl10
+from pretrain.data.datasets import open_splits
 from pretrain.data.transforms import IndexedDataset, MultiView, eval_transform, moco_v2_augmentation
 from pretrain.knn import knn_accuracy, knn_predict
 from ringbench.errors import UserError
+from ringbench.readers import cifar, image_folder, stl10
 
 
 def _write_cifar(root: Path, classes: int, per_file: int = 6) -> dict[str, tuple[np.ndarray, list[int]]]:

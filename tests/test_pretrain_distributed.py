@@ -322,7 +322,7 @@ def test_cmc_two_processes_to_a_card(tmp_path: Path):
     assert torch.equal(card.state_dict["l.conv1.weight"], a["backbone.l.conv1.weight"])
     lines = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert [line.get("step") for line in lines] == [1, 2, None]  # 16 images / 8 per step, one writer
-    from transfer.backbones import load_backbone
+    from transfer.checkpoints import load_backbone
 
     model = load_backbone(tmp_path / "card.pth").build_model()
     assert model(torch.zeros(2, 3, 16, 16)).shape[0] == 2
@@ -355,6 +355,6 @@ def test_torchrun_moco_two_processes_to_a_card(tmp_path: Path):
     lines = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert [(line["epoch"], line.get("step")) for line in lines] == [(e, s) for e in (1, 2) for s in (1, 2, None)]
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [".lock", "checkpoint.pth", "log.jsonl"]
-    from transfer.backbones import load_backbone
+    from transfer.checkpoints import load_backbone
 
     assert load_backbone(tmp_path / "card.pth").build_model()(torch.zeros(1, 3, 16, 16)).shape == (1, 512)

@@ -17,11 +17,12 @@ from torchvision import transforms as T
 
 from pretrain.config import load_config
 from pretrain.data.transforms import moco_v2_augmentation, ring_official_augmentation
-from pretrain.losses import official_ring_threshold, ring_bounds
+from pretrain.losses import ring_bounds
 from pretrain.methods import build_method
 from pretrain.methods.simclr import hcl_beta
 from pretrain.train import learning_rate
 from ringbench.config import find_config
+from ringbench.ring_schedules import official_ring_threshold
 from tests.helpers import REPO
 
 OFFICIAL = REPO / "configs" / "pretrain" / "official"

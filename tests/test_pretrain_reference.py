@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import pretrain.train as trainer
-from pretrain.backbones import create_backbone
 from pretrain.config import load_config
 from pretrain.data.transforms import eval_transform
+from ringbench.backbones import create_backbone
 from ringbench.card import load_card
 from ringbench.cli import run_main
 from ringbench.errors import UserError
@@ -104,7 +104,7 @@ def test_supervised_learns_the_synthetic_labels(tmp_path: Path):
     card = load_card(result.card_path)
     assert card.meta["method"] == "supervised" and card.meta["loss"] == "ce" and card.meta["epochs"] == 30
     assert set(card.state_dict) == set(result.method.backbone.state_dict())  # the classifier is not in it
-    from transfer.backbones import load_backbone
+    from transfer.checkpoints import load_backbone
 
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():  # transfer rebuilds the backbone the method trained

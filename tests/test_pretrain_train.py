@@ -54,7 +54,7 @@ def test_card_meta_and_log(tmp_path: Path):
     lines = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "step" in line] == [1, 2]
     assert "knn_top1" in lines[-1] and lines[-1]["images_per_s"] > 0
-    from transfer.backbones import load_backbone
+    from transfer.checkpoints import load_backbone
 
     backbone = load_backbone(result.card_path)  # the transfer stage reads it strictly
     assert backbone.stem == "cifar" and backbone.build_model()(torch.zeros(1, 3, 16, 16)).shape == (1, 512)

@@ -13,12 +13,12 @@ import subprocess
 import numpy as np
 import pytest
 
+from leaderboard.cli import main
+from leaderboard.compare import GAP_UNIT, Published, build_table, normalise, with_published
+from leaderboard.page import render_page
 from ringbench.cli import run_main
+from ringbench.store import write_record
 from tests.test_leaderboard import RING, _det, _fewshot, _meta
-from transfer.compare import GAP_UNIT, Published, build_table, normalise, with_published
-from transfer.leaderboard import main
-from transfer.report_page import render_page
-from transfer.results import write_record
 
 
 def _records():
@@ -47,7 +47,7 @@ def _records():
 def _rec_det_long(name, ap, meta):
     rec = _det(name, list(ap + 5), meta=meta)
     rec["config"] = {"iters": 300}
-    from transfer.results import config_hash
+    from ringbench.store import config_hash
 
     rec["config_hash"] = config_hash(rec["config"])
     return rec
@@ -68,7 +68,7 @@ def test_reference_rows_lead_and_trained_cards_are_marked_above_random():
 
 def test_cards_significantly_below_random_are_marked_too():
     """A trained recipe worse than a random network is marked ‡ (never †), in every format."""
-    from transfer.leaderboard import render_csv, render_markdown
+    from leaderboard.cli import render_csv, render_markdown
 
     rng = np.random.default_rng(1)
     base = rng.uniform(0.5, 0.6, 100)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from ringbench.fileio import atomic_write_text
-from transfer.results import (
+from ringbench.store import (
     config_hash,
     export_jsonl,
     find_record,
@@ -204,7 +204,7 @@ def test_export_jsonl_round_trips(tmp_path):
 
 
 def test_leaderboard_exports_jsonl(tmp_path, capsys):
-    from transfer.leaderboard import main
+    from leaderboard.cli import main
 
     write_record(tmp_path / "res", _record())
     write_record(tmp_path / "res", _record(sha="b" * 64, acc=0.7))

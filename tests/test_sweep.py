@@ -10,8 +10,8 @@ import pytest
 
 from ringbench.cli import run_main
 from ringbench.errors import UserError
+from sweep import cli as sweep
 from tests.helpers import write_card
-from transfer import sweep
 
 TINY_FEWSHOT = "  fewshot_digits: {episodes: 6, max_images_per_class: 12, shots: 2, queries: 3}\n"
 TINY_LINEAR = "  linear_synthetic: {linear_synthetic_classes: 3, linear_synthetic_train: 4, linear_synthetic_test: 2}\n"
@@ -132,7 +132,7 @@ def run_two_by_two(tmp_path: Path, capsys, executor: str, *extra: str) -> None:
     for name in ("plain", "ring"):  # the plan's leaderboard: both cards, both tasks
         assert f"| {name} " in out
     assert "fewshot_digits acc" in out and "linear_synthetic acc" in out
-    from transfer.results import load_records
+    from ringbench.store import load_records
 
     records = load_records(tmp_path / "results")
     assert sorted((r["backbone"], r["task"]) for r in records) == [
@@ -177,7 +177,7 @@ def test_sigterm_to_a_local_sweep_stops_its_jobs(tmp_path):
     argv = [
         sys.executable,
         "-m",
-        "transfer.sweep",
+        "sweep",
         "--plan",
         str(plan),
         "--workdir",

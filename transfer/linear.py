@@ -133,7 +133,7 @@ def _listing(folder: Path) -> list:
 
 def read_cifar(folder: Path, name: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """CIFAR-10/100 "python version" (pretraining's reader): ``uint8 (N, 32, 32, 3)``, labels, class names."""
-    from pretrain.data.datasets import cifar, cifar_class_names
+    from ringbench.readers import cifar, cifar_class_names
 
     num_classes = 10 if name == "cifar10" else 100
     ds = cifar(folder, split, num_classes)
@@ -142,7 +142,7 @@ def read_cifar(folder: Path, name: str, split: str) -> tuple[np.ndarray, np.ndar
 
 def read_stl10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """STL-10 binary (pretraining's reader): ``uint8 (N, 96, 96, 3)``, labels 0..9, class names."""
-    from pretrain.data.datasets import ArrayDataset, stl10
+    from ringbench.readers import ArrayDataset, stl10
 
     ds = cast(ArrayDataset, stl10(folder, split))  # one split ('train' or 'test'): a single array
     names = folder / "class_names.txt"

@@ -4,7 +4,7 @@
     python transfer/run.py --backbone ring_moco.pth --task fewshot_digits --probe logreg
     python transfer/run.py --list-tasks
 
-The backbone may be a ringbench card or any format ``transfer.backbones`` reads. A run whose
+The backbone may be a ringbench card or any format ``transfer.checkpoints`` reads. A run whose
 record already exists (same backbone hash, task and config hash) is skipped unless ``--force``.
 """
 
@@ -125,7 +125,7 @@ def write_readme_tasks(readme: Path) -> None:
 
 def existing_record(args: argparse.Namespace, backbone_sha256: str, config: dict | None = None) -> dict | None:
     """The record this run would be skipped for: same backbone hash, task and config hash (or None)."""
-    from transfer.results import config_hash, find_record
+    from ringbench.store import config_hash, find_record
     from transfer.tasks import get_task
 
     if config is None:
@@ -148,8 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)  # first: a bogus device wastes nothing
 
     from ringbench.fileio import check_writable_dir, remove_stale_temps
-    from transfer.backbones import load_backbone
-    from transfer.results import config_hash, engine_versions_now, make_record, write_record
+    from ringbench.store import config_hash, engine_versions_now, make_record, write_record
+    from transfer.checkpoints import load_backbone
     from transfer.tasks import TaskContext, get_task, run_dir
 
     task = get_task(args.task)

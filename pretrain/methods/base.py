@@ -18,8 +18,9 @@ from torch import nn
 
 from pretrain import distributed as dist
 from pretrain import losses
-from pretrain.backbones import create_backbone
 from pretrain.seeds import METHOD, stream_seed
+from ringbench import ring_schedules
+from ringbench.backbones import create_backbone
 from ringbench.card import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -101,7 +102,7 @@ class Method(nn.Module):
         if lc["schedule_style"] == "official":
             self._official_w_outer()
         else:
-            self.w_outer = losses.ring_threshold(
+            self.w_outer = ring_schedules.ring_threshold(
                 epoch, lc["schedule"], lc["w_outer"], lc["w_outer_start"], lc["anneal_epochs"], lc["schedule_steps"]
             )
         self.generator.manual_seed(stream_seed(self.seed, METHOD, epoch))
@@ -109,7 +110,7 @@ class Method(nn.Module):
     def _official_w_outer(self) -> None:
         """``w_outer`` at this iteration under the official per-iteration policies."""
         lc = self.loss_cfg
-        self.w_outer = losses.official_ring_threshold(
+        self.w_outer = ring_schedules.official_ring_threshold(
             self.epoch * self.steps_per_epoch + self.step_in_epoch,
             lc["schedule"],
             lc["w_outer"],

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.backbones import STREAM_CHANNELS, TwoStreamBackbone
 from pretrain.methods.base import MemoryBank, Method, ProjectionHead
+from ringbench.backbones import STREAM_CHANNELS, TwoStreamBackbone
 
 
 class CMC(Method):

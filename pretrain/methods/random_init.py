@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.backbones import create_backbone
 from pretrain.methods.base import Method
+from ringbench.backbones import create_backbone
 
 
 class RandomInit(Method):

@@ -138,8 +138,8 @@ def stand_ins() -> list[str]:
 
 
 def engine_versions() -> dict[str, str]:
-    """Versions recorded with every Detectron2 result: every record's (``transfer.results``) plus Detectron2's."""
-    from transfer.results import engine_versions_now
+    """Versions recorded with every Detectron2 result: every record's (``ringbench.store``) plus Detectron2's."""
+    from ringbench.store import engine_versions_now
 
     return {
         **engine_versions_now(),

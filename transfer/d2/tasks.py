@@ -15,12 +15,12 @@ from typing import Any, Optional
 from ringbench.config import add_schema_flags, settings_from_args
 from ringbench.errors import UserError
 from ringbench.resnets import RESNETS
+from ringbench.stats import t_interval
 from transfer.d2 import launch as d2launch
 from transfer.d2 import train
 from transfer.d2.data import check_files, resolve_data_root
 from transfer.d2.published import reference_rows
 from transfer.d2.synthetic_coco import DEFAULTS as SYN_DEFAULTS
-from transfer.stats import t_interval
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
 # name -> (description, primary metric, headline metrics)
@@ -287,7 +287,7 @@ def aggregate(per_seed: list[dict[str, Any]], seeds: list[int], versions: dict[s
     for key in keys:
         values = [r["metrics"][key] for r in per_seed]
         metrics[key] = sum(values) / len(values)
-        interval = t_interval(values)  # the leaderboard's small-n interval (transfer/stats.py)
+        interval = t_interval(values)  # the leaderboard's small-n interval (ringbench/stats.py)
         if interval is not None:
             std[key] = math.sqrt(sum((v - metrics[key]) ** 2 for v in values) / (len(values) - 1))
             ci95[key] = (interval[1] - interval[0]) / 2

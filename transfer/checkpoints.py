@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.backbones import backbone_shapes, create_backbone
+from ringbench.backbones import backbone_shapes, create_backbone
 from ringbench.card import IMAGENET_MEAN, IMAGENET_STD, check_tensors, is_card, load_checkpoint_file, validate_card_dict
 from ringbench.errors import UserError, preview
 from ringbench.fileio import path_component, sha256_file
@@ -135,11 +135,11 @@ class Backbone:
     def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
         """The feature extractor with these weights (eval mode): ``(N, 3, H, W)`` -> ``(N, D)``.
 
-        Multi-stream cards (CMC) are built by ``pretrain.backbones.create_multistream`` and
+        Multi-stream cards (CMC) are built by ``ringbench.backbones.create_multistream`` and
         return the streams' features concatenated.
         """
         if self.streams:
-            from pretrain.backbones import create_multistream
+            from ringbench.backbones import create_multistream
 
             model = create_multistream(self.arch, self.stem, self.meta)
         else:

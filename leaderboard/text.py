@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from transfer.compare import EPISODES, FT_SEEDS, GAP_UNIT, PT_SEEDS, Column, Delta, DeltaCell, Estimate, Table
-from transfer.results import PERCENT
+from leaderboard.compare import EPISODES, FT_SEEDS, GAP_UNIT, PT_SEEDS, Column, Delta, DeltaCell, Estimate, Table
+from ringbench.store import PERCENT
 
 MISSING = "—"
 ABOVE_RANDOM = "†"  # significantly above the random-initialisation row

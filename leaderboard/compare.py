@@ -1,8 +1,8 @@
 """Comparison tables from result records: cards and recipes as rows, cells with honest intervals,
 plain -> variant Δ rows, Meta-Dataset's ties with the best, and average ranks.
 
-Pure functions on lists of records (see ``transfer/results.py``); rendering lives in
-``transfer/leaderboard.py``, the statistics in ``transfer/stats.py``.
+Pure functions on lists of records (see ``ringbench/store.py``); rendering lives in
+``leaderboard/cli.py``, the statistics in ``ringbench/stats.py``.
 
 * **A card is its SHA-256.** Two cards with one name are two rows, shown as ``name@sha8``.
 * **A recipe** is the cards whose pretraining configs differ only in ``train.seed``. The default
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from transfer import stats
-from transfer.results import PERCENT, in_percent
+from ringbench import stats
+from ringbench.store import PERCENT, in_percent
 
 # Families in the order the table shows them.
 FAMILY_ORDER = ("detectron2", "fewshot", "linear")

@@ -7,7 +7,7 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-from transfer.compare import Column, Estimate, Table
+from leaderboard.compare import Column, Estimate, Table
 
 
 def _matplotlib() -> Any:
@@ -129,7 +129,7 @@ def schedule_curve(meta: Mapping[str, Any]) -> tuple[list[int], list[float]] | N
     epochs = int(meta.get("epochs") or 0)
     if epochs < 1 or "w_outer" not in params:
         return None
-    from pretrain.losses import ring_threshold
+    from ringbench.ring_schedules import ring_threshold
 
     names = ("schedule", "w_outer_start", "w_outer", "anneal_epochs")
     kwargs = {k: params[k] for k in names if k in params}

@@ -12,8 +12,8 @@ import html
 import string
 from collections.abc import Sequence
 
-from transfer.compare import FAMILY_ORDER, Column, Table
-from transfer.table_text import (
+from leaderboard.compare import FAMILY_ORDER, Column, Table
+from leaderboard.text import (
     MISSING,
     cell_value,
     delta_label,
@@ -42,7 +42,7 @@ figcaption { font-size: 0.82em; color: #555; }
 
 
 def render_page(table: Table, title: str = "ringbench leaderboard") -> str:
-    from transfer.report_plots import family_bar_chart, forest_plot, ring_constant_notes, ring_schedule_chart
+    from leaderboard.plots import family_bar_chart, forest_plot, ring_constant_notes, ring_schedule_chart
 
     parts = [f"<h1>{_e(title)}</h1>", _summary(table)]
     forest = forest_plot(table)
