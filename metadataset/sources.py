@@ -55,6 +55,8 @@ EMBEDDED_SOURCES = ("synthetic", "digits")
 SPLITS = ("train", "valid", "test")
 SPEC_FILE = "dataset_spec.json"
 SPLIT_FILE = "splits.json"
+# Bytes of a TFRecord record besides its data (length, its CRC, the data's CRC): a bound on records per file.
+TFRECORD_FRAMING = 16
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
 
 Loader = Callable[[], Any]  # -> PIL.Image.Image, may raise on a corrupt image
@@ -141,7 +143,49 @@ def read_dataset_spec(folder: Path) -> dict[str, Any]:
     missing = [k for k in required[kind] if k not in spec]
     if missing:
         raise UserError(f"{path}: {kind} is missing {missing}")
+    _check_spec_counts(path, spec)
     return spec
+
+
+def _count(path: Path, where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{path}: {where} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _counts(path: Path, key: str, value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: {key} must be a JSON object of counts, got {type(value).__name__}")
+    return {str(k): _count(path, f"{key}[{k!r}]", v) for k, v in value.items()}
+
+
+def _check_spec_counts(path: Path, spec: dict[str, Any]) -> None:
+    """Every count a non-negative integer, and no more classes than the spec names: a spec with absurd
+    counts (10^9 classes, 2.5 images) is refused here, before any list or array is sized by them."""
+    names = spec["class_names"]
+    if not isinstance(names, dict):
+        raise UserError(f"{path}: class_names must be a JSON object (class id -> name)")
+    kind = spec["__class__"]
+    if kind == "DatasetSpecification":
+        total = sum(_counts(path, "classes_per_split", spec["classes_per_split"]).values())
+    elif kind == "BiLevelDatasetSpecification":
+        per_super = _counts(path, "classes_per_superclass", spec["classes_per_superclass"])
+        supers = sum(_counts(path, "superclasses_per_split", spec["superclasses_per_split"]).values())
+        if supers > len(per_super):
+            raise UserError(f"{path}: {supers} superclasses in the splits, {len(per_super)} in classes_per_superclass")
+        total = sum(per_super.values())
+    else:
+        total = 0  # hierarchical: the splits' leaves, each checked against class_names when read
+    if total > len(names):
+        raise UserError(f"{path}: the splits count {total:,} classes, class_names names {len(names):,}")
+    per_class = spec["images_per_class"]
+    if not isinstance(per_class, dict):
+        raise UserError(f"{path}: images_per_class must be a JSON object")
+    for key, value in per_class.items():
+        if isinstance(value, dict):  # hierarchical: per split, per WordNet id
+            _counts(path, f"images_per_class[{key!r}]", value)
+        else:
+            _count(path, f"images_per_class[{key!r}]", value)
 
 
 def _split_range(counts_per_split: dict[str, int], split: str) -> range:
@@ -249,6 +293,13 @@ def records_source(name: str, folder: Path, split: str = "test") -> ImageSet:
     counts = np.array([_images_per_class(spec, c, split) for c in ids], dtype=np.int64)
     files = [class_record_files(folder, spec["file_pattern"], c) for c in ids]
     sizes = [[f.name, f.stat().st_size] for fs in files for f in fs]
+    for class_id, count, class_files in zip(ids, counts, files):
+        most = sum(f.stat().st_size for f in class_files) // TFRECORD_FRAMING
+        if count > most:
+            raise UserError(
+                f"{folder / SPEC_FILE}: class {class_id} lists {count:,} images, but its records files "
+                f"({', '.join(f.name for f in class_files)}) can hold at most {most:,}"
+            )
 
     def items() -> Iterator[tuple[int, str, Loader]]:
         for index, class_files in enumerate(files):
@@ -289,10 +340,17 @@ def folder_source(name: str, folder: Path, split: str = "test") -> ImageSet:
     except (KeyError, TypeError) as exc:
         raise UserError(f"{split_path}: expected a JSON object with a list of class names under {split!r}") from exc
     files = []
+    first: dict[str, str] = {}
     for cls in classes:
         cls_dir = folder / cls
         if not cls_dir.is_dir():
             raise UserError(f"{split_path}: class {cls!r} of split {split!r} has no folder {cls_dir}")
+        real = os.path.realpath(cls_dir)
+        if real in first:
+            raise UserError(
+                f"{split_path}: classes {first[real]!r} and {cls!r} are one folder ({real}); no image is read twice"
+            )
+        first[real] = cls
         files.append(sorted(p for p in cls_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
     counts = np.array([len(f) for f in files], dtype=np.int64)
 

@@ -17,6 +17,7 @@ cards (CMC) set ``meta["streams"]`` to the stream names and prefix state-dict ke
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import pickle
 import re
@@ -136,10 +137,21 @@ def validate_card_dict(data: Mapping[str, Any], source: str = "card") -> None:
         raise UserError(f"{source}: card meta is missing {missing}")
     for key in ("mean", "std"):
         values = meta[key]
-        if not isinstance(values, (list, tuple)) or len(values) != 3:
-            raise UserError(f"{source}: card meta {key!r} must be 3 numbers, got {values!r}")
-    if any(float(s) <= 0 for s in meta["std"]):
+        if (
+            not isinstance(values, (list, tuple))
+            or len(values) != 3
+            or not all(_is_number(v) and math.isfinite(v) for v in values)
+        ):
+            raise UserError(f"{source}: card meta {key!r} must be 3 finite numbers, got {values!r}")
+    if any(s <= 0 for s in meta["std"]):
         raise UserError(f"{source}: card meta 'std' must be positive, got {meta['std']!r}")
+    size = meta["image_size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(f"{source}: card meta 'image_size' must be a positive integer, got {size!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> Any:

@@ -28,6 +28,60 @@ from ringbench.errors import UserError
 
 Layer = tuple[str, Mapping[str, Any]]  # (where it came from, its values)
 
+# The most nodes a YAML document may expand to once its aliases are followed. Configs and plans have hundreds;
+# a document of nested aliases (the "billion laughs" shape) expands to billions from a few lines.
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_nodes(root: yaml.Node) -> int:
+    """How many nodes ``root`` stands for with every alias expanded (an alias is the node it names, shared
+    by PyYAML's composer): computed once per distinct node, stopping at :data:`MAX_YAML_NODES`; a node that
+    contains itself counts as unbounded."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            open_nodes.discard(key)
+            if isinstance(node, yaml.MappingNode):
+                kids = [n for pair in node.value for n in pair]
+            else:
+                kids = list(node.value)
+            sizes[key] = min(1 + sum(sizes[id(k)] for k in kids), MAX_YAML_NODES + 1)
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            return MAX_YAML_NODES + 1  # a recursive alias
+        if not isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+            sizes[key] = 1
+            continue
+        open_nodes.add(key)
+        stack.append((node, True))
+        kids = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+        stack.extend((kid, False) for kid in kids if id(kid) not in sizes)
+    return sizes[id(root)]
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` of ``text``, refusing in one line a document whose aliases expand past
+    :data:`MAX_YAML_NODES` nodes (every YAML the suite reads from a user comes through here)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node) > MAX_YAML_NODES:
+            raise UserError(
+                f"{where}: the YAML document expands to more than {MAX_YAML_NODES:,} values through its aliases "
+                "(nested '*' references); write the values out"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
 
 def read_yaml_mapping(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
     """A YAML file that must hold a mapping (configs, plans, settings); clear errors otherwise."""
@@ -35,7 +89,7 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "file") -> dict[str, 
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        data = load_yaml(path.read_bytes().decode("utf-8"), str(path)) or {}
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} as UTF-8") from exc
     except OSError as exc:
@@ -118,12 +172,13 @@ def parse_override(item: str) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    key, sep, _ = item.partition("=")
+    key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"override {item!r} must look like key=value (e.g. train.epochs=5)")
     try:
+        load_yaml(value, f"override {item!r}")  # OmegaConf reads the value as YAML: bounded first
         parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
         raise UserError(f"override {item!r}: value cannot be parsed ({_reason(exc)})") from exc
     return typing.cast(dict[str, Any], parsed)
 
@@ -173,7 +228,7 @@ def _expected(schema: type, key: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(getattr(exc, "msg", None) or exc)
+    text = str(getattr(exc, "problem", None) or getattr(exc, "msg", None) or exc)
     return " ".join(text.splitlines()[0].split())[:200]
 
 

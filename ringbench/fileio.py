@@ -237,6 +237,15 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Non
         os.close(fd)  # releases the lock
 
 
+def resolved_path(path: str | os.PathLike, what: str) -> Path:
+    """``path`` made absolute, ``~`` and symlinks resolved; a symlink loop (a link to itself, or links in a
+    circle) is one line naming it instead of Python's ``RuntimeError``."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:
+        raise UserError(f"{what} {path}: cannot be resolved, a symlink loop? ({exc})") from exc
+
+
 def path_component(name: str, what: str = "name") -> str:
     """``name`` if it is one safe path component (no separator, not ``.``/``..``, no NUL or control
     character, not hidden), else a :class:`UserError`: names the user gives become folder names,

@@ -15,7 +15,8 @@ missing. Every dataset yields ``(PIL image, label)`` and has ``targets``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -153,18 +154,91 @@ class _Concat(torch.utils.data.ConcatDataset):
         return [t for d in self.datasets for t in cast(ArrayDataset, d).targets]
 
 
-def image_folder(root: str | Path, split: str) -> ImageFolder:
-    """``ROOT/<split>/<class>/<image>``; ``train`` falls back to ``ROOT`` itself when it has class folders."""
-    from torchvision.datasets import ImageFolder
+def walk_files(folder: str | os.PathLike, seen: dict[str, str] | None = None) -> Iterator[str]:
+    """Every file under ``folder`` (sorted, symlinks followed), each real folder entered once: a folder reached
+    a second time (a symlink cycle such as ``ln -s .. loop``, or two links to one folder) is refused in one line
+    naming both paths, since reading it again would duplicate and mislabel images. ``os.walk`` with
+    ``followlinks=True`` (torchvision's ``ImageFolder``) would read it again, or loop until the path is too long.
+    ``seen`` (real path -> the path it was first reached by) is shared by walks of one data root."""
+    seen = {} if seen is None else seen
+    stack = [os.fspath(folder)]
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current)
+        if real in seen:
+            raise UserError(
+                f"{current} is {seen[real]} again (a symlink cycle or a second link to one folder); "
+                "remove the link, so that no image is read twice"
+            )
+        seen[real] = current
+        try:
+            with os.scandir(current) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError as exc:
+            raise UserError(f"{current}: cannot list the folder ({exc.strerror or exc})") from exc
+        folders = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symlinks; a link to itself raises ELOOP
+            except OSError as exc:
+                raise UserError(f"{entry.path}: cannot follow ({exc.strerror or exc})") from exc
+            if is_dir:
+                folders.append(entry.path)
+            elif entry.is_file():
+                yield entry.path
+        stack.extend(reversed(folders))
 
+
+def _image_folder_class() -> type:
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import has_file_allowed_extension
+
+    class _ImageFolder(ImageFolder):
+        """torchvision's ``ImageFolder`` whose files come from :func:`walk_files` (no folder read twice)."""
+
+        @staticmethod
+        def make_dataset(
+            directory: str | os.PathLike,
+            class_to_idx: dict[str, int],
+            extensions: tuple[str, ...] | None = None,
+            is_valid_file: Any = None,
+            allow_empty: bool = False,
+        ) -> list[tuple[str, int]]:
+            def valid(path: str) -> bool:
+                if is_valid_file is not None:
+                    return bool(is_valid_file(path))
+                return has_file_allowed_extension(path, extensions or ())
+
+            seen = {os.path.realpath(directory): os.fspath(directory)}  # shared: class folders linked to others
+            samples = [
+                (path, index)
+                for name, index in sorted(class_to_idx.items())
+                for path in walk_files(os.path.join(directory, name), seen)
+                if valid(path)
+            ]
+            found = {index for _, index in samples}
+            empty = sorted(name for name, index in class_to_idx.items() if index not in found)
+            if empty and not allow_empty:
+                raise FileNotFoundError(f"found no valid image for the classes {', '.join(empty)}")
+            return samples
+
+    return _ImageFolder
+
+
+def image_folder(root: str | Path, split: str) -> ImageFolder:
+    """``ROOT/<split>/<class>/<image>``; ``train`` falls back to ``ROOT`` itself when it has class folders.
+    Folders are walked by :func:`walk_files`: a symlink cycle or a folder linked twice is refused."""
     root = Path(root)
     folder = root / split
-    if not folder.is_dir():
-        if split == "train" and root.is_dir() and any(p.is_dir() for p in root.iterdir()):
-            folder = root
-        else:
-            raise UserError(f"ImageFolder: no folder {folder} (expected {root}/{split}/<class>/<images>)")
     try:
-        return ImageFolder(str(folder))
+        if not folder.is_dir():
+            if split == "train" and root.is_dir() and any(p.is_dir() for p in root.iterdir()):
+                folder = root
+            else:
+                raise UserError(f"ImageFolder: no folder {folder} (expected {root}/{split}/<class>/<images>)")
+    except OSError as exc:  # a root that is a symlink to itself
+        raise UserError(f"ImageFolder {root}: cannot follow ({exc.strerror or exc})") from exc
+    try:
+        return _image_folder_class()(str(folder))
     except (FileNotFoundError, RuntimeError) as exc:
         raise UserError(f"ImageFolder {folder}: {' '.join(str(exc).split())[:160]}") from exc

@@ -555,3 +555,174 @@ def test_declared_ranges_are_on_numbers_and_hold_for_the_defaults():
         section, key = name.split(".")
         if defaults[section][key] is not None:
             check_range(name, defaults[section][key], low, high)
+
+
+# --- bounded YAML, data folders without cycles, checked card meta and resume files -----------------------------
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")
+)
+
+
+def test_a_yaml_alias_bomb_is_refused_within_a_second(tmp_path):
+    from ringbench.config import load_yaml, parse_override, read_yaml_mapping
+
+    assert load_yaml("a: &x [1, 2]\nb: *x\n", "small") == {"a": [1, 2], "b": [1, 2]}  # aliases as such are fine
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)  # 9**9 values once expanded
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="expands to more than") as exc:
+        read_yaml_mapping(path, "plan")
+    assert time.perf_counter() - start < 1.0 and str(path) in _one_line(exc.value)
+    with pytest.raises(UserError, match="expands to more than"):
+        load_yaml("a: &a [*a]\n", "loop")
+    flow = "{" + ALIAS_BOMB.strip().replace("\n", ", ") + "}"
+    with pytest.raises(UserError, match="expands to more than"):
+        parse_override(f"train.epochs={flow}")
+
+
+@pytest.mark.parametrize("value", ["[1,2", '"x', "{b:", "*undefined"])
+def test_a_yaml_error_inside_an_override_is_one_line(capsys, value):
+    from pretrain.run import main
+
+    assert run_main(main, ["--config", "moco", "--print-config", f"train.epochs={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: override") and "\n" not in err and "Traceback" not in err
+
+
+def _image_tree(root: Path, classes=("c0", "c1"), per_class=3) -> Path:
+    from PIL import Image
+
+    for name in classes:
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(root / "train" / name / f"{i}.png")
+    return root
+
+
+def test_a_symlink_cycle_in_an_image_folder_is_refused_not_read_twice(tmp_path):
+    from ringbench.readers import image_folder
+
+    root = _image_tree(tmp_path / "data")
+    assert len(image_folder(root, "train")) == 6
+    (root / "train" / "c0" / "loop").symlink_to("..")
+    with pytest.raises(UserError, match="symlink cycle") as exc:
+        image_folder(root, "train")
+    assert "c0/loop" in _one_line(exc.value)
+    (root / "train" / "c0" / "loop").unlink()
+    (root / "train" / "c0" / "more").symlink_to(root / "train" / "c1")  # one folder under two classes
+    with pytest.raises(UserError, match="second link"):
+        image_folder(root, "train")
+    (root / "train" / "c0" / "more").unlink()
+    (root / "train" / "c0" / "self").symlink_to("self")
+    with pytest.raises(UserError, match="cannot follow"):
+        image_folder(root, "train")
+
+
+def test_a_self_looping_md_root_is_one_line(tmp_path, card_path, capsys):
+    from transfer.run import main
+
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    argv = ["--backbone", str(card_path), "--task", "md_cub", "--md-root", str(loop), "--results", str(tmp_path)]
+    assert run_main(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "symlink loop" in err and "\n" not in err
+
+
+def _spec(folder: Path, **changes) -> Path:
+    spec = {
+        "__class__": "DatasetSpecification",
+        "classes_per_split": {"TRAIN": 0, "VALID": 0, "TEST": 2},
+        "images_per_class": {"0": 2, "1": 2},
+        "class_names": {"0": "a", "1": "b"},
+        "file_pattern": "{}.tfrecords",
+        **changes,
+    }
+    folder.mkdir(exist_ok=True)
+    (folder / "dataset_spec.json").write_text(json.dumps(spec))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"classes_per_split": {"TRAIN": 0, "VALID": 0, "TEST": 10**9}}, "count 1,000,000,000 classes"),
+        ({"classes_per_split": {"TRAIN": 0, "VALID": 0, "TEST": 1.5}}, "non-negative integer"),
+        ({"images_per_class": {"0": 2.5, "1": 2}}, "non-negative integer"),
+        ({"images_per_class": {"0": -1, "1": 2}}, "non-negative integer"),
+        ({"images_per_class": {"0": 10**9, "1": 2}}, "can hold at most"),
+    ],
+)
+def test_a_meta_dataset_spec_with_absurd_counts_is_refused(tmp_path, changes, message):
+    from metadataset.sources import records_source
+
+    folder = _spec(tmp_path / "src", **changes)
+    for class_id in (0, 1):
+        (folder / f"{class_id}.tfrecords").write_bytes(b"\0" * 64)  # room for at most four records
+    with pytest.raises(UserError, match=message):
+        records_source("cub", folder, "test")
+
+
+def test_an_image_folder_source_with_one_folder_under_two_classes_is_refused(tmp_path):
+    from metadataset.sources import folder_source
+
+    root = _image_tree(tmp_path / "src")
+    (root / "train" / "c2").symlink_to(root / "train" / "c0")
+    (root / "train" / "splits.json").write_text(json.dumps({"train": [], "valid": [], "test": ["c0", "c1", "c2"]}))
+    with pytest.raises(UserError, match="are one folder"):
+        folder_source("cub", root / "train", "test")
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ({"mean": [0.5, float("nan"), 0.5]}, "3 finite numbers"),
+        ({"std": [0.2, 0.2, float("inf")]}, "3 finite numbers"),
+        ({"std": [0.2, 0.0, 0.2]}, "must be positive"),
+        ({"mean": ["a", 0.1, 0.1]}, "3 finite numbers"),
+        ({"image_size": 0}, "positive integer"),
+        ({"image_size": 22.4}, "positive integer"),
+    ],
+)
+def test_card_metadata_is_validated_like_its_weights(tmp_path, meta, message):
+    path = write_card(tmp_path / "card.pth")
+    data = torch.load(path, weights_only=True)
+    data["meta"].update(meta)  # as another tool (or a hand edit) might have written it
+    torch.save(data, path)
+    with pytest.raises(UserError, match=message):
+        load_card(path)
+
+
+def test_a_detectron2_resume_checkpoint_must_be_this_models(tmp_path):
+    from transfer.d2.weights import checkpointer_class
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    checkpointer = checkpointer_class()(model, str(tmp_path))
+    checkpointer.save("model_0000009")
+    resumed = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    checkpointer_class()(resumed, str(tmp_path)).resume_or_load("", resume=True)
+    assert torch.equal(resumed[0].weight, model[0].weight)  # the same model resumes
+
+    wider = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    with pytest.raises(UserError, match=r"wrong shapes.*--force"):
+        checkpointer_class()(wider, str(tmp_path)).resume_or_load("", resume=True)
+    deeper = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1), torch.nn.Linear(1, 1))
+    with pytest.raises(UserError, match=r"missing \['2.bias'.*--force"):
+        checkpointer_class()(deeper, str(tmp_path)).resume_or_load("", resume=True)
+
+    (tmp_path / "model_0000009.pth").unlink()  # deleted under a kept last_checkpoint
+    with pytest.raises(UserError, match="not a checkpoint file there"):
+        checkpointer_class()(resumed, str(tmp_path)).resume_or_load("", resume=True)
+    (tmp_path / "last_checkpoint").write_bytes(b"\xff\xfe model")
+    with pytest.raises(UserError, match="last_checkpoint: unreadable"):
+        checkpointer_class()(resumed, str(tmp_path)).resume_or_load("", resume=True)
+
+
+def test_a_damaged_seed_results_file_is_one_line(tmp_path):
+    from transfer.d2.train import read_seed_results
+
+    path = tmp_path / "results.json"
+    for text in ('{"metrics": {"bbox/AP": 1.0}', "[1, 2]", "\udcff"):
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
+        with pytest.raises(UserError, match=r"damaged seed results.*--force"):
+            read_seed_results(path)

@@ -27,6 +27,7 @@ from metadataset.sampling import FixedEpisodes, VariableEpisodes, validate_episo
 from metadataset.sources import MD_SOURCES, limit_per_class, open_source
 from ringbench.config import add_schema_flags, given_flags, settings_from_args
 from ringbench.errors import UserError
+from ringbench.fileio import resolved_path
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
 MD_ROOT_ENV = "RINGBENCH_MD_ROOT"
@@ -133,7 +134,7 @@ def resolve_settings(args: argparse.Namespace, sources: list[str]) -> dict[str, 
 
 def _md_root(args: argparse.Namespace) -> str | None:
     root = getattr(args, "md_root", None) or getattr(args, "data_root", None) or os.environ.get(MD_ROOT_ENV)
-    return str(Path(root).expanduser().resolve()) if root else None
+    return str(resolved_path(root, "--md-root")) if root else None
 
 
 def _probe(settings: dict[str, Any], device: str = "cpu"):

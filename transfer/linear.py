@@ -42,6 +42,7 @@ from metadataset.probes import (
 from metadataset.sources import ImageSet, data_digest, decode_image
 from ringbench.config import add_schema_flags, settings_from_args
 from ringbench.errors import UserError
+from ringbench.fileio import resolved_path
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
 DATA_ROOT_ENV = "RINGBENCH_DATA"
@@ -317,7 +318,7 @@ def make_linear_task(dataset: str, description: str) -> Task:
             }
         else:
             root = getattr(args, "data_root", None) or os.environ.get(DATA_ROOT_ENV)
-            config["data_root"] = str(Path(root).expanduser().resolve()) if root else None
+            config["data_root"] = str(resolved_path(root, "--data-root")) if root else None
         return config
 
     def validate(backbone: Any, config: dict[str, Any]) -> None:

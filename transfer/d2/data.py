@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ringbench.errors import UserError
+from ringbench.fileio import resolved_path
 
 ENV_VAR = "DETECTRON2_DATASETS"
 COCO_HOWTO = (
@@ -92,7 +93,7 @@ def check_files(task: str, root: Path | None) -> None:
 
 def _name(base: str, root: Path) -> str:
     """Dataset names carry a hash of the root, so two roots can be registered in one process."""
-    return f"{base}@{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]}"
+    return f"{base}@{hashlib.sha256(str(resolved_path(root, 'data root')).encode()).hexdigest()[:8]}"
 
 
 def _register_coco(name: str, metadata: dict[str, Any], json_file: Path, image_root: Path) -> str:

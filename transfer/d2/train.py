@@ -34,7 +34,7 @@ from ringbench.fileio import atomic_write_text
 from ringbench.resnets import RESNETS
 from transfer.d2 import convert
 from transfer.d2.compat import d2, has_compiled_ops
-from transfer.d2.weights import checkpointer_class
+from transfer.d2.weights import FORCE_HINT, checkpointer_class
 
 CONFIG_DIR = config_root() / "transfer" / "detectron2"
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -395,8 +395,19 @@ def launch_seed(payload: dict[str, Any], spec: Any) -> dict[str, Any] | None:
     if result_file.is_file():
         logging.getLogger("detectron2").info("seed %s finished before: %s", payload["seed"], result_file)
         print(f"seed {payload['seed']}: finished before, results in {result_file}", file=sys.stderr)
-        return json.loads(result_file.read_text())
+        return read_seed_results(result_file)
     launch(run_seed, spec, (payload,))
     if spec.machine_rank != 0:
         return None
-    return json.loads(result_file.read_text())
+    return read_seed_results(result_file)
+
+
+def read_seed_results(path: Path) -> dict[str, Any]:
+    """A seed's ``results.json``; a damaged one is one line (it is never guessed at)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: damaged seed results ({exc}); {FORCE_HINT}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+        raise UserError(f"{path}: damaged seed results (no 'metrics' object); {FORCE_HINT}")
+    return data

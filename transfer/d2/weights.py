@@ -67,10 +67,55 @@ def checkpointer_class():
         def tag_last_checkpoint(self, last_filename_basename: str) -> None:
             atomic_write_text(Path(self.save_dir) / "last_checkpoint", last_filename_basename)
 
+        _checked: tuple[str, dict[str, Any]] | None = None  # the resume checkpoint, read once
+
         def _load_file(self, filename: str) -> dict[str, Any]:
+            if self._checked is not None and self._checked[0] == filename:
+                data, self._checked = self._checked[1], None
+                return data
             return read_model_file(filename)  # .pkl: the NumPy-only unpickler; .pth: weights_only
 
+        def get_checkpoint_file(self) -> str:
+            """The file ``last_checkpoint`` names, which must be there: Detectron2 would start from scratch
+            without a word where it is missing or unreadable."""
+            tag = Path(self.save_dir) / "last_checkpoint"
+            try:
+                name = tag.read_bytes().decode("utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UserError(f"{tag}: unreadable ({exc}); {FORCE_HINT}") from exc
+            path = Path(self.save_dir) / name
+            if not name or "/" in name or not path.is_file():
+                raise UserError(f"{tag} names {name!r}, which is not a checkpoint file there; {FORCE_HINT}")
+            return str(path)
+
+        def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
+            if resume and self.has_checkpoint():
+                checkpoint = self.get_checkpoint_file()
+                data = read_model_file(checkpoint)
+                check_resume_weights(self.model, data["model"], checkpoint)
+                self._checked = (checkpoint, data)
+            return super().resume_or_load(path, resume=resume)
+
     return Checkpointer
+
+
+FORCE_HINT = "rerun with --force to train this seed again from the card"
+
+
+def check_resume_weights(model: Any, weights: Mapping[str, Any], source: str) -> None:
+    """A checkpoint to resume from must be this model's: every key, every shape. Detectron2 loads what
+    matches and drops the rest with a warning, which would continue training a partly fresh model."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(weights))
+    wrong = sorted(
+        f"{k} {tuple(getattr(v, 'shape', ()))} (model {expected[k]})"
+        for k, v in weights.items()
+        if k in expected and tuple(getattr(v, "shape", ())) != expected[k]
+    )
+    if missing or wrong:
+        detail = f"missing {missing[:3]}" if missing else f"wrong shapes {wrong[:3]}"
+        count = len(missing) + len(wrong)
+        raise UserError(f"{source}: not a checkpoint of this model ({count} keys: {detail}); {FORCE_HINT}")
 
 
 def safe_checkpointer(model: Any) -> Any:
