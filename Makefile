@@ -5,6 +5,8 @@
 #               submitit tests on it (pytest -m cluster), then take down what it started
 #   make test-browser  set up if needed, install Debian's chromium if missing (root, apt), then check the
 #               HTML leaderboard in headless Chromium (the default suite skips that test without it)
+#   make check-gpu  set up if needed, then the GPU tests and benchmarks (on a machine without CUDA: the tests
+#               are collected and skipped, the benchmarks' CUDA code imported)
 #   make demo   set up if needed, then run the main job on the embedded synthetic data
 PY ?= python3.11
 VENV ?= .venv
@@ -14,7 +16,7 @@ STAMP := $(VENV)/.ringbench-setup
 # every torch process down many times over. Set before Python starts, so it reaches torch.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup lint test test-slow test-cluster test-browser demo bench readme clean-venv
+.PHONY: setup lint test test-slow test-cluster test-browser check-gpu demo bench readme clean-venv
 
 setup: $(STAMP)
 
@@ -53,11 +55,16 @@ test-browser: setup
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	$(PYTHON) -m pytest tests/test_report_page.py -k chromium -rs
 
+# The CUDA path, on a GPU machine: pytest -m gpu, then bench/gpu.py, each time-limited, one summary table
+# (within eight minutes on one H100-class GPU). Without CUDA: the tests are collected and skipped, exit 0.
+check-gpu: setup
+	$(PYTHON) tests/check_gpu.py
+
 demo: setup
 	$(PYTHON) -m sweep --plan demo --executor local --jobs 2
 
 bench: setup
-	for script in $(filter-out bench/interleave.py,$(wildcard bench/*.py)); do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+	for script in $(filter-out bench/interleave.py bench/gpu.py,$(wildcard bench/*.py)); do echo "== $$script"; $(PYTHON) $$script || exit 1; done
 
 # Refresh the README's task list from the registry (tests/test_readme.py checks it).
 readme: setup
