@@ -92,7 +92,7 @@ class Task:
     validate: Callable[[Any, dict[str, Any]], None] = lambda backbone, config: None
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     primary_metric: str = ""
-    headline: tuple[str, ...] = ()  # metrics the leaderboard shows by default (else primary_metric)
+    headline: tuple[str, ...] = ()  # metrics a table shows by default (else primary_metric); in each record
     needs_data: bool = False  # False: runs on an embedded default with nothing on disk
     unused_flags: tuple[str, ...] = ()  # its family's flags this task ignores: refused when given
     # --print-config: the engine's resolved config as text (default: the task config as JSON)
