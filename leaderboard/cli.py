@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from leaderboard.compare import Column, Published, Table, build_table, normalise, replicate_sds, with_published
+from leaderboard.compare import Column, Table, build_table, normalise, replicate_sds, with_published
 from leaderboard.text import MISSING, headers, legend, table_rows
 from ringbench.cli import add_common_flags, run_main
 from ringbench.errors import UserError
@@ -208,7 +208,8 @@ def table_from_records(
     latest: bool = False,
 ) -> Table:
     """The table of these records; ``baselines`` are extra ``PLAIN=VARIANT`` pairs (row names) for Δ rows."""
-    from transfer.tasks import all_tasks, reference_rows
+    from ringbench.published import published_numbers
+    from transfer.tasks import all_tasks
 
     pairs = []
     for item in baselines:
@@ -222,13 +223,8 @@ def table_from_records(
     )
     if not table.columns:
         raise UserError(f"no records for tasks {list(tasks or [])}")
-    shown = {c.task for c in table.columns} & all_tasks().keys()
-    published = [
-        Published(**{k: number[k] for k in ("task", "metric", "value", "method", "source")})
-        for name in sorted(shown)
-        for number in reference_rows(name)
-    ]
-    table = with_published(table, published)
+    shown = {c.task for c in table.columns}
+    table = with_published(table, sorted((n for n in published_numbers() if n.task in shown), key=lambda n: n.task))
     names = {r.name for r in table.rows}
     for plain, variant in pairs:
         missing = [n for n in (plain, variant) if n not in names]

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ringbench import stats
+from ringbench.published import Published
 from ringbench.store import PERCENT, in_percent
 
 # Families in the order the table shows them.
@@ -283,18 +284,6 @@ def build_table(
     table.ranks = {r.key: rank for r, rank in zip(rows, stats.average_ranks(scores))}
     table.above_random, table.below_random = versus_random(table, n_boot, rng)
     return table
-
-
-@dataclass(frozen=True)
-class Published:
-    """A number from the literature for one task and metric (percentage points), with its source."""
-
-    task: str
-    metric: str
-    value: float
-    method: str  # e.g. "MoCo v2, 800 epochs"
-    source: str  # where the table is: paper and table, or repository file
-    protocol: str = ""  # the protocol it was measured with, if the task's name does not say it all
 
 
 def with_published(table: Table, numbers: Iterable[Published]) -> Table:
