@@ -209,7 +209,6 @@ def table_from_records(
 ) -> Table:
     """The table of these records; ``baselines`` are extra ``PLAIN=VARIANT`` pairs (row names) for Δ rows."""
     from ringbench.published import published_numbers
-    from transfer.tasks import all_tasks
 
     pairs = []
     for item in baselines:
@@ -217,10 +216,7 @@ def table_from_records(
         if not sep or not plain or not variant:
             raise UserError(f"--baseline {item!r}: expected PLAIN=VARIANT (row names)")
         pairs.append((plain, variant))
-    headline = {name: task.headline_metrics for name, task in all_tasks().items()}
-    table = build_table(
-        records, tasks=tasks, headline=headline, all_metrics=all_metrics, pairs=pairs, view=view, latest=latest
-    )
+    table = build_table(records, tasks=tasks, all_metrics=all_metrics, pairs=pairs, view=view, latest=latest)
     if not table.columns:
         raise UserError(f"no records for tasks {list(tasks or [])}")
     shown = {c.task for c in table.columns}

@@ -1,7 +1,8 @@
 """Comparison tables from result records: cards and recipes as rows, cells with honest intervals,
 plain -> variant Δ rows, Meta-Dataset's ties with the best, and average ranks.
 
-Pure functions on lists of records (see ``ringbench/store.py``); rendering lives in
+Pure functions on lists of records (see ``ringbench/store.py``), which describe themselves: units and
+headline metrics (the metrics a table shows; every one for a record from before the field); rendering lives in
 ``leaderboard/cli.py``, the statistics in ``ringbench/stats.py``.
 
 * **A card is its SHA-256.** Two cards with one name are two rows, shown as ``name@sha8``.
@@ -36,7 +37,7 @@ import numpy as np
 
 from ringbench import stats
 from ringbench.published import Published
-from ringbench.store import PERCENT, in_percent
+from ringbench.store import PERCENT, in_percent, record_headline
 
 # Families in the order the table shows them.
 FAMILY_ORDER = ("detectron2", "fewshot", "linear")
@@ -206,7 +207,6 @@ def describe(over: str, method: str) -> str:
 def build_table(
     records: Sequence[Mapping[str, Any]],
     tasks: Iterable[str] | None = None,
-    headline: Mapping[str, Sequence[str]] | None = None,
     all_metrics: bool = False,
     pairs: Sequence[tuple[str, str]] = (),
     view: str = "recipes",
@@ -216,7 +216,7 @@ def build_table(
 ) -> Table:
     """Rows = recipes (``view="recipes"``) or cards (``"cards"``), columns = (task, metric, config).
 
-    ``headline[task]`` picks the metrics shown for a task (all of them when absent or
+    A record's ``headline`` picks the metrics shown (``store.record_headline``; every metric with
     ``all_metrics``); ``pairs`` adds explicit ``(plain, variant)`` Δ rows (row names) on top of the
     twins found from the cards' metadata; ``latest`` keeps only the newest card of each name.
     """
@@ -237,15 +237,9 @@ def build_table(
     config_labels = _config_labels(chosen.values())
     columns: dict[Column, None] = {}
     card_cells: dict[tuple[str, Column], Estimate] = {}
-    headline_metrics = headline or {}
     for (sha, task, cfg), rec in chosen.items():
         metrics = rec.get("metrics") or {}
-        shown = (
-            list(metrics)
-            if all_metrics or not headline_metrics.get(task)
-            else [m for m in headline_metrics[task] if m in metrics]
-        )
-        for metric in shown:
+        for metric in list(metrics) if all_metrics else record_headline(rec):
             if not _finite(metrics.get(metric)):
                 continue
             unit = str((rec.get("units") or {}).get(metric, PERCENT))
