@@ -11,8 +11,8 @@
 One row per recipe (cards that differ only in their pretraining seed: mean, sd across seeds, n) or
 per card (``--cards``), one column per (task, metric, config, unit); every interval says what it is
 over and its n; entries not significantly below their column's best are marked (Meta-Dataset's
-rule); each plain -> variant pair gets a paired Δ row (the rules: ``leaderboard/compare.py``). A
-missing cell is ``—``, never 0.
+rule); each plain -> variant pair gets a paired Δ row (the rules: ``leaderboard/deltas.py``). A
+missing cell is ``—``, never 0. Published numbers (``configs/published.yaml``) are rows of their own.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from leaderboard.compare import Column, Table, build_table, normalise, replicate_sds, with_published
+from leaderboard.build import build_table, with_published
+from leaderboard.deltas import replicate_sds
+from leaderboard.model import Column, Table
+from leaderboard.normalise import normalise
 from leaderboard.text import MISSING, headers, legend, table_rows
 from ringbench.cli import add_common_flags, run_main
 from ringbench.errors import UserError

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from leaderboard.compare import EPISODES, FT_SEEDS, GAP_UNIT, PT_SEEDS, Column, Delta, DeltaCell, Estimate, Table
+from leaderboard.model import EPISODES, FT_SEEDS, PT_SEEDS, Column, Delta, DeltaCell, Estimate, Table
+from leaderboard.normalise import GAP_UNIT
 from ringbench.store import PERCENT
 
 MISSING = "—"

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from leaderboard.build import build_table, find_pairs
 from leaderboard.cli import main, render_csv, render_html, render_latex, render_markdown
-from leaderboard.compare import EPISODES, FT_SEEDS, PT_SEEDS, Row, build_table, find_pairs
+from leaderboard.model import EPISODES, FT_SEEDS, PT_SEEDS, Row
 from ringbench import stats
 from ringbench.cli import run_main
 from ringbench.store import in_percent, make_record, write_record

@@ -13,8 +13,9 @@ import subprocess
 import numpy as np
 import pytest
 
+from leaderboard.build import build_table, with_published
 from leaderboard.cli import main
-from leaderboard.compare import GAP_UNIT, build_table, normalise, with_published
+from leaderboard.normalise import GAP_UNIT, normalise
 from leaderboard.page import render_page
 from ringbench.cli import run_main
 from ringbench.errors import UserError
