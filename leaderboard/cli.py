@@ -30,7 +30,7 @@ from leaderboard.build import build_table, with_published
 from leaderboard.deltas import replicate_sds
 from leaderboard.model import Column, Table
 from leaderboard.normalise import normalise
-from leaderboard.text import MISSING, headers, legend, table_rows
+from leaderboard.text import MISSING, body_rows, headers, legend
 from ringbench.cli import add_common_flags, run_main
 from ringbench.errors import UserError
 from ringbench.stats import replicates_needed
@@ -46,7 +46,7 @@ def _md_escape(text: str) -> str:
 def render_markdown(table: Table) -> str:
     from tabulate import tabulate
 
-    rows = [[_md_escape(c) for c in r] for r in table_rows(table, lambda t: f"**{t}**")]
+    rows = [[_md_escape(c) for c in r] for r in body_rows(table, lambda t: f"**{t}**")]
     body = tabulate(rows, headers=[_md_escape(h) for h in headers(table)], tablefmt="github", disable_numparse=True)
     return body + "\n\n" + "\n".join(_md_escape(n) for n in legend(table)) + "\n"
 
@@ -75,7 +75,7 @@ def latex_escape(text: str) -> str:
 
 def render_latex(table: Table) -> str:
     """A booktabs tabular (``\\usepackage{booktabs}``); marked entries in bold."""
-    rows = table_rows(table, lambda t: "\x00" + t + "\x01")
+    rows = body_rows(table, lambda t: "\x00" + t + "\x01")
     lines = [
         r"\begin{tabular}{l" + "r" * (len(table.columns) + 1) + "}",
         r"\toprule",
@@ -145,10 +145,10 @@ def render_csv(table: Table) -> str:
                     "sha256": row.sha256,
                     **place(col),
                     "mean": cell.mean,
-                    "lo": _num(cell.lo),
-                    "hi": _num(cell.hi),
-                    "sd": _num(cell.sd),
-                    "n": _num(cell.n),
+                    "lo": _blank_if_none(cell.lo),
+                    "hi": _blank_if_none(cell.hi),
+                    "sd": _blank_if_none(cell.sd),
+                    "n": _blank_if_none(cell.n),
                     "over": cell.over,
                     "interval": cell.method,
                     "tied_with_best": int((row.key, col) in table.tied),
@@ -168,9 +168,9 @@ def render_csv(table: Table) -> str:
                     "variant": variant,
                     **place(col),
                     "mean": d.diff,
-                    "lo": _num(d.lo),
-                    "hi": _num(d.hi),
-                    "n": _num(d.n),
+                    "lo": _blank_if_none(d.lo),
+                    "hi": _blank_if_none(d.hi),
+                    "n": _blank_if_none(d.n),
                     "over": d.over,
                     "interval": d.method,
                     "significant": int(d.significant),
@@ -179,7 +179,8 @@ def render_csv(table: Table) -> str:
     return out.getvalue()
 
 
-def _num(value: float | int | None) -> float | int | str:
+def _blank_if_none(value: float | int | None) -> float | int | str:
+    """A CSV number field: the value, or empty when there is none (never 0)."""
     return "" if value is None else value
 
 
