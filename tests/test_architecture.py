@@ -1,7 +1,8 @@
 """The import graph: arrows point one way (ringbench <- pretrain, ringbench <- metadataset <- transfer; the sweep
 above both stages; the leaderboard beside them, reading the store through ringbench) and no module imports itself
-through a chain of others. The stages meet only at files: transfer never imports pretrain, nor pretrain transfer. Read from the source (every ``import``,
-lazy ones inside functions included), so it fails when a change adds a forbidden arrow."""
+through a chain of others. The stages meet only at files: transfer never imports pretrain, nor pretrain transfer.
+Read from the source (every ``import``, lazy ones inside functions included), so it fails when a change adds a
+forbidden arrow."""
 
 from __future__ import annotations
 
