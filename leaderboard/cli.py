@@ -297,7 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="PLAIN=VARIANT",
         help="extra Δ rows for these row pairs (pairs are also found from card metadata)",
     )
-    parser.add_argument("--all-metrics", action="store_true", help="every metric, not only each task's headline ones")
+    parser.add_argument(
+        "--all-metrics", action="store_true", help="every metric, not only each record's headline ones (its task's)"
+    )
     parser.add_argument("--cards", action="store_true", help="one row per card instead of one per recipe")
     parser.add_argument("--latest", action="store_true", help="of several cards with one name, keep the newest")
     parser.add_argument(
