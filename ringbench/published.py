@@ -44,7 +44,7 @@ def read_published(path: str | os.PathLike) -> list[Published]:
     """Every entry of a published-numbers file, checked: the fields of :class:`Published` (no others),
     non-empty text, a finite number, and one entry per (task, metric, method)."""
     data = read_yaml_mapping(path, "published-numbers file")
-    unknown = sorted(set(data) - {"sources", "numbers"})
+    unknown = sorted(map(str, set(data) - {"sources", "numbers"}))
     if unknown:
         raise UserError(f"{path}: unknown top-level keys {unknown} (known: sources, numbers)")
     entries = data.get("numbers") or []
@@ -57,7 +57,7 @@ def read_published(path: str | os.PathLike) -> list[Published]:
         if not isinstance(entry, dict):
             raise UserError(f"{where}: expected a mapping with {', '.join(FIELDS)}, got {type(entry).__name__}")
         missing = [k for k in FIELDS if k not in entry]
-        extra = sorted(set(entry) - {*FIELDS, *OPTIONAL_FIELDS})
+        extra = sorted(map(str, set(entry) - {*FIELDS, *OPTIONAL_FIELDS}))
         if missing or extra:
             wrong = ", ".join(f"{what} {keys}" for what, keys in (("missing", missing), ("unknown", extra)) if keys)
             raise UserError(f"{where}: {wrong} (fields: {', '.join(FIELDS)}, optional: protocol)")
