@@ -11,8 +11,8 @@
 One row per recipe (cards that differ only in their pretraining seed: mean, sd across seeds, n) or
 per card (``--cards``), one column per (task, metric, config, unit); every interval says what it is
 over and its n; entries not significantly below their column's best are marked (Meta-Dataset's
-rule); each plain -> variant pair gets a paired Δ row (the rules: ``leaderboard/compare.py``). A
-missing cell is ``—``, never 0.
+rule); each plain -> variant pair gets a paired Δ row (the rules: ``leaderboard/deltas.py``). A
+missing cell is ``—``, never 0. Published numbers (``configs/published.yaml``) are rows of their own.
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from leaderboard.compare import Column, Published, Table, build_table, normalise, replicate_sds, with_published
-from leaderboard.text import MISSING, headers, legend, table_rows
+from leaderboard.build import build_table, with_published
+from leaderboard.deltas import replicate_sds
+from leaderboard.model import Column, Table
+from leaderboard.normalise import normalise
+from leaderboard.text import MISSING, body_rows, headers, legend
 from ringbench.cli import add_common_flags, run_main
 from ringbench.errors import UserError
 from ringbench.stats import replicates_needed
@@ -43,7 +46,7 @@ def _md_escape(text: str) -> str:
 def render_markdown(table: Table) -> str:
     from tabulate import tabulate
 
-    rows = [[_md_escape(c) for c in r] for r in table_rows(table, lambda t: f"**{t}**")]
+    rows = [[_md_escape(c) for c in r] for r in body_rows(table, lambda t: f"**{t}**")]
     body = tabulate(rows, headers=[_md_escape(h) for h in headers(table)], tablefmt="github", disable_numparse=True)
     return body + "\n\n" + "\n".join(_md_escape(n) for n in legend(table)) + "\n"
 
@@ -72,7 +75,7 @@ def latex_escape(text: str) -> str:
 
 def render_latex(table: Table) -> str:
     """A booktabs tabular (``\\usepackage{booktabs}``); marked entries in bold."""
-    rows = table_rows(table, lambda t: "\x00" + t + "\x01")
+    rows = body_rows(table, lambda t: "\x00" + t + "\x01")
     lines = [
         r"\begin{tabular}{l" + "r" * (len(table.columns) + 1) + "}",
         r"\toprule",
@@ -142,10 +145,10 @@ def render_csv(table: Table) -> str:
                     "sha256": row.sha256,
                     **place(col),
                     "mean": cell.mean,
-                    "lo": _num(cell.lo),
-                    "hi": _num(cell.hi),
-                    "sd": _num(cell.sd),
-                    "n": _num(cell.n),
+                    "lo": _blank_if_none(cell.lo),
+                    "hi": _blank_if_none(cell.hi),
+                    "sd": _blank_if_none(cell.sd),
+                    "n": _blank_if_none(cell.n),
                     "over": cell.over,
                     "interval": cell.method,
                     "tied_with_best": int((row.key, col) in table.tied),
@@ -165,9 +168,9 @@ def render_csv(table: Table) -> str:
                     "variant": variant,
                     **place(col),
                     "mean": d.diff,
-                    "lo": _num(d.lo),
-                    "hi": _num(d.hi),
-                    "n": _num(d.n),
+                    "lo": _blank_if_none(d.lo),
+                    "hi": _blank_if_none(d.hi),
+                    "n": _blank_if_none(d.n),
                     "over": d.over,
                     "interval": d.method,
                     "significant": int(d.significant),
@@ -176,7 +179,8 @@ def render_csv(table: Table) -> str:
     return out.getvalue()
 
 
-def _num(value: float | int | None) -> float | int | str:
+def _blank_if_none(value: float | int | None) -> float | int | str:
+    """A CSV number field: the value, or empty when there is none (never 0)."""
     return "" if value is None else value
 
 
@@ -208,7 +212,7 @@ def table_from_records(
     latest: bool = False,
 ) -> Table:
     """The table of these records; ``baselines`` are extra ``PLAIN=VARIANT`` pairs (row names) for Δ rows."""
-    from transfer.tasks import all_tasks, reference_rows
+    from ringbench.published import published_numbers
 
     pairs = []
     for item in baselines:
@@ -216,19 +220,11 @@ def table_from_records(
         if not sep or not plain or not variant:
             raise UserError(f"--baseline {item!r}: expected PLAIN=VARIANT (row names)")
         pairs.append((plain, variant))
-    headline = {name: task.headline_metrics for name, task in all_tasks().items()}
-    table = build_table(
-        records, tasks=tasks, headline=headline, all_metrics=all_metrics, pairs=pairs, view=view, latest=latest
-    )
+    table = build_table(records, tasks=tasks, all_metrics=all_metrics, pairs=pairs, view=view, latest=latest)
     if not table.columns:
         raise UserError(f"no records for tasks {list(tasks or [])}")
-    shown = {c.task for c in table.columns} & all_tasks().keys()
-    published = [
-        Published(**{k: number[k] for k in ("task", "metric", "value", "method", "source")})
-        for name in sorted(shown)
-        for number in reference_rows(name)
-    ]
-    table = with_published(table, published)
+    shown = {c.task for c in table.columns}
+    table = with_published(table, sorted((n for n in published_numbers() if n.task in shown), key=lambda n: n.task))
     names = {r.name for r in table.rows}
     for plain, variant in pairs:
         missing = [n for n in (plain, variant) if n not in names]
@@ -301,7 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="PLAIN=VARIANT",
         help="extra Δ rows for these row pairs (pairs are also found from card metadata)",
     )
-    parser.add_argument("--all-metrics", action="store_true", help="every metric, not only each task's headline ones")
+    parser.add_argument(
+        "--all-metrics", action="store_true", help="every metric, not only each record's headline ones (its task's)"
+    )
     parser.add_argument("--cards", action="store_true", help="one row per card instead of one per recipe")
     parser.add_argument("--latest", action="store_true", help="of several cards with one name, keep the newest")
     parser.add_argument(

@@ -12,7 +12,7 @@ import html
 import string
 from collections.abc import Sequence
 
-from leaderboard.compare import FAMILY_ORDER, Column, Table
+from leaderboard.model import FAMILY_ORDER, Column, Table
 from leaderboard.text import (
     MISSING,
     cell_value,

@@ -7,7 +7,7 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-from leaderboard.compare import Column, Estimate, Table
+from leaderboard.model import Column, Estimate, Table
 
 
 def _matplotlib() -> Any:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from leaderboard.compare import EPISODES, FT_SEEDS, GAP_UNIT, PT_SEEDS, Column, Delta, DeltaCell, Estimate, Table
+from leaderboard.model import EPISODES, FT_SEEDS, PT_SEEDS, Column, Delta, DeltaCell, Estimate, Table
+from leaderboard.normalise import GAP_UNIT
 from ringbench.store import PERCENT
 
 MISSING = "—"
@@ -87,7 +88,7 @@ def delta_label(table: Table, delta: Delta) -> str:
     return f"Δ {table.row(delta.variant).name} − {table.row(delta.plain).name}"
 
 
-def table_rows(table: Table, mark_tied: Callable[[str], str], columns: list[Column] | None = None) -> list[list[str]]:
+def body_rows(table: Table, mark_tied: Callable[[str], str], columns: list[Column] | None = None) -> list[list[str]]:
     """Body rows as text (names not yet escaped), each row followed by its Δ rows, over ``columns``
     (all by default), with the average rank over all of the table's columns last."""
     columns = table.columns if columns is None else columns

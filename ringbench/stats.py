@@ -1,6 +1,6 @@
 """The statistics of the comparison tables: intervals, paired and two-level, ranks and power.
 
-Pure functions on arrays. Which interval a table uses where (``leaderboard/compare.py``):
+Pure functions on arrays. Which interval a table uses where (``leaderboard/cells.py`` and ``deltas.py``):
 
 * few replicates (n <= ``SMALL_N``): a t-interval with n - 1 degrees of freedom, never a bootstrap,
   whose percentile intervals are too narrow for a handful of values (with 3 seeds differing by

@@ -7,8 +7,8 @@ Layout of a results folder::
 
 A record (see the README, "Result record")::
 
-    {"backbone", "backbone_sha256", "task", "metrics": {...}, "ci95": {...}, "seeds",
-     "config", "config_hash", "engine_versions", "wall_s", "created", ...}
+    {"backbone", "backbone_sha256", "task", "metrics": {...}, "units": {...}, "headline": [...],
+     "ci95": {...}, "seeds", "config", "config_hash", "engine_versions", "wall_s", "created", ...}
 
 Its identity is ``(task, backbone_sha256, config_hash)``; the config holds the seeds, so its
 hash covers them. The file name carries the whole identity (all 64 hex digits of the card's
@@ -25,6 +25,10 @@ Readers skip dot-files (writes in progress, or the temporary files of killed wri
 Legacy ``*.jsonl`` files at the top of a results folder (the old ``records.jsonl``, or a file
 made by ``leaderboard.py --export-jsonl``) stay readable; nothing appends to them any more.
 When an identity is found more than once, the newest (``created``) record wins.
+
+Records describe themselves, so that a reader needs no task registry: ``units`` (read by
+:func:`in_percent`) and ``headline``, the metrics a table shows by default (read by
+:func:`record_headline`; a record written before the field existed shows every metric).
 """
 
 from __future__ import annotations
@@ -307,6 +311,7 @@ _TYPES: dict[str, tuple[type, ...]] = {  # the value type of every field a reade
     "backbone_meta": (dict,),
     "extra": (dict,),
     "wall_s": (int, float),
+    "headline": (list,),
 }
 
 
@@ -332,6 +337,8 @@ def record_problem(rec: Mapping[str, Any]) -> str | None:
         or not all(isinstance(s, dict) and all(map(_is_number, s.values())) for s in per_seed)
     ):
         return "extra['per_seed'] that is not a list of metric mappings"
+    if not all(isinstance(m, str) and m for m in rec.get("headline") or []):
+        return "a 'headline' that is not a list of metric names"
     return None
 
 
@@ -374,10 +381,12 @@ def make_record(
     engine_versions: Mapping[str, str] | None = None,
     wall_s: float = 0.0,
     units: Mapping[str, str] | None = None,
+    headline: Iterable[str] = (),
     **extra: Any,
 ) -> dict[str, Any]:
     """A record; ``units`` names each metric's unit (default: percentage points, as every ringbench
-    task reports, Detectron2's AP included)."""
+    task reports, Detectron2's AP included); ``headline`` the metrics a table shows by default (the
+    task's; every metric when it names none)."""
     units = dict(units or {})
     return {
         "backbone": backbone,
@@ -385,6 +394,7 @@ def make_record(
         "task": task,
         "metrics": {k: _num(v) for k, v in metrics.items()},
         "units": {k: units.get(k, PERCENT) for k in metrics},
+        "headline": ([headline] if isinstance(headline, str) else list(headline)) or list(metrics),
         "ci95": {k: _num(v) for k, v in (ci95 or {}).items()},
         "seeds": list(seeds),
         "config": dict(config),
@@ -435,6 +445,14 @@ def in_percent(rec: Mapping[str, Any]) -> dict[str, Any]:
         "units": units,
         "units_from": "record",
     }
+
+
+def record_headline(rec: Mapping[str, Any]) -> list[str]:
+    """The metrics a table shows of ``rec`` by default: those of its ``headline`` that it has. A record
+    without one (written before the field existed) or with an empty one shows every metric."""
+    metrics = rec.get("metrics") or {}
+    headline = rec.get("headline")
+    return [m for m in headline if m in metrics] if headline else list(metrics)
 
 
 def engine_versions_now() -> dict[str, str]:

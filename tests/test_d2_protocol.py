@@ -225,10 +225,10 @@ def test_print_config_from_a_card_needs_no_data(tmp_path, capsys, monkeypatch):
 
 
 def test_published_reference_rows_travel_with_the_tasks():
-    """MoCo's VOC numbers (detection/README.md, R50-C4 24k, mean of 5 trials), in the records' metric names."""
-    from transfer.d2.published import reference_table
+    """MoCo's VOC numbers (detection/README.md, R50-C4 24k, mean of 5 trials), in the records' metric names:
+    configs/published.yaml, read by ringbench.published."""
+    from ringbench.published import published_numbers
     from transfer.d2.train import flatten_results
-    from transfer.tasks import reference_rows
 
     expected = {  # method: (AP50, AP, AP75), as MoCo's detection README prints them
         "ImageNet-1M, supervised": (81.3, 53.5, 58.8),
@@ -236,15 +236,17 @@ def test_published_reference_rows_travel_with_the_tasks():
         "ImageNet-1M, MoCo v2, 200ep": (82.4, 57.0, 63.6),
         "ImageNet-1M, MoCo v2, 800ep": (82.5, 57.4, 64.0),
     }
-    rows = reference_rows("voc_det")
-    assert len(rows) == 12 and all("mean of 5 trials" in r["source"] and "R50-C4" in r["source"] for r in rows)
-    table = reference_table("voc_det")
+    rows = published_numbers("voc_det")
+    assert len(rows) == 12 and all("mean of 5 trials" in r.source and "R50-C4" in r.source for r in rows)
+    table: dict[str, dict[str, float]] = {}
+    for row in rows:
+        table.setdefault(row.method, {})[row.metric] = row.value
     assert {m: (v["bbox/AP50"], v["bbox/AP"], v["bbox/AP75"]) for m, v in table.items()} == expected
     # the metric names are the ones a voc_det record carries
     metrics, _ = flatten_results({"bbox": {"AP": 50.0, "AP50": 80.0, "AP75": 55.0}})
-    assert {r["metric"] for r in rows} == set(metrics) == set(get_task("voc_det").headline_metrics)
+    assert {r.metric for r in rows} == set(metrics) == set(get_task("voc_det").headline_metrics)
     for task in ("coco_det", "coco_instseg", "coco_kp", "coco_instseg_c4_1x", "coco_instseg_c4_2x", "syn_det"):
-        assert reference_rows(task) == []  # nothing that could not be cited
+        assert published_numbers(task) == []  # nothing that could not be cited
 
 
 def test_docs_list_every_deliberate_difference():

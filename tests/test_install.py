@@ -66,6 +66,7 @@ def test_installed_wheel_runs_from_another_folder(tmp_path):
     assert "ringbench/configs/pretrain/moco_ring.yaml" in names
     assert "ringbench/configs/pretrain/official/moco_ring_cifar10.yaml" in names
     assert "ringbench/configs/transfer/detectron2/voc_det.yaml" in names
+    assert "ringbench/configs/published.yaml" in names  # the published reference numbers (ringbench.published)
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],

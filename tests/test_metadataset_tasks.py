@@ -184,6 +184,7 @@ def test_cli_runs_fewshot_digits_and_appends_a_record(card, tmp_path, capsys):
     (record,) = load_records(tmp_path / "results")
     assert record["task"] == "fewshot_digits" and record["family"] == "fewshot"
     assert set(record["metrics"]) == {"acc"} and record["ci95"]["acc"] > 0
+    assert record["headline"] == ["acc"]  # the task's headline metrics travel with the record
     assert len(record["extra"]["episode_accuracies"]["digits"]) == 6
     capsys.readouterr()
     code = run_main(

@@ -13,10 +13,13 @@ import subprocess
 import numpy as np
 import pytest
 
+from leaderboard.build import build_table, with_published
 from leaderboard.cli import main
-from leaderboard.compare import GAP_UNIT, Published, build_table, normalise, with_published
+from leaderboard.normalise import GAP_UNIT, normalise
 from leaderboard.page import render_page
 from ringbench.cli import run_main
+from ringbench.errors import UserError
+from ringbench.published import Published, published_numbers
 from ringbench.store import write_record
 from tests.test_leaderboard import RING, _det, _fewshot, _meta
 
@@ -115,6 +118,48 @@ def test_published_rows_sit_in_their_task_columns_only():
     assert {c.task for c in cols} == {"syn_det"} and len(cols) == 2  # both syn_det configs
     page = render_page(table)
     assert "MoCo v2, 800 ep (published)" in page and "a paper, Table 2" in page
+
+
+def test_published_numbers_come_from_one_file_and_reach_the_table_without_the_task_registry(tmp_path):
+    """configs/published.yaml is the one place of published numbers; the leaderboard places those of the
+    tasks it shows (a voc_det record here: MoCo's four VOC rows), with no transfer task imported."""
+    from leaderboard.cli import table_from_records
+    from tests.test_leaderboard import _rec
+
+    shipped = published_numbers("voc_det")
+    assert {n.method for n in shipped} >= {"ImageNet-1M, MoCo v2, 800ep"} and published_numbers("syn_det") == []
+    voc = _rec("moco", "voc_det", {"bbox/AP": 50.0, "bbox/AP50": 80.0, "bbox/AP75": 55.0}, "detectron2")
+    table = table_from_records([voc, *_records()[:2]], tasks=["voc_det", "syn_det"])
+    published = [r for r in table.rows if r.published]
+    assert [r.name for r in published] == [f"{n.method} (published)" for n in shipped[::3]]
+    v2 = table.row_by_name("ImageNet-1M, MoCo v2, 800ep (published)")
+    assert {c.metric: table.cells[(v2.key, c)].mean for c in table.columns if (v2.key, c) in table.cells} == {
+        "bbox/AP": 57.4,
+        "bbox/AP50": 82.5,
+        "bbox/AP75": 64.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("{task: t, metric: m, value: 1.0, method: x}", r"missing \['source'\]"),
+        ("{task: t, metric: m, value: 1.0, method: x, source: s, year: 2020}", r"unknown \['year'\]"),
+        ("{task: t, metric: m, value: '57.4', method: x, source: s}", "value must be a finite number"),
+        ("{task: t, metric: m, value: .nan, method: x, source: s}", "value must be a finite number"),
+        ("{task: t, metric: '', value: 1, method: x, source: s}", "metric must be non-empty text"),
+    ],
+)
+def test_published_numbers_are_checked_as_read(tmp_path, entry, message):
+    path = tmp_path / "published.yaml"
+    path.write_text(f"numbers:\n  - {entry}\n")
+    with pytest.raises(UserError, match=rf"numbers\[0\]: {message}"):
+        published_numbers(path=path)
+    path.write_text("numbers:\n  - {task: t, metric: m, value: 1, method: x, source: s}\n")
+    assert published_numbers(path=path) == [Published("t", "m", 1.0, "x", "s")]
+    path.write_text("numbers:\n" + "  - {task: t, metric: m, value: 1, method: x, source: s}\n" * 2)
+    with pytest.raises(UserError, match=r"numbers\[1\]: a second entry"):
+        published_numbers(path=path)
 
 
 def test_page_has_a_table_per_family_with_a_two_level_header_and_footnotes():

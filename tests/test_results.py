@@ -18,6 +18,7 @@ from ringbench.store import (
     find_record,
     load_records,
     make_record,
+    record_headline,
     record_path,
     write_record,
 )
@@ -127,6 +128,29 @@ def test_a_corrupt_record_file_is_skipped_with_a_warning(tmp_path, content, why)
     assert [r["backbone_sha256"] for r in records] == [SHA]
     with pytest.warns(UserWarning, match=bad.name):
         assert find_record(tmp_path, "b" * 64, "fewshot_digits", good.stem.split("-")[1]) is None
+
+
+def test_a_record_names_its_headline_metrics_and_an_older_one_shows_all(tmp_path):
+    """Records describe themselves: ``headline`` is what a table shows by default (no task registry
+    needed to read a store); a record from before the field existed shows every metric."""
+    two = {"acc": 50.0, "acc_digits": 50.0}
+    assert make_record(**_fields(metrics=two), headline=("acc",))["headline"] == ["acc"]
+    assert make_record(**_fields(metrics=two))["headline"] == ["acc", "acc_digits"]  # the task names none
+    assert record_headline({"metrics": two, "headline": ["acc", "gone"]}) == ["acc"]
+    assert record_headline({"metrics": two}) == ["acc", "acc_digits"]
+    write_record(tmp_path, _record(headline=["acc"]))
+    bad = _record(sha="b" * 64)
+    bad["headline"] = ["acc", 3]
+    write_path = record_path(tmp_path, "b" * 64, bad["task"], bad["config_hash"])
+    write_path.write_text(json.dumps(bad))
+    with pytest.warns(UserWarning, match="headline"):
+        assert [r["backbone_sha256"] for r in load_records(tmp_path)] == [SHA]
+
+
+def _fields(**changes):
+    rec = _record()
+    keep = ("backbone", "backbone_sha256", "task", "metrics", "config")
+    return {**{k: rec[k] for k in keep}, **changes}
 
 
 def test_temporary_files_of_killed_writers_are_ignored(tmp_path):

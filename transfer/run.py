@@ -218,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine_versions={**engine_versions_now(), **result.engine_versions},
         wall_s=time.perf_counter() - start,
         units=result.units,
+        headline=task.headline_metrics,
         family=task.family,
         backbone_meta={
             "arch": backbone.arch,

@@ -13,9 +13,8 @@ Contract, used by ``transfer/run.py``:
 * ``task.validate(backbone, config)``: raise :class:`pretrain.cli.UserError` on anything that
   would fail later (unsupported arch, missing data files), before any work starts.
 * ``task.run(backbone, config, ctx) -> TaskResult``.
-* Optional: ``describe_config`` (``--print-config``), ``make_launch`` (several processes or machines:
-  the launch goes to ``ctx.launch``, outside the config and so outside the record's identity) and
-  ``published`` (reference numbers with their source, :func:`reference_rows`).
+* Optional: ``describe_config`` (``--print-config``) and ``make_launch`` (several processes or machines:
+  the launch goes to ``ctx.launch``, outside the config and so outside the record's identity).
 """
 
 from __future__ import annotations
@@ -92,15 +91,13 @@ class Task:
     validate: Callable[[Any, dict[str, Any]], None] = lambda backbone, config: None
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     primary_metric: str = ""
-    headline: tuple[str, ...] = ()  # metrics the leaderboard shows by default (else primary_metric)
+    headline: tuple[str, ...] = ()  # metrics a table shows by default (else primary_metric); in each record
     needs_data: bool = False  # False: runs on an embedded default with nothing on disk
     unused_flags: tuple[str, ...] = ()  # its family's flags this task ignores: refused when given
     # --print-config: the engine's resolved config as text (default: the task config as JSON)
     describe_config: Callable[[Any, dict[str, Any], TaskContext], str] | None = None
     # the launch of a multi-process family from the CLI flags and the device (None: one process)
     make_launch: Callable[[argparse.Namespace, str], Any] | None = None
-    # published reference numbers for this task (rows of transfer.d2.published or the like)
-    published: tuple[dict[str, Any], ...] = ()
 
     @property
     def headline_metrics(self) -> tuple[str, ...]:
@@ -148,9 +145,3 @@ def get_task(name: str) -> Task:
             hint = " (not loaded: " + "; ".join(f"{m}: {e}" for m, e in _LOAD_ERRORS.items()) + ")"
         raise UserError(f"unknown task {name!r}; available: {', '.join(tasks) or 'none'}{hint}")
     return tasks[name]
-
-
-def reference_rows(name: str) -> list[dict[str, Any]]:
-    """Published reference numbers of a task, ``{task, metric, value, method, source}`` each (values in the
-    units of the task's metrics; empty when none can be cited): the leaderboard's reference rows."""
-    return [dict(row) for row in get_task(name).published]

@@ -19,7 +19,6 @@ from ringbench.stats import t_interval
 from transfer.d2 import launch as d2launch
 from transfer.d2 import train
 from transfer.d2.data import check_files, resolve_data_root
-from transfer.d2.published import reference_rows
 from transfer.d2.synthetic_coco import DEFAULTS as SYN_DEFAULTS
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
@@ -327,7 +326,6 @@ def _register(name: str) -> None:
             unused_flags=() if name.startswith("syn_") else ("syn_train_images", "syn_val_images", "syn_seed"),
             describe_config=lambda backbone, config, ctx: describe_config(name, backbone, config, ctx),
             make_launch=d2launch.launch_from_args,
-            published=tuple(reference_rows(name)),
         )
     )
 

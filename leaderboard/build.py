@@ -1,0 +1,294 @@
+"""Records -> a table: rows of recipes (``view="recipes"``) or cards (``"cards"``), columns of
+(task, metric, config, unit), cells, Δ rows for each plain -> variant pair, ties, ranks and marks.
+
+Pure functions on lists of records (``ringbench/store.py``), which describe themselves: the metrics
+shown are each record's ``headline`` (``store.record_headline``), values are in percent by
+``store.in_percent``. The rules of the cells are in ``leaderboard/cells.py``, those of the Δs and
+marks in ``leaderboard/deltas.py``; published numbers (``ringbench/published.py``) join as rows
+without cards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from leaderboard.cells import make_cell, row_cell
+from leaderboard.deltas import compare, ties_with_best, versus_random
+from leaderboard.model import (
+    FAMILY_ORDER,
+    PLAIN_LOSSES,
+    REFERENCE_METHODS,
+    TWIN_KEYS,
+    VARIANT_LOSSES,
+    Card,
+    Column,
+    Delta,
+    Estimate,
+    Row,
+    Table,
+    is_finite,
+)
+from ringbench import stats
+from ringbench.published import Published
+from ringbench.store import PERCENT, in_percent, record_headline
+
+
+def build_table(
+    records: Sequence[Mapping[str, Any]],
+    tasks: Iterable[str] | None = None,
+    all_metrics: bool = False,
+    pairs: Sequence[tuple[str, str]] = (),
+    view: str = "recipes",
+    latest: bool = False,
+    n_boot: int = 10_000,
+    seed: int = 0,
+) -> Table:
+    """Rows = recipes (``view="recipes"``) or cards (``"cards"``), columns = (task, metric, config).
+
+    A record's ``headline`` picks the metrics shown (``store.record_headline``; every metric with
+    ``all_metrics``); ``pairs`` adds explicit ``(plain, variant)`` Δ rows (row names) on top of the
+    twins found from the cards' metadata; ``latest`` keeps only the newest card of each name.
+    """
+    if view not in ("recipes", "cards"):
+        raise ValueError(f"view must be 'recipes' or 'cards', got {view!r}")
+    wanted = set(tasks) if tasks else None
+    newest: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for raw in records:
+        if wanted is not None and raw["task"] not in wanted:
+            continue
+        rec = in_percent(raw)
+        key = (_card_key(rec), rec["task"], rec.get("config_hash", ""))
+        if key not in newest or str(rec.get("created", "")) >= str(newest[key].get("created", "")):
+            newest[key] = rec
+    warnings: list[str] = []
+    cards = _cards(newest.values(), latest, warnings)
+    chosen = {key: rec for key, rec in newest.items() if key[0] in cards}
+    config_labels = _config_labels(chosen.values())
+    columns: dict[Column, None] = {}
+    card_cells: dict[tuple[str, Column], Estimate] = {}
+    for (sha, task, cfg), rec in chosen.items():
+        metrics = rec.get("metrics") or {}
+        for metric in list(metrics) if all_metrics else record_headline(rec):
+            if not is_finite(metrics.get(metric)):
+                continue
+            unit = str((rec.get("units") or {}).get(metric, PERCENT))
+            column = Column(task, metric, cfg, config_labels.get((task, cfg), ""), rec.get("family", ""), unit)
+            columns[column] = None
+            card_cells[(sha, column)] = make_cell(rec, metric)
+    ordered_columns = sorted(columns, key=_column_order)
+    warnings += _unit_warnings(chosen.values(), ordered_columns)
+    rows = _card_rows(cards) if view == "cards" else _recipe_rows(cards, warnings)
+    rows.sort(key=lambda r: (REFERENCE_METHODS.index(r.reference) if r.reference else len(REFERENCE_METHODS), r.name))
+    cells: dict[tuple[str, Column], Estimate] = {}
+    for row in rows:
+        for col in ordered_columns:
+            estimate = row_cell(row, col, card_cells)
+            if estimate is not None:
+                cells[(row.key, col)] = estimate
+    rng = np.random.default_rng(seed)
+    names = {r.name: r.key for r in rows}
+    explicit = [(names[p], names[v]) for p, v in pairs if p in names and v in names]
+    unique_pairs = list(dict.fromkeys(find_pairs(rows, same_seed=view == "cards") + explicit))
+    deltas = [
+        Delta(
+            plain,
+            variant,
+            {
+                col: compare(cells[(plain, col)], cells[(variant, col)], n_boot, rng)
+                for col in ordered_columns
+                if (plain, col) in cells and (variant, col) in cells
+            },
+        )
+        for plain, variant in unique_pairs
+    ]
+    table = Table(ordered_columns, rows, cells, deltas, view=view, warnings=warnings)
+    table.tied = ties_with_best(table, n_boot, rng)
+    scores = [[cells[(r.key, c)].mean if (r.key, c) in cells else None for c in ordered_columns] for r in rows]
+    table.ranks = {r.key: rank for r, rank in zip(rows, stats.average_ranks(scores))}
+    table.above_random, table.below_random = versus_random(table, n_boot, rng)
+    return table
+
+
+def with_published(table: Table, numbers: Iterable[Published]) -> Table:
+    """The table with a row per published method, its numbers in the columns of their task and
+    metric (every config of the task); such rows take no part in ties, ranks or Δs."""
+    by_method: dict[str, list[Published]] = {}
+    for number in numbers:
+        by_method.setdefault(number.method, []).append(number)
+    rows = list(table.rows)
+    cells = dict(table.cells)
+    for method, found in by_method.items():
+        placed = [(col, n) for n in found for col in table.columns if (col.task, col.metric) == (n.task, n.metric)]
+        if not placed:
+            continue
+        sources = sorted({n.source + (f" ({n.protocol})" if n.protocol else "") for n in found})
+        row = Row(f"published:{method}", f"{method} (published)", [], {"source": "; ".join(sources)})
+        rows.append(row)
+        for col, number in placed:
+            cells[(row.key, col)] = Estimate(float(number.value), method="published")
+    return replace(table, rows=rows, cells=cells)
+
+
+def find_pairs(rows: Sequence[Row], same_seed: bool = False) -> list[tuple[str, str]]:
+    """``(plain, variant)`` row keys from card metadata: a row trained with one of ``VARIANT_LOSSES``
+    and the first row with the same ``TWIN_KEYS`` (and, for cards, the same pretraining seed) trained
+    with a plain loss (never another variant: HCL is compared with NT-Xent, not with DCL)."""
+    keys = (*TWIN_KEYS, "seed") if same_seed else TWIN_KEYS
+    pairs = []
+    for variant in rows:
+        if variant.meta.get("loss") not in VARIANT_LOSSES:
+            continue
+        for plain in rows:
+            if plain.meta.get("loss") in PLAIN_LOSSES and all(plain.meta.get(k) == variant.meta.get(k) for k in keys):
+                pairs.append((plain.key, variant.key))
+                break
+    return pairs
+
+
+def recipe_key(meta: Mapping[str, Any], sha256: str) -> str:
+    """Cards whose pretraining configs differ only in ``train.seed`` share this key; a card whose
+    config is unknown (a foreign checkpoint, a record from before configs were recorded, an empty
+    config) is a recipe of its own."""
+    config = meta.get("config")
+    if not isinstance(config, Mapping) or not config:
+        return "card:" + sha256
+    train = dict(config.get("train") or {})
+    train.pop("seed", None)
+    blob = json.dumps({**config, "train": train}, sort_keys=True, default=str)
+    return "recipe:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _card_key(rec: Mapping[str, Any]) -> str:
+    return str(rec.get("backbone_sha256") or "name:" + str(rec["backbone"]))
+
+
+def _cards(records: Iterable[Mapping[str, Any]], latest: bool, warnings: list[str]) -> dict[str, Card]:
+    """The cards the records were made from, by SHA-256; ``name@sha8`` where names collide."""
+    found: dict[str, Card] = {}
+    for rec in records:
+        sha = _card_key(rec)
+        meta = dict(rec.get("backbone_meta") or {})
+        created = str(meta.get("created") or rec.get("created") or "")
+        card = found.get(sha)
+        if card is None:
+            found[sha] = Card(sha, str(rec["backbone"]), meta.get("seed"), meta, created)
+        elif created > card.created and not meta.get("created"):
+            card.created = created  # no card time: the newest record stands in for it
+    by_name: dict[str, list[Card]] = {}
+    for card in found.values():
+        by_name.setdefault(card.name, []).append(card)
+    for name, same in by_name.items():
+        if len(same) < 2:
+            continue
+        if latest:
+            keep = max(same, key=lambda c: c.created)
+            for card in same:
+                if card is not keep:
+                    del found[card.sha256]
+            continue
+        warnings.append(
+            f"{len(same)} different cards are named {name!r}; shown as name@sha8 (--latest keeps the newest)"
+        )
+        for card in same:
+            card.name = f"{name}@{card.sha256[:8]}"
+    return found
+
+
+def _card_rows(cards: Mapping[str, Card]) -> list[Row]:
+    return sorted((Row(c.sha256, c.name, [c], dict(c.meta)) for c in cards.values()), key=lambda r: r.name)
+
+
+def _recipe_rows(cards: Mapping[str, Card], warnings: list[str]) -> list[Row]:
+    """One row per recipe; a recipe of one card is that card's row."""
+    groups: dict[str, list[Card]] = {}
+    for card in cards.values():
+        groups.setdefault(recipe_key(card.meta, card.sha256), []).append(card)
+    rows = []
+    for key, members in groups.items():
+        if len(members) == 1:
+            card = members[0]
+            rows.append(Row(card.sha256, card.name, [card], dict(card.meta)))
+            continue
+        by_seed: dict[Any, Card] = {}
+        for card in sorted(members, key=lambda c: c.created):
+            if card.seed in by_seed:
+                warnings.append(
+                    f"cards {by_seed[card.seed].name!r} and {card.name!r} share recipe and seed {card.seed}; "
+                    "the newer one counts"
+                )
+            by_seed[card.seed] = card
+        members = sorted(by_seed.values(), key=lambda c: (str(c.seed), c.name))
+        meta = {k: v for k, v in members[0].meta.items() if k not in ("seed", "created")}
+        rows.append(Row(key, _recipe_name(members), members, meta))
+    names: dict[str, int] = {}
+    for row in rows:
+        names[row.name] = names.get(row.name, 0) + 1
+    for row in rows:
+        if names[row.name] > 1 and row.is_recipe:
+            row.name = f"{row.name}@{row.key.split(':')[1][:8]}"
+    return sorted(rows, key=lambda r: r.name)
+
+
+def _recipe_name(cards: Sequence[Card]) -> str:
+    """The cards' common name without the seed suffix (``ring_moco_s0``, ``ring_moco_s1`` ->
+    ``ring_moco``), else the first card's name and how many others."""
+    bases = {re.sub(rf"[_-]s(eed)?{re.escape(str(c.seed))}$", "", c.name.split("@")[0]) for c in cards}
+    if len(bases) == 1:
+        return bases.pop()
+    return f"{cards[0].name}+{len(cards) - 1}"
+
+
+def _unit_warnings(records: Iterable[Mapping[str, Any]], columns: Sequence[Column]) -> list[str]:
+    """Records read by the legacy rule whose values look like fractions beside others in percent."""
+    out = []
+    by_column: dict[tuple[str, str, str], list[tuple[str, float, str]]] = {}
+    for rec in records:
+        for metric, value in (rec.get("metrics") or {}).items():
+            if is_finite(value):
+                key = (rec["task"], metric, rec.get("config_hash", ""))
+                by_column.setdefault(key, []).append((str(rec["backbone"]), float(value), rec.get("units_from", "")))
+    shown = {(c.task, c.metric, c.config_hash) for c in columns}
+    for key, values in by_column.items():
+        if key not in shown or not any(v > 1.5 for _, v, _ in values):
+            continue
+        for name, value, origin in values:
+            if origin == "legacy rule" and 0 < value <= 1:
+                out.append(
+                    f"{name} {key[0]} {key[1]} = {value:g} is read as percent (its record declares no units) "
+                    "beside values above 1: if it is a fraction, the record needs units: {metric: fraction}"
+                )
+    return out
+
+
+def _config_labels(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], str]:
+    """For tasks run with several configs: a short label of the settings that differ."""
+    by_task: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for rec in records:
+        by_task.setdefault(rec["task"], {})[rec.get("config_hash", "")] = rec.get("config") or {}
+    labels = {}
+    for task, configs in by_task.items():
+        if len(configs) < 2:
+            continue
+        keys = sorted({k for c in configs.values() for k in c})
+        differing = [k for k in keys if len({repr(c.get(k)) for c in configs.values()}) > 1]
+        for cfg_hash, config in configs.items():
+            parts = [f"{k}={_short(config.get(k))}" for k in differing]
+            labels[(task, cfg_hash)] = ", ".join(parts) or f"config {cfg_hash[:8]}"
+    return labels
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _column_order(col: Column) -> tuple:
+    family = FAMILY_ORDER.index(col.family) if col.family in FAMILY_ORDER else len(FAMILY_ORDER)
+    return (family, col.task, col.config_label, col.metric)
