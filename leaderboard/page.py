@@ -23,6 +23,8 @@ from leaderboard.text import (
     n_text,
     random_mark,
     row_header,
+    short,
+    visible,
 )
 
 STYLE = """
@@ -31,7 +33,8 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.55em; text-align: right; vertical-align: top; }
 th { background: #f3f3f3; } th.task { text-align: center; border-bottom: 1px solid #999; }
-th:first-child, td:first-child { text-align: left; max-width: 16em; overflow-wrap: anywhere; }
+th:first-child, td:first-child { text-align: left; max-width: 16em; }
+th, td, h1, h2, p, figcaption { overflow-wrap: anywhere; }
 td .v { white-space: nowrap; } td .n { display: block; color: #777; font-size: 0.8em; }
 tr.delta td { color: #444; font-style: italic; } tr.published td { color: #555; background: #fbf8ee; }
 td b { font-weight: 700; } table.rows td, table.rows th { text-align: left; }
@@ -54,7 +57,7 @@ def render_page(table: Table, title: str = "ringbench leaderboard") -> str:
         parts.append(f"<h2>{_e(family)} tasks</h2>")
         parts.append(_family_table(table, groups))
         parts += [f'<p class="notes">{_e(n)}</p>' for n in notes]
-        labels = [f"{c.task}{_mark(c, groups)}\n{c.metric}" for c in columns]
+        labels = [f"{short(c.task)}{_mark(c, groups)}\n{short(c.metric)}" for c in columns]
         parts.append(_figure(f"{family} tasks", family_bar_chart(table, family, columns, labels)))
     parts.append("<h2>Notes</h2>")
     parts += [f'<p class="notes">{_e(n)}</p>' for n in [*legend(table), *ring_constant_notes(table)]]
@@ -70,7 +73,8 @@ def render_page(table: Table, title: str = "ringbench leaderboard") -> str:
 
 
 def _e(text: str) -> str:
-    return html.escape(text, quote=True)
+    """HTML text of ``text``: escaped, its control and bidirectional characters shown as escapes."""
+    return html.escape(visible(text), quote=True)
 
 
 def _figure(name: str, data: str) -> str:

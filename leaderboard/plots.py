@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from leaderboard.model import Column, Estimate, Table
+from leaderboard.text import short
 
 
 def _matplotlib() -> Any:
@@ -45,7 +46,7 @@ def family_bar_chart(table: Table, family: str, columns: list[Column], labels: l
         cells = [table.cells.get((row.key, c)) for c in columns]
         means = [c.mean if c else np.nan for c in cells]
         errs = [_error_bar(c) for c in cells]
-        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=errs, capsize=2, label=row.name)
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=errs, capsize=2, label=short(row.name))
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel(columns[0].unit if len({c.unit for c in columns}) == 1 else "value")
     ax.set_title(f"{family} tasks", fontsize=10)
@@ -64,7 +65,9 @@ def forest_plot(table: Table) -> str | None:
     fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.28 * len(items)))
     labels = []
     for y, (delta, col, cell) in enumerate(reversed(items)):
-        labels.append(f"{table.row(delta.variant).name} − {table.row(delta.plain).name} · {col.label}")
+        labels.append(
+            f"{short(table.row(delta.variant).name)} − {short(table.row(delta.plain).name)} · {short(col.label)}"
+        )
         if cell.lo is not None and cell.hi is not None:
             ax.plot([cell.lo, cell.hi], [y, y], color="#333", linewidth=1.2)
             face = "#1f77b4" if cell.significant else "white"
@@ -105,7 +108,7 @@ def ring_schedule_chart(table: Table) -> list[tuple[str, str]]:
     plt = _matplotlib()
     fig, ax = plt.subplots(figsize=(4.5, 3.0))
     for name, (epochs, values) in curves.items():
-        ax.plot(epochs, values, label=name)
+        ax.plot(epochs, values, label=short(name))
     ax.set_xlabel("epoch")
     ax.set_ylabel("share of negatives in the ring, w_outer·(1−w_inner)")
     ax.set_ylim(0, 1.05)

@@ -16,6 +16,27 @@ BELOW_RANDOM = "‡"  # significantly below it
 SHORT = {EPISODES: "ep", FT_SEEDS: "ft", PT_SEEDS: "pt"}
 
 
+# Characters that would act rather than show: C0/C1 controls, and the bidirectional embeddings, overrides and
+# isolates that can reorder the text around them (a name "x\u202egnp.exe" displays as "xexe.png").
+_ACTING = {c for c in range(0x20)} | {0x7F} | set(range(0x80, 0xA0)) | {0x061C, 0x200E, 0x200F}
+_ACTING |= set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A))
+
+
+def visible(text: str) -> str:
+    """``text`` with every control or bidirectional-formatting character written as its escape (``\\u202e``),
+    so that a hostile card or task name shows as what it is and cannot reorder or break what follows it."""
+    if not any(ord(ch) in _ACTING for ch in text):
+        return text
+    return "".join(f"\\u{ord(ch):04x}" if ord(ch) in _ACTING else ch for ch in text)
+
+
+def short(text: str, limit: int = 28) -> str:
+    """A figure's label: ``text`` (made :func:`visible`) cut to ``limit`` characters with an ellipsis; the table
+    beside the figure has the full name."""
+    text = visible(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def n_text(n: int | None, over: str) -> str:
     """``600 ep``: how many units an interval is over, and which (empty when unknown)."""
     return f"{n} {SHORT.get(over, over)}" if n is not None and over else ""
@@ -63,7 +84,7 @@ def fmt_rank(rank: tuple[float | None, int], columns: int) -> str:
 
 
 def headers(table: Table) -> list[str]:
-    return [row_header(table), *(c.label for c in table.columns), "avg rank"]
+    return [row_header(table), *(visible(c.label) for c in table.columns), "avg rank"]
 
 
 def row_header(table: Table) -> str:
@@ -85,11 +106,12 @@ def random_mark(table: Table, row_key: str, col: Column) -> str:
 
 
 def delta_label(table: Table, delta: Delta) -> str:
-    return f"Δ {table.row(delta.variant).name} − {table.row(delta.plain).name}"
+    return f"Δ {visible(table.row(delta.variant).name)} − {visible(table.row(delta.plain).name)}"
 
 
 def body_rows(table: Table, mark_tied: Callable[[str], str], columns: list[Column] | None = None) -> list[list[str]]:
-    """Body rows as text (names not yet escaped), each row followed by its Δ rows, over ``columns``
+    """Body rows as text (names made :func:`visible`, not yet escaped for a format), each row followed by its Δ rows,
+    over ``columns``
     (all by default), with the average rank over all of the table's columns last."""
     columns = table.columns if columns is None else columns
     rows = []
@@ -99,7 +121,7 @@ def body_rows(table: Table, mark_tied: Callable[[str], str], columns: list[Colum
     for row in table.rows:
         cells = [cell_text(table, row.key, col, mark_tied) for col in columns]
         rank = MISSING if row.published else fmt_rank(table.ranks.get(row.key, (None, 0)), len(table.columns))
-        rows.append([row.name, *cells, rank])
+        rows.append([visible(row.name), *cells, rank])
         for delta in deltas_after.get(row.key, []):
             rows.append([delta_label(table, delta), *(fmt_delta(delta.cells.get(c)) for c in columns), ""])
     return rows

@@ -726,3 +726,24 @@ def test_a_damaged_seed_results_file_is_one_line(tmp_path):
         path.write_bytes(text.encode("utf-8", "surrogateescape"))
         with pytest.raises(UserError, match=r"damaged seed results.*--force"):
             read_seed_results(path)
+
+
+def test_the_page_stays_readable_with_hostile_names():
+    from leaderboard.build import build_table
+    from leaderboard.page import STYLE, render_page
+    from leaderboard.text import short, visible
+    from tests.test_leaderboard import _fewshot, _meta
+
+    rng = np.random.default_rng(0)
+    hostile = "ring\u202egnp.exe\u0007" + "x" * 200  # a right-to-left override, a bell, a very long name
+    records = [
+        _fewshot(hostile, rng.uniform(0.2, 0.3, 50), meta=_meta(loss="ring")),
+        _fewshot("plain", rng.uniform(0.2, 0.3, 50), meta=_meta(loss="nce")),
+    ]
+    page = render_page(build_table(records))
+    assert "\u202e" not in page and "\u0007" not in page
+    assert "ring\\u202egnp.exe\\u0007" in page  # shown as escapes, in full, in the table
+    assert "overflow-wrap: anywhere" in STYLE and "td" in STYLE.split("overflow-wrap: anywhere")[0].splitlines()[-1]
+    assert visible("a\u2066b\u2069c") == "a\\u2066b\\u2069c" and visible("Ünïcode names stay") == "Ünïcode names stay"
+    label = short(hostile)
+    assert len(label) == 28 and label.endswith("…") and "\u202e" not in label  # what the figures show
