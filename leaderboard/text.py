@@ -20,14 +20,16 @@ SHORT = {EPISODES: "ep", FT_SEEDS: "ft", PT_SEEDS: "pt"}
 # isolates that can reorder the text around them (a name "x\u202egnp.exe" displays as "xexe.png").
 _ACTING = {c for c in range(0x20)} | {0x7F} | set(range(0x80, 0xA0)) | {0x061C, 0x200E, 0x200F}
 _ACTING |= set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A))
+_BREAKS = "\t\n\r\x0b\x0c"
 
 
 def visible(text: str) -> str:
     """``text`` with every control or bidirectional-formatting character written as its escape (``\\u202e``),
-    so that a hostile card or task name shows as what it is and cannot reorder or break what follows it."""
+    so that a hostile card or task name shows as what it is and cannot reorder or break what follows it; line
+    breaks and tabs become spaces, as the tables always showed them."""
     if not any(ord(ch) in _ACTING for ch in text):
         return text
-    return "".join(f"\\u{ord(ch):04x}" if ord(ch) in _ACTING else ch for ch in text)
+    return "".join(" " if ch in _BREAKS else f"\\u{ord(ch):04x}" if ord(ch) in _ACTING else ch for ch in text)
 
 
 def short(text: str, limit: int = 28) -> str:
