@@ -34,7 +34,7 @@ import torch
 
 from pretrain import distributed as dist
 from pretrain.checkpoint import CHECKPOINT_NAME, config_changes, load_resume_state, save_checkpoint
-from pretrain.data.loaders import DataBundle, prepare_data
+from pretrain.data.loaders import prepare_data
 from pretrain.hooks import LOG_NAME, CardWriter, Checkpointer, JsonlLog, KnnMonitor, ProgressBar
 from pretrain.knn import evaluate_knn
 from pretrain.loop import HookBase, Trainer, TrainingDiverged
@@ -43,14 +43,12 @@ from pretrain.step import build_optimizer, learning_rate, optimisation_step, use
 from ringbench.errors import UserError
 from ringbench.fileio import folder_lock, remove_stale_temps
 
-# The trainer's library surface, wherever each piece lives.
+# The trainer's library surface (bench/, sweeps and tests use it), wherever each piece lives.
 __all__ = [
     "CHECKPOINT_NAME",
     "LOG_NAME",
-    "DataBundle",
     "TrainResult",
     "TrainingDiverged",
-    "UserError",
     "build_optimizer",
     "config_changes",
     "default_hooks",
