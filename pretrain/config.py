@@ -227,10 +227,10 @@ def validate_config(cfg: Mapping) -> None:
     _choice("method", cfg["method"], methods)
     method, loss = methods[cfg["method"]], cfg["loss"]
     _choice("loss", loss["name"], loss_names())
-    if loss["name"] not in method.losses:
+    if loss["name"] not in method.accepted_losses:
         raise UserError(
             f"config: loss {loss['name']!r} does not apply to method {cfg['method']!r}; "
-            f"use one of {list(method.losses)}"
+            f"use one of {list(method.accepted_losses)}"
         )
     _choice("data.name", cfg["data"]["name"], DATASETS)
     _choice("stem", cfg["stem"], ("auto", "cifar", "imagenet"))

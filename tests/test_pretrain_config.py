@@ -146,7 +146,7 @@ def test_methods_come_from_one_registry(monkeypatch):
 
     class Toy(Method):
         name = "toy"
-        losses = ("nce",)
+        accepted_losses = ("nce",)
         config_section = ToyConfig
 
         @classmethod

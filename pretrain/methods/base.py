@@ -67,12 +67,12 @@ MOMENTUM = (0, (1,))  # [0, 1)
 
 
 class Method(nn.Module):
-    """Base class. A method registers itself (``@register_method``), sets ``name``, ``losses``,
+    """Base class. A method registers itself (``@register_method``), sets ``name``, ``accepted_losses``,
     ``views`` (augmented views per image) and implements :meth:`training_step`; single-stream methods
     keep their card backbone in ``self.encoder.backbone``."""
 
     name: ClassVar[str] = ""
-    losses: ClassVar[tuple[str, ...]] = ()  # the values of loss.name it accepts
+    accepted_losses: ClassVar[tuple[str, ...]] = ()  # the values of loss.name it takes
     config_section: ClassVar[type | None] = None  # the dataclass of its config section ``cfg[name]``, if any
     views: ClassVar[int] = 2
     # Batch norm over the whole global batch on several GPUs (SimCLR's "global BN"); MoCo shuffles

@@ -34,7 +34,7 @@ class CMCConfig:
 @register_method
 class CMC(Method):
     name = "cmc"
-    losses = ("nce", "ring")
+    accepted_losses = ("nce", "ring")
     config_section = CMCConfig
     views = 1
 

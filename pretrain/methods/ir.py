@@ -30,7 +30,7 @@ class IRConfig:
 @register_method
 class InstanceDiscrimination(Method):
     name = "ir"
-    losses = ("nce", "ring")
+    accepted_losses = ("nce", "ring")
     config_section = IRConfig
     views = 1
 

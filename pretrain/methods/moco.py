@@ -35,7 +35,7 @@ class MocoConfig:
 @register_method
 class MoCo(Method):
     name = "moco"
-    losses = ("nce", "ring")
+    accepted_losses = ("nce", "ring")
     config_section = MocoConfig
     views = 2
     queue: torch.Tensor

@@ -21,7 +21,7 @@ from ringbench.backbones import create_backbone
 @register_method
 class RandomInit(Method):
     name = "random"
-    losses = ("none",)
+    accepted_losses = ("none",)
     views = 1
     trains = False
 

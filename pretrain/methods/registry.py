@@ -29,8 +29,8 @@ _discovered = False
 def register_method(cls: M) -> M:
     """Class decorator: add ``cls`` to the registry under ``cls.name``."""
     name = cls.name
-    if not name or not cls.losses:
-        raise TypeError(f"{cls.__qualname__}: a registered method sets `name` and `losses`")
+    if not name or not cls.accepted_losses:
+        raise TypeError(f"{cls.__qualname__}: a registered method sets `name` and `accepted_losses`")
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise TypeError(f"method {name!r} is registered twice ({_REGISTRY[name].__qualname__}, {cls.__qualname__})")
     _REGISTRY[name] = cls
@@ -69,7 +69,7 @@ def get_method(name: str) -> type[Method]:
 
 def loss_names() -> tuple[str, ...]:
     """Every loss some method accepts (sorted)."""
-    return tuple(sorted({loss for cls in method_classes().values() for loss in cls.losses}))
+    return tuple(sorted({loss for cls in method_classes().values() for loss in cls.accepted_losses}))
 
 
 def config_sections() -> dict[str, type]:

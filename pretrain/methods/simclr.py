@@ -37,7 +37,7 @@ class SimCLRConfig:
 @register_method
 class SimCLR(Method):
     name = "simclr"
-    losses = ("ntxent", "ring", "hcl", "dcl")
+    accepted_losses = ("ntxent", "ring", "hcl", "dcl")
     config_section = SimCLRConfig
     views = 2
     sync_batchnorm = True

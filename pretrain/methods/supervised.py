@@ -27,7 +27,7 @@ from ringbench.errors import UserError
 @register_method
 class Supervised(Method):
     name = "supervised"
-    losses = ("ce",)
+    accepted_losses = ("ce",)
     views = 1
     labelled = True
 
