@@ -1,15 +1,19 @@
-"""Pretraining configuration: the schema :class:`PretrainConfig`, a YAML file merged over its
-defaults, a profile, then ``key=value`` overrides (:func:`ringbench.config.compose`), then the
-cross-field checks of :func:`validate_config`.
+"""Pretraining configuration: the schema :data:`PretrainConfig` (the keys of every run,
+:class:`CommonConfig`, plus one section per registered method that has one, e.g. ``moco``), a YAML
+file merged over its defaults, a profile, then ``key=value`` overrides
+(:func:`ringbench.config.compose`), then the cross-field checks of :func:`validate_config`.
 
 A key that is not in the schema, or a value of the wrong type, is an error naming the key and the
 file or override it came from (a typo never silently falls back to a default). The resolved config
-is a plain nested dict.
+is a plain nested dict. The methods, the losses each accepts and their sections come from the
+method registry (:mod:`pretrain.methods.registry`), read on first use so that importing this module
+stays free of torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,16 +23,6 @@ from ringbench.config import Layer, check_range, compose, find_config, read_yaml
 from ringbench.errors import UserError
 from ringbench.resnets import TORCHVISION_RESNETS
 
-METHODS = ("ir", "moco", "cmc", "simclr", "random", "supervised")
-LOSSES = ("nce", "ring", "ntxent", "hcl", "dcl", "none", "ce")
-METHOD_LOSSES = {
-    "ir": ("nce", "ring"),
-    "moco": ("nce", "ring"),
-    "cmc": ("nce", "ring"),
-    "simclr": ("ntxent", "ring", "hcl", "dcl"),
-    "random": ("none",),  # the reference rows: random initialisation, supervised cross-entropy
-    "supervised": ("ce",),
-}
 DATASETS = ("synthetic", "cifar10", "cifar100", "stl10", "imagefolder")
 AUGMENTATIONS = ("mocov2", "ring_official")
 STL10_SPLITS = ("train+unlabeled", "train")
@@ -81,40 +75,6 @@ class LossConfig:
 
 
 @dataclass
-class MocoConfig:
-    momentum: float = 0.999
-    queue_size: int = 65536
-    head_dim: int = 128
-    mlp: bool = True
-    shuffle_groups: int = 8
-    cap_queue: bool = True  # at most half the data set (the official code does not cap)
-
-
-@dataclass
-class IRConfig:
-    bank_momentum: float = 0.5
-    num_negatives: int = 4096
-    head_dim: int = 128
-    mlp: bool = False  # 2-layer MLP head (the official ring code's model) instead of one linear layer
-    shared_negatives: bool = True  # one draw for the whole batch; false: a draw per anchor (official)
-
-
-@dataclass
-class CMCConfig:
-    bank_momentum: float = 0.5
-    num_negatives: int = 4096
-    head_dim: int = 128
-    width: float = 0.5
-    shared_negatives: bool = True  # one draw for the whole batch; false: a draw per anchor (official)
-
-
-@dataclass
-class SimCLRConfig:
-    head_dim: int = 128
-    hidden_dim: int = 512
-
-
-@dataclass
 class OptimConfig:
     name: str = "sgd"
     lr: float = 0.03
@@ -148,25 +108,43 @@ class KnnConfig:
 
 
 @dataclass
-class PretrainConfig:
-    """Every key a pretraining config may hold, with its type and default."""
+class CommonConfig:
+    """The keys every pretraining config holds, whatever its method, with their types and defaults."""
 
     method: str = "moco"
     arch: str = "resnet18"
     stem: str = "auto"  # auto: "cifar" for images up to 96 px, "imagenet" above
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    moco: MocoConfig = field(default_factory=MocoConfig)
-    ir: IRConfig = field(default_factory=IRConfig)
-    cmc: CMCConfig = field(default_factory=CMCConfig)
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
 
 
-# The schema's defaults as a plain dict (read-only by convention; ``load_config`` never mutates it).
-DEFAULTS: dict[str, Any] = dataclasses.asdict(PretrainConfig())
+@functools.cache
+def pretrain_schema() -> type:
+    """Every key a pretraining config may hold: :class:`CommonConfig` plus each registered method's
+    section (``cfg["moco"]``, ...), whose fields declare their ranges."""
+    from pretrain.methods.registry import config_sections
+
+    sections = [(name, section, field(default_factory=section)) for name, section in config_sections().items()]
+    return dataclasses.make_dataclass("PretrainConfig", sections, bases=(CommonConfig,))
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return dataclasses.asdict(pretrain_schema()())
+
+
+def __getattr__(name: str) -> Any:
+    """``PretrainConfig`` (the schema) and ``DEFAULTS`` (its defaults as a plain dict, read-only by
+    convention): built from the method registry on first use."""
+    if name == "PretrainConfig":
+        return pretrain_schema()
+    if name == "DEFAULTS":
+        return _defaults()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Small, fast settings for a CPU demo (`--profile demo`): ResNet-18 on 32-px synthetic shapes in a
 # few minutes on 2 cores. Colour defines a third of each synthetic class, so the demo keeps hue out of
@@ -216,7 +194,7 @@ def load_config(
         layers.append((f"profile {profile}", _nested(PROFILES[profile])))
     if flags:
         layers.append(("command-line flags", _nested(flags)))
-    cfg = compose(PretrainConfig, layers, overrides)
+    cfg = compose(pretrain_schema(), layers, overrides)
     validate_config(cfg)
     return cfg
 
@@ -242,15 +220,17 @@ def _choice(name: str, value: Any, choices: Iterable[str]) -> None:
 def validate_config(cfg: Mapping) -> None:
     """Cross-field checks; every problem is a one-line :class:`UserError` before any work starts."""
     from pretrain.losses import RING_ROUNDINGS, check_temperature
+    from pretrain.methods.registry import loss_names, method_classes
     from ringbench.ring_schedules import RING_SCHEDULE_STYLES, RING_SCHEDULES, check_ring
 
-    _choice("method", cfg["method"], METHODS)
-    loss = cfg["loss"]
-    _choice("loss", loss["name"], LOSSES)
-    if loss["name"] not in METHOD_LOSSES[cfg["method"]]:
+    methods = method_classes()
+    _choice("method", cfg["method"], methods)
+    method, loss = methods[cfg["method"]], cfg["loss"]
+    _choice("loss", loss["name"], loss_names())
+    if loss["name"] not in method.accepted_losses:
         raise UserError(
             f"config: loss {loss['name']!r} does not apply to method {cfg['method']!r}; "
-            f"use one of {list(METHOD_LOSSES[cfg['method']])}"
+            f"use one of {list(method.accepted_losses)}"
         )
     _choice("data.name", cfg["data"]["name"], DATASETS)
     _choice("stem", cfg["stem"], ("auto", "cifar", "imagenet"))
@@ -286,14 +266,13 @@ def validate_config(cfg: Mapping) -> None:
         raise UserError(
             f"config: optim.milestones are fractions of training in (0, 1), got {cfg['optim']['milestones']}"
         )
-    if cfg["train"]["batch_size"] < 2 and cfg["method"] == "simclr":
-        raise UserError("config: SimCLR needs train.batch_size >= 2 (in-batch negatives)")
+    method.check_config(cfg)
     if cfg["data"]["name"] not in ("synthetic",) and not cfg["data"]["root"]:
         raise UserError(f"config: dataset {cfg['data']['name']!r} needs data.root (or --data-root)")
 
 
-# The range of every bounded number (ringbench.config.check_range): (low, high); a bound in a
-# 1-tuple is exclusive, None is unbounded.
+# The range of every bounded number of the common keys (ringbench.config.check_range): (low, high);
+# a bound in a 1-tuple is exclusive, None is unbounded. A method's section declares its own ranges.
 _POS = ((0,), None)  # > 0
 _NONNEG = (0, None)  # >= 0
 _FRACTION = (0, 1)  # [0, 1]
@@ -327,19 +306,6 @@ RANGES: dict[str, tuple[Any, Any]] = {
     "knn.every": _POS,
     "knn.max_train": _POS,
     "knn.max_test": _POS,
-    "moco.momentum": (0, (1,)),
-    "moco.queue_size": _POS,
-    "moco.head_dim": _POS,
-    "moco.shuffle_groups": _POS,
-    "ir.bank_momentum": (0, (1,)),
-    "ir.num_negatives": _POS,
-    "ir.head_dim": _POS,
-    "cmc.bank_momentum": (0, (1,)),
-    "cmc.num_negatives": _POS,
-    "cmc.head_dim": _POS,
-    "cmc.width": _POS,
-    "simclr.head_dim": _POS,
-    "simclr.hidden_dim": _POS,
 }
 NULLABLE = frozenset({"train.max_steps_per_epoch", "data.image_size"})  # null: the whole epoch, native size
 

@@ -1,4 +1,5 @@
-"""Weighted k-nearest-neighbour monitor (Wu et al., CVPR 2018, sec. 3.4).
+"""The weighted k-nearest-neighbour monitor (Wu et al., CVPR 2018, sec. 3.4): how well a method's
+backbone features separate a held-out split's classes while it trains, with no training of its own.
 
 Each held-out image votes with its ``k`` most similar training images (cosine similarity of
 L2-normalised features); neighbour ``i`` adds ``exp(s_i / t)`` to its class. ``k = 200``,
@@ -7,10 +8,40 @@ L2-normalised features); neighbour ``i`` adds ``exp(s_i / t)`` to its class. ``k
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from pretrain.step import to_device
+
+if TYPE_CHECKING:
+    from pretrain.data.loaders import DataBundle
+    from pretrain.methods import Method
+
+
+def monitor_due(cfg: Mapping[str, Any], epoch: int) -> bool:
+    """Whether the monitor runs after ``epoch`` (1-based): every ``knn.every`` epochs and the last."""
+    kc = cfg["knn"]
+    return bool(kc["enabled"]) and (epoch % kc["every"] == 0 or epoch == cfg["train"]["epochs"])
+
+
+def evaluate_knn(method: Method, data: DataBundle, cfg: Mapping[str, Any], device: torch.device) -> float:
+    """kNN top-1 (%) on the held-out split with the method's backbone features."""
+    kc = cfg["knn"]
+    loader = lambda ds: DataLoader(ds, batch_size=256, shuffle=False, num_workers=cfg["data"]["workers"])  # noqa: E731
+    was_training = method.training
+    method.eval()
+    encode = lambda x: method.features(to_device(x, device, cfg))  # noqa: E731
+    try:
+        train_f, train_y = _embed(encode, loader(data.knn_train), device)
+        test_f, test_y = _embed(encode, loader(data.knn_test), device)
+    finally:
+        method.train(was_training)
+    labelled = train_y >= 0
+    return knn_accuracy(train_f[labelled], train_y[labelled], test_f, test_y, data.spec.num_classes, kc["k"], kc["t"])
 
 
 def knn_predict(
@@ -36,7 +67,7 @@ def knn_predict(
 
 
 @torch.no_grad()
-def extract_features(
+def _embed(
     encode: Callable[[torch.Tensor], torch.Tensor], batches: Iterable, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every ``(images, labels)`` batch."""

@@ -122,3 +122,51 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys):
     assert "config file not found" in capsys.readouterr().err
     assert run_main(main, ["--profile", "demo", "--epochs", "7", "--print-config"]) == 0
     assert "epochs: 7" in capsys.readouterr().out
+
+
+def test_methods_come_from_one_registry(monkeypatch):
+    """A method is one registered class: the schema gains its config section (with its ranges), and
+    validation its name, the losses it accepts and its own checks; a name is registered once."""
+    import re
+    from dataclasses import dataclass
+
+    from pretrain import config
+    from pretrain.methods import registry
+    from pretrain.methods.base import POSITIVE, Method, in_range
+
+    classes = registry.method_classes()
+    assert set(classes) == {"ir", "moco", "cmc", "simclr", "random", "supervised"}
+    assert all(cls.name == name for name, cls in classes.items())
+    assert set(classes) <= {p.stem for p in CONFIGS.glob("*.yaml")}  # each has its recipe
+    assert set(registry.config_sections()) == {"ir", "moco", "cmc", "simclr"} <= set(DEFAULTS)
+
+    @dataclass
+    class ToyConfig:
+        width: int = in_range(4, *POSITIVE)
+
+    class Toy(Method):
+        name = "toy"
+        accepted_losses = ("nce",)
+        config_section = ToyConfig
+
+        @classmethod
+        def check_config(cls, cfg):
+            if cfg["train"]["batch_size"] > 1000:
+                raise UserError("config: toy takes small batches")
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the real one comes back after
+    registry.register_method(Toy)
+    config.pretrain_schema.cache_clear()
+    try:
+        assert load_config(None, ["method=toy", "loss.name=nce", "toy.width=8"])["toy"] == {"width": 8}
+        for override, match in [
+            ("toy.width=0", "config: toy.width must be > 0"),
+            ("loss.name=ring", "config: loss 'ring' does not apply to method 'toy'; use one of ['nce']"),
+            ("train.batch_size=2048", "config: toy takes small batches"),
+        ]:
+            with pytest.raises(UserError, match=re.escape(match)):
+                load_config(None, ["method=toy", "loss.name=nce", override])
+        with pytest.raises(TypeError, match="registered twice"):
+            registry.register_method(type("OtherToy", (Toy,), {}))
+    finally:
+        config.pretrain_schema.cache_clear()

@@ -15,6 +15,7 @@ import torch
 import pretrain.train as trainer
 from pretrain import distributed as dist
 from pretrain.config import load_config
+from pretrain.data.loaders import epoch_loader
 from pretrain.methods import build_method
 from pretrain.methods.base import MemoryBank
 from pretrain.seeds import METHOD, stream_seed
@@ -281,7 +282,7 @@ def test_sampler_shards_without_overlap_and_keeps_the_global_batch():
     dataset = list(range(21))  # 21 images, global batch 8: 2 steps, 5 images dropped
 
     def batches(epoch: int, world: int, rank: int) -> list[set[int]]:
-        return [set(b.tolist()) for b in trainer._epoch_loader(dataset, cfg, 8 // world, epoch, world, rank)]
+        return [set(b.tolist()) for b in epoch_loader(dataset, cfg, 8 // world, epoch, world, rank)]
 
     one = batches(0, 1, 0)
     halves = [batches(0, 2, r) for r in range(2)]

@@ -138,3 +138,34 @@ def test_ring_moco_beats_random_resnet18(tmp_path: Path):
     )
     trained, random_best = _knn_gain(cfg, tmp_path)
     assert trained > random_best + 3, (trained, random_best)
+
+
+def test_the_loop_calls_its_hooks_in_order(tmp_path: Path, monkeypatch):
+    """The loop is epochs of steps with hooks around them: a hook added after the defaults sees each
+    point once, the epoch's checkpoint already written when its ``after_epoch`` runs."""
+    from pretrain.loop import HookBase
+
+    calls: list[str] = []
+
+    class Recorder(HookBase):
+        def before_train(self):
+            calls.append("before_train")
+
+        def before_epoch(self):
+            calls.append(f"before_epoch {self.trainer.epoch}")
+
+        def after_step(self):
+            calls.append(f"step {self.trainer.step}")
+
+        def after_epoch(self):
+            saved = load_checkpoint_file(tmp_path / "w" / "checkpoint.pth")["epoch"]
+            calls.append(f"after_epoch {self.trainer.epoch}, checkpoint of epoch {saved}")
+
+        def after_train(self):
+            calls.append("after_train")
+
+    default_hooks = trainer.default_hooks
+    monkeypatch.setattr(trainer, "default_hooks", lambda *args: [*default_hooks(*args), Recorder()])
+    trainer.train(tiny_cfg("knn.enabled=false"), None, tmp_path / "w", progress=False)
+    epoch = lambda e: [f"before_epoch {e}", "step 0", "step 1", f"after_epoch {e}, checkpoint of epoch {e + 1}"]  # noqa: E731
+    assert calls == ["before_train", *epoch(0), *epoch(1), "after_train"]

@@ -9,6 +9,7 @@ generators), :meth:`features` for the kNN monitor, and :meth:`card_streams` for 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, cast
 
@@ -56,11 +57,23 @@ class Encoder(nn.Module):
         return F.normalize(self.head(self.backbone(x)), dim=1)
 
 
+def in_range(default: Any, low: Any = None, high: Any = None) -> Any:
+    """A config field with its range (``ringbench.config.check_range``: a 1-tuple bound is exclusive)."""
+    return dataclasses.field(default=default, metadata={"range": (low, high)})
+
+
+POSITIVE = ((0,), None)  # in_range(x, *POSITIVE): > 0
+MOMENTUM = (0, (1,))  # [0, 1)
+
+
 class Method(nn.Module):
-    """Base class. Subclasses set ``name``, ``views`` (augmented views per image) and implement
-    :meth:`training_step`; single-stream methods keep their card backbone in ``self.encoder.backbone``."""
+    """Base class. A method registers itself (``@register_method``), sets ``name``, ``accepted_losses``,
+    ``views`` (augmented views per image) and implements :meth:`training_step`; single-stream methods
+    keep their card backbone in ``self.encoder.backbone``."""
 
     name: ClassVar[str] = ""
+    accepted_losses: ClassVar[tuple[str, ...]] = ()  # the values of loss.name it takes
+    config_section: ClassVar[type | None] = None  # the dataclass of its config section ``cfg[name]``, if any
     views: ClassVar[int] = 2
     # Batch norm over the whole global batch on several GPUs (SimCLR's "global BN"); MoCo shuffles
     # instead, and the memory-bank methods have no in-batch negatives.
@@ -91,6 +104,10 @@ class Method(nn.Module):
         # The official ring code anneals w_outer per iteration over int(N / B) iterations an epoch.
         self.steps_per_epoch = max(1, int(dataset_size / int(cfg["train"]["batch_size"])))
         self.step_in_epoch = 0
+
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        """The method's own cross-field checks of a config (a :class:`UserError` per problem)."""
 
     # -- called by the trainer ---------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

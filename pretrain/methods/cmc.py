@@ -10,18 +10,32 @@ The card holds both streams (keys ``l.*`` and ``ab.*``); frozen-feature transfer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.methods.base import MemoryBank, Method, ProjectionHead
+from pretrain.methods.base import MOMENTUM, POSITIVE, MemoryBank, Method, ProjectionHead, in_range
+from pretrain.methods.registry import register_method
 from ringbench.backbones import STREAM_CHANNELS, TwoStreamBackbone
 
 
+@dataclass
+class CMCConfig:
+    bank_momentum: float = in_range(0.5, *MOMENTUM)
+    num_negatives: int = in_range(4096, *POSITIVE)
+    head_dim: int = in_range(128, *POSITIVE)
+    width: float = in_range(0.5, *POSITIVE)
+    shared_negatives: bool = True  # one draw for the whole batch; false: a draw per anchor (official)
+
+
+@register_method
 class CMC(Method):
     name = "cmc"
+    accepted_losses = ("nce", "ring")
+    config_section = CMCConfig
     views = 1
 
     def __init__(self, cfg, dataset_size: int, stem: str, mean=None, std=None) -> None:

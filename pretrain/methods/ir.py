@@ -12,11 +12,26 @@ official code's 2-layer MLP with ``ir.mlp: true``.
 
 from __future__ import annotations
 
-from pretrain.methods.base import Encoder, MemoryBank, Method
+from dataclasses import dataclass
+
+from pretrain.methods.base import MOMENTUM, POSITIVE, Encoder, MemoryBank, Method, in_range
+from pretrain.methods.registry import register_method
 
 
+@dataclass
+class IRConfig:
+    bank_momentum: float = in_range(0.5, *MOMENTUM)
+    num_negatives: int = in_range(4096, *POSITIVE)
+    head_dim: int = in_range(128, *POSITIVE)
+    mlp: bool = False  # 2-layer MLP head (the official ring code's model) instead of one linear layer
+    shared_negatives: bool = True  # one draw for the whole batch; false: a draw per anchor (official)
+
+
+@register_method
 class InstanceDiscrimination(Method):
     name = "ir"
+    accepted_losses = ("nce", "ring")
+    config_section = IRConfig
     views = 1
 
     def __init__(self, cfg, dataset_size: int, stem: str, mean=None, std=None) -> None:

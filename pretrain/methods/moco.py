@@ -13,15 +13,30 @@ the multi-GPU recipe). Every process enqueues the keys of the whole global batch
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
 from pretrain import distributed as dist
-from pretrain.methods.base import Encoder, Method
+from pretrain.methods.base import MOMENTUM, POSITIVE, Encoder, Method, in_range
+from pretrain.methods.registry import register_method
 
 
+@dataclass
+class MocoConfig:
+    momentum: float = in_range(0.999, *MOMENTUM)
+    queue_size: int = in_range(65536, *POSITIVE)
+    head_dim: int = in_range(128, *POSITIVE)
+    mlp: bool = True
+    shuffle_groups: int = in_range(8, *POSITIVE)
+    cap_queue: bool = True  # at most half the data set (the official code does not cap)
+
+
+@register_method
 class MoCo(Method):
     name = "moco"
+    accepted_losses = ("nce", "ring")
+    config_section = MocoConfig
     views = 2
     queue: torch.Tensor
     queue_ptr: torch.Tensor

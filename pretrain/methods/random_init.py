@@ -14,11 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.methods.base import Method
+from pretrain.methods.registry import register_method
 from ringbench.backbones import create_backbone
 
 
+@register_method
 class RandomInit(Method):
     name = "random"
+    accepted_losses = ("none",)
     views = 1
     trains = False
 

@@ -14,18 +14,38 @@ can be annealed to 0 over ``loss.beta_anneal_epochs``: linearly per epoch, or in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 
 from pretrain import distributed as dist
 from pretrain import losses
-from pretrain.methods.base import Encoder, Method
+from pretrain.methods.base import POSITIVE, Encoder, Method, in_range
+from pretrain.methods.registry import register_method
+from ringbench.errors import UserError
 
 
+@dataclass
+class SimCLRConfig:
+    head_dim: int = in_range(128, *POSITIVE)
+    hidden_dim: int = in_range(512, *POSITIVE)
+
+
+@register_method
 class SimCLR(Method):
     name = "simclr"
+    accepted_losses = ("ntxent", "ring", "hcl", "dcl")
+    config_section = SimCLRConfig
     views = 2
     sync_batchnorm = True
+
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        if cfg["train"]["batch_size"] < 2:
+            raise UserError("config: SimCLR needs train.batch_size >= 2 (in-batch negatives)")
 
     def __init__(self, cfg, dataset_size: int, stem: str, mean=None, std=None) -> None:
         super().__init__(cfg, dataset_size, stem, mean, std)

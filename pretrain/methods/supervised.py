@@ -19,12 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.methods.base import Method
+from pretrain.methods.registry import register_method
 from ringbench.backbones import create_backbone
 from ringbench.errors import UserError
 
 
+@register_method
 class Supervised(Method):
     name = "supervised"
+    accepted_losses = ("ce",)
     views = 1
     labelled = True
 
