@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     from threadpoolctl import threadpool_limits
 
     from bench.interleave import interleaved, machine_line
-    from metadataset.probes import LogisticRegressionProbe, l2_normalise
+    from metadataset.probes import LogisticRegressionProbe
     from metadataset.sampling import FixedEpisodes, sample_episodes
+    from ringbench.logreg import l2_normalise
     from transfer.checkpoints import load_backbone
 
     with tempfile.TemporaryDirectory() as tmp:
