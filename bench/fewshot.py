@@ -52,11 +52,11 @@ def _random_card(folder: Path) -> Path:
 
 def _evaluate(backbone, source: str, cache: Path, probe, rules, episodes: int):
     from metadataset.evaluate import evaluate_source
-    from metadataset.features import extract_features
+    from metadataset.features import cached_features
     from metadataset.sources import open_source
 
     start = time.perf_counter()
-    feats = extract_features(
+    feats = cached_features(
         backbone, open_source(source, image_size=backbone.default_image_size), cache, progress=False
     )
     result = evaluate_source(source, feats.features, feats.labels, feats.class_names, probe, rules, episodes)

@@ -30,7 +30,7 @@ from typing import Any, Optional, cast
 import numpy as np
 import torch
 
-from metadataset.features import extract_features
+from metadataset.features import cached_features
 from metadataset.probes import DEFAULT_GRID
 from metadataset.sources import ImageSet, data_digest, decode_image
 from ringbench.config import add_schema_flags, settings_from_args
@@ -325,7 +325,7 @@ def make_linear_task(dataset: str, description: str) -> Task:
         feats = {}
         for split in ("train", "test"):
             image_set = open_linear_split(dataset, split, config.get("data_root"), config, image_size)
-            feats[split] = extract_features(
+            feats[split] = cached_features(
                 backbone,
                 image_set,
                 cache_dir,
