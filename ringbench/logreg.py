@@ -3,7 +3,7 @@
 The objective of every problem (Kornblith et al. 2019's linear evaluation; scikit-learn's
 ``LogisticRegression(C=1/(lambda n))``; the bias is not penalised)::
 
-    min_{W,b}  sum_i w_i CE(W^T x_i + b, y_i) / sum_i w_i  +  (lambda/2) ||W||^2
+    min_{W,b}  sum_i w_i CE(W^T x_i + b, y_i) / max(sum_i w_i, 1)  +  (lambda/2) ||W||^2
 
 Problems come as a batch ``B`` of feature sets (episodes, data sets), each with ``P`` problems that
 share its features but not their sample weights (folds, held-out splits) or their ``lambda`` (a grid,
