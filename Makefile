@@ -64,7 +64,7 @@ demo: setup
 	$(PYTHON) -m sweep --plan demo --executor local --jobs 2
 
 bench: setup
-	for script in $(filter-out bench/interleave.py bench/gpu.py,$(wildcard bench/*.py)); do echo "== $$script"; $(PYTHON) $$script || exit 1; done
+	for script in $(filter-out bench/interleave.py bench/common.py bench/gpu.py,$(wildcard bench/*.py)); do echo "== $$script"; $(PYTHON) $$script || exit 1; done
 
 # Refresh the README's task list from the registry (tests/test_readme.py checks it).
 readme: setup

@@ -29,34 +29,13 @@ import numpy as np
 from ringbench.cli import add_common_flags, run_main
 
 
-def _random_card(folder: Path) -> Path:
-    import torch
-
-    from ringbench.backbones import create_backbone
-    from ringbench.card import BackboneCard, make_meta, save_card
-
-    torch.manual_seed(0)
-    state = create_backbone("resnet18", "cifar").state_dict()
-    meta = make_meta(
-        method="random",
-        loss="none",
-        dataset="none",
-        image_size=32,
-        mean=[0.5, 0.5, 0.5],
-        std=[0.25, 0.25, 0.25],
-        epochs=0,
-        seed=0,
-    )
-    return save_card(BackboneCard("resnet18", state, "cifar", meta), folder / "random_resnet18.pth")
-
-
 def _evaluate(backbone, source: str, cache: Path, probe, rules, episodes: int):
     from metadataset.evaluate import evaluate_source
-    from metadataset.features import extract_features
+    from metadataset.features import cached_features
     from metadataset.sources import open_source
 
     start = time.perf_counter()
-    feats = extract_features(
+    feats = cached_features(
         backbone, open_source(source, image_size=backbone.default_image_size), cache, progress=False
     )
     result = evaluate_source(source, feats.features, feats.labels, feats.class_names, probe, rules, episodes)
@@ -82,14 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
+    from bench.common import random_card
     from bench.interleave import interleaved, machine_line
-    from metadataset.probes import LogisticRegressionProbe, l2_normalise
+    from metadataset.probes import LogisticRegressionProbe
     from metadataset.sampling import FixedEpisodes, sample_episodes
+    from ringbench.logreg import l2_normalise
     from transfer.checkpoints import load_backbone
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        card = args.backbone or _random_card(tmp)
+        card = args.backbone or random_card(tmp)
         backbone = load_backbone(card)
         cache = args.cache_dir or tmp / "cache"
         rules = FixedEpisodes(5, 5, 15)

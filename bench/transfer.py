@@ -31,22 +31,6 @@ if __package__ in (None, ""):  # run by path
 from ringbench.cli import add_common_flags, run_main
 
 
-def _random_card(folder: Path) -> Path:
-    import torch
-
-    from ringbench.backbones import create_backbone
-    from ringbench.card import BackboneCard, make_meta, save_card
-
-    torch.manual_seed(0)
-    meta = make_meta(
-        method="random", loss="none", dataset="none", image_size=32, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]
-    )
-    return save_card(
-        BackboneCard("resnet18", create_backbone("resnet18", "cifar").state_dict(), "cifar", meta),
-        folder / "random_r18.pth",
-    )
-
-
 def _setup(backbone, task: str, iters: int, folder: Path):
     from transfer.d2 import data as d2data
     from transfer.d2 import train
@@ -124,6 +108,7 @@ def main(argv=None) -> int:
 
     import logging
 
+    from bench.common import random_card
     from transfer.checkpoints import load_backbone
     from transfer.d2 import train
 
@@ -133,7 +118,7 @@ def main(argv=None) -> int:
     quiet.addHandler(logging.NullHandler())
     with tempfile.TemporaryDirectory(prefix="bench-d2-") as tmp:
         folder = Path(tmp)
-        backbone = load_backbone(args.backbone or _random_card(folder))
+        backbone = load_backbone(args.backbone or random_card(folder))
         config, splits = _setup(backbone, args.task, args.iters, folder)
         cfg = train.build_cfg(config, backbone, splits, folder / "out", "cpu", seed=0)
         ours, bare = measure(cfg, backbone)

@@ -173,7 +173,7 @@ def _batches(
         yield torch.stack(images), labels
 
 
-def extract_features(
+def cached_features(
     backbone: Any,
     image_set: ImageSet,
     cache_dir: str | os.PathLike,

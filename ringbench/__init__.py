@@ -3,7 +3,8 @@ all use, and nothing that belongs to one of them.
 
 ``errors`` (the user-error type), ``cli`` (one-line errors and exit codes), ``fileio`` (atomic files
 and hashes), ``config`` (YAML and structured configs), ``card`` (the backbone card format),
-``resnets`` (the ResNet specs), ``shapes`` (the embedded synthetic images). It imports no stage.
+``resnets`` (the ResNet specs), ``shapes`` (the embedded synthetic images), ``logreg`` (the batched
+logistic-regression solver of the few-shot probes and the linear tasks). It imports no stage.
 """
 
 from importlib import metadata as _metadata

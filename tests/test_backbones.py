@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ import torchvision
 
 from ringbench.card import IMAGENET_MEAN
 from ringbench.errors import UserError
+from ringbench.resnets import RESNETS
 from tests.helpers import write_card
-from transfer.checkpoints import load_backbone
+from transfer.checkpoints import infer_resnet_arch, load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +153,14 @@ def test_unknown_layouts_are_refused(tmp_path, tv18):
     torch.save({"weights": np.zeros(3).tolist()}, tmp_path / "nothing.pth")
     with pytest.raises(UserError, match="no tensors"):
         load_backbone(tmp_path / "nothing.pth")
+
+
+@pytest.mark.parametrize("arch", list(RESNETS))
+def test_every_resnet_layout_is_recognised(arch):
+    """The layouts come from ``ringbench.resnets.RESNETS``: a plain torchvision state dict names its architecture."""
+    with torch.device("meta"):  # keys and shapes only, no memory
+        state = getattr(torchvision.models, arch)().state_dict()
+    assert infer_resnet_arch(state, Path(f"{arch}.pth")) == arch
 
 
 def test_card_with_unknown_arch(tmp_path):

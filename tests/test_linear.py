@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from metadataset.probes import l2_normalise
 from ringbench.errors import UserError
+from ringbench.logreg import l2_normalise
 from tests.helpers import write_card
 from tests.test_metadataset_probes import _one_blas_thread  # noqa: F401 (autouse fixture)
 from transfer.checkpoints import load_backbone

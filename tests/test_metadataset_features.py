@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from metadataset import features as feature_cache
-from metadataset.features import cache_folder, cache_key, extract_features, preprocess
+from metadataset.features import cache_folder, cache_key, cached_features, preprocess
 from metadataset.sources import digits_source, limit_per_class, open_source
 from tests.helpers import write_card
 from tests.test_metadataset_sources import image_bytes
@@ -31,7 +31,7 @@ def small_digits():
 
 def test_features_are_the_models_output_on_normalised_resized_images(backbones, small_digits, tmp_path):
     bb = backbones[0]
-    fs = extract_features(bb, small_digits, tmp_path, progress=False)
+    fs = cached_features(bb, small_digits, tmp_path, progress=False)
     assert fs.features.shape == (60, 512) and not fs.from_cache
     np.testing.assert_array_equal(fs.labels, np.repeat(np.arange(10), 6))
     model = bb.build_model()
@@ -54,9 +54,9 @@ def test_preprocess_resizes_and_normalises():
 
 
 def test_second_evaluation_reads_the_cache(backbones, small_digits, tmp_path, monkeypatch):
-    first = extract_features(backbones[0], small_digits, tmp_path, progress=False)
+    first = cached_features(backbones[0], small_digits, tmp_path, progress=False)
     monkeypatch.setattr(Backbone, "build_model", lambda *a, **k: pytest.fail("the network ran again"))
-    second = extract_features(backbones[0], small_digits, tmp_path, progress=False)
+    second = cached_features(backbones[0], small_digits, tmp_path, progress=False)
     assert second.from_cache and isinstance(second.features, np.memmap)
     np.testing.assert_array_equal(second.features, first.features)
     np.testing.assert_array_equal(second.labels, first.labels)
@@ -67,35 +67,35 @@ def test_second_evaluation_reads_the_cache(backbones, small_digits, tmp_path, mo
 
 def test_cache_of_another_backbone_is_detected_and_rebuilt(backbones, small_digits, tmp_path, caplog):
     a, b = backbones
-    fa = extract_features(a, small_digits, tmp_path, progress=False)
+    fa = cached_features(a, small_digits, tmp_path, progress=False)
     target = cache_folder(tmp_path, cache_key(b, small_digits, 16, "avg"))
     shutil.copytree(fa.path, target)  # b's cache place holds a's features
     with caplog.at_level(logging.WARNING):
-        fb = extract_features(b, small_digits, tmp_path, progress=False)
+        fb = cached_features(b, small_digits, tmp_path, progress=False)
     assert not fb.from_cache and fb.path == target
     assert "another backbone_sha256" in caplog.text and "rebuilding" in caplog.text
     assert not np.allclose(fb.features, fa.features)
-    assert extract_features(b, small_digits, tmp_path, progress=False).from_cache
+    assert cached_features(b, small_digits, tmp_path, progress=False).from_cache
 
 
 def test_cache_of_another_code_version_or_data_is_rebuilt(backbones, small_digits, tmp_path, caplog, monkeypatch):
     bb = backbones[0]
-    extract_features(bb, small_digits, tmp_path, progress=False)
+    cached_features(bb, small_digits, tmp_path, progress=False)
     monkeypatch.setattr(feature_cache, "CACHE_VERSION", feature_cache.CACHE_VERSION + 1)
     with caplog.at_level(logging.WARNING):
-        assert not extract_features(bb, small_digits, tmp_path, progress=False).from_cache
+        assert not cached_features(bb, small_digits, tmp_path, progress=False).from_cache
     assert "another code_version" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # same folder, other data (5 images per class instead of 6)
-        fs = extract_features(bb, limit_per_class(digits_source(), 5), tmp_path, progress=False)
+        fs = cached_features(bb, limit_per_class(digits_source(), 5), tmp_path, progress=False)
     assert not fs.from_cache and fs.features.shape[0] == 50 and "another data" in caplog.text
 
 
 def test_damaged_cache_is_rebuilt(backbones, small_digits, tmp_path, caplog):
-    fs = extract_features(backbones[0], small_digits, tmp_path, progress=False)
+    fs = cached_features(backbones[0], small_digits, tmp_path, progress=False)
     np.save(fs.path / "features.npy", np.zeros((3, 512), dtype=np.float32))
     with caplog.at_level(logging.WARNING):
-        again = extract_features(backbones[0], small_digits, tmp_path, progress=False)
+        again = cached_features(backbones[0], small_digits, tmp_path, progress=False)
     assert not again.from_cache and again.features.shape == (60, 512)
     assert "do not match their index" in caplog.text
 
@@ -111,10 +111,10 @@ def test_corrupt_image_is_skipped_with_a_warning_and_counted(backbones, tmp_path
     (folder / "splits.json").write_text(json.dumps({"train": [], "valid": [], "test": [f"f{c}" for c in range(5)]}))
     source = open_source("fungi", root)
     with pytest.warns(UserWarning, match="skipping corrupt image f2/1.png"):
-        fs = extract_features(backbones[0], source, tmp_path / "cache", progress=False)
+        fs = cached_features(backbones[0], source, tmp_path / "cache", progress=False)
     assert fs.skipped == ["f2/1.png"] and fs.features.shape[0] == 14
     assert fs.counts.tolist() == [3, 3, 2, 3, 3]
-    cached = extract_features(backbones[0], source, tmp_path / "cache", progress=False)
+    cached = cached_features(backbones[0], source, tmp_path / "cache", progress=False)
     assert cached.from_cache and cached.skipped == ["f2/1.png"]
 
 
@@ -126,7 +126,7 @@ def test_cache_key_tells_fp16_autocast_from_fp32(backbones, small_digits, tmp_pa
     fp32 = cache_key(bb, small_digits, 16, "avg", "fp32")
     fp16 = cache_key(bb, small_digits, 16, "avg", "fp16-autocast")
     assert fp32 != fp16 and cache_folder(tmp_path, fp32) != cache_folder(tmp_path, fp16)
-    cpu = extract_features(bb, small_digits, tmp_path, progress=False)
+    cpu = cached_features(bb, small_digits, tmp_path, progress=False)
     assert cpu.path == cache_folder(tmp_path, fp32)
     shutil.copytree(cpu.path, cache_folder(tmp_path, fp16))  # a GPU entry's folder holding fp32 features
     with caplog.at_level(logging.WARNING):

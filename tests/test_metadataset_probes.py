@@ -9,20 +9,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics.pairwise import cosine_similarity
 from sklearn.neighbors import KNeighborsClassifier
 
-from metadataset.probes import (
-    CentroidProbe,
-    KNNProbe,
-    LogisticRegressionProbe,
-    _episode_cost,
-    _gram_factor,
-    _pad_batch,
-    _plan_chunks,
-    l2_normalise,
-    logreg_logits,
-    make_probe,
-    solve_logreg,
-)
+from metadataset.episode_batch import episode_cost, gram_factor, pad_batch, plan_chunks
+from metadataset.probes import CentroidProbe, KNNProbe, LogisticRegressionProbe, make_probe
 from ringbench.errors import UserError
+from ringbench.logreg import l2_normalise, logreg_logits, solve_logreg
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +48,7 @@ def test_batched_solver_matches_sklearn_probabilities(lam):
         _episode(rng, ways=w, shots_per_class=s)
         for w, s in [(5, [1, 2, 3, 4, 5]), (3, [6, 6, 6]), (7, [2] * 7), (5, [10, 1, 1, 1, 3])]
     ]
-    batch = _pad_batch([e[:3] for e in episodes], "cpu", torch.float64, project=False)
+    batch = pad_batch([e[:3] for e in episodes], "cpu", torch.float64, project=False)
     lam_t = torch.full((len(episodes), 1), lam, dtype=torch.float64)
     weight, bias = solve_logreg(batch.x, batch.y, batch.valid[:, None].double(), batch.class_mask, lam_t, tol=1e-8)
     logits = logreg_logits(batch.query, weight, bias)[:, :, 0]
@@ -74,7 +64,7 @@ def test_projection_onto_the_support_span_is_exact(principal):
     tasks = [_episode(rng, dim=64)[:3] for _ in range(2)] + [_episode(rng, dim=64, shots=3)[:3]]  # padded
     probs = []
     for project in (False, True):
-        batch = _pad_batch(tasks, "cpu", torch.float64, project=project, principal=principal)
+        batch = pad_batch(tasks, "cpu", torch.float64, project=project, principal=principal)
         lam = torch.full((3, 1), 0.01, dtype=torch.float64)
         w, b = solve_logreg(batch.x, batch.y, batch.valid[:, None].double(), batch.class_mask, lam, tol=1e-8)
         probs.append(torch.softmax(logreg_logits(batch.query, w, b)[:, :, 0], -1).numpy())
@@ -87,7 +77,7 @@ def test_preconditioning_does_not_change_the_solution():
     base = rng.normal(size=32)
     sx, sy, qx, _ = _episode(rng, spread=0.3)
     sx = sx + 6 * base  # nearly collinear features, as from an untrained network
-    batch = _pad_batch([(sx, sy, qx)], "cpu", torch.float64, project=True)
+    batch = pad_batch([(sx, sy, qx)], "cpu", torch.float64, project=True)
     lam = torch.tensor([[1e-2]], dtype=torch.float64)
     out = [
         solve_logreg(batch.x, batch.y, batch.valid[:, None].double(), batch.class_mask, lam, tol=1e-8, precondition=p)
@@ -115,7 +105,7 @@ def test_cross_validated_weight_decay_matches_a_sklearn_reference():
     grid = (1e-3, 1e-1, 10.0)
     probe = LogisticRegressionProbe(weight_decay="cv", grid=grid, folds=3, tol=1e-8)
     episodes = [_episode(rng, ways=3, shots=6, spread=s)[:3] for s in np.linspace(1.0, 8.0, 12)]
-    batch = _pad_batch(episodes, "cpu", torch.float64, project=True)
+    batch = pad_batch(episodes, "cpu", torch.float64, project=True)
     chosen = probe._choose_weight_decay(batch)[:, 0].numpy()
     for (sx, sy, _), lam in zip(episodes, chosen):
         rank = np.array([np.sum(sy[:i] == sy[i]) for i in range(len(sy))])
@@ -161,14 +151,14 @@ def test_probe_factory_errors():
 
 def test_fixed_weight_decay_path_equals_projected_solve():
     """A fixed lambda is solved from the raw support Gram matrix and scores the queries in feature space;
-    it predicts as the span-coordinate solve of _pad_batch does, with padded episodes in the batch."""
+    it predicts as the span-coordinate solve of pad_batch does, with padded episodes in the batch."""
     rng = np.random.default_rng(5)
     tasks = [_episode(rng, dim=64, spread=3.0)[:3] for _ in range(20)]
     tasks += [_episode(rng, ways=4, dim=64, shots_per_class=[1, 3, 2, 5], spread=3.0)[:3] for _ in range(5)]
     tasks = [(sx * rng.uniform(0.5, 3.0), sy, qx * rng.uniform(0.5, 3.0)) for sx, sy, qx in tasks]  # any scale
     probe = LogisticRegressionProbe(weight_decay=0.02)
     fixed = probe._solve_chunk_fixed(tasks, torch.float64)
-    batch = _pad_batch(tasks, "cpu", torch.float64, project=True, principal=False)
+    batch = pad_batch(tasks, "cpu", torch.float64, project=True, principal=False)
     lam = torch.full((len(tasks), 1), 0.02, dtype=torch.float64)
     w, b = solve_logreg(batch.x, batch.y, batch.valid[:, None].double(), batch.class_mask, lam)
     logits = logreg_logits(batch.query, w, b)[:, :, 0].masked_fill(~batch.class_mask[:, None], -1e9)
@@ -182,7 +172,7 @@ def test_episodes_solved_in_chunks_predict_as_one_batch():
     rng = np.random.default_rng(7)
     tasks = [_episode(rng, ways=w, shots=s, queries=q)[:3] for w, s, q in [(5, 5, 10), (3, 2, 7), (4, 6, 5)] * 4]
     one = LogisticRegressionProbe(weight_decay=0.02).fit_predict_many(tasks)
-    cost = _episode_cost(30, 50, 5, 32, 1)
+    cost = episode_cost(30, 50, 5, 32, 1)
     chunked = LogisticRegressionProbe(weight_decay=0.02, max_elements=3 * cost).fit_predict_many(tasks)
     for a, b, (_, _, qx) in zip(one, chunked, tasks):
         assert len(a) == len(qx)
@@ -194,18 +184,18 @@ def test_chunk_plan_is_the_greedy_rule():
     rng = np.random.default_rng(8)
     sizes = rng.integers(1, 40, size=(200, 3))
     sizes = sizes[np.lexsort(sizes.T[::-1])]
-    limit = 40 * _episode_cost(20, 20, 20, 64, 3)
+    limit = 40 * episode_cost(20, 20, 20, 64, 3)
     expected, start = [], 0
     while start < len(sizes):
         stop, peak = start, np.zeros(3, dtype=int)
         while stop < len(sizes):
             grown = np.maximum(peak, sizes[stop])
-            if stop > start and (stop + 1 - start) * _episode_cost(grown[0], grown[2], grown[1], 64, 3) > limit:
+            if stop > start and (stop + 1 - start) * episode_cost(grown[0], grown[2], grown[1], 64, 3) > limit:
                 break
             peak, stop = grown, stop + 1
         expected.append((start, stop))
         start = stop
-    assert list(_plan_chunks(sizes, 64, 3, limit)) == expected
+    assert list(plan_chunks(sizes, 64, 3, limit)) == expected
     assert len(expected) > 3
 
 
@@ -216,7 +206,7 @@ def test_gram_factor_maps_weights_back_to_the_support(indefinite):
     rng = np.random.default_rng(9)
     a = torch.from_numpy(rng.normal(size=(3, 6, 4)))
     gram = a @ a.transpose(1, 2) + (-1e-3 if indefinite else 0.5) * torch.eye(6, dtype=torch.float64)
-    upper, to_span = _gram_factor(gram.float(), torch.float64)
+    upper, to_span = gram_factor(gram.float(), torch.float64)
     factor = upper.transpose(1, 2)
     evals, evecs = torch.linalg.eigh(gram.float().double())
     positive = evecs @ torch.diag_embed(evals.clamp_min(0)) @ evecs.transpose(1, 2)

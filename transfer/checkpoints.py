@@ -27,21 +27,15 @@ from ringbench.backbones import backbone_shapes, create_backbone
 from ringbench.card import IMAGENET_MEAN, IMAGENET_STD, check_tensors, is_card, load_checkpoint_file, validate_card_dict
 from ringbench.errors import UserError, preview
 from ringbench.fileio import path_component, sha256_file
-from ringbench.resnets import TORCHVISION_RESNETS
+from ringbench.resnets import RESNETS, TORCHVISION_RESNETS
 
 log = logging.getLogger(__name__)
 
 # Wrappers that training code adds around any model (DataParallel/DDP, torch.compile).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
-# ResNet depth from blocks per stage and block type.
-_RESNET_LAYOUTS: dict[tuple[str, tuple[int, ...]], str] = {
-    ("basic", (2, 2, 2, 2)): "resnet18",
-    ("basic", (3, 4, 6, 3)): "resnet34",
-    ("bottleneck", (3, 4, 6, 3)): "resnet50",
-    ("bottleneck", (3, 4, 23, 3)): "resnet101",
-    ("bottleneck", (3, 8, 36, 3)): "resnet152",
-}
+# (block type, blocks per stage) -> architecture: the inverse of ringbench.resnets.RESNETS, which keeps the facts.
+_RESNET_LAYOUTS: dict[tuple[str, tuple[int, ...]], str] = {(s.block, s.layers): arch for arch, s in RESNETS.items()}
 
 
 @dataclass(frozen=True)
@@ -289,7 +283,7 @@ def _unwrap(state: Mapping[str, torch.Tensor], rules: SourceFormat) -> tuple[dic
 
 
 def infer_resnet_arch(state: Mapping[str, torch.Tensor], path: Path) -> str:
-    """ResNet depth from the number of blocks per stage and the block type."""
+    """The torchvision ResNet whose blocks per stage and block type (``conv3``: bottleneck) ``state`` has."""
     blocks = []
     for stage in range(1, 5):
         ids = {int(m.group(1)) for k in state if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}

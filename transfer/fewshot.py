@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from metadataset.evaluate import SourceResult, evaluate_source, summarise, table_rows
-from metadataset.features import POOLINGS, extract_features
+from metadataset.features import POOLINGS, cached_features
 from metadataset.probes import PROBES, make_probe, probe_from_config
 from metadataset.sampling import FixedEpisodes, VariableEpisodes, validate_episodes
 from metadataset.sources import MD_SOURCES, limit_per_class, open_source
@@ -230,7 +230,7 @@ def run_fewshot(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> Task
     }
     for source in config["sources"]:
         image_set = _open(source, config, backbone)
-        feats = extract_features(
+        feats = cached_features(
             backbone,
             image_set,
             cache_dir,

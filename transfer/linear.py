@@ -9,10 +9,11 @@ Tasks ``linear_cifar10``, ``linear_cifar100``, ``linear_stl10``, ``linear_imagen
    best held-out accuracy (ties: the stronger regularisation);
 3. refit on all of train (train + held-out) with that weight decay; report test top-1 accuracy.
 
-The solver is the few-shot probe's (``metadataset.probes.solve_logreg``). Datasets are read from
-their usual on-disk layouts under ``--data-root`` (the folders torchvision extracts: CIFAR's
-"python version" batches, STL-10's binary files; an ImageFolder for ImageNet), read directly (without
-torchvision's checksum of the official archives, so that subsets work); nothing is ever downloaded.
+The solver is the one the few-shot probes use (``ringbench.logreg.solve_logreg``), and so is the
+default grid. Datasets are read from their usual on-disk layouts under ``--data-root`` (the folders
+torchvision extracts: CIFAR's "python version" batches, STL-10's binary files; an ImageFolder for
+ImageNet), read directly (without torchvision's checksum of the official archives, so that subsets
+work); nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -29,20 +30,13 @@ from typing import Any, Optional, cast
 import numpy as np
 import torch
 
-from metadataset.features import extract_features
-from metadataset.probes import (
-    CV_MAX_ITER,
-    CV_TOL,
-    DEFAULT_GRID,
-    l2_normalise,
-    logreg_logits,
-    solve_logreg,
-    solver_dtype,
-)
+from metadataset.features import cached_features
+from metadataset.probes import DEFAULT_GRID
 from metadataset.sources import ImageSet, data_digest, decode_image
 from ringbench.config import add_schema_flags, settings_from_args
 from ringbench.errors import UserError
 from ringbench.fileio import resolved_path
+from ringbench.logreg import SELECTION_MAX_ITER, SELECTION_TOL, l2_normalise, logreg_logits, solve_logreg, solver_dtype
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
 DATA_ROOT_ENV = "RINGBENCH_DATA"
@@ -262,7 +256,7 @@ def linear_evaluation(
     """The protocol of the module docstring; returns test accuracy, the chosen weight decay and
     the held-out accuracy of every grid point."""
     held = stratified_holdout(train_y, val_fraction, seed)
-    # ranking the grid needs less precision than the final fit (as the few-shot probe's CV)
+    # ranking the grid needs less precision than the final fit (as in the few-shot probe's CV)
     val_acc = fit_and_score(
         train_x[~held],
         train_y[~held],
@@ -271,8 +265,8 @@ def linear_evaluation(
         grid,
         num_classes,
         device,
-        min(max_iter, 4 * CV_MAX_ITER),
-        CV_TOL,
+        min(max_iter, 4 * SELECTION_MAX_ITER),
+        SELECTION_TOL,
     )
     best = max(range(len(grid)), key=lambda i: (val_acc[i], grid[i]))
     test_acc = fit_and_score(train_x, train_y, test_x, test_y, [grid[best]], num_classes, device, max_iter)[0]
@@ -331,7 +325,7 @@ def make_linear_task(dataset: str, description: str) -> Task:
         feats = {}
         for split in ("train", "test"):
             image_set = open_linear_split(dataset, split, config.get("data_root"), config, image_size)
-            feats[split] = extract_features(
+            feats[split] = cached_features(
                 backbone,
                 image_set,
                 cache_dir,
