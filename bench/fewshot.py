@@ -29,14 +29,14 @@ import numpy as np
 from ringbench.cli import add_common_flags, run_main
 
 
-def _evaluate(backbone, source: str, cache: Path, probe, rules, episodes: int):
+def _evaluate(backbone, source: str, cache: Path, probe, rules, episodes: int, device: str = "cpu"):
     from metadataset.evaluate import evaluate_source
     from metadataset.features import cached_features
     from metadataset.sources import open_source
 
     start = time.perf_counter()
     feats = cached_features(
-        backbone, open_source(source, image_size=backbone.default_image_size), cache, progress=False
+        backbone, open_source(source, image_size=backbone.default_image_size), cache, device=device, progress=False
     )
     result = evaluate_source(source, feats.features, feats.labels, feats.class_names, probe, rules, episodes)
     return time.perf_counter() - start, feats, result
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, default=0.01, help="lambda of both probes")
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default: a fresh temporary folder)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the probe comparison")
+    parser.add_argument("--device", default="cpu", help="where the network and our probe run (cpu, cuda)")
     add_common_flags(parser)
     args = parser.parse_args(argv)
 
@@ -74,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         backbone = load_backbone(card)
         cache = args.cache_dir or tmp / "cache"
         rules = FixedEpisodes(5, 5, 15)
-        probe = LogisticRegressionProbe(weight_decay=args.weight_decay)
+        probe = LogisticRegressionProbe(weight_decay=args.weight_decay, device=args.device)
         print(
             f"backbone {backbone.name} ({backbone.arch}, {backbone.default_image_size} px), source {args.source}, "
             f"{args.episodes} episodes 5-way 5-shot 15-query; torch threads {torch.get_num_threads()}"
         )
 
-        first_s, feats, first = _evaluate(backbone, args.source, cache, probe, rules, args.episodes)
-        second_s, again, second = _evaluate(backbone, args.source, cache, probe, rules, args.episodes)
+        first_s, feats, first = _evaluate(backbone, args.source, cache, probe, rules, args.episodes, args.device)
+        second_s, again, second = _evaluate(backbone, args.source, cache, probe, rules, args.episodes, args.device)
         assert again.from_cache and np.array_equal(first.accuracies, second.accuracies)
         print(f"\n1. feature cache ({feats.features.shape[0]} images, {feats.features.shape[1]}-d)")
         cached = " (features were already in --cache-dir: no network run)" if feats.from_cache else ""
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         acc_ours = 100 * np.mean([np.mean(p == e.query_labels) for p, e in zip(ours, eps)])
         acc_sk = 100 * np.mean([np.mean(p == e.query_labels) for p, e in zip(theirs, eps)])
         agree = 100 * np.mean([np.mean(a == b) for a, b in zip(ours, theirs)])
-        cv = LogisticRegressionProbe(weight_decay="cv")
+        cv = LogisticRegressionProbe(weight_decay="cv", device=args.device)
         start = time.perf_counter()
         acc_cv = 100 * np.mean([np.mean(p == e.query_labels) for p, e in zip(cv.fit_predict_many(tasks), eps)])
         cv_s = time.perf_counter() - start
