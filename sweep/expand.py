@@ -1,14 +1,18 @@
-"""A plan expanded into jobs: one pretraining job per recipe and seed, one transfer job per card and task, each
-checked before anything is submitted; :func:`mark_existing` marks the jobs whose result is there already."""
+"""A plan expanded into jobs: one pretraining job per recipe and seed, one transfer job per card and task, all
+checked before anything is submitted; :func:`mark_existing` marks the jobs whose result is there already.
+
+The stages are asked library questions (:mod:`pretrain.recipe`, :mod:`transfer.resolve`), never handed a
+command line to parse back. A task's config is the same for every card, so it is resolved and hashed once per
+(task, flags): a plan of thousands of cards costs about what one card does.
+"""
 
 from __future__ import annotations
 
-import argparse
 import functools
 import glob
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +20,17 @@ from ringbench.config import find_config
 from ringbench.errors import UserError
 from ringbench.fileio import path_component
 from sweep.plan import Layout, Resources, parse_resources
+from transfer.resolve import flag_argv, task_config
+
+
+@dataclass
+class Recipe:
+    """What a pretraining job trains: its config file, ``pretrain/run.py`` arguments (flags and ``key=value``
+    overrides) and seed (None: the config's)."""
+
+    config: str
+    args: list[str] = field(default_factory=list)
+    seed: Optional[int] = None
 
 
 @dataclass
@@ -31,26 +46,11 @@ class Job:
     skip_reason: str = ""  # set when its result already exists
     task: Optional[str] = None  # transfer jobs: the task and its resolved config's hash (the record's identity)
     config_hash: Optional[str] = None
-
-
-def flag_argv(overrides: dict[str, Any]) -> list[str]:
-    """``{episodes: 300, eval_only: true}`` -> ``["--episodes", "300", "--eval-only"]``."""
-    argv: list[str] = []
-    for key, value in overrides.items():
-        flag = "--" + str(key).replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value is False or value is None:
-            continue
-        elif isinstance(value, (list, tuple)):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
+    recipe: Optional[Recipe] = None  # pretraining jobs: what the card is made from
 
 
 def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = False) -> list[Job]:
-    """Every job of the plan, pretraining first; checked (tasks, cards, globs, flags, resources)."""
+    """Every job of the plan, pretraining first; checked (tasks, cards, globs, recipes, flags, resources)."""
     from transfer.tasks import all_tasks
 
     tasks = all_tasks()
@@ -73,37 +73,14 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
                 raise UserError(f"{where}: {entry['path']!r} matches no file (under {layout.workdir})")
             cards += [(m, None) for m in matched]
             continue
-        if not entry["config"]:
-            raise UserError(f"{where}: recipe {entry['name']!r} needs a pretraining 'config'")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", entry["name"]):
-            raise UserError(f"{where}: recipe name {entry['name']!r} may hold only letters, digits, '_', '.', '-'")
-        path_component(entry["name"], f"{where}: recipe name")  # not '..', not hidden: a folder of its own
-        config = find_config(entry["config"], "pretrain")
-        resources = parse_resources(entry["resources"], f"{where}.resources")
-        seeds = entry["seeds"] or [None]
-        for seed in seeds:
-            stem = entry["name"] if seed is None else f"{entry['name']}_s{seed}"
-            card = layout.cards / f"{stem}.pth"
-            argv = [
-                "--config",
-                str(config),
-                "--out",
-                str(card),
-                "--workdir",
-                str(layout.runs / "pretrain" / stem),
-                "--device",
-                "cuda" if resources.gpus else device,
-                *map(str, plan["pretrain_args"]),
-                *map(str, entry["args"]),
-                *(["--seed", str(seed)] if seed is not None else []),
-                "--no-progress",
-            ]
-            jobs.append(Job(f"pretrain/{stem}", "pretrain", argv, str(card), resources))
-            cards.append((card, jobs[-1].key))
+        for job in _recipe_jobs(entry, where, plan, layout, device):
+            jobs.append(job)
+            cards.append((Path(job.card), job.key))
     names = [c.stem for c, _ in cards]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"plan: several cards are named {twice}; card names (file stems) must be unique")
+    by_task: list[tuple[str, dict[str, Any], list[Job]]] = []
     for task, settings in plan["tasks"].items():
         settings = dict(settings or {})
         if not all(isinstance(k, str) for k in settings):
@@ -111,74 +88,88 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
         resources = parse_resources(settings.pop("resources", None), f"plan tasks.{task}.resources")
         if resources.nodes > 1 and tasks[task].family != "detectron2":
             raise UserError(f"plan tasks.{task}.resources: nodes > 1 needs a Detectron2 task (multi-machine launch)")
-        extra = flag_argv(settings)
-        for card, maker in cards:
-            argv = [
-                "--backbone",
+        # --num-gpus: the Detectron2 family's launcher; the other families run on one device
+        gpus = ["--num-gpus", str(resources.gpus)] if resources.gpus and tasks[task].family == "detectron2" else []
+        # several nodes: machine rank and rendezvous come from the job environment (StageJob)
+        nodes = ["--num-machines", str(resources.nodes)] if resources.nodes > 1 else []
+        common = [
+            *["--results", str(layout.results), "--output-dir", str(layout.runs / "transfer")],
+            *["--cache-dir", str(layout.cache), "--device", "cuda" if resources.gpus else device],
+            *gpus,
+            *nodes,
+            *flag_argv(settings),
+        ]
+        task_jobs = [
+            Job(
+                f"{task}/{card.stem}",
+                "transfer",
+                ["--backbone", str(card), "--task", task, *common],
                 str(card),
-                "--task",
-                task,
-                "--results",
-                str(layout.results),
-                "--output-dir",
-                str(layout.runs / "transfer"),
-                "--cache-dir",
-                str(layout.cache),
-                "--device",
-                "cuda" if resources.gpus else device,
-                *(["--num-gpus", str(resources.gpus)] if resources.gpus and _uses_gpus_flag(task) else []),
-                # several nodes: machine rank and rendezvous come from the job environment (StageJob)
-                *(["--num-machines", str(resources.nodes)] if resources.nodes > 1 else []),
-                *extra,
-            ]
-            jobs.append(Job(f"{task}/{card.stem}", "transfer", argv, str(card), resources, depends_on=maker))
-    from ringbench.store import config_hash
-
-    for job in jobs:  # every job's flags parse and its config resolves, before anything is submitted
-        if job.stage == "transfer":
-            args, task_config = _transfer_config(job.argv, job.key)
-            job.task, job.config_hash = args.task, config_hash(task_config)
+                resources,
+                depends_on=maker,
+                task=task,
+            )
+            for card, maker in cards
+        ]
+        jobs += task_jobs
+        by_task.append((task, settings, task_jobs))
+    for task, settings, task_jobs in by_task:  # flags parse and configs resolve before anything is submitted
+        if task_jobs:
+            try:
+                _, digest = task_config(task, settings)
+            except UserError as exc:
+                raise UserError(f"plan job {task_jobs[0].key}: {exc}") from exc
+            for job in task_jobs:
+                job.config_hash = digest
     return jobs
 
 
-def _strict_parser(parser: argparse.ArgumentParser, where: str) -> argparse.ArgumentParser:
-    def error(message: str) -> Any:
-        raise UserError(f"{where}: {message}")
+def _recipe_jobs(entry: dict[str, Any], where: str, plan: dict[str, Any], layout: Layout, device: str) -> list[Job]:
+    """The pretraining jobs of a recipe entry, one per seed; its arguments are checked once (first seed)."""
+    from pretrain.recipe import recipe_config
 
-    parser.error = error  # type: ignore[method-assign]  # argparse exits on errors; a plan reports them
-    return parser
-
-
-def _uses_gpus_flag(task: str) -> bool:
-    """Whether a task takes ``--num-gpus`` (the Detectron2 family; others run on one device)."""
-    from transfer.tasks import get_task
-
-    return get_task(task).family == "detectron2"
-
-
-def _transfer_config(argv: list[str], where: str) -> tuple[argparse.Namespace, dict[str, Any]]:
-    from transfer.run import build_parser, refuse_foreign_flags
-    from transfer.tasks import get_task
-
-    args = _strict_parser(build_parser(), f"plan job {where}").parse_args(argv)
+    if not entry["config"]:
+        raise UserError(f"{where}: recipe {entry['name']!r} needs a pretraining 'config'")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", entry["name"]):
+        raise UserError(f"{where}: recipe name {entry['name']!r} may hold only letters, digits, '_', '.', '-'")
+    path_component(entry["name"], f"{where}: recipe name")  # not '..', not hidden: a folder of its own
+    config = find_config(entry["config"], "pretrain")
+    resources = parse_resources(entry["resources"], f"{where}.resources")
+    args = [*map(str, plan["pretrain_args"]), *map(str, entry["args"])]
+    seeds = entry["seeds"] or [None]
     try:
-        task = get_task(args.task)
-        refuse_foreign_flags(args, task)
-        return args, task.make_config(args)
+        recipe_config(config, args, seeds[0])  # bad flags, keys and values now, not in the job
     except UserError as exc:
-        raise UserError(f"plan job {where}: {exc}") from exc
+        raise UserError(f"{where}: {exc}") from exc
+    jobs = []
+    for seed in seeds:
+        stem = entry["name"] if seed is None else f"{entry['name']}_s{seed}"
+        card = layout.cards / f"{stem}.pth"
+        argv = [
+            *["--config", str(config), "--out", str(card), "--workdir", str(layout.runs / "pretrain" / stem)],
+            *["--device", "cuda" if resources.gpus else device],
+            *args,
+            *(["--seed", str(seed)] if seed is not None else []),
+            "--no-progress",
+        ]
+        recipe = Recipe(str(config), args, seed)
+        jobs.append(Job(f"pretrain/{stem}", "pretrain", argv, str(card), resources, recipe=recipe))
+    return jobs
 
 
 def mark_existing(jobs: list[Job], results: Path, force: bool = False) -> None:
-    """Set ``skip_reason`` on jobs whose result exists: a card made with this config, a record
+    """Set ``skip_reason`` on jobs whose result exists: a card made with its recipe's config, a record
     with the job's identity in ``results`` (the lookup ``transfer/run.py`` makes before it runs)."""
-    from pretrain.run import card_changes
+    from pretrain.recipe import card_changes, recipe_config
     from ringbench.store import find_record
 
     fresh: set[str] = set()
     for job in jobs:
         if job.stage == "pretrain":
-            changed = card_changes(job.argv)
+            assert job.recipe is not None  # set by expand()
+            changed = None
+            if Path(job.card).exists():
+                changed = card_changes(job.card, recipe_config(job.recipe.config, job.recipe.args, job.recipe.seed))
             if changed == []:
                 job.skip_reason = "card exists"
             else:
