@@ -105,6 +105,23 @@ tasks:
         ("backbones: [{path: 'cards/*.pth', name: x}]\ntasks: {fewshot_digits: {}}", "either 'path'"),
         ("backbones: []\ntasks: {fewshot_digits: {}}", "non-empty 'backbones'"),
         ("backbones: [{path: 'cards/*.pth'}]\ntasks: {fewshot_digits: {}}\nclustr: {}", "unknown config key 'clustr'"),
+        (  # a key unknown inside a backbone entry: the entry's keys are listed, not the plan's
+            "backbones: [{path: 'cards/*.pth', profile: demo}]\ntasks: {fewshot_digits: {}}",
+            r"unknown config key 'profile'; known keys here: \['args', 'config', 'name', 'optional', 'path', "
+            r"'resources', 'seeds'\]",
+        ),
+        (  # a recipe's pretraining arguments are checked at expansion, in one line
+            "backbones: [{name: x, config: moco, args: [--bogus]}]\ntasks: {fewshot_digits: {}}",
+            r"plan backbones\[0\]: unrecognized arguments: --bogus",
+        ),
+        (
+            "backbones: [{name: x, config: moco, args: [loss.w_outr=1]}]\ntasks: {fewshot_digits: {}}",
+            r"plan backbones\[0\]: override 'loss.w_outr=1': unknown config key",
+        ),
+        (  # another family's flag
+            "backbones: [{path: 'cards/*.pth'}]\ntasks: {fewshot_digits: {seeds: 3}}",
+            r"plan job fewshot_digits/plain: --seeds: not used by task fewshot_digits",
+        ),
     ],
 )
 def test_bad_plans_are_one_clean_error(tmp_path, two_cards, text, match):
@@ -242,3 +259,41 @@ def test_flags_from_plan_values():
         "--eval-only",
     ]
     assert flag_argv({"pairs": [1, 2]}) == ["--pairs", "1", "2"]
+
+
+def test_a_task_config_is_resolved_once_per_task_and_flags(tmp_path, two_cards, monkeypatch):
+    """Every card of a task shares its config and hash, resolved once (not once per job), and the same one that
+    ``transfer/run.py`` computes from its command line for the record's identity."""
+    from ringbench.store import config_hash
+    from sweep import expand as expand_module
+    from transfer.resolve import task_config
+    from transfer.run import build_parser
+    from transfer.tasks import get_task
+
+    calls = []
+
+    def counted(task, flags=None):
+        calls.append(task)
+        return task_config(task, flags)
+
+    monkeypatch.setattr(expand_module, "task_config", counted)
+    jobs = _jobs(tmp_path, "backbones: [{path: 'cards/*.pth'}]" + TINY_TASKS)
+    assert sorted(calls) == ["fewshot_digits", "linear_synthetic"] and len(jobs) == 4
+    for job in jobs:
+        args = build_parser().parse_args(job.argv)
+        assert job.config_hash == config_hash(get_task(job.task).make_config(args))
+
+
+def test_pretrain_recipe_questions(tmp_path):
+    """A recipe resolves to the config its pretraining command trains with; a card is that run's result when
+    its recorded config does not differ (None: no card)."""
+    from pretrain.recipe import card_changes, recipe_config
+    from pretrain.run import build_parser, resolve_config
+
+    args = ["--data", "synthetic", "--profile", "demo", "loss.w_outer=0.5"]
+    cfg = recipe_config("moco_ring", args, seed=3)
+    assert cfg == resolve_config(build_parser().parse_args(["--config", "moco_ring", *args, "--seed", "3"]))
+    assert cfg["train"]["seed"] == 3 and recipe_config("moco_ring", args)["train"]["seed"] != 3
+    assert card_changes(tmp_path / "none.pth", cfg) is None
+    with pytest.raises(UserError, match="unrecognized arguments: --nope"):
+        recipe_config("moco_ring", ["--nope"])
