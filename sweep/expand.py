@@ -12,6 +12,7 @@ import functools
 import glob
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -76,8 +77,7 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
         for job in _recipe_jobs(entry, where, plan, layout, device):
             jobs.append(job)
             cards.append((Path(job.card), job.key))
-    names = [c.stem for c, _ in cards]
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted(name for name, count in Counter(c.stem for c, _ in cards).items() if count > 1)
     if twice:
         raise UserError(f"plan: several cards are named {twice}; card names (file stems) must be unique")
     by_task: list[tuple[str, dict[str, Any], list[Job]]] = []
