@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``--status``, or: load the plan, expand it, skip what exists, then list (``--dry-run``) or run the jobs."""
     from tabulate import tabulate
 
     args = build_parser().parse_args(argv)

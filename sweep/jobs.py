@@ -91,6 +91,7 @@ def _job_id() -> str | None:
 
 
 def last_line(text: str) -> str:
+    """The last non-empty line of an error, at most 300 characters: what a state file and ``--status`` show."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
 
@@ -104,6 +105,7 @@ def write_status(path: str | os.PathLike, state: str, **fields: Any) -> None:
 
 
 def read_status(path: str | os.PathLike) -> dict[str, Any]:
+    """A job's state file as a dict; {} while there is none (or it cannot be read)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -112,4 +114,5 @@ def read_status(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def status_file(layout: Layout, key: str) -> Path:
+    """Where the job ``key`` writes its state (``status/<task>__<card>.json``)."""
     return layout.status_dir / (key.replace("/", "__") + ".json")

@@ -37,6 +37,8 @@ class BackboneEntry:
 
 @dataclass
 class ClusterSettings:
+    """A plan's Slurm settings (``cluster:``), given to every job array."""
+
     partition: Optional[str] = None
     array_parallelism: int = 64
     account: Optional[str] = None
@@ -46,6 +48,8 @@ class ClusterSettings:
 
 @dataclass
 class PlanSchema:
+    """The keys of a plan file (:func:`load_plan` merges the file over these defaults)."""
+
     backbones: list[BackboneEntry] = field(default_factory=list)
     tasks: dict[str, Any] = field(default_factory=dict)  # task -> {flag: value, ..., resources: {...}}
     pretrain_args: list[str] = field(default_factory=list)  # for every recipe
@@ -64,6 +68,7 @@ def load_plan(path: Path) -> dict[str, Any]:
 
 
 def parse_resources(data: Any, where: str) -> Resources:
+    """A ``resources:`` mapping over the defaults, checked (counts at least 1, no negative GPUs)."""
     values = compose(Resources, [(where, data or {})])
     res = Resources(**values)
     if res.gpus < 0 or res.cpus < 1 or res.mem_gb <= 0 or res.time_min < 1 or res.nodes < 1:

@@ -26,6 +26,7 @@ EXECUTORS = ("auto", "local", "slurm", "debug")
 
 
 def make_executor(kind: str, layout: Layout, resources: Resources, plan: dict[str, Any], name: str) -> Any:
+    """A submitit executor of ``kind`` asking for ``resources``; on Slurm with the plan's cluster settings."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=layout.sweep_dir / "submitit" / "%j", cluster=kind)

@@ -18,6 +18,7 @@ EXISTS = ("card exists", "record exists")  # skip reasons that mean the job's re
 
 
 def squeue_states() -> dict[str, str]:
+    """Slurm job id -> state of every job in the queue (empty where there is no ``squeue``)."""
     if shutil.which("squeue") is None:
         return {}
     # -r: one line per array task ("12_3 RUNNING"), pending ones too
