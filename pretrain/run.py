@@ -94,18 +94,6 @@ def resolve_config(args: argparse.Namespace) -> dict:
     return load_config(args.config, args.overrides, profile=args.profile, flags=flag_settings(args))
 
 
-def card_changes(argv: Sequence[str]) -> list[str] | None:
-    """For a run with these arguments and an ``--out`` card that exists: the config keys in which the
-    card differs from what the run would train ([] = the card is that run's result); None without a card."""
-    args = build_parser().parse_args(argv)
-    if args.out is None or not args.out.exists():
-        return None
-    from pretrain.train import config_changes
-    from ringbench.card import load_card
-
-    return config_changes(load_card(args.out).meta.get("config") or {}, resolve_config(args))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)  # first: a bogus device wastes nothing

@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ringbench.errors import UserError
 
@@ -20,6 +20,17 @@ from ringbench.errors import UserError
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every entry point has: ``--debug`` (tracebacks, debug logging)."""
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logging")
+
+
+def parse_args_strictly(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` for a library call: a bad argument raises :class:`UserError` with argparse's
+    message, where argparse would print its usage and exit."""
+
+    def error(message: str) -> NoReturn:
+        raise UserError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser.parse_args(argv)
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

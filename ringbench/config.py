@@ -191,7 +191,8 @@ def _merge(cfg: Any, data: dict[str, Any], source: str, schema: type) -> None:
         cfg.merge_with(OmegaConf.create(data))
     except ConfigKeyError as exc:
         key = str(exc.full_key or exc.key)
-        raise UserError(f"{source}: unknown config key {key!r}; known keys here: {_siblings(cfg, key)}") from exc
+        known = _siblings(cfg, key, exc.object_type)
+        raise UserError(f"{source}: unknown config key {key!r}; known keys here: {known}") from exc
     except ValidationError as exc:
         key = str(exc.full_key or "")
         if not key:
@@ -201,9 +202,13 @@ def _merge(cfg: Any, data: dict[str, Any], source: str, schema: type) -> None:
         raise UserError(f"{source}: {_reason(exc)}") from exc
 
 
-def _siblings(cfg: Any, key: str) -> list[str]:
-    """The keys beside an unknown dotted key (those of its parent section)."""
+def _siblings(cfg: Any, key: str, section: Any = None) -> list[str]:
+    """The keys beside an unknown key: the fields of the schema section it was found in (for an entry of a list
+    of sections the error's key has no path to follow), else those of its dotted parent."""
     from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(section, type) and dataclasses.is_dataclass(section):
+        return sorted(f.name for f in dataclasses.fields(section))
 
     parent = key.rpartition(".")[0]
     node = OmegaConf.select(cfg, parent) if parent else cfg

@@ -180,27 +180,28 @@ def test_sweep_on_slurm_writes_each_record_once(tmp_path: Path, capsys) -> None:
 def test_requeued_sweep_job_finishes_with_one_record(tmp_path: Path, capsys) -> None:
     from ringbench.cli import run_main
     from ringbench.store import load_records
-    from sweep import cli as sweep
+    from sweep import cli
+    from sweep.jobs import read_status
     from tests.helpers import write_card
 
     write_card(tmp_path / "cards" / "plain.pth")
     plan = "backbones: [{path: 'cards/*.pth'}]\ntasks:\n  fewshot_digits: {episodes: 200, resources: {time_min: 10}}\n"
     argv = _sweep_argv(tmp_path, plan)
-    assert run_main(sweep.main, [*argv, "--no-wait"]) == 0
+    assert run_main(cli.main, [*argv, "--no-wait"]) == 0
     status_path = tmp_path / "sweeps" / "plan" / "status" / "fewshot_digits__plain.json"
     deadline = time.monotonic() + 90
-    while sweep.read_status(status_path).get("state") != "running":
+    while read_status(status_path).get("state") != "running":
         if time.monotonic() > deadline:
             pytest.fail(f"the sweep's job did not start; queue:\n{_run('squeue')}")
         time.sleep(0.5)
-    job_id = sweep.read_status(status_path)["job_id"]
+    job_id = read_status(status_path)["job_id"]
     _run("scontrol", "requeue", str(job_id))
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while sweep.read_status(status_path).get("state") not in ("done", "failed"):
+    while read_status(status_path).get("state") not in ("done", "failed"):
         if time.monotonic() > deadline:
             subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=30)
             pytest.fail(f"the requeued job did not finish; queue:\n{_run('squeue')}")
         time.sleep(1)
-    status = sweep.read_status(status_path)
+    status = read_status(status_path)
     assert status["state"] == "done" and status["starts"] == 2, status
     assert len(load_records(tmp_path / "results")) == 1

@@ -241,7 +241,9 @@ def test_killed_run_resumes_from_its_checkpoint(card, tmp_path):
 def test_sweep_multi_node_job_takes_rank_and_rendezvous_from_slurm(card, tmp_path, monkeypatch):
     """A plan job with ``nodes: 2`` asks for two machines; on each Slurm node its arguments get that node's
     rank and the first host of the job as rendezvous (submitit's JobEnvironment), the same URL on every node."""
-    from sweep import cli as sweep
+    from sweep.expand import expand
+    from sweep.jobs import multi_node_argv, node_rank
+    from sweep.plan import Layout, load_plan
     from transfer.d2.launch import LaunchSettings
     from transfer.run import build_parser
 
@@ -250,12 +252,12 @@ def test_sweep_multi_node_job_takes_rank_and_rendezvous_from_slurm(card, tmp_pat
         f"backbones: [{{path: {card}}}]\ntasks:\n  voc_det: {{resources: {{gpus: 8, nodes: 2}}}}\n"
         "  fewshot_digits: {episodes: 5}\n"
     )
-    layout = sweep.Layout(tmp_path, tmp_path / "res", tmp_path / "sweeps" / "plan")
-    jobs = {j.task: j for j in sweep.expand(sweep.load_plan(plan_file), layout, "cpu")}
+    layout = Layout(tmp_path, tmp_path / "res", tmp_path / "sweeps" / "plan")
+    jobs = {j.task: j for j in expand(load_plan(plan_file), layout, "cpu")}
     argv = jobs["voc_det"].argv
     assert argv[argv.index("--num-gpus") + 1] == "8" and argv[argv.index("--num-machines") + 1] == "2"
     assert "--num-machines" not in jobs["fewshot_digits"].argv
-    assert sweep.multi_node_argv(argv) == argv  # outside Slurm: nothing added
+    assert multi_node_argv(argv) == argv  # outside Slurm: nothing added
     urls = set()
     for node in (0, 1):
         for key, value in {
@@ -265,8 +267,8 @@ def test_sweep_multi_node_job_takes_rank_and_rendezvous_from_slurm(card, tmp_pat
             "SLURM_JOB_NODELIST": "gpu[07-08]",
         }.items():
             monkeypatch.setenv(key, value)
-        args = build_parser().parse_args(sweep.multi_node_argv(argv))
-        assert (args.machine_rank, args.num_machines) == (node, 2) and sweep.node_rank() == node
+        args = build_parser().parse_args(multi_node_argv(argv))
+        assert (args.machine_rank, args.num_machines) == (node, 2) and node_rank() == node
         assert set(vars(args)) >= {f.name for f in dataclasses.fields(LaunchSettings)}
         urls.add(args.dist_url)
     (url,) = urls
@@ -276,7 +278,7 @@ def test_sweep_multi_node_job_takes_rank_and_rendezvous_from_slurm(card, tmp_pat
     from ringbench.errors import UserError
 
     with pytest.raises(UserError, match="nodes > 1 needs a Detectron2 task"):
-        sweep.expand(sweep.load_plan(bad), layout, "cpu")
+        expand(load_plan(bad), layout, "cpu")
 
 
 def test_launch_resolution_by_device(monkeypatch):

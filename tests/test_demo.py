@@ -14,7 +14,9 @@ import yaml
 from ringbench.card import load_card
 from ringbench.cli import run_main
 from ringbench.store import load_records
-from sweep import cli as sweep
+from sweep import cli
+from sweep.expand import expand
+from sweep.plan import Layout, load_plan
 from tests.helpers import REPO, run_cli, write_card
 
 TINY_TASK = {
@@ -65,7 +67,7 @@ def _plan_config(pretrain_args: list[str], config: str = "moco") -> dict:
 
 
 def _sweep(*argv: str, capsys) -> tuple[int, str, str]:
-    code = run_main(sweep.main, list(argv))
+    code = run_main(cli.main, list(argv))
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -121,9 +123,9 @@ def test_shipped_demo_plans_resolve(plan, tmp_path):
     """Every shipped demo plan expands: its configs resolve with its flags, its tasks exist and need no data."""
     from transfer.tasks import all_tasks
 
-    spec = sweep.load_plan(plan)
-    layout = sweep.Layout(tmp_path, tmp_path / "results", tmp_path / "sweeps" / plan.stem)
-    jobs = sweep.expand(spec, layout, "cpu")
+    spec = load_plan(plan)
+    layout = Layout(tmp_path, tmp_path / "results", tmp_path / "sweeps" / plan.stem)
+    jobs = expand(spec, layout, "cpu")
     pretrain = [j for j in jobs if j.stage == "pretrain"]
     assert len(pretrain) == sum(len(b["seeds"] or [None]) for b in spec["backbones"]) >= 2
     from pretrain.run import build_parser, resolve_config
@@ -155,8 +157,8 @@ def test_demo_plan_has_reference_rows_and_seed_replicates(tmp_path):
     three pretraining seeds each, paired seed by seed, and a random row of its own seeds (compared unpaired)."""
     from pretrain.run import build_parser, resolve_config
 
-    spec = sweep.load_plan(REPO / "configs" / "sweeps" / "demo.yaml")
-    jobs = sweep.expand(spec, sweep.Layout(tmp_path, tmp_path / "results", tmp_path / "sweeps"), "cpu")
+    spec = load_plan(REPO / "configs" / "sweeps" / "demo.yaml")
+    jobs = expand(spec, Layout(tmp_path, tmp_path / "results", tmp_path / "sweeps"), "cpu")
     seeds: dict[tuple[str, str], set[int]] = {}
     for job in jobs:
         if job.stage == "pretrain":

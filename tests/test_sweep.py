@@ -10,7 +10,9 @@ import pytest
 
 from ringbench.cli import run_main
 from ringbench.errors import UserError
-from sweep import cli as sweep
+from sweep import cli
+from sweep.expand import Job, expand, flag_argv
+from sweep.plan import Layout, load_plan
 from tests.helpers import write_card
 
 TINY_FEWSHOT = "  fewshot_digits: {episodes: 6, max_images_per_class: 12, shots: 2, queries: 3}\n"
@@ -24,12 +26,12 @@ def _plan(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def _layout(tmp_path: Path) -> sweep.Layout:
-    return sweep.Layout(tmp_path, tmp_path / "results", tmp_path / "sweeps" / "plan")
+def _layout(tmp_path: Path) -> Layout:
+    return Layout(tmp_path, tmp_path / "results", tmp_path / "sweeps" / "plan")
 
 
-def _jobs(tmp_path: Path, text: str, **kwargs) -> list[sweep.Job]:
-    return sweep.expand(sweep.load_plan(_plan(tmp_path, text)), _layout(tmp_path), "cpu", **kwargs)
+def _jobs(tmp_path: Path, text: str, **kwargs) -> list[Job]:
+    return expand(load_plan(_plan(tmp_path, text)), _layout(tmp_path), "cpu", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +105,23 @@ tasks:
         ("backbones: [{path: 'cards/*.pth', name: x}]\ntasks: {fewshot_digits: {}}", "either 'path'"),
         ("backbones: []\ntasks: {fewshot_digits: {}}", "non-empty 'backbones'"),
         ("backbones: [{path: 'cards/*.pth'}]\ntasks: {fewshot_digits: {}}\nclustr: {}", "unknown config key 'clustr'"),
+        (  # a key unknown inside a backbone entry: the entry's keys are listed, not the plan's
+            "backbones: [{path: 'cards/*.pth', profile: demo}]\ntasks: {fewshot_digits: {}}",
+            r"unknown config key 'profile'; known keys here: \['args', 'config', 'name', 'optional', 'path', "
+            r"'resources', 'seeds'\]",
+        ),
+        (  # a recipe's pretraining arguments are checked at expansion, in one line
+            "backbones: [{name: x, config: moco, args: [--bogus]}]\ntasks: {fewshot_digits: {}}",
+            r"plan backbones\[0\]: unrecognized arguments: --bogus",
+        ),
+        (
+            "backbones: [{name: x, config: moco, args: [loss.w_outr=1]}]\ntasks: {fewshot_digits: {}}",
+            r"plan backbones\[0\]: override 'loss.w_outr=1': unknown config key",
+        ),
+        (  # another family's flag
+            "backbones: [{path: 'cards/*.pth'}]\ntasks: {fewshot_digits: {seeds: 3}}",
+            r"plan job fewshot_digits/plain: --seeds: not used by task fewshot_digits",
+        ),
     ],
 )
 def test_bad_plans_are_one_clean_error(tmp_path, two_cards, text, match):
@@ -113,7 +132,7 @@ def test_bad_plans_are_one_clean_error(tmp_path, two_cards, text, match):
 def test_dry_run_lists_jobs_and_submits_nothing(tmp_path, two_cards, capsys):
     plan = _plan(tmp_path, "backbones: [{path: 'cards/*.pth'}]" + TINY_TASKS)
     argv = ["--plan", str(plan), "--workdir", str(tmp_path), "--executor", "local", "--dry-run"]
-    assert run_main(sweep.main, argv) == 0
+    assert run_main(cli.main, argv) == 0
     out = capsys.readouterr().out
     assert out.count("submit") == 4 and "linear_synthetic/ring" in out and "2 CPU, 8 GB, 120 min" in out
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "results").exists()
@@ -126,7 +145,7 @@ def run_two_by_two(tmp_path: Path, capsys, executor: str, *extra: str) -> None:
         write_card(tmp_path / "cards" / f"{name}.pth", seed=i)
     plan = _plan(tmp_path, "backbones: [{path: 'cards/*.pth'}]" + TINY_TASKS)
     argv = ["--plan", str(plan), "--workdir", str(tmp_path), "--executor", executor, *extra]
-    assert run_main(sweep.main, argv) == 0
+    assert run_main(cli.main, argv) == 0
     out, err = capsys.readouterr()
     assert f"4 to run, 0 done already; executor {executor}" in err and "[4/4]" in err
     for name in ("plain", "ring"):  # the plan's leaderboard: both cards, both tasks
@@ -144,12 +163,12 @@ def run_two_by_two(tmp_path: Path, capsys, executor: str, *extra: str) -> None:
     status = json.loads((tmp_path / "sweeps" / "plan" / "status" / "fewshot_digits__ring.json").read_text())
     assert status["state"] == "done" and status["wall_s"] >= 0 and status["starts"] == 1
 
-    assert run_main(sweep.main, argv) == 0  # again: everything exists, nothing is submitted
+    assert run_main(cli.main, argv) == 0  # again: everything exists, nothing is submitted
     err = capsys.readouterr().err
     assert "0 to run, 4 done already" in err and "running" not in err
     assert len(load_records(tmp_path / "results")) == 4
 
-    assert run_main(sweep.main, [*argv[:4], "--status"]) == 0
+    assert run_main(cli.main, [*argv[:4], "--status"]) == 0
     table = capsys.readouterr().out
     assert table.count("record exists") == 4 and "failed" not in table
 
@@ -220,23 +239,61 @@ def test_a_failing_job_is_reported_and_retried(tmp_path, capsys):
     (tmp_path / "cards" / "broken.pth").write_bytes(b"not a checkpoint")  # fails inside its job, not before
     plan = _plan(tmp_path, "backbones: [{path: 'cards/*.pth'}]\ntasks:\n" + TINY_FEWSHOT)
     argv = ["--plan", str(plan), "--workdir", str(tmp_path), "--executor", "debug", "--no-table"]
-    assert run_main(sweep.main, argv) == 2
+    assert run_main(cli.main, argv) == 2
     err = capsys.readouterr().err
     assert "fewshot_digits/broken: failed" in err and "1 job(s) failed: fewshot_digits/broken" in err
-    assert run_main(sweep.main, [*argv[:4], "--status"]) == 0
+    assert run_main(cli.main, [*argv[:4], "--status"]) == 0
     row = capsys.readouterr().out.splitlines()[2]
     assert row.startswith("fewshot_digits/broken") and " failed " in row and "exit 2" in row
     assert "not a PyTorch checkpoint" in err  # the job's own one-line error, in its output
     write_card(tmp_path / "cards" / "broken.pth", seed=3)  # repaired
-    assert run_main(sweep.main, [*argv, "--retry-failed"]) == 0
+    assert run_main(cli.main, [*argv, "--retry-failed"]) == 0
     err = capsys.readouterr().err
     assert "1 to run" in err and "fewshot_digits/broken: done" in err
 
 
 def test_flags_from_plan_values():
-    assert sweep.flag_argv({"episodes": 300, "eval_only": True, "weights": None, "force": False}) == [
+    assert flag_argv({"episodes": 300, "eval_only": True, "weights": None, "force": False}) == [
         "--episodes",
         "300",
         "--eval-only",
     ]
-    assert sweep.flag_argv({"pairs": [1, 2]}) == ["--pairs", "1", "2"]
+    assert flag_argv({"pairs": [1, 2]}) == ["--pairs", "1", "2"]
+
+
+def test_a_task_config_is_resolved_once_per_task_and_flags(tmp_path, two_cards, monkeypatch):
+    """Every card of a task shares its config and hash, resolved once (not once per job), and the same one that
+    ``transfer/run.py`` computes from its command line for the record's identity."""
+    from ringbench.store import config_hash
+    from sweep import expand as expand_module
+    from transfer.resolve import task_config
+    from transfer.run import build_parser
+    from transfer.tasks import get_task
+
+    calls = []
+
+    def counted(task, flags=None):
+        calls.append(task)
+        return task_config(task, flags)
+
+    monkeypatch.setattr(expand_module, "task_config", counted)
+    jobs = _jobs(tmp_path, "backbones: [{path: 'cards/*.pth'}]" + TINY_TASKS)
+    assert sorted(calls) == ["fewshot_digits", "linear_synthetic"] and len(jobs) == 4
+    for job in jobs:
+        args = build_parser().parse_args(job.argv)
+        assert job.config_hash == config_hash(get_task(job.task).make_config(args))
+
+
+def test_pretrain_recipe_questions(tmp_path):
+    """A recipe resolves to the config its pretraining command trains with; a card is that run's result when
+    its recorded config does not differ (None: no card)."""
+    from pretrain.recipe import card_changes, recipe_config
+    from pretrain.run import build_parser, resolve_config
+
+    args = ["--data", "synthetic", "--profile", "demo", "loss.w_outer=0.5"]
+    cfg = recipe_config("moco_ring", args, seed=3)
+    assert cfg == resolve_config(build_parser().parse_args(["--config", "moco_ring", *args, "--seed", "3"]))
+    assert cfg["train"]["seed"] == 3 and recipe_config("moco_ring", args)["train"]["seed"] != 3
+    assert card_changes(tmp_path / "none.pth", cfg) is None
+    with pytest.raises(UserError, match="unrecognized arguments: --nope"):
+        recipe_config("moco_ring", ["--nope"])

@@ -1,0 +1,197 @@
+"""A plan expanded into jobs: one pretraining job per recipe and seed, one transfer job per card and task, all
+checked before anything is submitted; :func:`mark_existing` marks the jobs whose result is there already.
+
+The stages are asked library questions (:mod:`pretrain.recipe`, :mod:`transfer.resolve`), never handed a
+command line to parse back. A task's config is the same for every card, so it is resolved and hashed once per
+(task, flags): a plan of thousands of cards costs about what one card does.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ringbench.config import find_config
+from ringbench.errors import UserError
+from ringbench.fileio import path_component
+from sweep.plan import Layout, Resources, parse_resources
+from transfer.resolve import flag_argv, task_config
+
+
+@dataclass
+class Recipe:
+    """What a pretraining job trains: its config file, ``pretrain/run.py`` arguments (flags and ``key=value``
+    overrides) and seed (None: the config's)."""
+
+    config: str
+    args: list[str] = field(default_factory=list)
+    seed: Optional[int] = None
+
+
+@dataclass
+class Job:
+    """One stage run: ``python <stage>/run.py <argv>`` as a submitit job."""
+
+    key: str  # unique in the sweep: "pretrain/<card>" or "<task>/<card>"
+    stage: str  # "pretrain" | "transfer"
+    argv: list[str]
+    card: str  # the card file this job writes (pretrain) or reads (transfer)
+    resources: Resources
+    depends_on: Optional[str] = None  # key of the pretrain job that makes the card
+    skip_reason: str = ""  # set when its result already exists
+    task: Optional[str] = None  # transfer jobs: the task and its resolved config's hash (the record's identity)
+    config_hash: Optional[str] = None
+    recipe: Optional[Recipe] = None  # pretraining jobs: what the card is made from
+
+
+def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = False) -> list[Job]:
+    """Every job of the plan, pretraining first; checked (tasks, cards, globs, recipes, flags, resources)."""
+    from transfer.tasks import all_tasks
+
+    tasks = all_tasks()
+    unknown = [t for t in plan["tasks"] if t not in tasks]
+    if unknown:
+        raise UserError(f"plan: unknown task(s) {unknown}; available: {', '.join(tasks)}")
+    jobs: list[Job] = []
+    cards: list[tuple[Path, Optional[str]]] = []  # (card, key of the job that makes it)
+    for i, entry in enumerate(plan["backbones"]):
+        where = f"plan backbones[{i}]"
+        if quick and entry["optional"]:
+            continue
+        if (entry["path"] is None) == (entry["name"] is None):
+            raise UserError(f"{where}: give either 'path' (existing cards) or 'name' with 'config' (a recipe)")
+        if entry["path"] is not None:
+            pattern = Path(os.path.expanduser(entry["path"]))
+            pattern = pattern if pattern.is_absolute() else layout.workdir / pattern  # relative to the workdir
+            matched = [Path(m).resolve() for m in sorted(glob.glob(str(pattern))) if Path(m).is_file()]
+            if not matched:
+                raise UserError(f"{where}: {entry['path']!r} matches no file (under {layout.workdir})")
+            cards += [(m, None) for m in matched]
+            continue
+        for job in _recipe_jobs(entry, where, plan, layout, device):
+            jobs.append(job)
+            cards.append((Path(job.card), job.key))
+    twice = sorted(name for name, count in Counter(c.stem for c, _ in cards).items() if count > 1)
+    if twice:
+        raise UserError(f"plan: several cards are named {twice}; card names (file stems) must be unique")
+    by_task: list[tuple[str, dict[str, Any], list[Job]]] = []
+    for task, settings in plan["tasks"].items():
+        settings = dict(settings or {})
+        if not all(isinstance(k, str) for k in settings):
+            raise UserError(f"plan tasks.{task}: flags must be names")
+        resources = parse_resources(settings.pop("resources", None), f"plan tasks.{task}.resources")
+        if resources.nodes > 1 and tasks[task].family != "detectron2":
+            raise UserError(f"plan tasks.{task}.resources: nodes > 1 needs a Detectron2 task (multi-machine launch)")
+        # --num-gpus: the Detectron2 family's launcher; the other families run on one device
+        gpus = ["--num-gpus", str(resources.gpus)] if resources.gpus and tasks[task].family == "detectron2" else []
+        # several nodes: machine rank and rendezvous come from the job environment (StageJob)
+        nodes = ["--num-machines", str(resources.nodes)] if resources.nodes > 1 else []
+        common = [
+            *["--results", str(layout.results), "--output-dir", str(layout.runs / "transfer")],
+            *["--cache-dir", str(layout.cache), "--device", "cuda" if resources.gpus else device],
+            *gpus,
+            *nodes,
+            *flag_argv(settings),
+        ]
+        task_jobs = [
+            Job(
+                f"{task}/{card.stem}",
+                "transfer",
+                ["--backbone", str(card), "--task", task, *common],
+                str(card),
+                resources,
+                depends_on=maker,
+                task=task,
+            )
+            for card, maker in cards
+        ]
+        jobs += task_jobs
+        by_task.append((task, settings, task_jobs))
+    for task, settings, task_jobs in by_task:  # flags parse and configs resolve before anything is submitted
+        if task_jobs:
+            try:
+                _, digest = task_config(task, settings)
+            except UserError as exc:
+                raise UserError(f"plan job {task_jobs[0].key}: {exc}") from exc
+            for job in task_jobs:
+                job.config_hash = digest
+    return jobs
+
+
+def _recipe_jobs(entry: dict[str, Any], where: str, plan: dict[str, Any], layout: Layout, device: str) -> list[Job]:
+    """The pretraining jobs of a recipe entry, one per seed; its arguments are checked once (first seed)."""
+    from pretrain.recipe import recipe_config
+
+    if not entry["config"]:
+        raise UserError(f"{where}: recipe {entry['name']!r} needs a pretraining 'config'")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", entry["name"]):
+        raise UserError(f"{where}: recipe name {entry['name']!r} may hold only letters, digits, '_', '.', '-'")
+    path_component(entry["name"], f"{where}: recipe name")  # not '..', not hidden: a folder of its own
+    config = find_config(entry["config"], "pretrain")
+    resources = parse_resources(entry["resources"], f"{where}.resources")
+    args = [*map(str, plan["pretrain_args"]), *map(str, entry["args"])]
+    seeds = entry["seeds"] or [None]
+    try:
+        recipe_config(config, args, seeds[0])  # bad flags, keys and values now, not in the job
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from exc
+    jobs = []
+    for seed in seeds:
+        stem = entry["name"] if seed is None else f"{entry['name']}_s{seed}"
+        card = layout.cards / f"{stem}.pth"
+        argv = [
+            *["--config", str(config), "--out", str(card), "--workdir", str(layout.runs / "pretrain" / stem)],
+            *["--device", "cuda" if resources.gpus else device],
+            *args,
+            *(["--seed", str(seed)] if seed is not None else []),
+            "--no-progress",
+        ]
+        recipe = Recipe(str(config), args, seed)
+        jobs.append(Job(f"pretrain/{stem}", "pretrain", argv, str(card), resources, recipe=recipe))
+    return jobs
+
+
+def mark_existing(jobs: list[Job], results: Path, force: bool = False) -> None:
+    """Set ``skip_reason`` on jobs whose result exists: a card made with its recipe's config, a record
+    with the job's identity in ``results`` (the lookup ``transfer/run.py`` makes before it runs)."""
+    from pretrain.recipe import card_changes, recipe_config
+    from ringbench.store import find_record
+
+    fresh: set[str] = set()
+    for job in jobs:
+        if job.stage == "pretrain":
+            assert job.recipe is not None  # set by expand()
+            changed = None
+            if Path(job.card).exists():
+                changed = card_changes(job.card, recipe_config(job.recipe.config, job.recipe.args, job.recipe.seed))
+            if changed == []:
+                job.skip_reason = "card exists"
+            else:
+                fresh.add(job.key)
+                if changed:  # made with another config: its checkpoints are stale too
+                    job.argv.append("--fresh")
+        elif not force and job.depends_on not in fresh and Path(job.card).is_file():
+            assert job.task is not None and job.config_hash is not None  # set by expand()
+            if find_record(results, card_sha256(job.card), job.task, job.config_hash):
+                job.skip_reason = "record exists"
+        if force and job.stage == "transfer" and "--force" not in job.argv:
+            job.argv.append("--force")
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
+    from ringbench.fileio import sha256_file
+
+    return sha256_file(path)
+
+
+def card_sha256(path: str | os.PathLike) -> str:
+    """A card's SHA-256, hashed once per version of the file (cards are large; a sweep asks twice)."""
+    stat = os.stat(path)
+    return _sha256_of(os.fspath(path), stat.st_mtime_ns, stat.st_size)

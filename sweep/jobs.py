@@ -1,0 +1,118 @@
+"""The job a scheduler runs: :class:`StageJob` calls one stage's ``main(argv)`` and keeps its state in a JSON
+file of its own (``<sweep>/status/<job>.json``), which ``--status`` and the Slurm watcher read."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ringbench.cli import run_main
+from ringbench.fileio import atomic_write_text
+from sweep.plan import Layout
+
+STAGES = {"pretrain": "pretrain.run", "transfer": "transfer.run"}  # importable paths: submitit pickles the jobs
+
+
+class StageJob:
+    """The callable a submitit job runs: one stage's ``main(argv)``, with its state in a JSON file.
+
+    Checkpointable: when the scheduler preempts it or its time runs out, submitit calls
+    :meth:`checkpoint`, which requeues the same call (pretraining resumes from its checkpoint)."""
+
+    def __init__(self, key: str, stage: str, argv: list[str], status_file: str, threads: int | None = None) -> None:
+        self.key, self.stage, self.argv = key, stage, list(argv)
+        self.status_file, self.threads = status_file, threads
+
+    def __call__(self) -> int:
+        import importlib
+
+        argv = multi_node_argv(self.argv)
+        if node_rank() > 0:  # another node of a multi-node job: its part of the run; node 0 keeps the state
+            if self.threads:
+                import torch
+
+                torch.set_num_threads(self.threads)
+            code = run_main(importlib.import_module(STAGES[self.stage]).main, argv)
+            if code != 0:
+                raise RuntimeError(f"{self.key} (node {node_rank()}): {self.stage}/run.py exited with {code}")
+            return code
+        starts = int(read_status(self.status_file).get("starts", 0)) + 1  # > 1: requeued or retried
+        write_status(
+            self.status_file, "running", host=os.uname().nodename, pid=os.getpid(), job_id=_job_id(), starts=starts
+        )
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        start = time.time()
+        try:
+            code = run_main(importlib.import_module(STAGES[self.stage]).main, argv)
+        except BaseException as exc:
+            write_status(self.status_file, "failed", error=last_line(repr(exc)), wall_s=round(time.time() - start))
+            raise
+        if code != 0:
+            write_status(self.status_file, "failed", error=f"exit {code}", wall_s=round(time.time() - start))
+            raise RuntimeError(f"{self.key}: {self.stage}/run.py exited with {code}")
+        write_status(self.status_file, "done", wall_s=round(time.time() - start))
+        return code
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        write_status(self.status_file, "requeued", job_id=_job_id())
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def node_rank() -> int:
+    """This node's rank in a multi-node Slurm job (``SLURM_NODEID``; 0 outside Slurm)."""
+    return int(os.environ.get("SLURM_NODEID", "0") or 0)
+
+
+def multi_node_argv(argv: list[str]) -> list[str]:
+    """A transfer job's arguments with ``--machine-rank`` and ``--dist-url`` from the Slurm job environment
+    when it asks for several machines (``--num-machines``) and does not name them itself."""
+    if "--num-machines" not in argv or "--dist-url" in argv or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return list(argv)
+    from transfer.d2.launch import slurm_rendezvous
+
+    rank, url = slurm_rendezvous()
+    return [*argv, "--machine-rank", str(rank), "--dist-url", url]
+
+
+def _job_id() -> str | None:
+    """This job's Slurm id (``<array job>_<task>`` for an array task), or None outside Slurm."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array:
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of an error, at most 300 characters: what a state file and ``--status`` show."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def write_status(path: str | os.PathLike, state: str, **fields: Any) -> None:
+    """A job's state, atomically (readers on other machines never see half a file)."""
+    old = read_status(path)
+    old.update(fields)
+    old.update(state=state, updated=time.time())
+    atomic_write_text(path, json.dumps(old))
+
+
+def read_status(path: str | os.PathLike) -> dict[str, Any]:
+    """A job's state file as a dict; {} while there is none (or it cannot be read)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def status_file(layout: Layout, key: str) -> Path:
+    """Where the job ``key`` writes its state (``status/<task>__<card>.json``)."""
+    return layout.status_dir / (key.replace("/", "__") + ".json")

@@ -1,0 +1,229 @@
+"""Running a sweep's jobs: submitit executors (Slurm job arrays, local workers, the debug executor) and the
+:class:`Sweep` scheduler, which orders transfer jobs after their card's job and records every job in
+``jobs.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ringbench.errors import UserError
+from ringbench.fileio import atomic_write_text
+from sweep.expand import Job
+from sweep.jobs import StageJob, last_line, read_status, status_file, write_status
+from sweep.plan import Layout, Resources
+from sweep.status import STATES_FINAL, slurm_state, squeue_states
+
+EXECUTORS = ("auto", "local", "slurm", "debug")
+
+
+def make_executor(kind: str, layout: Layout, resources: Resources, plan: dict[str, Any], name: str) -> Any:
+    """A submitit executor of ``kind`` asking for ``resources``; on Slurm with the plan's cluster settings."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=layout.sweep_dir / "submitit" / "%j", cluster=kind)
+    params: dict[str, Any] = {
+        "timeout_min": resources.time_min,
+        "nodes": resources.nodes,
+        "tasks_per_node": 1,
+        "cpus_per_task": resources.cpus,
+        "mem_gb": resources.mem_gb,
+        "name": name,
+    }
+    if resources.gpus:
+        params["gpus_per_node"] = resources.gpus
+    if kind == "slurm":
+        cluster = plan["cluster"]
+        params["slurm_array_parallelism"] = cluster["array_parallelism"]
+        for key in ("partition", "account", "qos", "constraint"):
+            if cluster[key]:
+                params[f"slurm_{key}"] = cluster[key]
+    executor.update_parameters(**params)
+    return executor
+
+
+@dataclass
+class Sweep:
+    """The jobs of one plan and how they run."""
+
+    jobs: list[Job]
+    layout: Layout
+    plan: dict[str, Any]
+    executor: str
+    name: str
+    parallel: int = 1
+    handles: dict[str, Any] = field(default_factory=dict)  # key -> submitit job
+    states: dict[str, str] = field(default_factory=dict)
+
+    def save(self) -> None:
+        """``jobs.json``: every job, its command, scheduler id and log, for ``--status`` (a job not
+        submitted this time keeps what the last submission of it recorded)."""
+        path = self.layout.sweep_dir / "jobs.json"
+        before = {e["key"]: e for e in json.loads(path.read_text())["jobs"]} if path.is_file() else {}
+        entries = []
+        for job in self.jobs:
+            handle = self.handles.get(job.key)
+            old = before.get(job.key, {})
+            entries.append(
+                {
+                    **dataclasses.asdict(job),
+                    "job_id": getattr(handle, "job_id", None) if handle is not None else old.get("job_id"),
+                    "log": str(handle.paths.stdout) if handle is not None else old.get("log"),
+                    "status_file": str(status_file(self.layout, job.key)),
+                }
+            )
+        data = {"plan": self.name, "executor": self.executor, "jobs": entries}
+        atomic_write_text(path, json.dumps(data, indent=1))
+
+    def _stage_job(self, job: Job) -> StageJob:
+        """The callable of ``job``, with a fresh state file (a new submission starts a new history)."""
+        threads: int | None = None  # debug: the job runs in this process, whose threads are left alone
+        if self.executor == "slurm":
+            threads = job.resources.cpus
+        elif self.executor == "local":
+            threads = max(1, (os.cpu_count() or 1) // self.parallel)
+        path = status_file(self.layout, job.key)
+        path.unlink(missing_ok=True)
+        write_status(path, "pending", key=job.key)
+        return StageJob(job.key, job.stage, job.argv, str(path), threads)
+
+    def submit(self, job: Job) -> Any:
+        """One job on its own (this machine's executors)."""
+        executor = make_executor(self.executor, self.layout, job.resources, self.plan, job.key)
+        handle = executor.submit(self._stage_job(job))
+        self.handles[job.key] = handle
+        return handle
+
+    def run_local(self, progress: bool = True) -> None:
+        """At most ``parallel`` jobs at once; a transfer job starts once its card's job is done."""
+        todo = [j for j in self.jobs if not j.skip_reason]
+        for job in self.jobs:
+            if job.skip_reason:
+                self.states[job.key] = "skipped"
+        running: dict[str, Any] = {}
+        try:
+            self._schedule(todo, running, progress)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): no job outlives its sweep
+            for key, handle in running.items():
+                handle.cancel(check=False)  # SIGINT: the stage ends as on Ctrl-C (exit 130)
+                self._set(key, "cancelled", "the sweep was interrupted", progress)
+            for handle in running.values():
+                _wait_for(handle, seconds=30)
+            self.save()
+            raise
+
+    def _schedule(self, todo: list[Job], running: dict[str, Any], progress: bool) -> None:
+        while todo or running:
+            for job in list(todo):
+                dep = self.states.get(job.depends_on or "", "done" if job.depends_on is None else "pending")
+                if dep == "skipped":  # its card's job was not run now: the card is there or it is not
+                    dep = "done" if Path(job.card).is_file() else "failed"
+                if dep in ("failed", "cancelled"):
+                    todo.remove(job)
+                    self._set(job.key, "cancelled", f"no card: its job {job.depends_on} did not make it", progress)
+                elif dep == "done" and len(running) < self.parallel:
+                    todo.remove(job)
+                    running[job.key] = self.submit(job)
+                    self.save()
+                    self._set(job.key, "running", "", progress)
+            for key, handle in list(running.items()):
+                # the debug executor runs the job here, on this call (its done() would open pdb on an error)
+                if self.executor == "debug" or handle.done():
+                    del running[key]
+                    exc = handle.exception()
+                    error = last_line(str(exc)) if exc is not None else ""
+                    self._set(key, "failed" if exc is not None else "done", error, progress)
+            time.sleep(0.2)
+
+    def run_slurm(self) -> None:
+        """Slurm job arrays: one per (stage, card's pretraining job, resources), at most
+        ``cluster.array_parallelism`` tasks of an array at once; a transfer array waits (``afterok``)
+        for the pretraining job of its card, and is cancelled if that fails."""
+        groups: dict[tuple[str, str, str], list[Job]] = {}
+        for job in self.jobs:
+            if job.skip_reason:
+                self.states[job.key] = "skipped"
+                continue
+            groups.setdefault((job.stage, job.depends_on or "", repr(job.resources)), []).append(job)
+        for (stage, depends_on, _), members in groups.items():  # pretraining groups come first
+            executor = make_executor(self.executor, self.layout, members[0].resources, self.plan, stage)
+            maker = self.handles.get(depends_on)
+            if maker is not None:
+                executor.update_parameters(
+                    slurm_additional_parameters={"dependency": f"afterok:{maker.job_id}", "kill-on-invalid-dep": "yes"}
+                )
+            with executor.batch():
+                submitted = [(job.key, executor.submit(self._stage_job(job))) for job in members]
+            for key, handle in submitted:
+                self.handles[key] = handle
+                self.states[key] = "pending"
+        self.save()
+
+    def wait(self, progress: bool = True, poll_s: float = 2.0) -> None:
+        """Until every submitted job is done, failed or gone: read from the jobs' state files and
+        ``squeue`` (submitit's own watcher needs ``sacct``, which clusters without accounting lack)."""
+        gone: dict[str, float] = {}
+        while True:
+            queue = squeue_states()
+            for key, handle in self.handles.items():
+                if self.states.get(key) in STATES_FINAL:
+                    continue
+                status = read_status(status_file(self.layout, key))
+                queued = queue.get(str(handle.job_id))
+                state = slurm_state(status, queued)
+                if state in ("done", "failed"):
+                    self._set(key, state, status.get("error", ""), progress)
+                elif queued is None:  # left the queue: its state file should say how; give it a moment
+                    if time.monotonic() - gone.setdefault(key, time.monotonic()) > 30:
+                        self._set(key, "cancelled", "left the queue without finishing", progress)
+                else:
+                    gone.pop(key, None)
+                    if state != self.states.get(key):
+                        self._set(key, state, "", progress)
+            if all(self.states.get(k) in STATES_FINAL for k in self.handles):
+                return
+            time.sleep(poll_s)
+
+    def _set(self, key: str, state: str, note: str, progress: bool) -> None:
+        self.states[key] = state
+        if progress:
+            done = sum(s in STATES_FINAL for s in self.states.values())
+            print(
+                f"[{done}/{len(self.jobs)}] {key}: {state}" + (f" ({note})" if note else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _wait_for(handle: Any, seconds: float) -> None:
+    """Until a cancelled local job has ended (it stops at its next Python instruction), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not handle.done() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def slurm_answers() -> bool:
+    """Whether a Slurm controller answers here (``sbatch`` on PATH is not enough: the daemons may be down)."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20, check=False).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def resolve_executor(kind: str) -> str:
+    """``auto``: Slurm where a controller answers, else this machine."""
+    if kind == "auto":
+        return "slurm" if slurm_answers() else "local"
+    if kind == "slurm" and not slurm_answers():
+        raise UserError("--executor slurm: no Slurm controller answers here (sbatch/sinfo); use --executor local")
+    return kind
