@@ -181,9 +181,11 @@ def load_config(
     overrides: Iterable[str] = (),
     profile: str | None = None,
     flags: Mapping[str, Any] | None = None,
+    need_data: bool = True,
 ) -> dict:
     """Defaults <- YAML file (a path, or a shipped config's name) <- profile <- command-line flags
-    (dotted keys) <- ``key=value`` overrides, then :func:`validate_config`."""
+    (dotted keys) <- ``key=value`` overrides, then :func:`validate_config`; with ``need_data`` (a run, not
+    ``--print-config``) a data set on disk must have its root."""
     layers: list[Layer] = []
     if path is not None:
         path = find_config(path, "pretrain")
@@ -196,6 +198,8 @@ def load_config(
         layers.append(("command-line flags", _nested(flags)))
     cfg = compose(pretrain_schema(), layers, overrides)
     validate_config(cfg)
+    if need_data and cfg["data"]["name"] not in ("synthetic",) and not cfg["data"]["root"]:
+        raise UserError(f"config: dataset {cfg['data']['name']!r} needs data.root (or --data-root)")
     return cfg
 
 
@@ -267,8 +271,6 @@ def validate_config(cfg: Mapping) -> None:
             f"config: optim.milestones are fractions of training in (0, 1), got {cfg['optim']['milestones']}"
         )
     method.check_config(cfg)
-    if cfg["data"]["name"] not in ("synthetic",) and not cfg["data"]["root"]:
-        raise UserError(f"config: dataset {cfg['data']['name']!r} needs data.root (or --data-root)")
 
 
 # The range of every bounded number of the common keys (ringbench.config.check_range): (low, high);

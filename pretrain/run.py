@@ -90,8 +90,12 @@ def flag_settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
-    """The config a run with these arguments trains with: YAML <- profile <- flags <- overrides."""
-    return load_config(args.config, args.overrides, profile=args.profile, flags=flag_settings(args))
+    """The config a run with these arguments trains with: YAML <- profile <- flags <- overrides (printing it
+    needs no data root)."""
+    need_data = not getattr(args, "print_config", False)
+    return load_config(
+        args.config, args.overrides, profile=args.profile, flags=flag_settings(args), need_data=need_data
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -170,3 +170,14 @@ def test_methods_come_from_one_registry(monkeypatch):
             registry.register_method(type("OtherToy", (Toy,), {}))
     finally:
         config.pretrain_schema.cache_clear()
+
+
+def test_printing_a_config_needs_no_data_root(capsys):
+    """``--print-config`` of a recipe for data on disk prints it; training it without the root is refused."""
+    from pretrain.run import main
+    from ringbench.cli import run_main
+
+    assert run_main(main, ["--config", "official/moco_cifar10", "--print-config"]) == 0
+    assert "name: cifar10" in capsys.readouterr().out
+    assert run_main(main, ["--config", "official/moco_cifar10", "--epochs", "1"]) == 2
+    assert "needs data.root" in capsys.readouterr().err
