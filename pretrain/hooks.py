@@ -1,9 +1,9 @@
 """The pretraining loop's hooks (:class:`pretrain.loop.HookBase`), in the order :mod:`pretrain.train`
 registers them: :class:`ProgressBar`, :class:`Checkpointer`, :class:`KnnMonitor`, :class:`JsonlLog`,
-:class:`CardWriter`. That order is the crash guarantee: after an epoch its checkpoint is written
-first, then the monitor runs (and the checkpoint is written again with its result), then the log
-line; so a monitor that fails or is killed loses no training, and a resumed run runs it first.
-Only process 0 writes files or runs the monitor.
+:class:`TensorBoard` (unless turned off), :class:`CardWriter`. That order is the crash guarantee: after
+an epoch its checkpoint is written first, then the monitor runs (and the checkpoint is written again
+with its result), then the log line; so a monitor that fails or is killed loses no training, and a
+resumed run runs it first. Only process 0 writes files or runs the monitor.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pretrain import distributed as dist
 from pretrain.checkpoint import checkpoint_state, plain_config, save_checkpoint
@@ -140,6 +142,61 @@ def rebuild_log(path: Path, history: list[dict[str, Any]]) -> None:
                 steps.setdefault(entry["epoch"], []).append(line)
     lines = [line for record in history for line in (*steps.get(record["epoch"], ()), json.dumps(record))]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+class TensorBoard(HookBase):
+    """TensorBoard event files beside ``log.jsonl`` (process 0): per logged step the loss, learning rate, the
+    ring's kept share of the negatives (``w_outer`` (1 - ``w_inner``)), images per second and, on CUDA, the
+    peak GPU memory; per epoch the mean loss and the kNN top-1. A resumed run purges the events past its
+    checkpoint, so the curves do not double back."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.writer: Any = None
+
+    def before_train(self) -> None:
+        t = self.trainer
+        if dist.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = self._steps_before(t.completed_epochs) + 1 if t.resumed else None
+            self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=purge)
+
+    def _steps_before(self, epoch: int) -> int:
+        """Optimiser steps before ``epoch``: the x axis of every curve (each epoch has as many steps)."""
+        t = self.trainer
+        per_epoch = len(t.data.train) // t.cfg["train"]["batch_size"]
+        cap = t.cfg["train"]["max_steps_per_epoch"]
+        return epoch * (per_epoch if cap is None else min(per_epoch, cap))
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if self.writer is None or (t.step + 1) % t.cfg["train"]["log_every"]:
+            return
+        step = self._steps_before(t.epoch) + t.step + 1
+        scalars = {"train/loss": t.logs["loss"], "train/lr": t.lr, "train/images_per_s": t.images_per_s}
+        if t.cfg["loss"]["name"] == "ring":
+            scalars["ring/kept_share"] = t.method.w_outer * (1 - t.cfg["loss"]["w_inner"])
+        if t.device.type == "cuda":
+            scalars["gpu/max_memory_gib"] = torch.cuda.max_memory_allocated(t.device) / 2**30
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        if self.writer is None:
+            return
+        step = self._steps_before(t.epoch + 1)
+        record = t.history[-1]
+        self.writer.add_scalar("epoch/loss", record["loss"], step)
+        if "knn_top1" in record:
+            self.writer.add_scalar("epoch/knn_top1", record["knn_top1"], step)
+        self.writer.flush()
+
+    def after_train(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 class CardWriter(HookBase):

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the work folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-tensorboard",
+        action="store_true",
+        help="no TensorBoard event files in the work folder (written by default)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. loss.w_outer=0.05")
     add_common_flags(parser)
@@ -123,7 +128,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     remove_stale_temps(out.parent)  # a card write cut by a kill
     from pretrain.train import train
 
-    result = train(cfg, out, workdir, device=device, fresh=args.fresh, progress=not args.no_progress)
+    result = train(
+        cfg,
+        out,
+        workdir,
+        device=device,
+        fresh=args.fresh,
+        progress=not args.no_progress,
+        tensorboard=not args.no_tensorboard,
+    )
     if result.card_path is not None:
         last = result.history[-1] if result.history else {}
         knn = f", kNN top-1 {last['knn_top1']:.1f}%" if "knn_top1" in last else ""

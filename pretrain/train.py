@@ -35,7 +35,7 @@ import torch
 from pretrain import distributed as dist
 from pretrain.checkpoint import CHECKPOINT_NAME, config_changes, load_resume_state, save_checkpoint
 from pretrain.data.loaders import prepare_data
-from pretrain.hooks import LOG_NAME, CardWriter, Checkpointer, JsonlLog, KnnMonitor, ProgressBar
+from pretrain.hooks import LOG_NAME, CardWriter, Checkpointer, JsonlLog, KnnMonitor, ProgressBar, TensorBoard
 from pretrain.knn import evaluate_knn
 from pretrain.loop import HookBase, Trainer, TrainingDiverged
 from pretrain.methods import Method, build_method, get_method
@@ -79,6 +79,7 @@ def train(
     device: str | torch.device = "cpu",
     fresh: bool = False,
     progress: bool = True,
+    tensorboard: bool = True,
 ) -> TrainResult:
     """Pretrain as ``cfg`` says; resume from ``workdir`` if it holds a checkpoint; write the card to ``out``.
 
@@ -95,12 +96,14 @@ def train(
             torch.cuda.set_device(device)
         dist.init_from_env(device)  # the process group torchrun describes, if any; left whatever happens
         try:
-            return _train(cfg, out, Path(workdir), device, fresh, progress)
+            return _train(cfg, out, Path(workdir), device, fresh, progress, tensorboard)
         finally:
             dist.leave()
 
 
-def default_hooks(cfg: Mapping[str, Any], out: str | Path | None, workdir: Path, progress: bool) -> list[HookBase]:
+def default_hooks(
+    cfg: Mapping[str, Any], out: str | Path | None, workdir: Path, progress: bool, tensorboard: bool = True
+) -> list[HookBase]:
     """The hooks of a run, in the order that keeps its guarantees (see :mod:`pretrain.hooks`)."""
     # save_checkpoint and evaluate_knn are looked up here, at run time, so that replacing them in
     # this module (as the crash tests do) reaches the hooks.
@@ -110,12 +113,19 @@ def default_hooks(cfg: Mapping[str, Any], out: str | Path | None, workdir: Path,
         checkpointer,
         KnnMonitor(checkpointer, evaluate=evaluate_knn),
         JsonlLog(workdir / LOG_NAME),
+        *([TensorBoard(workdir)] if tensorboard else []),
         CardWriter(out),
     ]
 
 
 def _train(
-    cfg: Mapping[str, Any], out: str | Path | None, workdir: Path, device: torch.device, fresh: bool, progress: bool
+    cfg: Mapping[str, Any],
+    out: str | Path | None,
+    workdir: Path,
+    device: torch.device,
+    fresh: bool,
+    progress: bool,
+    tensorboard: bool = True,
 ) -> TrainResult:
     """Set up the method, its data and optimizer, resume from ``workdir``'s checkpoint, run the loop."""
     world = dist.world_size()
@@ -157,6 +167,6 @@ def _train(
 
     model = wrap_for_processes(method, device)
     trainer = Trainer(cfg, method, model, optimizer, scaler, data, device, ckpt_path, start_epoch, history)
-    trainer.register_hooks(default_hooks(cfg, out, workdir, progress))
+    trainer.register_hooks(default_hooks(cfg, out, workdir, progress, tensorboard))
     trainer.train()
     return TrainResult(card_path=trainer.card_path, method=method, history=trainer.history)

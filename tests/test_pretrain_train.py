@@ -169,3 +169,25 @@ def test_the_loop_calls_its_hooks_in_order(tmp_path: Path, monkeypatch):
     trainer.train(tiny_cfg("knn.enabled=false"), None, tmp_path / "w", progress=False)
     epoch = lambda e: [f"before_epoch {e}", "step 0", "step 1", f"after_epoch {e}, checkpoint of epoch {e + 1}"]  # noqa: E731
     assert calls == ["before_train", *epoch(0), *epoch(1), "after_train"]
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in ``folder``, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_events_beside_the_log_and_none_when_turned_off(tmp_path: Path):
+    cfg = tiny_cfg("train.epochs=1")
+    trainer.train(cfg, None, tmp_path / "work", progress=False)
+    scalars = _scalars(tmp_path / "work")
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2]  # one point per logged step
+    log = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([line["loss"] for line in log if "step" in line])
+    assert scalars["ring/kept_share"][0][1] == pytest.approx(0.5 * (1 - 0.25))  # w_outer (1 - w_inner)
+    assert {"train/lr", "train/images_per_s", "epoch/loss", "epoch/knn_top1"} <= set(scalars)
+    trainer.train(cfg, None, tmp_path / "quiet", progress=False, tensorboard=False)
+    assert not list((tmp_path / "quiet").glob("events.out.tfevents.*"))

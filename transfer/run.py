@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", help="'auto' (CUDA when present; the default), 'cpu', 'cuda', 'cuda:1'"
     )
     parser.add_argument("--force", action="store_true", help="run even if a record with this config exists")
+    parser.add_argument(
+        "--no-tensorboard",
+        action="store_true",
+        help="tasks that train (Detectron2) write no TensorBoard event files (written into their output folder)",
+    )
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     parser.add_argument(
         "--print-config",
@@ -191,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         debug=args.debug,
         force=args.force,
+        tensorboard=not args.no_tensorboard,
         launch=launch,
     )
     check_writable_dir(ctx.output_dir, "--output-dir")

@@ -67,6 +67,7 @@ class TaskContext:
     cache_dir: Path | None = None
     debug: bool = False
     force: bool = False  # --force: start again (no reuse of finished seeds or checkpoints)
+    tensorboard: bool = True  # tasks that train (Detectron2) write TensorBoard events; --no-tensorboard: not
     launch: Any = None  # multi-process families (Detectron2): the resolved launch (transfer.d2.launch.Launch)
 
     @property

@@ -234,6 +234,7 @@ def run(name: str, backbone: Any, config: dict[str, Any], ctx: TaskContext) -> T
             "output_dir": str(seed_dir),
             "cache_dir": str(ctx.cache_dir) if ctx.cache_dir else None,
             "eval_only_weights": eval_weights(config, ctx, seed),
+            "tensorboard": ctx.tensorboard,
         }
         per_seed.append(train.launch_seed(payload, spec))
     if spec.machine_rank != 0:

@@ -169,8 +169,10 @@ def norms_of(cfg) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------- trainer
-def trainer_class():
-    """``DefaultTrainer`` with our writers, evaluators, hooks and checkpointer (built once Detectron2 is imported)."""
+def trainer_class(tensorboard: bool = True):
+    """``DefaultTrainer`` with our writers (the console, ``metrics.json`` and, with ``tensorboard``, Detectron2's
+    own ``TensorboardXWriter`` into the same folder), evaluators, hooks and checkpointer (built once Detectron2
+    is imported)."""
     D2: Any = d2()  # Detectron2's classes exist only at runtime: subclass them as Any
     hooks = D2.engine.hooks
     Checkpointer = checkpointer_class()
@@ -208,10 +210,13 @@ def trainer_class():
 
         def build_writers(self):
             os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)  # JSONWriter does not create it
-            return [
+            writers = [
                 D2.utils.events.CommonMetricPrinter(self.max_iter),
                 D2.utils.events.JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
             ]
+            if tensorboard:  # loss terms, learning rate, time per iteration (process 0 builds the writers)
+                writers.append(D2.utils.events.TensorboardXWriter(self.cfg.OUTPUT_DIR))
+            return writers
 
         def build_hooks(self):
             # Evaluation runs after training (timed on its own); checkpoints every
@@ -320,7 +325,7 @@ def run_seed(payload: dict[str, Any]) -> None:
         D2.utils.env.seed_all_rng(seed + comm.get_rank())
         if comm.is_main_process():
             atomic_write_text(output_dir / "config.yaml", cfg.dump())
-        Trainer = trainer_class()
+        Trainer = trainer_class(payload.get("tensorboard", True))
         timings: dict[str, float] = {}
         start_iter = 0
         if payload.get("eval_only_weights"):
