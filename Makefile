@@ -21,7 +21,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 setup: $(STAMP)
 
 # Re-runs when the dependency files change. torch/torchvision come from the pins in
-# constraints.txt; Detectron2 is installed by its own installer (see README, "Detectron2").
+# constraints.txt; Detectron2 is installed by its own installer (see docs/detectron2.md).
 $(STAMP): pyproject.toml constraints.txt transfer/d2/install.py
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (Python 3.11 is needed; set PY=...)"; exit 2; }
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)

@@ -5,7 +5,7 @@ Layout of a results folder::
     <results>/<task>/<backbone_sha256>-<config_hash>.json   one record (one line of JSON)
     <results>/*.jsonl                                       legacy stores and exports: one record per line
 
-A record (see the README, "Result record")::
+A record (see docs/formats.md, "Result record")::
 
     {"backbone", "backbone_sha256", "task", "metrics": {...}, "units": {...}, "headline": [...],
      "ci95": {...}, "seeds", "config", "config_hash", "engine_versions", "wall_s", "created", ...}

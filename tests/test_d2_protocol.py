@@ -3,7 +3,7 @@ against MoCo's detection configs (and Detectron2's own FPN configs, which MoCo's
 
 The official side is Detectron2's defaults (``get_cfg()``) overlaid with the values of the official YAML
 files, written here with the file each comes from. Every key of the two configs is compared; the keys
-that differ on purpose are listed in ``DELIBERATE`` (the README's "Protocol differences" gives the
+that differ on purpose are listed in ``DELIBERATE`` (docs/detectron2.md, "Protocol differences", gives the
 reasons), and any other difference fails.
 """
 
@@ -104,7 +104,7 @@ PROTOCOLS = {
     "coco_kp": ("COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml", [MOCO_FPN]),
 }
 
-# Keys that differ on purpose (README, "Protocol differences"): ours -> reason in the README.
+# Keys that differ on purpose (docs/detectron2.md, "Protocol differences"): ours -> reason in those docs.
 DELIBERATE_ALL = {
     "MODEL.BACKBONE.NAME",  # Detectron2's ResNet behind our builder, which also serves CIFAR-stem cards
     "MODEL.RESNETS.STEM_TYPE",  # our key: "imagenet" is Detectron2's BasicStem

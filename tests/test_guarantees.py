@@ -1,4 +1,4 @@
-"""The README's "Guarantees": untrusted files never run code, writes are whole or an error (full disk,
+"""The guarantees (docs/guarantees.md): untrusted files never run code, writes are whole or an error (full disk,
 read-only, short writes), bad input is refused in one line before work, names stay inside their
 folders, and a killed or concurrent run leaves consistent files."""
 
