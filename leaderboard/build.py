@@ -164,7 +164,13 @@ def build_table(
         implausible=implausible,
     )
     table.tied = ties_with_best(table, n_boot, rng)
-    scores = [[cells[(r.key, c)].mean if (r.key, c) in cells else None for c in ordered_columns] for r in rows]
+    scores = [  # an implausible value takes no rank (it would take the first)
+        [
+            cells[(r.key, c)].mean if (r.key, c) in cells and (r.key, c) not in implausible else None
+            for c in ordered_columns
+        ]
+        for r in rows
+    ]
     table.ranks = {r.key: rank for r, rank in zip(rows, stats.average_ranks(scores))}
     table.above_random, table.below_random = versus_random(table, n_boot, rng)
     return table

@@ -103,10 +103,16 @@ def _paired(plain: Estimate, variant: Estimate) -> list[float] | None:
 
 def ties_with_best(table: Table, n_boot: int = 10_000, rng: np.random.Generator | None = None) -> set:
     """Meta-Dataset's rule: in each column, every entry not significantly below the best one
-    (the best included). An entry with no interval against the best cannot be shown to be below it."""
+    (the best included). An entry with no interval against the best cannot be shown to be below it.
+    An implausible value (``Table.implausible``) is neither the best nor marked: a percentage of 2500
+    would otherwise push every real entry out of the mark."""
     tied = set()
     for col in table.columns:
-        present = [(r.key, table.cells[(r.key, col)]) for r in table.rows if (r.key, col) in table.cells]
+        present = [
+            (r.key, table.cells[(r.key, col)])
+            for r in table.rows
+            if (r.key, col) in table.cells and (r.key, col) not in table.implausible
+        ]
         if len(present) < 2:
             continue
         best_key, best = max(present, key=lambda kv: kv[1].mean)

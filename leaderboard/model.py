@@ -186,7 +186,12 @@ class Table:
         return next((r for r in self.rows if r.name == name), None)
 
     def best(self, column: Column) -> float | None:
-        values = [c.mean for (_, col), c in self.cells.items() if col == column and is_finite(c.mean)]
+        """The column's best value; never a non-finite or an implausible one."""
+        values = [
+            c.mean
+            for (key, col), c in self.cells.items()
+            if col == column and is_finite(c.mean) and (key, col) not in self.implausible
+        ]
         return max(values) if values else None
 
     def methods(self) -> list[str]:

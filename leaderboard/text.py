@@ -116,8 +116,8 @@ def nonfinite_text(values: list[str]) -> str:
 
 
 def flag_marks(table: Table, row_key: str, col: Column) -> str:
-    """``?`` for an implausible percentage; `` +nan!`` for a recipe's cell whose mean leaves out a card
-    with a NaN or infinite value (a card's own such value is the whole cell: ``nan!``)."""
+    """``?`` for an implausible percentage (out of bests, marks and ranks); `` +nan!`` for a recipe's cell
+    whose mean leaves out a card with a NaN or infinite value (a card's own such value is the whole cell)."""
     text = IMPLAUSIBLE if (row_key, col) in table.implausible else ""
     if (row_key, col) in table.nonfinite and (row_key, col) in table.cells:
         text += " +" + nonfinite_text(table.nonfinite[(row_key, col)])
@@ -165,7 +165,7 @@ def flag_notes(table: Table) -> list[str]:
     if table.implausible:
         notes.append(
             f"{IMPLAUSIBLE}: implausible, a percentage outside [−100, 100] (a wrong unit or scale in the record?); "
-            "shown as recorded."
+            "shown as recorded, and left out of bests, marks and ranks."
         )
     if any(d.refused for delta in table.deltas for d in delta.cells.values()):
         notes.append(

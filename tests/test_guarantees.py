@@ -963,7 +963,8 @@ def test_implausible_percentages_are_flagged(tmp_path):
     high = {**_fewshot("high", rng.uniform(0.2, 0.3, 50), meta=_meta()), "metrics": {"acc": 150.0}}
     low = {**_fewshot("low", rng.uniform(0.2, 0.3, 50), meta=_meta(seed=1, epochs=9)), "metrics": {"acc": -120.0}}
     fine = _fewshot("fine", rng.uniform(0.2, 0.3, 50), meta=_meta(epochs=7))
-    table = build_table([high, low, fine])
+    worse = _fewshot("worse", rng.uniform(0.1, 0.15, 50), meta=_meta(epochs=8))
+    table = build_table([high, low, fine, worse])
     col = table.columns[0]
     keys = {r.name: r.key for r in table.rows}
     assert table.implausible == {(keys["high"], col), (keys["low"], col)}
@@ -973,5 +974,12 @@ def test_implausible_percentages_are_flagged(tmp_path):
     assert "?: implausible, a percentage outside [−100, 100]" in text
     assert "high fewshot_digits acc = 150: implausible for a percentage" in text
     assert "150.00" in page and ",implausible," in csv_text
+    # it is neither the best nor marked nor ranked: the real entry keeps the column's mark and first rank
+    assert (
+        table.best(col) == fine["metrics"]["acc"]
+        and (keys["high"], col) not in table.tied
+        and (keys["fine"], col) in table.tied
+    )
+    assert table.ranks[keys["high"]][0] is None and table.ranks[keys["fine"]][0] == 1.0
     other_unit = {**high, "units": {"acc": "mAP points"}}  # not a percentage: not judged
     assert not build_table([other_unit, fine]).implausible
