@@ -24,6 +24,7 @@ from leaderboard.deltas import compare, ties_with_best, versus_random
 from leaderboard.model import (
     FAMILY_ORDER,
     PLAIN_LOSSES,
+    PLAUSIBLE_PERCENT,
     REFERENCE_METHODS,
     TWIN_KEYS,
     VARIANT_LOSSES,
@@ -37,7 +38,7 @@ from leaderboard.model import (
 )
 from ringbench import stats
 from ringbench.published import Published
-from ringbench.store import PERCENT, in_percent, record_headline
+from ringbench.store import PERCENT, created_time, in_percent, preference, record_headline
 
 
 def build_table(
@@ -55,6 +56,12 @@ def build_table(
     A record's ``headline`` picks the metrics shown (``store.record_headline``; every metric with
     ``all_metrics``); ``pairs`` adds explicit ``(plain, variant)`` Δ rows (row names) on top of the
     twins found from the cards' metadata; ``latest`` keeps only the newest card of each name.
+
+    What could mislead is shown and said (``Table.warnings``): a NaN or infinite value is kept out of
+    the cells (so of bests, ranks, Δs and recipe means) and shown as such (``Table.nonfinite``), never as
+    not run, and a record with one never displaces a finite record of its identity, nor a card with
+    finite values its name under ``latest``; a percentage outside ``PLAUSIBLE_PERCENT`` is marked
+    (``Table.implausible``); a Δ whose estimate is outside its own interval is refused (``deltas.compare``).
     """
     if view not in ("recipes", "cards"):
         raise ValueError(f"view must be 'recipes' or 'cards', got {view!r}")
@@ -65,7 +72,7 @@ def build_table(
             continue
         rec = in_percent(raw)
         key = (_card_key(rec), rec["task"], rec.get("config_hash", ""))
-        if key not in newest or str(rec.get("created", "")) >= str(newest[key].get("created", "")):
+        if key not in newest or preference(rec) >= preference(newest[key]):  # finite first, then newest
             newest[key] = rec
     warnings: list[str] = []
     cards = _cards(newest.values(), latest, warnings)
@@ -73,25 +80,56 @@ def build_table(
     config_labels = _config_labels(chosen.values())
     columns: dict[Column, None] = {}
     card_cells: dict[tuple[str, Column], Estimate] = {}
+    card_nonfinite: dict[tuple[str, Column], str] = {}
+    card_implausible: set[tuple[str, Column]] = set()
     for (sha, task, cfg), rec in chosen.items():
         metrics = rec.get("metrics") or {}
         for metric in list(metrics) if all_metrics else record_headline(rec):
-            if not is_finite(metrics.get(metric)):
+            value = metrics.get(metric)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             unit = str((rec.get("units") or {}).get(metric, PERCENT))
             column = Column(task, metric, cfg, config_labels.get((task, cfg), ""), rec.get("family", ""), unit)
             columns[column] = None
-            card_cells[(sha, column)] = make_cell(rec, metric)
+            name = cards[sha].name
+            if not is_finite(value):
+                card_nonfinite[(sha, column)] = _value_word(value)
+                warnings.append(
+                    f"{name} {task} {metric} = {value}: not a finite number (a failed or diverged run?); shown as "
+                    f"{_value_word(value)}!, left out of bests, ranks, Δs and recipe means"
+                )
+                continue
+            cell = make_cell(rec, metric)
+            card_cells[(sha, column)] = cell
+            if unit == PERCENT and not PLAUSIBLE_PERCENT[0] <= value <= PLAUSIBLE_PERCENT[1]:
+                card_implausible.add((sha, column))
+                warnings.append(
+                    f"{name} {task} {metric} = {value:g}: implausible for a percentage (outside "
+                    f"[{PLAUSIBLE_PERCENT[0]:g}, {PLAUSIBLE_PERCENT[1]:g}]; a wrong unit or scale?); marked ?"
+                )
+            if cell.has_interval and not cell.lo <= cell.mean <= cell.hi:  # type: ignore[operator]
+                warnings.append(
+                    f"{name} {task} {metric} = {cell.mean:.2f} lies outside its own 95% interval "
+                    f"[{cell.lo:.2f}, {cell.hi:.2f}] ({cell.method} over {cell.over}): the metric disagrees with "
+                    "its samples; Δs that pair them are refused"
+                )
     ordered_columns = sorted(columns, key=_column_order)
     warnings += _unit_warnings(chosen.values(), ordered_columns)
     rows = _card_rows(cards) if view == "cards" else _recipe_rows(cards, warnings)
     rows.sort(key=lambda r: (REFERENCE_METHODS.index(r.reference) if r.reference else len(REFERENCE_METHODS), r.name))
     cells: dict[tuple[str, Column], Estimate] = {}
+    nonfinite: dict[tuple[str, Column], list[str]] = {}
+    implausible: set[tuple[str, Column]] = set()
     for row in rows:
         for col in ordered_columns:
             estimate = row_cell(row, col, card_cells)
             if estimate is not None:
                 cells[(row.key, col)] = estimate
+            bad = [card_nonfinite[(c.sha256, col)] for c in row.cards if (c.sha256, col) in card_nonfinite]
+            if bad:
+                nonfinite[(row.key, col)] = bad
+            if any((c.sha256, col) in card_implausible for c in row.cards):
+                implausible.add((row.key, col))
     rng = np.random.default_rng(seed)
     names = {r.name: r.key for r in rows}
     explicit = [(names[p], names[v]) for p, v in pairs if p in names and v in names]
@@ -108,12 +146,44 @@ def build_table(
         )
         for plain, variant in unique_pairs
     ]
-    table = Table(ordered_columns, rows, cells, deltas, view=view, warnings=warnings)
+    for delta in deltas:
+        for col, d in delta.cells.items():
+            if d.refused:
+                warnings.append(
+                    f"Δ {table_name(rows, delta.variant)} − {table_name(rows, delta.plain)} in {col.label} refused: "
+                    f"{d.refused}"
+                )
+    table = Table(
+        ordered_columns,
+        rows,
+        cells,
+        deltas,
+        view=view,
+        warnings=warnings,
+        nonfinite=nonfinite,
+        implausible=implausible,
+    )
     table.tied = ties_with_best(table, n_boot, rng)
-    scores = [[cells[(r.key, c)].mean if (r.key, c) in cells else None for c in ordered_columns] for r in rows]
+    scores = [  # an implausible value takes no rank (it would take the first)
+        [
+            cells[(r.key, c)].mean if (r.key, c) in cells and (r.key, c) not in implausible else None
+            for c in ordered_columns
+        ]
+        for r in rows
+    ]
     table.ranks = {r.key: rank for r, rank in zip(rows, stats.average_ranks(scores))}
     table.above_random, table.below_random = versus_random(table, n_boot, rng)
     return table
+
+
+def table_name(rows: Sequence[Row], key: str) -> str:
+    """The name of the row with this key."""
+    return next(r.name for r in rows if r.key == key)
+
+
+def _value_word(value: float) -> str:
+    """``nan``, ``inf`` or ``-inf``: how a non-finite value is written in a table."""
+    return "nan" if value != value else ("inf" if value > 0 else "-inf")
 
 
 def with_published(table: Table, numbers: Iterable[Published]) -> Table:
@@ -172,8 +242,11 @@ def _card_key(rec: Mapping[str, Any]) -> str:
 def _cards(records: Iterable[Mapping[str, Any]], latest: bool, warnings: list[str]) -> dict[str, Card]:
     """The cards the records were made from, by SHA-256; ``name@sha8`` where names collide."""
     found: dict[str, Card] = {}
+    finite: set[str] = set()  # cards with at least one finite metric
     for rec in records:
         sha = _card_key(rec)
+        if any(is_finite(v) for v in (rec.get("metrics") or {}).values()):
+            finite.add(sha)
         meta = dict(rec.get("backbone_meta") or {})
         created = str(meta.get("created") or rec.get("created") or "")
         card = found.get(sha)
@@ -187,8 +260,8 @@ def _cards(records: Iterable[Mapping[str, Any]], latest: bool, warnings: list[st
     for name, same in by_name.items():
         if len(same) < 2:
             continue
-        if latest:
-            keep = max(same, key=lambda c: c.created)
+        if latest:  # the newest card that has a finite value: a card of only NaNs never displaces a real one
+            keep = max(same, key=lambda c: (c.sha256 in finite, created_time({"created": c.created})))
             for card in same:
                 if card is not keep:
                     del found[card.sha256]

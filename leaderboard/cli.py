@@ -101,6 +101,7 @@ CSV_FIELDS = (
     "config",
     "unit",
     "mean",
+    "flag",  # nonfinite (mean: nan / inf), implausible (a percentage outside [-100, 100]), refused (a Δ)
     "lo",
     "hi",
     "sd",
@@ -136,6 +137,18 @@ def render_csv(table: Table) -> str:
         kind = "published" if row.published else "recipe" if row.is_recipe else "card"
         for col in table.columns:
             cell = table.cells.get((row.key, col))
+            flags = _csv_flags(table, row.key, col)
+            if cell is None and (row.key, col) in table.nonfinite:
+                write(
+                    {
+                        "row": row.name,
+                        "kind": kind,
+                        "sha256": row.sha256,
+                        **place(col),
+                        "mean": "/".join(dict.fromkeys(table.nonfinite[(row.key, col)])),
+                        "flag": flags,
+                    }
+                )
             if cell is None:
                 continue
             write(
@@ -155,11 +168,25 @@ def render_csv(table: Table) -> str:
                     "above_random": int((row.key, col) in table.above_random),
                     "below_random": int((row.key, col) in table.below_random),
                     "source": row.meta.get("source", "") if row.published else "",
+                    "flag": flags,
                 }
             )
     for delta in table.deltas:
         plain, variant = table.row(delta.plain).name, table.row(delta.variant).name
         for col, d in delta.cells.items():
+            if d.refused:
+                write(
+                    {
+                        "row": f"delta {variant} - {plain}",
+                        "kind": "delta",
+                        "plain": plain,
+                        "variant": variant,
+                        **place(col),
+                        "significant": 0,
+                        "flag": "refused",
+                    }
+                )
+                continue
             write(
                 {
                     "row": f"delta {variant} - {plain}",
@@ -177,6 +204,13 @@ def render_csv(table: Table) -> str:
                 }
             )
     return out.getvalue()
+
+
+def _csv_flags(table: Table, key: str, col: Column) -> str:
+    """The flags of a cell in the CSV's ``flag`` field: ``nonfinite`` (a card's value is NaN or infinite;
+    for a recipe, left out of its mean), ``implausible``; joined by ``;``."""
+    found = ["nonfinite"] if (key, col) in table.nonfinite else []
+    return ";".join(found + (["implausible"] if (key, col) in table.implausible else []))
 
 
 def _blank_if_none(value: float | int | None) -> float | int | str:

@@ -36,14 +36,34 @@ from ringbench import stats
 def compare(
     plain: Estimate, variant: Estimate, n_boot: int = 10_000, rng: np.random.Generator | None = None
 ) -> DeltaCell:
-    """``variant - plain`` with the interval the data support (see the module's docstring)."""
-    rng = rng or np.random.default_rng(0)
+    """``variant - plain`` with the interval the data support (see the module's docstring); refused
+    (``refused`` says why; no interval, never significant) when the estimate lies outside its own
+    interval: a record's metric then disagrees with the per-episode or per-seed samples the interval
+    was made from, and neither number can be trusted."""
+    return _checked(_compare(plain, variant, n_boot, rng or np.random.default_rng(0)))
+
+
+def _checked(delta: DeltaCell) -> DeltaCell:
+    """``delta``, or a refused one if its estimate is not inside its interval (NaN bounds included)."""
+    if delta.lo is None or delta.hi is None:
+        return delta
+    slack = 1e-9 * max(1.0, abs(delta.diff))
+    if delta.lo - slack <= delta.diff <= delta.hi + slack:
+        return delta
+    why = (
+        f"the estimate {delta.diff:+.2f} lies outside its own 95% interval [{delta.lo:+.2f}, {delta.hi:+.2f}] "
+        f"({delta.method} over {delta.over}): a record's metric disagrees with its samples"
+    )
+    return DeltaCell(delta.diff, refused=why)
+
+
+def _compare(plain: Estimate, variant: Estimate, n_boot: int, rng: np.random.Generator) -> DeltaCell:
     if plain.by_seed is not None or variant.by_seed is not None:
         a = plain.by_seed if plain.by_seed is not None else {plain.seed: plain}
         b = variant.by_seed if variant.by_seed is not None else {variant.seed: variant}
         shared = [s for s in b if s in a and s is not None]
         if len(shared) == 1:
-            return compare(a[shared[0]], b[shared[0]], n_boot, rng)
+            return _compare(a[shared[0]], b[shared[0]], n_boot, rng)
         if len(shared) >= 2:
             per_seed = [b[s].mean - a[s].mean for s in shared]
             diff = float(np.mean(per_seed))
@@ -83,10 +103,16 @@ def _paired(plain: Estimate, variant: Estimate) -> list[float] | None:
 
 def ties_with_best(table: Table, n_boot: int = 10_000, rng: np.random.Generator | None = None) -> set:
     """Meta-Dataset's rule: in each column, every entry not significantly below the best one
-    (the best included). An entry with no interval against the best cannot be shown to be below it."""
+    (the best included). An entry with no interval against the best cannot be shown to be below it.
+    An implausible value (``Table.implausible``) is neither the best nor marked: a percentage of 2500
+    would otherwise push every real entry out of the mark."""
     tied = set()
     for col in table.columns:
-        present = [(r.key, table.cells[(r.key, col)]) for r in table.rows if (r.key, col) in table.cells]
+        present = [
+            (r.key, table.cells[(r.key, col)])
+            for r in table.rows
+            if (r.key, col) in table.cells and (r.key, col) not in table.implausible
+        ]
         if len(present) < 2:
             continue
         best_key, best = max(present, key=lambda kv: kv[1].mean)

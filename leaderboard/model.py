@@ -33,6 +33,10 @@ TWIN_KEYS = ("method", "dataset", "arch", "epochs")  # what a variant shares wit
 RANDOM, SUPERVISED = "random", "supervised"
 REFERENCE_METHODS = (RANDOM, SUPERVISED)
 
+# A value in percentage points outside this range is implausible (a fraction read as percent x 100, a
+# wrong unit or scale): flagged with a mark and a warning, shown as recorded.
+PLAUSIBLE_PERCENT = (-100.0, 100.0)
+
 # What an interval is over, as the tables abbreviate it.
 EPISODES, FT_SEEDS, PT_SEEDS = "episodes", "fine-tuning seeds", "pretraining seeds"
 
@@ -87,11 +91,18 @@ class DeltaCell:
     n: int | None = None
     over: str = ""
     method: str = ""
+    refused: str = ""  # why the Δ is not shown (its estimate lies outside its own interval); empty if shown
 
     @property
     def significant(self) -> bool:
         """The interval excludes 0 (and rests on at least two replicates)."""
-        return self.lo is not None and self.hi is not None and (self.n or 0) >= 2 and (self.lo > 0 or self.hi < 0)
+        return (
+            not self.refused
+            and self.lo is not None
+            and self.hi is not None
+            and (self.n or 0) >= 2
+            and (self.lo > 0 or self.hi < 0)
+        )
 
 
 @dataclass
@@ -163,6 +174,10 @@ class Table:
     above_random: set[tuple[str, Column]] = field(default_factory=set)  # significantly above the random row
     below_random: set[tuple[str, Column]] = field(default_factory=set)  # significantly below it
     normalised: bool = False  # cells are shares of the random -> supervised gap
+    # (row, column) -> the NaN / infinite values of its cards there ("nan", "inf"): shown, never as not run, and
+    # left out of the cells, so of bests, ranks, Δs and recipe means
+    nonfinite: dict[tuple[str, Column], list[str]] = field(default_factory=dict)
+    implausible: set[tuple[str, Column]] = field(default_factory=set)  # a percentage outside PLAUSIBLE_PERCENT
 
     def row(self, key: str) -> Row:
         return next(r for r in self.rows if r.key == key)
@@ -171,7 +186,12 @@ class Table:
         return next((r for r in self.rows if r.name == name), None)
 
     def best(self, column: Column) -> float | None:
-        values = [c.mean for (_, col), c in self.cells.items() if col == column and is_finite(c.mean)]
+        """The column's best value; never a non-finite or an implausible one."""
+        values = [
+            c.mean
+            for (key, col), c in self.cells.items()
+            if col == column and is_finite(c.mean) and (key, col) not in self.implausible
+        ]
         return max(values) if values else None
 
     def methods(self) -> list[str]:

@@ -77,5 +77,7 @@ def normalise(table: Table) -> Table:
         tied={(k, columns[c]) for k, c in table.tied if (k, c) in scale},
         above_random={(k, columns[c]) for k, c in table.above_random if (k, c) in scale},
         below_random={(k, columns[c]) for k, c in table.below_random if (k, c) in scale},
+        nonfinite={(k, columns[c]): v for (k, c), v in table.nonfinite.items()},
+        implausible={(k, columns[c]) for k, c in table.implausible if (k, c) in scale},
         normalised=True,
     )

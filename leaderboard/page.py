@@ -18,9 +18,11 @@ from leaderboard.text import (
     cell_value,
     delta_label,
     delta_value,
+    flag_marks,
     fmt_rank,
     legend,
     n_text,
+    nonfinite_text,
     random_mark,
     row_header,
     short,
@@ -35,7 +37,8 @@ th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.55em; text-align: righ
 th { background: #f3f3f3; } th.task { text-align: center; border-bottom: 1px solid #999; }
 th:first-child, td:first-child { text-align: left; max-width: 16em; }
 th, td, h1, h2, p, figcaption { overflow-wrap: anywhere; }
-td .v { white-space: nowrap; } td .n { display: block; color: #777; font-size: 0.8em; }
+td .v { white-space: nowrap; } td .flag { color: #b00; font-weight: 700; }
+td .n { display: block; color: #777; font-size: 0.8em; }
 tr.delta td { color: #444; font-style: italic; } tr.published td { color: #555; background: #fbf8ee; }
 td b { font-weight: 700; } table.rows td, table.rows th { text-align: left; }
 .notes { color: #555; font-size: 0.82em; margin: 0.2em 0; }
@@ -128,7 +131,7 @@ def _family_table(table: Table, groups: Sequence[Group]) -> str:
     for d in table.deltas:
         deltas_after.setdefault(d.variant, []).append(d)
     for row in table.rows:
-        if not any((row.key, c) in table.cells for c in columns):
+        if not any((row.key, c) in table.cells or (row.key, c) in table.nonfinite for c in columns):
             continue
         css = ' class="published"' if row.published else ""
         cells = "".join(f"<td>{_cell(table, row.key, c)}</td>" for c in columns)
@@ -144,9 +147,11 @@ def _family_table(table: Table, groups: Sequence[Group]) -> str:
 
 def _cell(table: Table, key: str, col: Column) -> str:
     cell = table.cells.get((key, col))
+    if cell is None and (key, col) in table.nonfinite:
+        return f'<span class="v flag">{_e(nonfinite_text(table.nonfinite[(key, col)]))}</span>'
     if cell is None:
         return MISSING
-    value = _e(cell_value(cell) + random_mark(table, key, col))
+    value = _e(cell_value(cell) + random_mark(table, key, col) + flag_marks(table, key, col))
     value = f"<b>{value}</b>" if (key, col) in table.tied else value
     n = n_text(cell.n, cell.over)
     return f'<span class="v">{value}</span>' + (f'<span class="n">{_e(n)}</span>' if n else "")

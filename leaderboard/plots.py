@@ -58,7 +58,12 @@ def forest_plot(table: Table) -> str | None:
     """Every Δ row's difference with its 95% interval, one line per (pair, column), and the zero
     line: the figure that answers "does the variant transfer better than its plain twin?". Filled
     markers are significant; hollow ones have an interval that covers 0; crosses have no interval."""
-    items = [(d, col, cell) for d in table.deltas for col in table.columns if (cell := d.cells.get(col)) is not None]
+    items = [
+        (d, col, cell)
+        for d in table.deltas
+        for col in table.columns
+        if (cell := d.cells.get(col)) is not None and not cell.refused
+    ]
     if not items:
         return None
     plt = _matplotlib()

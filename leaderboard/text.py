@@ -10,6 +10,9 @@ from leaderboard.normalise import GAP_UNIT
 from ringbench.store import PERCENT
 
 MISSING = "—"
+NONFINITE = "!"  # after a NaN or infinite value, shown as written ("nan!", "inf!"), never as MISSING
+IMPLAUSIBLE = "?"  # after a percentage outside [-100, 100]
+REFUSED = "refused"  # a Δ whose estimate lies outside its own interval
 ABOVE_RANDOM = "†"  # significantly above the random-initialisation row
 BELOW_RANDOM = "‡"  # significantly below it
 # What an interval is over, as a cell abbreviates it.
@@ -67,7 +70,10 @@ def fmt_cell(cell: Estimate | None) -> str:
 
 
 def delta_value(delta: DeltaCell) -> str:
-    """``diff [lo, hi]*``: the difference, its interval when the data give one, * when it excludes 0."""
+    """``diff [lo, hi]*``: the difference, its interval when the data give one, * when it excludes 0;
+    ``refused`` when its estimate lies outside its own interval (the warning says why)."""
+    if delta.refused:
+        return REFUSED
     text = f"{delta.diff:+.2f}"
     if delta.lo is not None and delta.hi is not None:
         text += f" [{delta.lo:+.2f}, {delta.hi:+.2f}]" + ("*" if delta.significant else "")
@@ -95,9 +101,27 @@ def row_header(table: Table) -> str:
 
 def cell_text(table: Table, row_key: str, col: Column, mark_tied: Callable[[str], str]) -> str:
     """A cell's text with its marks: ``mark_tied`` for an entry not significantly below its
-    column's best, † (‡) for one significantly above (below) its random-initialisation row."""
-    text = fmt_cell(table.cells.get((row_key, col))) + random_mark(table, row_key, col)
+    column's best, † (‡) for one significantly above (below) its random-initialisation row, and
+    the flags of :func:`flag_marks` (``nan!``, ``?``)."""
+    cell = table.cells.get((row_key, col))
+    if cell is None and (row_key, col) in table.nonfinite:
+        return nonfinite_text(table.nonfinite[(row_key, col)])
+    text = fmt_cell(cell) + random_mark(table, row_key, col) + flag_marks(table, row_key, col)
     return mark_tied(text) if (row_key, col) in table.tied else text
+
+
+def nonfinite_text(values: list[str]) -> str:
+    """``nan!``: the non-finite values of a cell's cards (each kind once), marked."""
+    return "/".join(dict.fromkeys(values)) + NONFINITE
+
+
+def flag_marks(table: Table, row_key: str, col: Column) -> str:
+    """``?`` for an implausible percentage (out of bests, marks and ranks); `` +nan!`` for a recipe's cell
+    whose mean leaves out a card with a NaN or infinite value (a card's own such value is the whole cell)."""
+    text = IMPLAUSIBLE if (row_key, col) in table.implausible else ""
+    if (row_key, col) in table.nonfinite and (row_key, col) in table.cells:
+        text += " +" + nonfinite_text(table.nonfinite[(row_key, col)])
+    return text
 
 
 def random_mark(table: Table, row_key: str, col: Column) -> str:
@@ -127,6 +151,28 @@ def body_rows(table: Table, mark_tied: Callable[[str], str], columns: list[Colum
         for delta in deltas_after.get(row.key, []):
             rows.append([delta_label(table, delta), *(fmt_delta(delta.cells.get(c)) for c in columns), ""])
     return rows
+
+
+def flag_notes(table: Table) -> list[str]:
+    """The legend's lines for the flags the table shows: non-finite values, implausible ones, refused Δs."""
+    notes = []
+    if table.nonfinite:
+        notes.append(
+            f"nan{NONFINITE} / inf{NONFINITE}: the record's value is NaN or infinite (a failed or diverged run): it "
+            f"was run, and is left out of bests, ranks, Δs and means (+nan{NONFINITE} after a recipe's mean: a card "
+            "left out of it)."
+        )
+    if table.implausible:
+        notes.append(
+            f"{IMPLAUSIBLE}: implausible, a percentage outside [−100, 100] (a wrong unit or scale in the record?); "
+            "shown as recorded, and left out of bests, marks and ranks."
+        )
+    if any(d.refused for delta in table.deltas for d in delta.cells.values()):
+        notes.append(
+            f"{REFUSED}: a Δ whose estimate lies outside its own interval (a record's metric disagrees with its "
+            "per-episode or per-seed samples); not shown, see the warning."
+        )
+    return notes
 
 
 def legend(table: Table) -> list[str]:
@@ -176,5 +222,6 @@ def legend(table: Table) -> list[str]:
     for row in table.rows:
         if row.published:
             notes.append(f"{row.name}: {row.meta.get('source', '')}; not run here, no interval.")
+    notes += flag_notes(table)
     notes.append(f"{MISSING} = not run.")
     return notes + [f"Warning: {w}" for w in table.warnings]

@@ -26,6 +26,15 @@ Legacy ``*.jsonl`` files at the top of a results folder (the old ``records.jsonl
 made by ``leaderboard.py --export-jsonl``) stay readable; nothing appends to them any more.
 When an identity is found more than once, the newest (``created``) record wins.
 
+What a reader trusts (a shared store is written by many hands): only regular files are read (a FIFO,
+a device, a symlink to one or a folder named like a record file is skipped with a warning naming it,
+and is opened without blocking, so nothing hangs); a record file must sit where its identity puts
+it (its folder is its ``task``, its name its card SHA-256 and config hash), else it is skipped with
+a warning; a ``created`` that is not a time, or lies in the future (past :data:`CLOCK_SKEW`), counts
+as the oldest, so that no line claims the newest place; and a record whose metrics are all finite
+is kept before a newer one of the same identity with a NaN or infinite metric (a failed rerun does
+not hide a real result; both are named in a warning).
+
 Records describe themselves, so that a reader needs no task registry: ``units`` (read by
 :func:`in_percent`) and ``headline``, the metrics a table shows by default (read by
 :func:`record_headline`; a record written before the field existed shows every metric).
@@ -36,9 +45,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
 import re
+import stat
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +68,9 @@ _TASK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 _HASH_RE = re.compile(r"[A-Za-z0-9_]{1,128}")  # no '-': it separates the two hashes in a file name
 
 Identity = tuple[str, str, str]  # (backbone_sha256, task, config_hash)
+# How far in the future a record's ``created`` may lie (the clocks of a cluster's machines differ a little);
+# beyond it the time is not believed, and the record counts as the oldest of its identity.
+CLOCK_SKEW = _dt.timedelta(hours=1)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -130,7 +144,9 @@ def load_records(results: str | os.PathLike | Iterable[str | os.PathLike]) -> li
             top_jsonl, record_files = _scan(src)
             legacy += top_jsonl
             files += record_files
-        elif os.path.exists(src):
+        elif os.path.exists(src) or os.path.islink(src):
+            if _not_regular(src, stacklevel=3):
+                continue
             (files if src.endswith(".json") else legacy).append(src)
         else:
             raise UserError(f"{src}: no such results file or folder")
@@ -139,7 +155,7 @@ def load_records(results: str | os.PathLike | Iterable[str | os.PathLike]) -> li
         found += _read_jsonl(path)
     for path, data in _read_all(files):
         rec = _parse_record_file(path, data)
-        if rec is not None:
+        if rec is not None and _placed_as_named(path, rec):
             found.append(rec)
     return _newest_per_identity(found)
 
@@ -195,10 +211,10 @@ def _scan(root: str) -> tuple[list[str], list[str]]:
                 name = entry.name
                 if name.startswith("."):
                     continue
-                if name.endswith(".json"):
-                    record_files.append(entry.path)
-                elif folder == root and name.endswith(".jsonl"):
-                    top_jsonl.append(entry.path)
+                if name.endswith(".json") or (folder == root and name.endswith(".jsonl")):
+                    # is_file() costs no system call for a regular file on most file systems (d_type)
+                    if entry.is_file() or not _not_regular(entry.path, stacklevel=4):
+                        (record_files if name.endswith(".json") else top_jsonl).append(entry.path)
                 elif entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
     return sorted(top_jsonl), sorted(record_files)
@@ -207,15 +223,69 @@ def _scan(root: str) -> tuple[list[str], list[str]]:
 def _top_jsonl(root: str) -> list[str]:
     try:
         with os.scandir(root) as entries:
-            return sorted(e.path for e in entries if e.name.endswith(".jsonl") and not e.name.startswith("."))
-    except FileNotFoundError:
+            found = sorted(e.path for e in entries if e.name.endswith(".jsonl") and not e.name.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
         return []
+    return [path for path in found if not _not_regular(path, stacklevel=4)]
+
+
+class NotRegularFile(OSError):
+    """A store path that is not a regular file (a FIFO, a device, a folder, a socket), and so is not read."""
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words."""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _not_regular(path: str, stacklevel: int = 3) -> bool:
+    """True (with a warning naming ``path``) if ``path`` is not a regular file, or a symlink to one.
+
+    Checked before a store file is opened: reading a FIFO blocks until someone writes to it, and a
+    device may never end (``/dev/zero``); a folder named like a record cannot be read either."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        warnings.warn(f"{path}: skipping a store entry that cannot be read ({exc.strerror})", stacklevel=stacklevel)
+        return True
+    if stat.S_ISREG(mode):
+        return False
+    link = " (a symlink to it)" if os.path.islink(path) else ""
+    warnings.warn(
+        f"{path}: skipping a store entry that is {_kind(mode)}{link}, not a regular file", stacklevel=stacklevel
+    )
+    return True
+
+
+def _open_regular(path: str) -> int:
+    """A descriptor of ``path`` opened for reading, if it is a regular file; raises :class:`NotRegularFile`
+    otherwise. ``O_NONBLOCK`` makes opening a FIFO return at once (without it, ``open`` waits for a writer),
+    and ``fstat`` checks what was opened, so a file swapped for a FIFO after a scan cannot hang a reader."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(0, f"{_kind(mode)}, not a regular file", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _read_bytes(path: str) -> bytes | OSError:
     try:
-        with open(path, "rb") as handle:
+        with open(_open_regular(path), "rb") as handle:
             return handle.read()
+    except IsADirectoryError as exc:
+        return NotRegularFile(exc.errno, "a folder, not a regular file", path)
     except OSError as exc:
         return exc
 
@@ -247,7 +317,12 @@ def _read_record_file(path: str, missing_ok: bool = False) -> dict[str, Any] | N
 def _parse_record_file(path: str, data: bytes | OSError, stacklevel: int = 3) -> dict[str, Any] | None:
     """The record in a file's bytes, or None with a warning naming the file."""
     if isinstance(data, OSError):
-        why = "vanished while reading" if isinstance(data, FileNotFoundError) else f"cannot be read ({data.strerror})"
+        if isinstance(data, FileNotFoundError):
+            why = "vanished while reading"
+        elif isinstance(data, NotRegularFile):
+            why = f"is {data.strerror}"
+        else:
+            why = f"cannot be read ({data.strerror})"
         warnings.warn(f"{path}: skipping a record file that {why}", stacklevel=stacklevel)
         return None
     try:
@@ -270,10 +345,44 @@ def _parse_record_file(path: str, data: bytes | OSError, stacklevel: int = 3) ->
     return rec
 
 
+def _placed_as_named(path: str, rec: Mapping[str, Any]) -> bool:
+    """True if a record file sits where its identity puts it: ``<task>/<sha256>-<config_hash>.json``.
+    Else (with a warning naming the file) False: a record copied or renamed into another task's folder,
+    or under another card's name, would otherwise show as that task's or be found for that card."""
+    folder, name = os.path.split(os.path.abspath(path))
+    ident = _identity(rec)
+    if ident is None:
+        why = "no full identity (backbone_sha256, task, config_hash)"
+    elif os.path.basename(folder) != ident[1]:
+        why = f"'task' {ident[1]!r} that is not its folder's name {os.path.basename(folder)!r}"
+    elif name != f"{ident[0]}-{ident[2]}.json":
+        why = "a file name that is not its identity (<backbone_sha256>-<config_hash>.json)"
+    else:
+        return True
+    warnings.warn(f"{path}: skipping a record file with {why}", stacklevel=3)
+    return False
+
+
+def record_target_problem(results: str | os.PathLike, backbone_sha256: str, task: str, cfg_hash: str) -> str | None:
+    """Why the record of this identity could not be written (or None): its path holds a folder, which
+    ``os.replace`` cannot replace. ``transfer/run.py`` asks before any work, so that a run is not lost
+    at its end; a FIFO, a device or a symlink there is replaced by the record, as any old record is."""
+    path = record_path(results, backbone_sha256, task, cfg_hash)
+    if path.is_dir() and not path.is_symlink():
+        return f"{path}: a folder is where this run's record file goes; move it away, or use another --results"
+    return None
+
+
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
     """The records of a JSONL file; a bad line is skipped with a warning naming the file and line."""
-    records = []
-    with open(path, "rb") as handle:
+    records: list[dict[str, Any]] = []
+    try:
+        handle = open(_open_regular(path), "rb")
+    except OSError as exc:
+        why = f"is {exc.strerror}" if isinstance(exc, NotRegularFile) else f"cannot be read ({exc.strerror})"
+        warnings.warn(f"{path}: skipping a results file that {why}", stacklevel=3)
+        return records
+    with handle:
         for lineno, line in enumerate(handle, 1):
             line = line.strip()
             if not line:
@@ -346,10 +455,45 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_NO_TIME = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+
+
+def created_time(rec: Mapping[str, Any], now: _dt.datetime | None = None) -> _dt.datetime:
+    """When ``rec`` was made (UTC), for choosing the newest record; the oldest possible time when its
+    ``created`` is missing, not an ISO time, or lies in the future by more than :data:`CLOCK_SKEW`, so
+    that a line cannot take a newer record's place by claiming a time to come. (Times are compared as
+    times: ``...+02:00`` and ``...Z`` are ordered by the instant they name, not as text.)"""
+    text = rec.get("created")
+    if not isinstance(text, str) or not text:
+        return _NO_TIME
+    try:
+        when = _dt.datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError:
+        return _NO_TIME
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return _NO_TIME if when > now + CLOCK_SKEW else when
+
+
+def has_nonfinite_metric(rec: Mapping[str, Any]) -> bool:
+    """True if one of the record's metrics is NaN or infinite (a diverged or failed run)."""
+    return any(isinstance(v, float) and not math.isfinite(v) for v in (rec.get("metrics") or {}).values())
+
+
+def preference(rec: Mapping[str, Any], now: _dt.datetime | None = None) -> tuple[bool, _dt.datetime]:
+    """The order in which records of one identity are preferred: a record whose metrics are all finite
+    before one with a NaN or infinite metric (which never displaces a real result), then the newest by
+    :func:`created_time`."""
+    return (not has_nonfinite_metric(rec), created_time(rec, now))
+
+
 def _newest_per_identity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per identity, the newest by ``created`` (a tie goes to the later one in the list,
-    i.e. a record file over a legacy line); records without a full identity are all kept. Sorted by
-    ``created`` (stable)."""
+    """One record per identity, by :func:`preference` (finite, then newest; a tie goes to the later one
+    in the list, i.e. a record file over a legacy line); records without a full identity are all kept.
+    A future ``created`` and a record set aside for a NaN are named in a warning. Sorted by
+    :func:`created_time` (stable)."""
+    now = _dt.datetime.now(_dt.timezone.utc)
     newest: dict[Identity, int] = {}
     keep = [True] * len(records)
     for i, rec in enumerate(records):
@@ -358,15 +502,34 @@ def _newest_per_identity(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         j = newest.get(key)
         if j is not None:
-            if str(rec.get("created", "")) >= str(records[j].get("created", "")):
+            old = records[j]
+            for r in (rec, old):
+                if created_time(r, now) is _NO_TIME and r.get("created"):
+                    warnings.warn(
+                        f"record {_describe(r)}: 'created' {r.get('created')!r} is not a past time; it counts as "
+                        "the oldest of its identity",
+                        stacklevel=3,
+                    )
+            if has_nonfinite_metric(rec) != has_nonfinite_metric(old):
+                bad = rec if has_nonfinite_metric(rec) else old
+                warnings.warn(
+                    f"record {_describe(bad)} has a NaN or infinite metric; the record of its identity with finite "
+                    "metrics is kept",
+                    stacklevel=3,
+                )
+            if preference(rec, now) >= preference(old, now):
                 keep[j] = False
             else:
                 keep[i] = False
                 continue
         newest[key] = i
     kept = [rec for rec, k in zip(records, keep) if k]
-    kept.sort(key=lambda rec: str(rec.get("created", "")))
+    kept.sort(key=lambda rec: created_time(rec, now))
     return kept
+
+
+def _describe(rec: Mapping[str, Any]) -> str:
+    return f"{rec.get('backbone')!r} on {rec.get('task')!r} (created {rec.get('created')!r})"
 
 
 def make_record(

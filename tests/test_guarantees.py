@@ -5,6 +5,7 @@ folders, and a killed or concurrent run leaves consistent files."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import io
 import json
@@ -13,6 +14,7 @@ import pickle
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -747,3 +749,237 @@ def test_the_page_stays_readable_with_hostile_names():
     assert visible("a\u2066b\u2069c") == "a\\u2066b\\u2069c" and visible("Ünïcode names stay") == "Ünïcode names stay"
     label = short(hostile)
     assert len(label) == 28 and label.endswith("…") and "\u202e" not in label  # what the figures show
+
+
+# --- the store and the tables never hang or mislead ---------------------------------------------------------------
+def _returns_quickly(fn, seconds: float = 20.0):
+    """``fn()``'s value, run in a thread so that a blocking open (a FIFO) fails the test instead of hanging it."""
+    import threading
+
+    out: dict = {}
+
+    def target():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out["value"] = fn()
+        out["warnings"] = [str(w.message) for w in caught]
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the store blocked (a FIFO or a device was opened for reading)"
+    return out["value"], out["warnings"]
+
+
+def _named(folder: Path, sha: str, rec: dict) -> Path:
+    return folder / rec["task"] / f"{sha}-{rec['config_hash']}.json"
+
+
+def test_only_regular_files_are_read_from_the_store(tmp_path):
+    """A FIFO (alone, or behind a symlink), a device and a folder named like record files, and a FIFO named
+    like a legacy ``.jsonl``, are skipped with a warning naming each: reading a FIFO would block forever."""
+    from ringbench.store import find_record
+
+    good = _record()
+    write_record(tmp_path, good)
+    fifo = _named(tmp_path, "cd" * 32, good)
+    os.mkfifo(fifo)
+    os.mkfifo(tmp_path / "pipe")
+    via_link = _named(tmp_path, "ef" * 32, good)
+    via_link.symlink_to(tmp_path / "pipe")
+    device = _named(tmp_path, "12" * 32, good)
+    device.symlink_to("/dev/zero")
+    folder = _named(tmp_path, "34" * 32, good)
+    folder.mkdir()
+    os.mkfifo(tmp_path / "old.jsonl")
+    records, caught = _returns_quickly(lambda: load_records(tmp_path))
+    assert records == [good]
+    for path, what in ((fifo, "a FIFO"), (via_link, "a FIFO (a symlink"), (device, "a device"), (folder, "a folder")):
+        assert any(f"{path}: skipping a store entry that is {what}" in m for m in caught), (path, caught)
+    assert any(f"{tmp_path / 'old.jsonl'}: skipping a store entry that is a FIFO" in m for m in caught)
+    for sha in ("cd" * 32, "12" * 32, "34" * 32):  # the lookup transfer/run.py makes before it runs
+        found, caught = _returns_quickly(lambda s=sha: find_record(tmp_path, s, good["task"], good["config_hash"]))
+        assert found is None and any("not a regular file" in m for m in caught), caught
+    assert _returns_quickly(lambda: load_records([fifo, tmp_path / "old.jsonl"]))[0] == []  # named on the command line
+
+
+def test_transfer_run_is_not_hung_or_broken_by_a_fifo_or_folder_at_its_record(tmp_path, card_path, capsys):
+    """run.py checks for an existing record before running: a FIFO there (and one named like a legacy store)
+    is skipped with a warning and the legacy record still found; a folder there, which the record could not
+    replace at the end, is refused in one line before any work."""
+    from ringbench.fileio import sha256_file
+    from ringbench.store import config_hash
+    from transfer.run import build_parser, main
+    from transfer.tasks import get_task
+
+    results = tmp_path / "r"
+    argv = ["--backbone", str(card_path), "--task", "fewshot_digits", "--results", str(results)]
+    argv += ["--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    config = get_task("fewshot_digits").make_config(build_parser().parse_args(argv))
+    sha, cfg = sha256_file(card_path), config_hash(config)
+    rec = {**_record(), "backbone_sha256": sha, "config": config, "config_hash": cfg}
+    (results / "fewshot_digits").mkdir(parents=True)
+    os.mkfifo(results / "fewshot_digits" / f"{sha}-{cfg}.json")
+    os.mkfifo(results / "stale.jsonl")
+    (results / "records.jsonl").write_text(json.dumps(rec) + "\n")
+    code, caught = _returns_quickly(lambda: run_main(main, argv), seconds=60)
+    assert code == 0 and "skipped: " in capsys.readouterr().out
+    assert any("is a FIFO, not a regular file" in m for m in caught), caught
+    (results / "fewshot_digits" / f"{sha}-{cfg}.json").unlink()
+    (results / "fewshot_digits" / f"{sha}-{cfg}.json").mkdir()
+    (results / "records.jsonl").unlink()
+    started = time.perf_counter()
+    code, _ = _returns_quickly(lambda: run_main(main, argv), seconds=60)
+    assert code == 2 and time.perf_counter() - started < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a folder is where this run's record file goes" in err[0]
+
+
+def test_a_record_file_not_where_its_identity_puts_it_is_skipped(tmp_path):
+    """A record copied into another task's folder, or renamed as another card's (or config's) file, would show
+    as that task's or be found for that card: skipped with a warning naming the file."""
+    good = _record()
+    path = write_record(tmp_path, good)
+    other_task = tmp_path / "syn_det" / path.name
+    other_task.parent.mkdir()
+    other_task.write_bytes(path.read_bytes())
+    other_card = _named(tmp_path, "cd" * 32, good)
+    other_card.write_bytes(path.read_bytes())
+    other_config = path.with_name(f"{good['backbone_sha256']}-{'0' * 16}.json")
+    other_config.write_bytes(path.read_bytes())
+    with pytest.warns(UserWarning) as caught:
+        records = load_records(tmp_path)
+    assert records == [good]
+    messages = [str(w.message) for w in caught]
+    assert any(
+        f"{other_task}: skipping a record file with 'task' 'fewshot_digits' that is not its folder" in m
+        for m in messages
+    )
+    for bad in (other_card, other_config):
+        assert any(f"{bad}: skipping a record file with a file name that is not its identity" in m for m in messages)
+
+
+def _table_text(table) -> tuple[str, str, str]:
+    from leaderboard.cli import render_csv, render_markdown
+    from leaderboard.page import render_page
+
+    return render_markdown(table), render_page(table), render_csv(table)
+
+
+def test_a_nan_metric_is_shown_marked_and_never_displaces_a_real_card(tmp_path):
+    """A NaN (or infinite) value is a failed run, not a missing one: shown as ``nan!`` in every format, with a
+    warning and a legend line, never as ``—``; it is out of bests, ranks and Δs, and a NaN record never wins
+    over a finite one of its identity (store or table) nor a NaN-only card over a real one under ``--latest``."""
+    from leaderboard.build import build_table
+    from leaderboard.text import MISSING
+    from tests.test_leaderboard import _fewshot, _meta
+
+    rng = np.random.default_rng(0)
+    ring = _fewshot("ring", rng.uniform(0.2, 0.3, 50), meta=_meta(loss="ring"))
+    plain = _fewshot("plain", rng.uniform(0.2, 0.3, 50), meta=_meta(loss="nce"))
+    soon = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1)).isoformat()
+    failed = {**ring, "metrics": {"acc": float("nan")}, "created": soon}  # newer, and not in the future
+    table = build_table([plain, failed])
+    text, page, csv_text = _table_text(table)
+    col = table.columns[0]
+    [ring_row] = [r for r in table.rows if r.name == "ring"]
+    assert table.nonfinite == {(ring_row.key, col): ["nan"]} and (ring_row.key, col) not in table.cells
+    [ring_line] = [line for line in text.splitlines() if line.startswith("| ring")]
+    assert "nan!" in ring_line and MISSING not in ring_line.split("|")[2]
+    assert "nan! / inf!: the record's value is NaN or infinite" in text and "ring fewshot_digits acc = nan" in text
+    assert "nan!" in page and "ring,card," in csv_text and ",nan,nonfinite," in csv_text
+    assert table.best(col) == table.cells[(table.row_by_name("plain").key, col)].mean
+    assert (ring_row.key, col) not in table.tied and table.ranks[ring_row.key][0] is None
+    assert all(not d.cells for d in table.deltas)  # no Δ against a NaN
+    # the same identity, finite and NaN: the finite one counts, whichever is newer, in the table and the store
+    assert build_table([ring, failed]).cells[(ring_row.key, col)].mean == ring["metrics"]["acc"]
+    write_record(tmp_path, ring)
+    (tmp_path / "records.jsonl").write_text(json.dumps(failed) + "\n")
+    with pytest.warns(UserWarning, match="NaN or infinite metric; the record of its identity with finite"):
+        assert load_records(tmp_path) == [ring]
+    # --latest: a newer card of the same name with only NaNs does not displace the real one
+    rerun = {**failed, "backbone_sha256": "ee" * 32, "backbone_meta": {**ring["backbone_meta"], "created": soon}}
+    latest = build_table([ring, rerun], view="cards", latest=True)
+    assert [r.sha256 for r in latest.rows] == [ring["backbone_sha256"]] and not latest.nonfinite
+    infinite = build_table([{**failed, "metrics": {"acc": float("-inf")}}, plain])
+    assert "-inf!" in _table_text(infinite)[0]
+
+
+def test_a_legacy_line_claiming_a_future_time_does_not_replace_a_record(tmp_path):
+    """``created`` picks the newest record of an identity; a legacy line dated in the future (past the clock
+    skew allowed) counts as the oldest, with a warning, so it cannot take a newer record's place."""
+    from ringbench.store import find_record
+
+    rec = _record()
+    write_record(tmp_path, rec)
+    forged = {**rec, "metrics": {"acc": 99.0}, "created": "2999-01-01T00:00:00+00:00"}
+    (tmp_path / "records.jsonl").write_text(json.dumps(forged) + "\n")
+    with pytest.warns(UserWarning, match="'created' '2999-01-01T00:00:00\\+00:00' is not a past time"):
+        assert load_records(tmp_path) == [rec]
+    with pytest.warns(UserWarning, match="not a past time"):
+        assert find_record(tmp_path, rec["backbone_sha256"], rec["task"], rec["config_hash"]) == rec
+    not_a_time = {**forged, "created": "zzzz"}  # compared as text, it sorted after every date
+    (tmp_path / "records.jsonl").write_text(json.dumps(not_a_time) + "\n")
+    with pytest.warns(UserWarning, match="'zzzz' is not a past time"):
+        assert load_records(tmp_path) == [rec]
+
+
+def test_a_delta_outside_its_own_interval_is_refused(tmp_path):
+    """A Δ's estimate comes from the records' metrics, its interval from their per-episode samples: a metric that
+    disagrees with its samples puts the estimate outside the interval, and the Δ is refused (shown as
+    ``refused``, never significant, with a warning) rather than shown with a confident but wrong interval."""
+    from leaderboard.build import build_table
+    from leaderboard.deltas import compare
+    from leaderboard.model import Estimate
+    from tests.test_leaderboard import _fewshot, _meta
+
+    rng = np.random.default_rng(0)
+    episodes = rng.uniform(0.2, 0.3, 50)
+    plain = _fewshot("plain", episodes, meta=_meta(loss="nce"))
+    ring = _fewshot("ring", episodes + 0.01, meta=_meta(loss="ring"))
+    honest = build_table([plain, ring])
+    [cell] = honest.deltas[0].cells.values()
+    assert not cell.refused and cell.significant  # the same records, untouched: a Δ with its interval
+    tampered = {**ring, "metrics": {"acc": 90.0}}
+    table = build_table([plain, tampered])
+    [cell] = table.deltas[0].cells.values()
+    assert cell.refused and not cell.significant and cell.lo is None
+    assert any("refused: the estimate +" in w and "outside its own 95% interval" in w for w in table.warnings)
+    text, page, csv_text = _table_text(table)
+    [delta_line] = [line for line in text.splitlines() if line.startswith("| Δ ring")]
+    assert "refused" in delta_line and "*" not in delta_line and "refused: a Δ whose estimate" in text
+    assert "refused" in page and ",refused," in csv_text
+    nan_samples = Estimate(1.0, samples=[float("nan"), 1.0], over="episodes")
+    assert compare(Estimate(0.0, samples=[0.0, 0.0], over="episodes"), nan_samples).refused
+
+
+def test_implausible_percentages_are_flagged(tmp_path):
+    """A percentage outside [−100, 100] (a fraction scaled twice, a wrong unit) is shown as recorded, with a
+    ``?`` mark in every format, a legend line and a warning; values in range and other units are not marked."""
+    from leaderboard.build import build_table
+    from tests.test_leaderboard import _fewshot, _meta
+
+    rng = np.random.default_rng(0)
+    high = {**_fewshot("high", rng.uniform(0.2, 0.3, 50), meta=_meta()), "metrics": {"acc": 150.0}}
+    low = {**_fewshot("low", rng.uniform(0.2, 0.3, 50), meta=_meta(seed=1, epochs=9)), "metrics": {"acc": -120.0}}
+    fine = _fewshot("fine", rng.uniform(0.2, 0.3, 50), meta=_meta(epochs=7))
+    worse = _fewshot("worse", rng.uniform(0.1, 0.15, 50), meta=_meta(epochs=8))
+    table = build_table([high, low, fine, worse])
+    col = table.columns[0]
+    keys = {r.name: r.key for r in table.rows}
+    assert table.implausible == {(keys["high"], col), (keys["low"], col)}
+    text, page, csv_text = _table_text(table)
+    lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "?" in lines["high"] and "?" in lines["low"] and "?" not in lines["fine"]
+    assert "?: implausible, a percentage outside [−100, 100]" in text
+    assert "high fewshot_digits acc = 150: implausible for a percentage" in text
+    assert "150.00" in page and ",implausible," in csv_text
+    # it is neither the best nor marked nor ranked: the real entry keeps the column's mark and first rank
+    assert (
+        table.best(col) == fine["metrics"]["acc"]
+        and (keys["high"], col) not in table.tied
+        and (keys["fine"], col) in table.tied
+    )
+    assert table.ranks[keys["high"]][0] is None and table.ranks[keys["fine"]][0] == 1.0
+    other_unit = {**high, "units": {"acc": "mAP points"}}  # not a percentage: not judged
+    assert not build_table([other_unit, fine]).implausible

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import errno
 import hashlib
 import json
@@ -108,7 +109,9 @@ def test_legacy_jsonl_is_still_read_and_bad_lines_are_skipped_with_a_warning(tmp
     with pytest.warns(UserWarning):
         assert find_record(tmp_path, SHA, "fewshot_digits", old["config_hash"]) == new
         assert [r["metrics"]["acc"] for r in load_records(tmp_path) if r["task"] == "fewshot_digits"] == [0.9]
-    newest = _record(acc=0.1, created="2999-01-01T00:00:00+00:00")
+    # (newer, and not in the future: a legacy line claiming a time to come counts as the oldest, test_guarantees)
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=1)
+    newest = _record(acc=0.1, created=soon.isoformat(timespec="seconds"))
     with open(tmp_path / "records.jsonl", "a") as handle:
         handle.write(json.dumps(newest) + "\n")
     with pytest.warns(UserWarning):

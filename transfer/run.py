@@ -188,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(format_metrics(existing))
         return 0
+    from ringbench.store import record_target_problem
+
+    problem = record_target_problem(args.results, backbone.sha256, task.name, cfg_hash)
+    if problem:
+        raise UserError(problem)  # before any work: the record could not be written at the end
     task.validate(backbone, config)
     ctx = TaskContext(
         output_dir=run_dir(args.output_dir, backbone.name, backbone.sha256, task.name, config),
