@@ -21,7 +21,8 @@ if __package__ in (None, ""):  # run by path: make the repository importable wit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ringbench.cli import add_common_flags, run_main
-from ringbench.store import config_hash, load_records, record_path
+from ringbench.records import config_hash
+from ringbench.store import load_records, record_path
 
 
 def tiny_records(n: int, tasks: int) -> list[dict]:

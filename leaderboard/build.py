@@ -38,7 +38,7 @@ from leaderboard.model import (
 )
 from ringbench import stats
 from ringbench.published import Published
-from ringbench.store import PERCENT, created_time, in_percent, preference, record_headline
+from ringbench.records import PERCENT, created_time, in_percent, preference, record_headline
 
 
 def build_table(

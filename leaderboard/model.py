@@ -5,7 +5,7 @@
 * **A recipe** is the cards whose pretraining configs differ only in ``train.seed``: its row holds
   the mean over its cards, the standard deviation across pretraining seeds and their number.
 * **A column** is ``(task, metric, config, unit)``: records of one task run with different configs
-  are never merged. Every value is in percentage points (``ringbench.store.in_percent``).
+  are never merged. Every value is in percentage points (``ringbench.records.in_percent``).
 * **Reference rows** (random initialisation, supervised, published numbers) frame a table and are
   compared with as a Δ row is (``leaderboard/deltas.py``).
 
@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ringbench.store import PERCENT
+from ringbench.records import PERCENT
 
 # Families in the order the table shows them.
 FAMILY_ORDER = ("detectron2", "fewshot", "linear")

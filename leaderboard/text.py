@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from leaderboard.model import EPISODES, FT_SEEDS, PT_SEEDS, Column, Delta, DeltaCell, Estimate, Table
 from leaderboard.normalise import GAP_UNIT
-from ringbench.store import PERCENT
+from ringbench.records import PERCENT
 
 MISSING = "—"
 NONFINITE = "!"  # after a NaN or infinite value, shown as written ("nan!", "inf!"), never as MISSING

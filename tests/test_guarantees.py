@@ -25,7 +25,8 @@ from ringbench import fileio
 from ringbench.card import load_card, load_checkpoint_file
 from ringbench.cli import run_main
 from ringbench.errors import UserError
-from ringbench.store import load_records, make_record, write_record
+from ringbench.records import make_record
+from ringbench.store import load_records, write_record
 from tests.helpers import REPO, resnet_state, write_card
 
 
@@ -808,7 +809,7 @@ def test_transfer_run_is_not_hung_or_broken_by_a_fifo_or_folder_at_its_record(tm
     is skipped with a warning and the legacy record still found; a folder there, which the record could not
     replace at the end, is refused in one line before any work."""
     from ringbench.fileio import sha256_file
-    from ringbench.store import config_hash
+    from ringbench.records import config_hash
     from transfer.run import build_parser, main
     from transfer.tasks import get_task
 

@@ -17,7 +17,8 @@ from leaderboard.cli import main, render_csv, render_html, render_latex, render_
 from leaderboard.model import EPISODES, FT_SEEDS, PT_SEEDS, Row
 from ringbench import stats
 from ringbench.cli import run_main
-from ringbench.store import in_percent, make_record, write_record
+from ringbench.records import in_percent, make_record
+from ringbench.store import write_record
 
 
 def _meta(method="moco", loss="nce", seed=0, epochs=5, **extra):

@@ -50,7 +50,7 @@ def _records():
 def _rec_det_long(name, ap, meta):
     rec = _det(name, list(ap + 5), meta=meta)
     rec["config"] = {"iters": 300}
-    from ringbench.store import config_hash
+    from ringbench.records import config_hash
 
     rec["config_hash"] = config_hash(rec["config"])
     return rec

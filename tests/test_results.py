@@ -13,16 +13,8 @@ import sys
 import pytest
 
 from ringbench.fileio import atomic_write_text
-from ringbench.store import (
-    config_hash,
-    export_jsonl,
-    find_record,
-    load_records,
-    make_record,
-    record_headline,
-    record_path,
-    write_record,
-)
+from ringbench.records import config_hash, make_record, record_headline
+from ringbench.store import export_jsonl, find_record, load_records, record_path, write_record
 
 SHA = "a" * 64
 

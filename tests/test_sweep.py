@@ -264,7 +264,7 @@ def test_flags_from_plan_values():
 def test_a_task_config_is_resolved_once_per_task_and_flags(tmp_path, two_cards, monkeypatch):
     """Every card of a task shares its config and hash, resolved once (not once per job), and the same one that
     ``transfer/run.py`` computes from its command line for the record's identity."""
-    from ringbench.store import config_hash
+    from ringbench.records import config_hash
     from sweep import expand as expand_module
     from transfer.resolve import task_config
     from transfer.run import build_parser

@@ -31,7 +31,7 @@ def task_config(task: str, flags: Mapping[str, Any] | None = None) -> tuple[dict
     The flags are read by ``transfer/run.py``'s own parser, so they mean what they mean on its command line;
     an unknown flag, a bad value or a flag the task does not use is a one-line :class:`UserError`."""
     from ringbench.cli import parse_args_strictly
-    from ringbench.store import config_hash
+    from ringbench.records import config_hash
     from transfer.run import build_parser, refuse_foreign_flags
     from transfer.tasks import get_task
 

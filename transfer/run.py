@@ -130,7 +130,8 @@ def write_readme_tasks(readme: Path) -> None:
 
 def existing_record(args: argparse.Namespace, backbone_sha256: str, config: dict | None = None) -> dict | None:
     """The record this run would be skipped for: same backbone hash, task and config hash (or None)."""
-    from ringbench.store import config_hash, find_record
+    from ringbench.records import config_hash
+    from ringbench.store import find_record
     from transfer.tasks import get_task
 
     if config is None:
@@ -153,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)  # first: a bogus device wastes nothing
 
     from ringbench.fileio import check_writable_dir, remove_stale_temps
-    from ringbench.store import config_hash, engine_versions_now, make_record, write_record
+    from ringbench.records import config_hash, engine_versions_now, make_record
+    from ringbench.store import write_record
     from transfer.checkpoints import load_backbone
     from transfer.tasks import TaskContext, get_task, run_dir
 

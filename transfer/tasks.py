@@ -52,7 +52,7 @@ class TaskResult:
 
 def run_dir(root: Path, backbone_name: str, backbone_sha256: str, task: str, config: dict[str, Any]) -> Path:
     """The output folder of one run: ``<root>/<backbone name>-<sha256[:8]>/<task>/<config hash>``."""
-    from ringbench.store import config_hash
+    from ringbench.records import config_hash
 
     return Path(root) / f"{backbone_name}-{backbone_sha256[:8]}" / task / config_hash(config)
 
@@ -77,7 +77,7 @@ class TaskContext:
 
     def output_dir_for(self, config: dict[str, Any]) -> Path:
         """The output folder of the run of the same backbone and task with another ``config``."""
-        from ringbench.store import config_hash
+        from ringbench.records import config_hash
 
         return Path(self.output_dir).parent / config_hash(config)
 

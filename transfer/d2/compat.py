@@ -139,7 +139,7 @@ def stand_ins() -> list[str]:
 
 def engine_versions() -> dict[str, str]:
     """Versions recorded with every Detectron2 result: every record's (``ringbench.store``) plus Detectron2's."""
-    from ringbench.store import engine_versions_now
+    from ringbench.records import engine_versions_now
 
     return {
         **engine_versions_now(),
