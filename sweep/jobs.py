@@ -70,7 +70,8 @@ class StageJob:
             write_status(self.status_file, "cancelled", error="stopped by a signal (exit 130)", wall_s=wall)
             _end(code, f"{self.key}: {self.stage}/run.py was stopped")
         if code != 0:
-            error = f"exit {code}" + (f": {stderr.last}" if stderr.last else "")
+            last = stderr.last.removeprefix("error: ")  # run_main's one line
+            error = f"exit {code}" + (f": {last}" if last else "")
             write_status(self.status_file, "failed", error=error[:300], wall_s=wall)
             _end(code, f"{self.key}: {self.stage}/run.py exited with {code}")
         write_status(self.status_file, "done", wall_s=wall)

@@ -151,8 +151,11 @@ class Sweep:
                 for pid in _job_pids(handle, self.layout, key):
                     _signal(pid, signal.SIGKILL)
             status_path = status_file(self.layout, key)
-            if read_status(status_path).get("state") in ("pending", "running"):
+            state = read_status(status_path).get("state")
+            if state in ("pending", "running"):
                 write_status(status_path, "cancelled", error="the sweep was interrupted")
+            elif state == "done":  # it finished before the signal came
+                self._set(key, "done", "", progress)
         self.save()
 
     def _schedule(self, todo: list[Job], running: dict[str, Any], progress: bool) -> None:
