@@ -32,18 +32,11 @@ class StageJob:
         """Run the stage; its outcome goes to the state file only (a job returns nothing: the sweep never reads
         submitit's result pickles). A failure or a stop ends the job with a non-zero exit (Slurm's ``afterok``
         sees it); in a local job SIGTERM stops the stage as Ctrl-C does (its state: cancelled)."""
-        import importlib
-
-        argv = multi_node_argv(self.argv)
-        main = importlib.import_module(STAGES[self.stage]).main
         if os.environ.get("SUBMITIT_EXECUTOR") == "local":
             _sigterm_stops_once()
+        argv = multi_node_argv(self.argv)
         if node_rank() > 0:  # another node of a multi-node job: its part of the run; node 0 keeps the state
-            if self.threads:
-                import torch
-
-                torch.set_num_threads(self.threads)
-            code = run_main(main, argv)
+            code = self._run(argv)
             if code != 0:
                 _end(code, f"{self.key} (node {node_rank()}): {self.stage}/run.py exited with {code}")
             return
@@ -51,15 +44,13 @@ class StageJob:
         write_status(
             self.status_file, "running", host=os.uname().nodename, pid=os.getpid(), job_id=_job_id(), starts=starts
         )
-        if self.threads:
-            import torch
-
-            torch.set_num_threads(self.threads)
         start = time.time()
         stderr = _LastLine(sys.stderr)
         sys.stderr = stderr
         try:
-            code = run_main(main, argv)
+            code = self._run(argv)
+        except KeyboardInterrupt:  # stopped before the stage's main ran (importing it)
+            code = 130
         except BaseException as exc:
             write_status(self.status_file, "failed", error=last_line(repr(exc)), wall_s=round(time.time() - start))
             raise
@@ -75,6 +66,17 @@ class StageJob:
             write_status(self.status_file, "failed", error=error[:300], wall_s=wall)
             _end(code, f"{self.key}: {self.stage}/run.py exited with {code}")
         write_status(self.status_file, "done", wall_s=wall)
+
+    def _run(self, argv: list[str]) -> int:
+        """The stage's ``main(argv)`` through ``run_main`` (one-line errors, exit codes), on ``threads`` threads."""
+        import importlib
+
+        main = importlib.import_module(STAGES[self.stage]).main
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        return run_main(main, argv)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit

@@ -110,7 +110,14 @@ class Sweep:
     def submit(self, job: Job) -> Any:
         """One job on its own (this machine's executors)."""
         executor = make_executor(self.executor, self.layout, job.resources, self.plan, job.key)
-        handle = executor.submit(self._stage_job(job))
+        if self.executor == "local":  # its processes start with SIGINT ignored: a terminal's Ctrl-C reaches the
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # sweep, which stops them (SIGTERM), as in
+            try:  # a background shell; submitit's controller would print a traceback on SIGINT
+                handle = executor.submit(self._stage_job(job))
+            finally:
+                signal.signal(signal.SIGINT, previous)
+        else:
+            handle = executor.submit(self._stage_job(job))
         self.handles[job.key] = handle
         return handle
 
