@@ -262,11 +262,10 @@ def outcome(status: dict[str, Any], process: Any = None) -> tuple[str, str]:
 
 
 def _ended(handle: Any) -> bool:
-    """Whether a submitted local job's process has ended (its ``Popen``; submitit's ``done()`` reads no file)."""
+    """Whether a submitted local job's process has ended (its ``Popen``); a debug job, which runs in this process
+    (its ``done()`` would run it), has nothing left to end."""
     process = getattr(handle, "_process", None)
-    if isinstance(process, subprocess.Popen):
-        return process.poll() is not None
-    return bool(handle.done())
+    return process.poll() is not None if isinstance(process, subprocess.Popen) else True
 
 
 def _job_pids(handle: Any, layout: Layout, key: str) -> list[int]:
