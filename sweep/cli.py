@@ -37,11 +37,12 @@ from pathlib import Path
 from ringbench.cli import add_common_flags, run_main, sigterm_as_interrupt
 from ringbench.config import find_config
 from ringbench.errors import UserError
-from ringbench.fileio import atomic_write_text
+from ringbench.fileio import atomic_write_text, check_writable_dir, folder_lock
 from sweep.expand import Job, card_sha256, expand, mark_existing
+from sweep.folders import prepare_sweep_folders
 from sweep.plan import Layout, Resources, load_plan
 from sweep.schedule import EXECUTORS, Sweep, resolve_executor
-from sweep.status import status_rows
+from sweep.status import orphans, status_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,14 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     jobs = expand(plan, layout, device, quick=args.quick)
+    check_writable_dir(layout.results, "--results")
+    check_writable_dir(layout.workdir, "--workdir")
     executor = resolve_executor(args.executor)
-    mark_existing(jobs, layout.results, force=args.force)
-    if args.retry_failed:
-        failed_before = {r[0] for r in status_rows(layout) if r[1] in ("failed", "cancelled")}
-        for job in jobs:
-            if job.key not in failed_before and job.depends_on not in failed_before and not job.skip_reason:
-                job.skip_reason = "not failed"
     if args.dry_run:
+        _mark(jobs, layout, args)
         rows = [
             [
                 j.key,
@@ -114,6 +112,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         print(tabulate(rows, headers=["job", "action", "after", "resources", "stage", "arguments"]))
         return 0
+    prepare_sweep_folders(layout)  # owner-only, or refused: what it holds runs as code
+    with folder_lock(layout.sweep_dir, "sweep folder"):  # one controller at a time
+        return _run(args, plan_path, plan, jobs, layout, executor)
+
+
+def _run(args: argparse.Namespace, plan_path: Path, plan: dict, jobs: list[Job], layout: Layout, executor: str) -> int:
+    """Submit what is not done (none of what an earlier controller left running), follow it, print the table and
+    end with the failed jobs named."""
+    still = orphans(layout)
+    if still:
+        raise UserError(
+            f"{len(still)} job(s) of an earlier run of this sweep still run: {', '.join(still[:5])}; wait for them "
+            "(--status) or stop them (kill PID, scancel ID), then run again"
+        )
+    _mark(jobs, layout, args)
     todo = [j for j in jobs if not j.skip_reason]
     print(
         f"sweep {plan_path.stem}: {len(jobs)} jobs, {len(todo)} to run, {len(jobs) - len(todo)} done already; "
@@ -122,8 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sweep = Sweep(jobs, layout, plan, executor, plan_path.stem, parallel=args.jobs)
     if executor in ("local", "debug"):
-        with sigterm_as_interrupt():  # `kill` or a scheduler's timeout stops the jobs too, as Ctrl-C does
-            sweep.run_local(progress=True)
+        try:
+            with sigterm_as_interrupt():  # `kill` or a scheduler's timeout stops the jobs too, as Ctrl-C does
+                sweep.run_local(progress=True)
+        except KeyboardInterrupt:
+            print(f"stopped; {sweep.failures()}", file=sys.stderr)
+            return 130
     else:
         sweep.run_slurm()
         if args.no_wait:
@@ -131,12 +148,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         sweep.wait(progress=True)
     sweep.save()
-    failed = sorted(k for k, s in sweep.states.items() if s in ("failed", "cancelled"))
     if not args.no_table:
         print_table(jobs, layout)
-    if failed:
-        raise UserError(f"{len(failed)} job(s) failed: {', '.join(failed[:5])}; see --status for their logs")
+    failures = sweep.failures()
+    if failures:
+        raise UserError(failures)
     return 0
+
+
+def _mark(jobs: list[Job], layout: Layout, args: argparse.Namespace) -> None:
+    """Skip what exists; with ``--retry-failed`` also what did not fail (or was not cancelled) last time."""
+    mark_existing(jobs, layout.results, force=args.force)
+    if args.retry_failed:
+        failed_before = {r[0] for r in status_rows(layout) if r[1] in ("failed", "cancelled")}
+        for job in jobs:
+            if job.key not in failed_before and job.depends_on not in failed_before and not job.skip_reason:
+                job.skip_reason = "not failed"
 
 
 def _resource_text(res: Resources) -> str:
@@ -153,7 +180,8 @@ def print_table(jobs: list[Job], layout: Layout) -> None:
 
     cards = {card_sha256(j.card) for j in jobs if j.stage == "transfer" and Path(j.card).is_file()}
     tasks = {j.task for j in jobs if j.task}
-    records = [r for r in load_records(layout.results) if r.get("backbone_sha256") in cards and r["task"] in tasks]
+    stored = load_records(layout.results) if layout.results.is_dir() else []  # none yet: every job failed
+    records = [r for r in stored if r.get("backbone_sha256") in cards and r["task"] in tasks]
     if not records:
         print("no records for this plan yet", file=sys.stderr)
         return

@@ -23,6 +23,15 @@ from ringbench.fileio import path_component
 from sweep.plan import Layout, Resources, parse_resources
 from transfer.resolve import flag_argv, task_config
 
+# transfer/run.py flags a sweep sets itself (from --workdir, --results, --device, resources and the card), or that
+# would make a job do something else than run: a plan that sets them is refused
+OWNED_TASK_FLAGS = (
+    "backbone", "task", "name", "results", "output_dir", "cache_dir", "device", "force", "list_tasks",
+    "print_config", "readme", "debug", "num_gpus", "num_machines", "machine_rank", "dist_url",
+)  # fmt: skip
+OWNED_PRETRAIN_FLAGS = ("--config", "--out", "--workdir", "--device", "--seed", "--fresh", "--print-config")
+CARD_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".pkl")  # what transfer/run.py reads as a card or checkpoint
+
 
 @dataclass
 class Recipe:
@@ -72,6 +81,7 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
             matched = [Path(m).resolve() for m in sorted(glob.glob(str(pattern))) if Path(m).is_file()]
             if not matched:
                 raise UserError(f"{where}: {entry['path']!r} matches no file (under {layout.workdir})")
+            _refuse_non_cards(matched, where, entry["path"])
             cards += [(m, None) for m in matched]
             continue
         for job in _recipe_jobs(entry, where, plan, layout, device):
@@ -82,9 +92,12 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
         raise UserError(f"plan: several cards are named {twice}; card names (file stems) must be unique")
     by_task: list[tuple[str, dict[str, Any], list[Job]]] = []
     for task, settings in plan["tasks"].items():
+        if settings is not None and not isinstance(settings, dict):
+            raise UserError(f"plan tasks.{task}: expected a mapping of flags, got {type(settings).__name__}")
         settings = dict(settings or {})
         if not all(isinstance(k, str) for k in settings):
             raise UserError(f"plan tasks.{task}: flags must be names")
+        check_task_settings(task, settings)
         resources = parse_resources(settings.pop("resources", None), f"plan tasks.{task}.resources")
         if resources.nodes > 1 and tasks[task].family != "detectron2":
             raise UserError(f"plan tasks.{task}.resources: nodes > 1 needs a Detectron2 task (multi-machine launch)")
@@ -136,6 +149,12 @@ def _recipe_jobs(entry: dict[str, Any], where: str, plan: dict[str, Any], layout
     config = find_config(entry["config"], "pretrain")
     resources = parse_resources(entry["resources"], f"{where}.resources")
     args = [*map(str, plan["pretrain_args"]), *map(str, entry["args"])]
+    negative = [seed for seed in entry["seeds"] or [] if seed < 0]
+    if negative:
+        raise UserError(f"{where}: pretraining seeds must be >= 0, got {negative}")
+    owned = sorted({a.split("=")[0] for a in args if a.split("=")[0] in OWNED_PRETRAIN_FLAGS})
+    if owned:
+        raise UserError(f"{where}: {', '.join(owned)} is set by the sweep (seeds, --workdir, --device), not in args")
     seeds = entry["seeds"] or [None]
     try:
         recipe_config(config, args, seeds[0])  # bad flags, keys and values now, not in the job
@@ -155,6 +174,51 @@ def _recipe_jobs(entry: dict[str, Any], where: str, plan: dict[str, Any], layout
         recipe = Recipe(str(config), args, seed)
         jobs.append(Job(f"pretrain/{stem}", "pretrain", argv, str(card), resources, recipe=recipe))
     return jobs
+
+
+def check_task_settings(task: str, settings: dict[str, Any]) -> None:
+    """A task's plan settings against ``transfer/run.py``'s parser, before they become a command line: flags the
+    sweep owns are refused, a switch takes true or false, a one-value flag a scalar (not a list or mapping), a
+    many-value flag a list of scalars; argparse then checks each value's type (:func:`task_config`)."""
+    from transfer.run import build_parser
+
+    actions = build_parser()._option_string_actions
+    for key, value in settings.items():
+        name = key.replace("-", "_")
+        where = f"plan tasks.{task}.{key}"
+        if name in OWNED_TASK_FLAGS:
+            raise UserError(
+                f"{where}: --{name.replace('_', '-')} is set by the sweep (from its own flags, the plan's cards "
+                "and resources); leave it out of the plan"
+            )
+        if name == "resources":
+            continue
+        action = actions.get("--" + name.replace("_", "-"))
+        if action is None:
+            continue  # task_config names it as an unrecognized argument
+        scalar = (str, int, float)
+        if action.nargs == 0:
+            ok, expected = isinstance(value, bool) or value is None, "true or false"
+        elif action.nargs in (None, "?"):
+            ok, expected = value is None or (isinstance(value, scalar) and not isinstance(value, bool)), "one value"
+        else:
+            items = value if isinstance(value, list) else [value]
+            ok = all(isinstance(v, scalar) and not isinstance(v, bool) for v in items)
+            expected = "a value or a list of values"
+        if not ok:
+            raise UserError(f"{where}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+def _refuse_non_cards(matched: list[Path], where: str, pattern: str) -> None:
+    """Files a backbone glob matched that cannot be cards (another suffix, or empty) are one line, not a job
+    that fails later."""
+    bad = [m.name for m in matched if not m.name.endswith(CARD_SUFFIXES) or m.stat().st_size == 0]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise UserError(
+            f"{where}: {pattern!r} matches files that are not cards: {shown} (a card is a non-empty "
+            f"{', '.join(CARD_SUFFIXES)} file); narrow the pattern"
+        )
 
 
 def mark_existing(jobs: list[Job], results: Path, force: bool = False) -> None:

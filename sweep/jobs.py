@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,44 +28,103 @@ class StageJob:
         self.key, self.stage, self.argv = key, stage, list(argv)
         self.status_file, self.threads = status_file, threads
 
-    def __call__(self) -> int:
-        import importlib
-
+    def __call__(self) -> None:
+        """Run the stage; its outcome goes to the state file only (a job returns nothing: the sweep never reads
+        submitit's result pickles). A failure or a stop ends the job with a non-zero exit (Slurm's ``afterok``
+        sees it); in a local job SIGTERM stops the stage as Ctrl-C does (its state: cancelled)."""
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            _sigterm_stops_once()
         argv = multi_node_argv(self.argv)
         if node_rank() > 0:  # another node of a multi-node job: its part of the run; node 0 keeps the state
-            if self.threads:
-                import torch
-
-                torch.set_num_threads(self.threads)
-            code = run_main(importlib.import_module(STAGES[self.stage]).main, argv)
+            code = self._run(argv)
             if code != 0:
-                raise RuntimeError(f"{self.key} (node {node_rank()}): {self.stage}/run.py exited with {code}")
-            return code
+                _end(code, f"{self.key} (node {node_rank()}): {self.stage}/run.py exited with {code}")
+            return
         starts = int(read_status(self.status_file).get("starts", 0)) + 1  # > 1: requeued or retried
         write_status(
             self.status_file, "running", host=os.uname().nodename, pid=os.getpid(), job_id=_job_id(), starts=starts
         )
+        start = time.time()
+        stderr = _LastLine(sys.stderr)
+        sys.stderr = stderr
+        try:
+            code = self._run(argv)
+        except KeyboardInterrupt:  # stopped before the stage's main ran (importing it)
+            code = 130
+        except BaseException as exc:
+            write_status(self.status_file, "failed", error=last_line(repr(exc)), wall_s=round(time.time() - start))
+            raise
+        finally:
+            sys.stderr = stderr.stream
+        wall = round(time.time() - start)
+        if code == 130:  # Ctrl-C, or SIGTERM from its sweep
+            write_status(self.status_file, "cancelled", error="stopped by a signal (exit 130)", wall_s=wall)
+            _end(code, f"{self.key}: {self.stage}/run.py was stopped")
+        if code != 0:
+            last = stderr.last.removeprefix("error: ")  # run_main's one line
+            error = f"exit {code}" + (f": {last}" if last else "")
+            write_status(self.status_file, "failed", error=error[:300], wall_s=wall)
+            _end(code, f"{self.key}: {self.stage}/run.py exited with {code}")
+        write_status(self.status_file, "done", wall_s=wall)
+
+    def _run(self, argv: list[str]) -> int:
+        """The stage's ``main(argv)`` through ``run_main`` (one-line errors, exit codes), on ``threads`` threads."""
+        import importlib
+
+        main = importlib.import_module(STAGES[self.stage]).main
         if self.threads:
             import torch
 
             torch.set_num_threads(self.threads)
-        start = time.time()
-        try:
-            code = run_main(importlib.import_module(STAGES[self.stage]).main, argv)
-        except BaseException as exc:
-            write_status(self.status_file, "failed", error=last_line(repr(exc)), wall_s=round(time.time() - start))
-            raise
-        if code != 0:
-            write_status(self.status_file, "failed", error=f"exit {code}", wall_s=round(time.time() - start))
-            raise RuntimeError(f"{self.key}: {self.stage}/run.py exited with {code}")
-        write_status(self.status_file, "done", wall_s=round(time.time() - start))
-        return code
+        return run_main(main, argv)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
 
         write_status(self.status_file, "requeued", job_id=_job_id())
         return submitit.helpers.DelayedSubmission(self)
+
+
+class _LastLine:
+    """A text stream that passes every write on and remembers the last non-empty line (the stage's one-line
+    error, which ``run_main`` prints last, goes to the job's state file)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.last, self._partial = stream, "", ""
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.strip():
+                self.last = line.strip()
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _sigterm_stops_once() -> None:
+    """SIGTERM raises KeyboardInterrupt once (the stage ends as on Ctrl-C; a repeated signal does not break its
+    cleanup). Submitit's job wrapper passes SIGTERM by (Slurm sends it before a preemption), and a job started
+    from a non-interactive shell's background ignores SIGINT, so a local sweep stops its jobs with SIGTERM."""
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _end(code: int, message: str) -> None:
+    """End a job that failed or was stopped: in a job process by exiting with ``code`` (no traceback, no result
+    pickle); in the debug executor, which runs jobs in the sweep's own process, by an exception."""
+    if os.environ.get("SUBMITIT_EXECUTOR") in ("local", "slurm"):
+        raise SystemExit(code)
+    raise RuntimeError(message)
 
 
 def node_rank() -> int:

@@ -64,11 +64,15 @@ def load_plan(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: the plan needs a non-empty 'backbones' list")
     if not plan["tasks"]:
         raise UserError(f"{path}: the plan needs a non-empty 'tasks' mapping")
+    if plan["cluster"]["array_parallelism"] < 1:
+        raise UserError(f"{path}: cluster.array_parallelism must be at least 1")
     return plan
 
 
 def parse_resources(data: Any, where: str) -> Resources:
     """A ``resources:`` mapping over the defaults, checked (counts at least 1, no negative GPUs)."""
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping (gpus, cpus, mem_gb, time_min, nodes), got {data!r}")
     values = compose(Resources, [(where, data or {})])
     res = Resources(**values)
     if res.gpus < 0 or res.cpus < 1 or res.mem_gb <= 0 or res.time_min < 1 or res.nodes < 1:

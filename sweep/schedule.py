@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,9 +20,9 @@ from typing import Any
 from ringbench.errors import UserError
 from ringbench.fileio import atomic_write_text
 from sweep.expand import Job
-from sweep.jobs import StageJob, last_line, read_status, status_file, write_status
+from sweep.jobs import StageJob, read_status, status_file, write_status
 from sweep.plan import Layout, Resources
-from sweep.status import STATES_FINAL, slurm_state, squeue_states
+from sweep.status import STATES_FINAL, read_jobs_file, slurm_state, squeue_states
 
 EXECUTORS = ("auto", "local", "slurm", "debug")
 
@@ -62,12 +64,22 @@ class Sweep:
     parallel: int = 1
     handles: dict[str, Any] = field(default_factory=dict)  # key -> submitit job
     states: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # key -> the last error line or why it was not run
+
+    def failures(self) -> str:
+        """``N job(s) failed: key (its last error line); ...``, or "" when none failed or was cancelled."""
+        failed = sorted(k for k, s in self.states.items() if s in ("failed", "cancelled"))
+        if not failed:
+            return ""
+        named = [f"{k} ({self.notes.get(k) or self.states[k]})" for k in failed[:5]]
+        more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
+        return f"{len(failed)} job(s) failed: {'; '.join(named)}{more}; see --status for their logs"
 
     def save(self) -> None:
         """``jobs.json``: every job, its command, scheduler id and log, for ``--status`` (a job not
         submitted this time keeps what the last submission of it recorded)."""
         path = self.layout.sweep_dir / "jobs.json"
-        before = {e["key"]: e for e in json.loads(path.read_text())["jobs"]} if path.is_file() else {}
+        before = {e["key"]: e for e in read_jobs_file(path)["jobs"]} if path.is_file() else {}
         entries = []
         for job in self.jobs:
             handle = self.handles.get(job.key)
@@ -98,12 +110,21 @@ class Sweep:
     def submit(self, job: Job) -> Any:
         """One job on its own (this machine's executors)."""
         executor = make_executor(self.executor, self.layout, job.resources, self.plan, job.key)
-        handle = executor.submit(self._stage_job(job))
+        if self.executor == "local":  # its processes start with SIGINT ignored: a terminal's Ctrl-C reaches the
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # sweep, which stops them (SIGTERM), as in
+            try:  # a background shell; submitit's controller would print a traceback on SIGINT
+                handle = executor.submit(self._stage_job(job))
+            finally:
+                signal.signal(signal.SIGINT, previous)
+        else:
+            handle = executor.submit(self._stage_job(job))
         self.handles[job.key] = handle
         return handle
 
     def run_local(self, progress: bool = True) -> None:
-        """At most ``parallel`` jobs at once; a transfer job starts once its card's job is done."""
+        """At most ``parallel`` jobs at once; a transfer job starts once its card's job is done. Stopped
+        (KeyboardInterrupt: Ctrl-C, or SIGTERM through :func:`ringbench.cli.sigterm_as_interrupt`), it stops the
+        jobs it started with SIGTERM, marks them cancelled and raises KeyboardInterrupt again."""
         todo = [j for j in self.jobs if not j.skip_reason]
         for job in self.jobs:
             if job.skip_reason:
@@ -111,14 +132,38 @@ class Sweep:
         running: dict[str, Any] = {}
         try:
             self._schedule(todo, running, progress)
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): no job outlives its sweep
-            for key, handle in running.items():
-                handle.cancel(check=False)  # SIGINT: the stage ends as on Ctrl-C (exit 130)
-                self._set(key, "cancelled", "the sweep was interrupted", progress)
-            for handle in running.values():
-                _wait_for(handle, seconds=30)
-            self.save()
+        except KeyboardInterrupt:  # no job outlives its sweep
+            previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second `kill` does not cut the cleanup
+            try:
+                self.stop(running, progress)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
             raise
+
+    def stop(self, running: dict[str, Any], progress: bool, grace_s: float = 30.0) -> None:
+        """Stop the running local jobs: SIGTERM to each job's submitit controller (which passes it to the job's
+        process) and to the job's process itself (SIGINT would be ignored in a non-interactive shell's
+        background); SIGKILL to what still runs after ``grace_s``. Each is marked cancelled."""
+        for key, handle in running.items():
+            for pid in _job_pids(handle, self.layout, key):
+                _signal(pid, signal.SIGTERM)
+            if not isinstance(getattr(handle, "_process", None), subprocess.Popen):
+                handle.cancel(check=False)  # the debug executor: nothing runs outside this process
+            self._set(key, "cancelled", "the sweep was interrupted", progress)
+        deadline = time.monotonic() + grace_s
+        for key, handle in running.items():
+            while not _ended(handle) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not _ended(handle):
+                for pid in _job_pids(handle, self.layout, key):
+                    _signal(pid, signal.SIGKILL)
+            status_path = status_file(self.layout, key)
+            state = read_status(status_path).get("state")
+            if state in ("pending", "running"):
+                write_status(status_path, "cancelled", error="the sweep was interrupted")
+            elif state == "done":  # it finished before the signal came
+                self._set(key, "done", "", progress)
+        self.save()
 
     def _schedule(self, todo: list[Job], running: dict[str, Any], progress: bool) -> None:
         while todo or running:
@@ -135,12 +180,13 @@ class Sweep:
                     self.save()
                     self._set(job.key, "running", "", progress)
             for key, handle in list(running.items()):
-                # the debug executor runs the job here, on this call (its done() would open pdb on an error)
-                if self.executor == "debug" or handle.done():
-                    del running[key]
-                    exc = handle.exception()
-                    error = last_line(str(exc)) if exc is not None else ""
-                    self._set(key, "failed" if exc is not None else "done", error, progress)
+                if self.executor == "debug":  # runs the job here, in memory (its done() would open pdb on an error)
+                    handle.exception()
+                elif not _ended(handle):
+                    continue
+                del running[key]
+                state, error = outcome(read_status(status_file(self.layout, key)), getattr(handle, "_process", None))
+                self._set(key, state, error, progress)
             time.sleep(0.2)
 
     def run_slurm(self) -> None:
@@ -179,7 +225,7 @@ class Sweep:
                 status = read_status(status_file(self.layout, key))
                 queued = queue.get(str(handle.job_id))
                 state = slurm_state(status, queued)
-                if state in ("done", "failed"):
+                if state in ("done", "failed", "cancelled"):
                     self._set(key, state, status.get("error", ""), progress)
                 elif queued is None:  # left the queue: its state file should say how; give it a moment
                     if time.monotonic() - gone.setdefault(key, time.monotonic()) > 30:
@@ -194,6 +240,7 @@ class Sweep:
 
     def _set(self, key: str, state: str, note: str, progress: bool) -> None:
         self.states[key] = state
+        self.notes[key] = note
         if progress:
             done = sum(s in STATES_FINAL for s in self.states.values())
             print(
@@ -203,11 +250,49 @@ class Sweep:
             )
 
 
-def _wait_for(handle: Any, seconds: float) -> None:
-    """Until a cancelled local job has ended (it stops at its next Python instruction), at most ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not handle.done() and time.monotonic() < deadline:
-        time.sleep(0.1)
+def outcome(status: dict[str, Any], process: Any = None) -> tuple[str, str]:
+    """A finished job's state and last error line, from its own state file (never from what submitit pickled):
+    a job that ended without writing done, failed or cancelled failed (killed, or it died before its stage ran)."""
+    state = status.get("state")
+    if state in ("done", "failed", "cancelled"):
+        return state, str(status.get("error", "")) if state != "done" else ""
+    code = process.poll() if isinstance(process, subprocess.Popen) else None
+    how = f"exit {code}" if code is not None and code >= 0 else f"signal {-code}" if code is not None else "no state"
+    return "failed", f"the job ended without saying how ({how}); see its log"
+
+
+def _ended(handle: Any) -> bool:
+    """Whether a submitted local job's process has ended (its ``Popen``); a debug job, which runs in this process
+    (its ``done()`` would run it), has nothing left to end."""
+    process = getattr(handle, "_process", None)
+    return process.poll() is not None if isinstance(process, subprocess.Popen) else True
+
+
+def _job_pids(handle: Any, layout: Layout, key: str) -> list[int]:
+    """The processes of a running local job: submitit's controller (this sweep's child) and the job's own
+    process, named by its state file only when this host's ``/proc`` shows it as the controller's child."""
+    process = getattr(handle, "_process", None)
+    if not isinstance(process, subprocess.Popen) or process.poll() is not None:
+        return []
+    pids = [process.pid]
+    pid = read_status(status_file(layout, key)).get("pid")
+    if isinstance(pid, int) and pid != process.pid and _parent(pid) == process.pid:
+        pids.append(pid)
+    return pids
+
+
+def _parent(pid: int) -> int | None:
+    """The parent of ``pid`` on this host (Linux ``/proc``), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return int(text.rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
 
 
 def slurm_answers() -> bool:

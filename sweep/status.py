@@ -7,10 +7,11 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from ringbench.errors import UserError
-from sweep.jobs import read_status
+from sweep.jobs import read_status, status_file
 from sweep.plan import Layout
 
 STATES_FINAL = ("done", "skipped", "failed", "cancelled")
@@ -29,9 +30,25 @@ def squeue_states() -> dict[str, str]:
 def slurm_state(status: dict[str, Any], queued: str | None, default: str = "pending") -> str:
     """A Slurm job's state: its own state file once it has finished, else what ``squeue`` says of it."""
     state = status.get("state", default)
-    if state in ("done", "failed") or queued is None:
+    if state in ("done", "failed", "cancelled") or queued is None:
         return state
     return queued.lower()
+
+
+def read_jobs_file(path: Path) -> dict[str, Any]:
+    """A sweep's ``jobs.json``, checked: a file that is not JSON or not shaped as the sweep writes it is one line
+    naming it (a :class:`UserError`), never a traceback."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: damaged, not JSON ({exc}); remove it, then run the sweep again") from exc
+    jobs = data.get("jobs") if isinstance(data, dict) else None
+    fields = {"key": str, "skip_reason": str}
+    if not isinstance(jobs, list) or not all(
+        isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in fields.items()) for e in jobs
+    ):
+        raise UserError(f"{path}: damaged, not a sweep's list of jobs; remove it, then run the sweep again")
+    return data
 
 
 def status_rows(layout: Layout) -> list[list[Any]]:
@@ -39,11 +56,11 @@ def status_rows(layout: Layout) -> list[list[Any]]:
     path = layout.sweep_dir / "jobs.json"
     if not path.is_file():
         raise UserError(f"{path}: no sweep has been submitted from this plan and workdir")
-    data = json.loads(path.read_text())
+    data = read_jobs_file(path)
     queue = squeue_states() if data.get("executor") == "slurm" else {}
     rows = []
     for entry in data["jobs"]:
-        status = read_status(entry["status_file"])
+        status = read_status(status_file(layout, entry["key"]))  # where the sweep puts it, not where a file says
         reason = entry["skip_reason"]
         state = "done" if reason in EXISTS else "skipped" if reason else status.get("state", "not submitted")
         job_id = entry.get("job_id")
@@ -59,10 +76,49 @@ def status_rows(layout: Layout) -> list[list[Any]]:
                 job_id or "",
                 f"{status['wall_s']} s" if "wall_s" in status else "",
                 entry.get("log") or "",
-                status.get("error", "") if state == "failed" else reason,
+                status.get("error", "") if state in ("failed", "cancelled") else reason,
             ]
         )
     return rows
+
+
+def orphans(layout: Layout) -> list[str]:
+    """Jobs of an earlier controller of this sweep that still run: a state file saying pending, running or
+    requeued whose job process is alive on this host (its command line names this sweep's folder), or whose
+    Slurm job is still in the queue (its id from the state file or ``jobs.json``). Each as ``key (where)``."""
+    ids: dict[str, str] = {}
+    jobs_path = layout.sweep_dir / "jobs.json"
+    if jobs_path.is_file():
+        ids = {e["key"]: str(e["job_id"]) for e in read_jobs_file(jobs_path)["jobs"] if e.get("job_id")}
+    queue: dict[str, str] | None = None
+    found = []
+    for path in sorted(layout.status_dir.glob("*.json")) if layout.status_dir.is_dir() else []:
+        status = read_status(path)
+        if status.get("state") not in ("pending", "running", "requeued"):
+            continue
+        key = str(status.get("key") or path.stem.replace("__", "/"))
+        pid, host = status.get("pid"), status.get("host")
+        if isinstance(pid, int) and host == os.uname().nodename and _runs_here(pid, layout):
+            found.append(f"{key} (pid {pid})")
+            continue
+        job_id = str(status.get("job_id") or ids.get(key) or "")
+        if job_id and shutil.which("squeue"):
+            queue = squeue_states() if queue is None else queue
+            if job_id in queue:
+                found.append(f"{key} (Slurm job {job_id}, {queue[job_id].lower()})")
+    return found
+
+
+def _runs_here(pid: int, layout: Layout) -> bool:
+    """Whether ``pid`` is alive on this host and is a submitit job of this sweep (its command line names the
+    sweep's folder), not a process that reused the number."""
+    if not _alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return True  # no /proc: alive is all that can be told
+    return str(layout.sweep_dir) in cmdline
 
 
 def _alive(pid: Any) -> bool:

@@ -984,3 +984,236 @@ def test_implausible_percentages_are_flagged(tmp_path):
     assert table.ranks[keys["high"]][0] is None and table.ranks[keys["fine"]][0] == 1.0
     other_unit = {**high, "units": {"acc": "mAP points"}}  # not a percentage: not judged
     assert not build_table([other_unit, fine]).implausible
+
+
+# --- sweeps: their own files only, stopped with their jobs, plans checked before submission ------------------------
+@pytest.fixture(scope="module")
+def _shared_card(tmp_path_factory) -> Path:
+    return write_card(tmp_path_factory.mktemp("card") / "c.pth")
+
+
+@pytest.fixture
+def _sweep_plan(_shared_card):
+    """``make(tmp_path, tasks, backbones)``: a workdir with one card (cards/c.pth) and a plan of one tiny few-shot
+    job; the sweep's arguments (local executor)."""
+    return lambda tmp_path, *args: _sweep_argv(tmp_path, _shared_card, *args)
+
+
+def _sweep_argv(tmp_path: Path, card: Path, tasks: str = "", backbones: str = "[{path: 'cards/*.pth'}]") -> list[str]:
+    from tests.test_sweep import TINY_FEWSHOT
+
+    (tmp_path / "cards").mkdir()
+    (tmp_path / "cards" / "c.pth").symlink_to(card)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"backbones: {backbones}\ntasks:\n" + (tasks or TINY_FEWSHOT))
+    return ["--plan", str(plan), "--workdir", str(tmp_path), "--executor", "local", "--no-table"]
+
+
+def _sweep_layout(tmp_path: Path):
+    from sweep.plan import Layout
+
+    return Layout(tmp_path, tmp_path / "results", tmp_path / "sweeps" / "plan")
+
+
+def test_a_crafted_result_pickle_in_a_sweep_folder_never_runs(tmp_path, marker, monkeypatch):
+    """A job's outcome is read from its JSON state file: the result pickle submitit reads in ``exception()`` and
+    ``result()`` (which anyone able to write the folder could replace) is never opened; a job returns nothing."""
+    from submitit.local.local import LocalJob
+
+    from sweep.expand import Job
+    from sweep.jobs import StageJob, status_file, write_status
+    from sweep.plan import Resources
+    from sweep.schedule import Sweep
+
+    layout = _sweep_layout(tmp_path)
+    layout.status_dir.mkdir(parents=True)
+    folder = layout.sweep_dir / "submitit" / "1"
+    folder.mkdir(parents=True)
+
+    def submit(self, job):  # a finished local job whose folder holds a crafted result pickle
+        process = subprocess.Popen([sys.executable, "-c", "pass"])
+        handle = LocalJob(folder, str(process.pid), process=process)
+        _evil_pickle(handle.paths.result_pickle, marker, wrap=lambda p: ("success", p))
+        write_status(status_file(layout, job.key), "failed", key=job.key, error="exit 2: error: a bad card")
+        self.handles[job.key] = handle
+        return handle
+
+    monkeypatch.setattr(Sweep, "submit", submit)
+    sweep = Sweep([Job("t/c", "transfer", [], str(tmp_path / "c.pth"), Resources())], layout, {}, "local", "plan")
+    sweep.run_local(progress=False)
+    assert sweep.states == {"t/c": "failed"} and "1 job(s) failed: t/c (exit 2: error: a bad card)" in sweep.failures()
+    assert not marker.exists()
+    with contextlib.suppress(Exception):  # the premise: submitit's own reader would have run it
+        sweep.handles["t/c"].exception()
+    assert marker.exists()
+    marker.unlink()
+    path = status_file(layout, "x/y")
+    assert StageJob("x/y", "transfer", ["--list-tasks"], str(path))() is None  # nothing to pickle back
+    assert json.loads(path.read_text())["state"] == "done"
+
+
+def test_sweep_folders_are_owner_only_and_shared_ones_are_refused(tmp_path, capsys, _sweep_plan):
+    """Sweep, submitit and status folders are made 0o700 whatever the umask; one that group or others can write
+    is refused in one line naming it, before anything is submitted."""
+    from sweep import cli
+    from sweep.folders import prepare_sweep_folders
+
+    layout = _sweep_layout(tmp_path / "w")
+    old = os.umask(0o002)
+    try:
+        prepare_sweep_folders(layout)
+    finally:
+        os.umask(old)
+    for folder in (layout.sweep_dir.parent, layout.sweep_dir, layout.sweep_dir / "submitit", layout.status_dir):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    argv = _sweep_plan(tmp_path)
+    shared = tmp_path / "sweeps" / "plan" / "submitit"
+    shared.mkdir(parents=True)
+    shared.chmod(0o775)
+    assert run_main(cli.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: sweep folder {shared} can be written by others (mode 775); what it holds runs as code " + (
+        f"(submitit's pickles): chmod go-w {shared}, or use a workdir of your own"
+    )
+    assert not (tmp_path / "sweeps" / "plan" / "jobs.json").exists() and not any(shared.iterdir())
+
+
+def test_a_sweep_folder_takes_one_controller_and_finds_orphaned_jobs(tmp_path, capsys, _sweep_plan):
+    """A second controller on the same plan is refused (the folder's lock); a job an earlier, killed controller
+    left running (its state file says running, its process lives) is reported and not submitted again."""
+    from sweep import cli
+    from sweep.jobs import status_file, write_status
+    from sweep.status import orphans
+
+    argv = _sweep_plan(tmp_path)
+    layout = _sweep_layout(tmp_path)
+    with fileio.folder_lock(layout.sweep_dir, "sweep folder"):
+        assert run_main(cli.main, argv) == 2
+    assert f"sweep folder {layout.sweep_dir} is in use by pid {os.getpid()}" in capsys.readouterr().err
+    # a job process of this sweep, still running (its command line names the sweep's folder, as submitit's does)
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(layout.sweep_dir / "submitit")])
+    try:
+        path = status_file(layout, "fewshot_digits/c")
+        write_status(path, "running", key="fewshot_digits/c", pid=job.pid, host=os.uname().nodename)
+        assert run_main(cli.main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"error: 1 job(s) of an earlier run of this sweep still run: fewshot_digits/c (pid {job.pid}); wait "
+            "for them (--status) or stop them (kill PID, scancel ID), then run again"
+        ]
+        assert json.loads(path.read_text())["state"] == "running"  # not submitted again
+    finally:
+        job.kill()
+        job.wait()
+    assert orphans(layout) == []  # its process is gone: a next run submits it
+
+
+@pytest.mark.heavy
+def test_a_backgrounded_sweep_stopped_by_sigterm_stops_its_jobs(tmp_path):
+    """A sweep started in a non-interactive shell's background (SIGINT ignored, by the sweep and its jobs) and
+    stopped by ``kill`` stops its job (SIGTERM), which ends as cancelled; no traceback; the last line names it."""
+    import signal
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "pretrain_args: [--data, synthetic, --profile, demo]\n"
+        "backbones: [{name: long, config: moco, seeds: [0], args: [--epochs, '200']}]\n"
+        "tasks: {fewshot_digits: {episodes: 6}}\n"
+    )
+    sweep = f"{sys.executable} -m sweep --plan {plan} --workdir {tmp_path} --executor local"
+    shell = subprocess.Popen(
+        ["bash", "-c", f"{sweep} 2>{tmp_path / 'err'} & echo $!; wait $!; echo $?"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    status_path = tmp_path / "sweeps" / "plan" / "status" / "pretrain__long_s0.json"
+    try:
+        sweep_pid = int(shell.stdout.readline())
+        deadline = time.monotonic() + 120
+        pid = None
+        while pid is None and time.monotonic() < deadline and shell.poll() is None:
+            time.sleep(0.2)
+            if status_path.is_file():
+                pid = json.loads(status_path.read_text() or "{}").get("pid")
+        assert pid is not None, "the pretraining job never started"
+        for process in (sweep_pid, pid):  # the premise: SIGINT (submitit's cancel) would be ignored
+            ignored = int(Path(f"/proc/{process}/status").read_text().split("SigIgn:")[1].split()[0], 16)
+            assert ignored & (1 << (signal.SIGINT - 1)), process
+        time.sleep(1)  # inside the stage's own code
+        os.kill(sweep_pid, signal.SIGTERM)
+        out, _ = shell.communicate(timeout=60)
+        assert out.split()[-1] == "130"
+        for _ in range(50):  # the job's process is gone
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"job process {pid} still runs after its sweep was stopped")
+        err = (tmp_path / "err").read_text()
+        assert "Traceback" not in err and "pretrain/long_s0: cancelled (the sweep was interrupted)" in err
+        assert err.strip().splitlines()[-1] == (
+            "stopped; 1 job(s) failed: pretrain/long_s0 (the sweep was interrupted); see --status for their logs"
+        )
+        assert json.loads(status_path.read_text())["state"] == "cancelled"
+        assert not (tmp_path / "cards" / "long_s0.pth").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+
+
+@pytest.mark.parametrize(
+    "tasks, backbones, message",
+    [
+        (
+            "  fewshot_digits: {results: /elsewhere}\n",
+            None,
+            r"tasks.fewshot_digits.results: --results is set by the sweep .*; leave it out of the plan",
+        ),
+        ("  fewshot_digits: {output-dir: /x}\n", None, r"--output-dir is set by the sweep"),
+        ("  fewshot_digits: {device: cuda}\n", None, r"--device is set by the sweep"),
+        ("  fewshot_digits: {print_config: true}\n", None, r"--print-config is set by the sweep"),
+        ("  fewshot_digits: {backbone: x.pth, name: y}\n", None, r"--backbone is set by the sweep"),
+        ("  fewshot_digits: {episodes: [300]}\n", None, r"tasks.fewshot_digits.episodes: expected one value, got list"),
+        ("  fewshot_digits: {no_tensorboard: 'yes'}\n", None, r"expected true or false, got str 'yes'"),
+        ("  fewshot_digits: [1]\n", None, r"tasks.fewshot_digits: expected a mapping of flags, got list"),
+        ("  fewshot_digits: {resources: 4}\n", None, r"resources: expected a mapping .*got 4"),
+        ("  fewshot_digits: {resources: {gpus: two}}\n", None, r"'gpus' must be an int, got 'two'"),
+        (None, "[{path: 'cards/*'}]", r"'cards/\*' matches files that are not cards: notes.txt"),
+        (None, "[{name: r, config: moco, seeds: [0, -1]}]", r"pretraining seeds must be >= 0, got \[-1\]"),
+        (None, "[{name: r, config: moco, args: [--out, x.pth]}]", r"--out is set by the sweep"),
+    ],
+)
+def test_a_plan_is_checked_for_what_its_jobs_would_hit(tmp_path, capsys, _sweep_plan, tasks, backbones, message):
+    """Flags the sweep owns, wrong types, negative seeds and globs matching non-cards are one line, exit 2,
+    before anything is submitted."""
+    import re
+
+    from sweep import cli
+
+    argv = _sweep_plan(tmp_path, tasks or "", backbones or "[{path: 'cards/*.pth'}]")
+    (tmp_path / "cards" / "notes.txt").write_text("not a card")
+    assert run_main(cli.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_an_unwritable_results_folder_and_a_damaged_jobs_file_are_one_line(tmp_path, capsys, _sweep_plan):
+    from sweep import cli
+
+    argv = _sweep_plan(tmp_path)
+    (tmp_path / "file").write_text("x")
+    assert run_main(cli.main, [*argv, "--results", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --results {tmp_path / 'file'}: is a file, not a folder"
+    assert not (tmp_path / "sweeps").exists()
+    jobs = tmp_path / "sweeps" / "plan" / "jobs.json"
+    jobs.parent.mkdir(parents=True, mode=0o700)
+    for text in ('{"jobs": [', '{"jobs": [{"key": 3}]}', "[]"):
+        jobs.write_text(text)
+        for extra in ("--status", "--retry-failed"):
+            assert run_main(cli.main, [*argv, extra]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"error: {jobs}: damaged") and "remove it" in err[0], err
