@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from ringbench.errors import UserError
-from tests.helpers import write_card
 from transfer.checkpoints import load_backbone
 from transfer.knn import add_knn_arguments, knn_evaluation, knn_peak_bytes
 from transfer.tasks import TaskContext, get_task
@@ -65,14 +64,6 @@ def test_missing_data_names_the_knn_task(tmp_path):
         task.validate(None, task.make_config(_args()))
     with pytest.raises(UserError, match=r"expected .*cifar-10-batches-py/"):
         task.validate(None, task.make_config(_args("--data-root", str(tmp_path))))
-
-
-@pytest.fixture(scope="session")
-def twin_card(tmp_path_factory):
-    """One small card and one feature cache for the kNN and SVM twins (the same synthetic shapes:
-    the second twin reads the first one's features)."""
-    folder = tmp_path_factory.mktemp("twins")
-    return write_card(folder / "card.pth", image_size=16), folder / "cache"
 
 
 def test_knn_synthetic_end_to_end(tmp_path, twin_card):

@@ -35,6 +35,7 @@ _TASK_MODULES: dict[str, tuple[str, ...]] = {
     "transfer.fewshot": (),
     "transfer.knn": (),
     "transfer.linear": (),
+    "transfer.svm": (),
 }
 
 

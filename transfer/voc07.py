@@ -9,6 +9,9 @@ Shared by the tasks that evaluate on VOC2007 classification (``svm_voc2007``,
 * :func:`voc11_average_precision` ``(scores, labels) -> float``: one class, exactly as the VOC2007
   devkit's ``VOCevalcls.m`` (difficult images ignored; precision interpolated at recall
   0, 0.1, ..., 1), and :func:`voc11_mean_average_precision` over the 20 columns;
+* :func:`voc2007_image_set` ``(root, split) -> (ImageSet, labels)``: the split as an image set for
+  ``metadataset.features.cached_features``; each image's "class" is its row, so that the labels of
+  the images whose features exist are ``labels[features.labels]`` (a corrupt image is skipped);
 * :func:`allpoint_average_precision`: the area under the interpolated precision-recall curve (VOC2010
   and later devkits), which VISSL's and mmselfsup's SVM benchmarks report (``calculate_ap`` in
   VISSL's ``vissl/utils/svm_utils/evaluate.py``): kept so that their published numbers can be compared.
@@ -21,10 +24,13 @@ file), and ``JPEGImages/<image id>.jpg``. ``root`` may also be the ``VOCdevkit``
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from metadataset.sources import ImageSet, data_digest, decode_image
 from ringbench.errors import UserError
 
 VOC_CLASSES = (
@@ -114,6 +120,28 @@ def read_voc2007_classification(root: str | os.PathLike | None, split: str) -> t
         if not path.is_file():
             raise UserError(f"VOC2007: expected {path} ({LAYOUT})")
     return paths, np.asarray(columns, dtype=np.int8).T.copy()
+
+
+def voc2007_image_set(root: str | os.PathLike | None, split: str) -> tuple[ImageSet, np.ndarray]:
+    """The images of ``split`` as an :class:`ImageSet` named ``voc2007`` whose class indices are the
+    rows of ``labels`` (one "class" per image, named by its id), and ``labels`` as
+    :func:`read_voc2007_classification` returns them. The fingerprint covers ids, labels and file sizes."""
+    paths, labels = read_voc2007_classification(root, split)
+
+    def items() -> Iterator[tuple[int, str, Any]]:
+        for row, path in enumerate(paths):
+            yield row, f"{split}/{path.name}", (lambda path=path: decode_image(path.read_bytes()))
+
+    ids = [p.stem for p in paths]
+    image_set = ImageSet(
+        name="voc2007",
+        split=split,
+        class_names=ids,
+        items=items,
+        counts=np.ones(len(ids), dtype=np.int64),
+        fingerprint=data_digest("voc2007", split, ids, labels.tolist(), [p.stat().st_size for p in paths]),
+    )
+    return image_set, labels
 
 
 # --- average precision -----------------------------------------------------------------------------
