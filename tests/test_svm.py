@@ -114,3 +114,35 @@ def test_svm_twins_end_to_end(tmp_path, twin_card, task_name):
         assert result.metrics["map_k2"] == pytest.approx(np.mean([s["map_k2"] for s in result.extra["per_seed"]]))
         assert result.extra["cost"]["k1"] == result.extra["cost"]["k2"]
         assert len(result.extra["test_map_by_cost"]["k1"][0]) == 2
+
+
+@pytest.mark.slow
+def test_voc2007_tasks_end_to_end_on_a_devkit_layout(tmp_path, twin_card):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ids = {"trainval": [f"{i:06d}" for i in range(40)], "test": [f"{i:06d}" for i in range(100, 120)]}
+    labels = {}
+    for split, names in ids.items():
+        matrix = np.full((len(names), 20), NEGATIVE, dtype=np.int8)
+        matrix[np.arange(len(names)), np.arange(len(names)) % 20] = POSITIVE
+        labels[split] = matrix
+    labels["test"][0, 5] = DIFFICULT
+    write_voc2007(tmp_path / "data", ids, labels)
+    jpegs = tmp_path / "data" / "VOCdevkit" / "VOC2007" / "JPEGImages"
+    for names in ids.values():
+        for i in names:
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(jpegs / f"{i}.jpg")
+    card, cache = twin_card
+    backbone = load_backbone(card)
+    root = ["--data-root", str(tmp_path / "data"), "--svm-costs", "0.1,10"]
+    full = get_task("svm_voc2007")
+    config = full.make_config(_args(*root))
+    full.validate(backbone, config)
+    result = full.run(backbone, config, TaskContext(output_dir=tmp_path / "run", cache_dir=cache))
+    assert result.extra["train_images"] == 40 and result.extra["test_images"] == 20
+    assert len(result.extra["ap"]) == 20 and 0 <= result.metrics["map"] <= 100
+    low = get_task("svm_voc2007_lowshot")
+    config = low.make_config(_args(*root, "--svm-lowshot-ks", "1,2", "--svm-lowshot-samples", "2"))
+    result = low.run(backbone, config, TaskContext(output_dir=tmp_path / "low", cache_dir=cache))
+    assert result.extra["feature_cache"]["train"]["hit"] and set(result.metrics) == {"map_k1", "map_k2"}

@@ -69,7 +69,7 @@ MAX_ITER = 2000  # SVM.max_iter
 # VISSL low_shot_transfer/voc07/eval_resnet_8gpu_transfer_voc07_low_shot_svm.yaml (SVM.low_shot)
 LOWSHOT_KS = (1, 2, 4, 8, 16, 32, 64, 96)
 LOWSHOT_SAMPLES = 5  # sample_inds: [1, 2, 3, 4, 5]
-SYNTHETIC_LOWSHOT_KS = (1, 2, 4, 8)
+SYNTHETIC_LOWSHOT_KS = (1, 2, 4)
 NORM_EPS = 1e-5  # vissl/utils/svm_utils/svm_trainer.py, _normalize_features
 
 
@@ -86,7 +86,7 @@ class SvmSettings:
         default=None,
         metadata={
             "help": "low-shot positives per class, comma-separated (default: 1,2,4,8,16,32,64,96; "
-            "svm_synthetic_lowshot: 1,2,4,8)"
+            "svm_synthetic_lowshot: 1,2,4)"
         },
     )
     svm_lowshot_samples: int = field(
