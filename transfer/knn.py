@@ -75,9 +75,14 @@ def add_knn_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _normalised(x: np.ndarray | torch.Tensor, device: str) -> torch.Tensor:
-    t = torch.from_numpy(np.array(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x  # a copy of a memmap
-    t = t.to(device=device, dtype=torch.float32)
-    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    """Rows scaled to unit norm, as float32 on ``device``: a copy (of a memory-mapped chunk, say),
+    normalised in place so that the device holds one copy only."""
+    if isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.array(x, dtype=np.float32))
+    else:
+        t = torch.as_tensor(x, dtype=torch.float32).clone()
+    t = t.to(device)
+    return t.div_(t.norm(dim=1, keepdim=True).clamp_min_(1e-12))
 
 
 def nearest_neighbours(
