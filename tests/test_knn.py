@@ -7,6 +7,7 @@ import argparse
 
 import numpy as np
 import pytest
+import torch
 
 from ringbench.errors import UserError
 from transfer.checkpoints import load_backbone
@@ -82,3 +83,17 @@ def test_knn_synthetic_end_to_end(tmp_path, twin_card):
     assert len(per_image["top1_k20"]) == 12 and set(per_image["top1_k200"]) <= {0, 100}
     assert result.metrics["top1_k20"] == pytest.approx(np.mean(per_image["top1_k20"]))
     assert result.extra["neighbours_used"] == {"top1_k20": 20, "top1_k200": 24}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_knn_on_cuda_matches_the_cpu():
+    rng = np.random.default_rng(2)
+    train_x = rng.normal(size=(5000, 64)).astype(np.float32)
+    train_y = rng.integers(0, 10, 5000)
+    test_x = rng.normal(size=(300, 64)).astype(np.float32)
+    test_y = rng.integers(0, 10, 300)
+    cpu = knn_evaluation(train_x, train_y, test_x, test_y, 10, chunk=1024, query_batch=128)
+    cuda = knn_evaluation(train_x, train_y, test_x, test_y, 10, device="cuda", chunk=1024, query_batch=128)
+    for k in cpu:  # float32 on both; a different summation order may flip a near tie
+        assert (cpu[k] != cuda[k]).sum() <= 2
