@@ -21,6 +21,14 @@ def card_path(tmp_path: Path) -> Path:
     return write_card(tmp_path / "card.pth")
 
 
+@pytest.fixture(scope="session")
+def twin_card(tmp_path_factory) -> tuple[Path, Path]:
+    """One small card (16 px) and one feature cache shared by the kNN and SVM embedded twins' tests: they
+    run the same synthetic shapes, so the first one's features are the others' cache hits."""
+    folder = tmp_path_factory.mktemp("twins")
+    return write_card(folder / "card.pth", image_size=16), folder / "cache"
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """CLIs run in-process may set torch's thread count (``--threads``): restore it after each test."""

@@ -33,7 +33,9 @@ from ringbench.errors import UserError
 _TASK_MODULES: dict[str, tuple[str, ...]] = {
     "transfer.d2.tasks": ("detectron2", "fvcore", "pycocotools"),
     "transfer.fewshot": (),
+    "transfer.knn": (),
     "transfer.linear": (),
+    "transfer.svm": (),
 }
 
 
@@ -85,7 +87,7 @@ class TaskContext:
 @dataclass
 class Task:
     name: str
-    family: str  # "detectron2" | "fewshot" | "linear"
+    family: str  # "detectron2" | "fewshot" | "knn" | "linear" | "svm"
     description: str
     make_config: Callable[[argparse.Namespace], dict[str, Any]]
     run: Callable[[Any, dict[str, Any], TaskContext], TaskResult]
