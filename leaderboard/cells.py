@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from leaderboard.model import EPISODES, FT_SEEDS, PT_SEEDS, Column, Estimate, Row, bounds, is_finite
+from leaderboard.model import EPISODES, FT_SEEDS, PT_SEEDS, SAMPLES_OVER, Column, Estimate, Row, bounds, is_finite
 from ringbench import stats
 
 
@@ -25,15 +25,17 @@ def make_cell(rec: Mapping[str, Any], metric: str) -> Estimate:
     extra = rec.get("extra") or {}
     ci: Any = (rec.get("ci95") or {}).get(metric)
     reported = (mean - float(ci), mean + float(ci)) if is_finite(ci) else None
+    named = extra.get("samples_over")
+    over = named if named in SAMPLES_OVER else None  # what the record's samples are (test images, ...)
     per_episode = episode_samples(extra, metric)
     if per_episode:
         interval, method = (reported, "normal") if reported else stats.mean_interval(per_episode)
-        return Estimate(mean, *bounds(interval), len(per_episode), EPISODES, method, samples=per_episode)
+        return Estimate(mean, *bounds(interval), len(per_episode), over or EPISODES, method, samples=per_episode)
     per_seed = [float(s[metric]) for s in extra.get("per_seed") or [] if is_finite(s.get(metric))]
     if per_seed:
         sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None
         interval, method = stats.mean_interval(per_seed)
-        return Estimate(mean, *bounds(interval), len(per_seed), FT_SEEDS, method, sd=sd, samples=per_seed)
+        return Estimate(mean, *bounds(interval), len(per_seed), over or FT_SEEDS, method, sd=sd, samples=per_seed)
     return Estimate(mean, *bounds(reported), method="reported" if reported else "")
 
 

@@ -19,8 +19,6 @@ import math
 import numpy as np
 
 from leaderboard.model import (
-    EPISODES,
-    FT_SEEDS,
     PT_SEEDS,
     RANDOM,
     Column,
@@ -187,7 +185,6 @@ def replicate_sds(table: Table, col: Column) -> dict[str, tuple[float, str]]:
         ]
         if recipe_vars:
             out[PT_SEEDS] = (math.sqrt(2 * float(np.mean(recipe_vars))), f"√2 × {len(recipe_vars)} recipe(s)' sd")
-    for over in (FT_SEEDS, EPISODES):
-        if unit_vars.get(over):
-            out[over] = (math.sqrt(float(np.mean(unit_vars[over]))), f"{len(unit_vars[over])} paired card(s)")
+    for over, variances in unit_vars.items():  # fine-tuning seeds, episodes, test images, low-shot samples
+        out[over] = (math.sqrt(float(np.mean(variances))), f"{len(variances)} paired card(s)")
     return out

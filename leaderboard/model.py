@@ -39,6 +39,10 @@ PLAUSIBLE_PERCENT = (-100.0, 100.0)
 
 # What an interval is over, as the tables abbreviate it.
 EPISODES, FT_SEEDS, PT_SEEDS = "episodes", "fine-tuning seeds", "pretraining seeds"
+TEST_IMAGES, LOWSHOT_SAMPLES = "test images", "low-shot samples"
+# What a record may name as its samples (``extra["samples_over"]``); without it, per-episode values are over
+# episodes and per-seed values over fine-tuning seeds, as every record before the field.
+SAMPLES_OVER = (EPISODES, FT_SEEDS, TEST_IMAGES, LOWSHOT_SAMPLES)
 
 
 @dataclass(frozen=True)

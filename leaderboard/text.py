@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from leaderboard.model import EPISODES, FT_SEEDS, PT_SEEDS, Column, Delta, DeltaCell, Estimate, Table
+from leaderboard.model import (
+    EPISODES,
+    FT_SEEDS,
+    LOWSHOT_SAMPLES,
+    PT_SEEDS,
+    TEST_IMAGES,
+    Column,
+    Delta,
+    DeltaCell,
+    Estimate,
+    Table,
+)
 from leaderboard.normalise import GAP_UNIT
 from ringbench.records import PERCENT
 
@@ -16,7 +27,7 @@ REFUSED = "refused"  # a Δ whose estimate lies outside its own interval
 ABOVE_RANDOM = "†"  # significantly above the random-initialisation row
 BELOW_RANDOM = "‡"  # significantly below it
 # What an interval is over, as a cell abbreviates it.
-SHORT = {EPISODES: "ep", FT_SEEDS: "ft", PT_SEEDS: "pt"}
+SHORT = {EPISODES: "ep", FT_SEEDS: "ft", PT_SEEDS: "pt", TEST_IMAGES: "img", LOWSHOT_SAMPLES: "smp"}
 
 
 # Characters that would act rather than show: C0/C1 controls, and the bidirectional embeddings, overrides and
@@ -192,6 +203,10 @@ def legend(table: Table) -> list[str]:
         spread.append("± x (n ep): 95% interval over n episodes")
     if (FT_SEEDS, False) in kinds:
         spread.append("± x (n ft): 95% interval over n fine-tuning seeds (none for one seed)")
+    if (TEST_IMAGES, False) in kinds:
+        spread.append("± x (n img): 95% interval over n test images (paired image by image in a Δ)")
+    if (LOWSHOT_SAMPLES, False) in kinds:
+        spread.append("± x (n smp): 95% interval over n low-shot samples")
     if (PT_SEEDS, True) in kinds:
         spread.append("sd x (n pt): standard deviation across a recipe's n pretraining seeds (the row: their mean)")
     if spread:

@@ -431,3 +431,38 @@ def test_cli_errors(records, tmp_path, capsys, args, message):
     code = run_main(main, args)
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_record_names_what_its_samples_are():
+    """kNN keeps one value per test image and the low-shot SVM one per sample: the interval says so
+    (``img`` / ``smp``), where per-image values would otherwise read as episodes and samples as seeds."""
+    rng = np.random.default_rng(0)
+    correct = [100 * int(v) for v in rng.random(200) < 0.7]
+    knn = _rec(
+        "a",
+        "knn_synthetic",
+        {"top1_k20": float(np.mean(correct))},
+        "knn",
+        headline=["top1_k20"],
+        extra={"per_episode": {"top1_k20": correct}, "samples_over": "test images"},
+    )
+    lowshot = _rec(
+        "a",
+        "svm_synthetic_lowshot",
+        {"map_k1": 50.0},
+        "svm",
+        headline=["map_k1"],
+        extra={"per_seed": [{"map_k1": v} for v in (48.0, 50.0, 52.0)], "samples_over": "low-shot samples"},
+    )
+    unnamed = _rec(
+        "b",
+        "knn_synthetic",
+        {"top1_k20": 70.0},
+        "knn",
+        headline=["top1_k20"],
+        sha="f" * 64,
+        extra={"per_episode": {"top1_k20": correct}, "samples_over": "bogus"},
+    )
+    text = render_markdown(build_table([knn, lowshot, unnamed], view="cards"))
+    assert "(200 img)" in text and "(3 smp)" in text and "(200 ep)" in text  # an unknown name: the default
+    assert "interval over n test images" in text and "interval over n low-shot samples" in text

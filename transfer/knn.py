@@ -238,6 +238,7 @@ def make_knn_task(dataset: str, description: str) -> Task:
         )
         n_train, n_test = len(feats["train"].labels), len(feats["test"].labels)
         extra = {
+            "samples_over": "test images",  # what the leaderboard's interval is over
             # one value per test image (percent: 100 right, 0 wrong), in the images' fixed order:
             # the leaderboard bootstraps over them and pairs two cards image by image
             "per_episode": {f"top1_k{k}": [100 * int(v) for v in c] for k, c in correct.items()},

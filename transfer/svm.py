@@ -433,6 +433,7 @@ def make_svm_task(dataset: str, lowshot: bool, description: str) -> Task:
             sd = {m: float(np.std([s[m] for s in per_sample], ddof=1)) if len(per_sample) > 1 else 0.0 for m in metrics}
             extra.update(
                 per_seed=per_sample,  # one mapping per low-shot sample: the leaderboard's interval over samples
+                samples_over="low-shot samples",
                 sd=sd,
                 per_sample_allpoint=[{m: 100 * v for m, v in s.items()} for s in out["per_sample_allpoint"]],
                 test_map_by_cost={
