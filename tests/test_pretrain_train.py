@@ -58,6 +58,20 @@ def test_card_meta_and_log(tmp_path: Path):
 
     backbone = load_backbone(result.card_path)  # the transfer stage reads it strictly
     assert backbone.stem == "cifar" and backbone.build_model()(torch.zeros(1, 3, 16, 16)).shape == (1, 512)
+    scalars = _scalars(tmp_path / "work")  # TensorBoard events beside the log, the same numbers
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2]  # one point per logged step
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([line["loss"] for line in lines if "step" in line])
+    assert scalars["ring/kept_share"][0][1] == pytest.approx(0.5 * (1 - 0.25))  # w_outer (1 - w_inner)
+    assert {"train/lr", "train/images_per_s", "epoch/loss", "epoch/knn_top1"} <= set(scalars)
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in ``folder``, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, monkeypatch):
@@ -94,9 +108,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(MoCo, "training_step", step)
     with pytest.raises(trainer.TrainingDiverged, match=r"loss became nan at epoch 2, step 1.*after epoch 1"):
-        trainer.train(tiny_cfg(), tmp_path / "card.pth", tmp_path / "w", progress=False)
+        trainer.train(tiny_cfg(), tmp_path / "card.pth", tmp_path / "w", progress=False, tensorboard=False)
     assert load_checkpoint_file(tmp_path / "w" / "checkpoint.pth")["epoch"] == 1
     assert not (tmp_path / "card.pth").exists()
+    assert not list((tmp_path / "w").glob("events.out.tfevents.*"))  # --no-tensorboard: no event files
 
 
 def test_empty_ring_is_refused_before_training(tmp_path: Path):
@@ -178,16 +193,3 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(folder))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def test_tensorboard_events_beside_the_log_and_none_when_turned_off(tmp_path: Path):
-    cfg = tiny_cfg("train.epochs=1")
-    trainer.train(cfg, None, tmp_path / "work", progress=False)
-    scalars = _scalars(tmp_path / "work")
-    assert [step for step, _ in scalars["train/loss"]] == [1, 2]  # one point per logged step
-    log = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
-    assert [v for _, v in scalars["train/loss"]] == pytest.approx([line["loss"] for line in log if "step" in line])
-    assert scalars["ring/kept_share"][0][1] == pytest.approx(0.5 * (1 - 0.25))  # w_outer (1 - w_inner)
-    assert {"train/lr", "train/images_per_s", "epoch/loss", "epoch/knn_top1"} <= set(scalars)
-    trainer.train(cfg, None, tmp_path / "quiet", progress=False, tensorboard=False)
-    assert not list((tmp_path / "quiet").glob("events.out.tfevents.*"))
