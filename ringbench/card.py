@@ -318,11 +318,12 @@ def _load_detectron2_pickle(path: Path) -> Any:
     data = load_numpy_pickle(path, what="weights pickle (Detectron2 or BYOL)", stand_ins=True)
     if isinstance(data, Mapping) and "experiment_state" in data:
         return _byol_state(path, data["experiment_state"])
+    carried = data.get("ringbench_meta") if isinstance(data, Mapping) else None
     if isinstance(data, Mapping) and "model" in data and isinstance(data["model"], Mapping):
         data = data["model"]
     if not isinstance(data, Mapping):
         raise UserError(f"{path}: Detectron2 pickle does not hold a dict of weights")
-    return {"__detectron2__": True, "state_dict": _tensors(data)}
+    return {"__detectron2__": True, "state_dict": _tensors(data), "ringbench_meta": carried}
 
 
 # The fields of BYOL's ``_ByolExperimentState`` (byol/byol_experiment.py), in their order.
@@ -353,7 +354,8 @@ def _tensors(data: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in data.items():
         if isinstance(value, np.ndarray):
-            out[str(key)] = torch.from_numpy(np.ascontiguousarray(value))
+            # not np.ascontiguousarray: it turns a 0-d array (a BN counter) into shape (1,)
+            out[str(key)] = torch.from_numpy(value if value.flags.c_contiguous else value.copy(order="C"))
         elif isinstance(value, torch.Tensor):
             out[str(key)] = value
     return out

@@ -341,9 +341,15 @@ def backbone_from_checkpoint(
     _check_keys(path, fmt, backbone_state, set(expected), rules, extra_unexpected=dropped["unknown"])
     check_tensors(backbone_state, str(path), expected)
     extra = dict(meta or {})
+    carried = raw.get("ringbench_meta")  # a card's meta, kept by ringbench-convert in Detectron2 / VISSL files
+    if isinstance(carried, Mapping) and isinstance(carried.get("meta"), Mapping):
+        extra = {**carried["meta"], **extra}
     mean = tuple(extra.pop("mean", None) or rules.mean or IMAGENET_MEAN)
     std = tuple(extra.pop("std", None) or rules.std or IMAGENET_STD)
     known = "mean" in (meta or {}) or rules.mean is not None
+    if isinstance(carried, Mapping) and isinstance(carried.get("meta"), Mapping):
+        backbone_meta = dict(extra, mean=list(mean), std=list(std))
+        return Backbone(name, path, sha, arch, stem, backbone_state, backbone_meta, mean, std, fmt, dropped["heads"])
     if not known:
         log.warning("%s: %s checkpoint carries no input normalisation; using ImageNet mean/std", path.name, fmt)
     backbone_meta = {
