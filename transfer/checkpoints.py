@@ -325,7 +325,9 @@ def backbone_from_checkpoint(
         )
     fmt, state, arch_hint, containers_dropped = _detect_format(path, raw, dino_key)
     if source_format is not None and source_format != fmt:
-        if not (source_format in BY_NAME_ONLY and fmt == "torchvision"):
+        asked = SOURCE_FORMATS[source_format]
+        # a bare torchvision layout is also what a format without a prefix holds once its heads are gone
+        if not (fmt == "torchvision" and asked.prefixes == ("",) and asked.key_map is None):
             raise UserError(f"{path}: the file's layout is {fmt!r}, not the {source_format!r} asked for")
         fmt = source_format
     rules = SOURCE_FORMATS[fmt]
