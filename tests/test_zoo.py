@@ -35,7 +35,7 @@ class _Server:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-
+            def do_GET(self) -> None:
                 body = outer.files.get(self.path)
                 if body is None:
                     self.send_error(404)
