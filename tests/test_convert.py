@@ -1,49 +1,54 @@
-"""ringbench-convert: card <-> torchvision <-> Detectron2 .pkl (read back by the safe unpickler) <-> VISSL,
-weights bit-equal through every hop; the card's meta survives the Detectron2 and VISSL files."""
+"""ringbench-convert: card -> VISSL -> Detectron2 .pkl (read back by the safe unpickler) -> torchvision -> card,
+weights bit-equal; the card's meta survives the Detectron2 and VISSL files; a foreign file's card keeps its source."""
 
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 
-from ringbench.card import load_card
-from tests.foreign import build_foreign
-from tests.helpers import resnet_state, write_card
+from ringbench.card import BackboneCard, load_card, make_meta, save_card
+from ringbench.cli import run_main
+from tests.foreign import build_foreign, random_state
 from transfer.checkpoints import load_backbone
 from transfer.convert import main
 
 
-def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+def _card(path: Path) -> Path:
+    meta = make_meta(
+        method="moco", loss="ring", dataset="synthetic", image_size=32, mean=[0.5, 0.4, 0.3], std=[0.2] * 3
+    )
+    return save_card(BackboneCard("resnet18", random_state("resnet18", "cifar"), "cifar", meta), path)
 
 
 def test_round_trip_through_every_format_is_bit_equal(tmp_path, capsys):
-    card_path = write_card(tmp_path / "ring.pth", arch="resnet18", stem="cifar")
-    original = load_card(card_path)
-    chain = [("vissl", "a.torch"), ("detectron2", "b.pkl"), ("torchvision", "c.pth"), ("card", "d.pth")]
-    src = card_path
-    for to, name in chain:
+    original = load_card(_card(tmp_path / "ring.pth"))
+    src = tmp_path / "ring.pth"
+    for to, name in [("vissl", "a.torch"), ("detectron2", "b.pkl"), ("torchvision", "c.pth"), ("card", "d.pth")]:
         assert main([str(src), str(tmp_path / name), "--to", to]) == 0
         src = tmp_path / name
-        assert _same_weights(load_backbone(src).state_dict, original.state_dict), to
-    # the Detectron2 file is Detectron2's layout, and a pickle of NumPy arrays only
+    final = load_card(src)
+    assert final.state_dict.keys() == original.state_dict.keys()
+    assert all(
+        torch.equal(final.state_dict[k], v) and final.state_dict[k].dtype == v.dtype
+        for k, v in original.state_dict.items()
+    )
+    assert final.meta["normalisation"] == "assumed-imagenet", "a bare torchvision state dict carries no meta"
+    # the Detectron2 file is Detectron2's layout, NumPy arrays only, and carries the card's meta back
     with open(tmp_path / "b.pkl", "rb") as handle:
         d2 = pickle.load(handle)
     assert "stem.conv1.weight" in d2["model"] and "res5.1.conv2.norm.running_var" in d2["model"]
-    assert torch.load(tmp_path / "a.torch", weights_only=True)["classy_state_dict"]["base_model"]["model"]["trunk"]
-    # meta travels through VISSL and Detectron2 files (not through a bare torchvision state dict)
-    for name in ("a.torch", "b.pkl"):
-        back = tmp_path / f"back-{name}.pth"
-        assert main([str(tmp_path / name), str(back), "--to", "card"]) == 0
-        assert load_card(back).meta == original.meta and load_card(back).stem == "cifar"
-    assert load_card(tmp_path / "d.pth").meta["normalisation"] == "assumed-imagenet"
+    assert main([str(tmp_path / "b.pkl"), str(tmp_path / "back.pth"), "--to", "card"]) == 0
+    back = load_card(tmp_path / "back.pth")
+    assert back.meta == original.meta and back.stem == "cifar"
+    assert load_backbone(tmp_path / "a.torch").meta == dict(original.meta)
     assert "wrote" in capsys.readouterr().out
 
 
 def test_foreign_checkpoint_to_card_keeps_its_normalisation_method_and_name(tmp_path):
-    obj, _ = build_foreign("simclr-v1", resnet_state("resnet18", seed=3))
+    obj, _ = build_foreign("simclr-v1", random_state("resnet18"))
     torch.save(obj, tmp_path / "simclr.pth")
     assert main([str(tmp_path / "simclr.pth"), str(tmp_path / "card.pth"), "--to", "card", "--from", "simclr-v1"]) == 0
     card = load_card(tmp_path / "card.pth")
@@ -53,15 +58,16 @@ def test_foreign_checkpoint_to_card_keeps_its_normalisation_method_and_name(tmp_
 
 
 def test_cli_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
-    from ringbench.cli import run_main
-
-    card_path = write_card(tmp_path / "ring.pth")
+    card_path = tmp_path / "ring.pth"
+    card_path.write_bytes(b"not read")
     assert run_main(main, [str(card_path), str(tmp_path / "x.pth"), "--to", "detectron2"]) == 2
-    assert "name it *.pkl" in capsys.readouterr().err and not (tmp_path / "x.pth").exists()
+    assert "name it *.pkl" in capsys.readouterr().err
     assert run_main(main, [str(card_path), str(card_path), "--to", "card", "--force"]) == 2
     assert run_main(main, [str(card_path), str(card_path), "--to", "card"]) == 2
     assert "exists" in capsys.readouterr().err
     assert run_main(main, [str(tmp_path / "none.pth"), str(tmp_path / "y.pth"), "--to", "card"]) == 2
+    assert run_main(main, [str(card_path), str(tmp_path / "y.pth"), "--to", "card"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2
     assert list(tmp_path.iterdir()) == [card_path]
     with pytest.raises(SystemExit):
         main(["--help"])

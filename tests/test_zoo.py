@@ -14,8 +14,7 @@ import torch
 import yaml
 
 from ringbench.errors import UserError
-from tests.foreign import build_foreign
-from tests.helpers import resnet_state
+from tests.foreign import build_foreign, random_state
 from transfer.checkpoints import SOURCE_FORMATS, load_backbone
 from transfer.zoo import LOCK_NAME, fetch, get_entry, main, read_zoo
 
@@ -136,7 +135,7 @@ def test_trust_on_first_use_then_verified(tmp_path, server, capsys):
 
 
 def test_backbone_zoo_name_uses_the_checked_cached_file(tmp_path, monkeypatch):
-    obj, _ = build_foreign("pcl", resnet_state("resnet18", seed=3))
+    obj, _ = build_foreign("pcl", random_state("resnet18"))
     torch.save(obj, tmp_path / "pcl.pth")
     zoo = _zoo(tmp_path, None, None, manual="make it by hand")
     cache = tmp_path / "cache"

@@ -68,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{out}: exists; --force to replace it")
     if not args.input.startswith("zoo:") and Path(args.input).resolve() == out.resolve():
         raise UserError(f"{out}: is the input file; write the conversion to another file")
+    if args.to == "detectron2" and out.suffix != ".pkl":
+        raise UserError(f"{out}: a Detectron2 weights file is read by its .pkl suffix; name it *.pkl")
     backbone = load_backbone(
         args.input, name=args.name, arch=args.arch, source_format=args.source_format, dino_key=args.dino_key
     )
