@@ -87,12 +87,13 @@ def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def write_foreign(
-    fmt: str, state: dict[str, torch.Tensor], folder: Path, extra: dict | None = None
+    fmt: str, state: dict[str, torch.Tensor], folder: Path, extra: dict | None = None, protocol: int = 2
 ) -> tuple[Path, dict]:
-    """Write ``state`` as ``fmt`` writes it -> (path, the load_backbone keyword arguments it needs)."""
+    """Write ``state`` as ``fmt`` writes it -> (path, the load_backbone keyword arguments it needs). BYOL's
+    pickle is protocol 2 as its checkpointer writes it (``protocol``: a faster one where that is not the point)."""
     if fmt == "byol":
         path = folder / "byol.pkl"
-        _write_byol(path, state, dict(extra or {}))
+        _write_byol(path, state, dict(extra or {}), protocol)
         return path, {}
     obj, kwargs = build_foreign(fmt, state, extra)
     path = folder / f"{fmt}.pth"
@@ -212,7 +213,7 @@ class LarsState(NamedTuple):
     mu: dict
 
 
-def _write_byol(path: Path, state: dict[str, torch.Tensor], extra: dict) -> None:
+def _write_byol(path: Path, state: dict[str, torch.Tensor], extra: dict, protocol: int = 2) -> None:
     """BYOL's checkpoint (byol/utils/checkpointing.py): {experiment_state, step, rng}, the state a
     ``_ByolExperimentState`` NamedTuple of Haiku params / state (module -> name -> array)."""
     params: dict[str, dict[str, np.ndarray]] = {}
@@ -254,7 +255,7 @@ def _write_byol(path: Path, state: dict[str, torch.Tensor], extra: dict) -> None
         sys.modules.update(fake_modules)
         experiment = _ByolExperimentState(params, params, bn_state, bn_state, (LarsState({}),))
         with open(path, "wb") as handle:
-            pickle.dump({"experiment_state": experiment, "step": 5, "rng": np.zeros(2, np.uint32)}, handle, protocol=2)
+            pickle.dump({"experiment_state": experiment, "step": 5, "rng": np.zeros(2, np.uint32)}, handle, protocol)
     finally:
         for name, module in saved.items():
             if module is None:
