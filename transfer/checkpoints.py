@@ -33,12 +33,17 @@ from ringbench.card import IMAGENET_MEAN, IMAGENET_STD, check_tensors, is_card, 
 from ringbench.errors import UserError, preview
 from ringbench.fileio import path_component, sha256_file
 from ringbench.resnets import RESNETS, TORCHVISION_RESNETS
-from transfer.foreign import byol_ignored, byol_key, convert_tensor, simclr_v2_key
+from transfer.foreign import (
+    WRAPPER_PREFIXES,
+    byol_ignored,
+    byol_key,
+    clean_state_dict,
+    convert_tensor,
+    detect_format,
+    simclr_v2_key,
+)
 
 log = logging.getLogger(__name__)
-
-# Wrappers that training code adds around any model (DataParallel/DDP, torch.compile).
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 # (block type, blocks per stage) -> architecture: the inverse of ringbench.resnets.RESNETS, which keeps the facts.
 _RESNET_LAYOUTS: dict[tuple[str, tuple[int, ...]], str] = {(s.block, s.layers): arch for arch, s in RESNETS.items()}
@@ -323,7 +328,8 @@ def backbone_from_checkpoint(
             std=tuple(card_meta["std"]),
             source_format="card",
         )
-    fmt, state, arch_hint, containers_dropped = _detect_format(path, raw, dino_key)
+    detectable = [f for f in SOURCE_FORMATS if f not in BY_NAME_ONLY]
+    fmt, state, arch_hint, containers_dropped = detect_format(path, raw, detectable, dino_key)
     if source_format is not None and source_format != fmt:
         asked = SOURCE_FORMATS[source_format]
         # a bare torchvision layout is also what a format without a prefix holds once its heads are gone
@@ -351,7 +357,8 @@ def backbone_from_checkpoint(
     known = "mean" in (meta or {}) or rules.mean is not None
     if isinstance(carried, Mapping) and isinstance(carried.get("meta"), Mapping):
         backbone_meta = dict(extra, mean=list(mean), std=list(std))
-        return Backbone(name, path, sha, arch, stem, backbone_state, backbone_meta, mean, std, fmt, dropped["heads"])
+        dropped_keys = containers_dropped + dropped["heads"]
+        return Backbone(name, path, sha, arch, stem, backbone_state, backbone_meta, mean, std, fmt, dropped_keys)
     if not known:
         log.warning("%s: %s checkpoint carries no input normalisation; using ImageNet mean/std", path.name, fmt)
     backbone_meta = {
@@ -376,107 +383,6 @@ def backbone_from_checkpoint(
         source_format=fmt,
         dropped_keys=containers_dropped + dropped["heads"],
     )
-
-
-def clean_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Tensors only, with wrapper prefixes (``module.``, ``_orig_mod.``) removed from every key."""
-    out = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        out[key] = value
-    return out
-
-
-def _detect_format(
-    path: Path, raw: Any, dino_key: str = "teacher"
-) -> tuple[str, dict[str, torch.Tensor], str | None, list[str]]:
-    """-> (format name, cleaned full state dict, arch recorded in the file or None, containers dropped)."""
-    if not isinstance(raw, Mapping):
-        raise UserError(f"{path}: not a checkpoint dict (found {type(raw).__name__})")
-    if raw.get("__detectron2__"):
-        return "detectron2", clean_state_dict(raw["state_dict"]), None, []
-    if raw.get("__byol__"):
-        return "byol", dict(raw["state_dict"]), None, list(raw.get("dropped", []))
-    if isinstance(raw.get("classy_state_dict"), Mapping):
-        trunk, heads = _vissl_trunk(path, raw)
-        return "vissl", trunk, None, heads
-    if isinstance(raw.get("teacher"), Mapping) or isinstance(raw.get("student"), Mapping):
-        if dino_key not in ("teacher", "student") or not isinstance(raw.get(dino_key), Mapping):
-            raise UserError(f"{path}: DINO checkpoint has no {dino_key!r} network (keys: {sorted(raw)[:8]})")
-        other = "student" if dino_key == "teacher" else "teacher"
-        return "dino", clean_state_dict(raw[dino_key]), None, [k for k in (other,) if k in raw]
-    if isinstance(raw.get("resnet"), Mapping):
-        return "simclr-v2", clean_state_dict(raw["resnet"]), None, [k for k in ("head",) if k in raw]
-    arch_hint = raw.get("arch") if isinstance(raw.get("arch"), str) else None
-    if arch_hint is not None and arch_hint not in TORCHVISION_RESNETS and not _is_timm(arch_hint):
-        arch_hint = None
-    for container in ("state_dict", "model", "state_dict_ema", "module"):
-        if isinstance(raw.get(container), Mapping):
-            state = clean_state_dict(raw[container])
-            break
-    else:
-        state = clean_state_dict(raw)
-    if not state:
-        raise UserError(f"{path}: no tensors found; not a model checkpoint")
-    keys = list(state)
-
-    def has(*prefixes: str) -> bool:
-        return any(k.startswith(prefixes) for k in keys)
-
-    lightning = "pytorch-lightning_version" in raw or "hyper_parameters" in raw
-    if has("_feature_blocks."):
-        return "vissl", state, arch_hint, []
-    if has("encoder_q."):
-        return "moco", state, arch_hint, []
-    if has("base_encoder."):
-        return "mocov3", state, arch_hint, []
-    if has("backbone."):
-        return ("solo-learn" if lightning else "mmselfsup"), state, arch_hint, []
-    if has("encoder.") and not has("conv1.", "layer1."):
-        return "pycontrast", state, arch_hint, []
-    if lightning or has("model."):
-        return "lightning", state, arch_hint, []
-    if has("net.0.0."):
-        return "simclr-v2", state, arch_hint, []
-    if has("stem.", "res2.", "backbone.bottom_up."):
-        return "detectron2", state, None, []
-    if arch_hint and arch_hint not in TORCHVISION_RESNETS:
-        return "timm", state, arch_hint, []
-    if "conv1.weight" in state and has("layer1."):
-        return ("swav" if has("projection_head.", "prototypes.") else "torchvision"), state, arch_hint, []
-    raise UserError(
-        f"{path}: unrecognised checkpoint layout (first keys: {keys[:5]}); supported: "
-        f"{', '.join(f for f in SOURCE_FORMATS if f not in BY_NAME_ONLY)} (see docs/formats.md)"
-    )
-
-
-def _vissl_trunk(path: Path, raw: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """VISSL: ``classy_state_dict`` -> ``base_model`` -> ``model`` -> ``trunk``; ``heads`` dropped."""
-    model: Any = raw["classy_state_dict"]
-    for step in ("base_model", "model"):
-        model = model.get(step) if isinstance(model, Mapping) else None
-        if model is None:
-            raise UserError(f"{path}: VISSL checkpoint has no classy_state_dict.base_model.model ({step!r} missing)")
-    trunk = model.get("trunk")
-    if not isinstance(trunk, Mapping) or not trunk:
-        raise UserError(f"{path}: VISSL checkpoint has no trunk in classy_state_dict.base_model.model")
-    heads = model.get("heads") or {}
-    return clean_state_dict(trunk), [f"heads.{k}" for k in heads]
-
-
-def _is_timm(arch: str) -> bool:
-    try:
-        import timm
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(timm.is_model(arch))
 
 
 def _unwrap(state: Mapping[str, torch.Tensor], rules: SourceFormat, fmt: str = "") -> tuple[dict, dict[str, list[str]]]:
@@ -565,3 +471,6 @@ def _check_keys(
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys that are not a known head {preview(unexpected)}")
         raise UserError(f"{path}: {fmt} checkpoint does not match the backbone: " + "; ".join(parts))
+
+
+__all__ = ["SOURCE_FORMATS", "WRAPPER_PREFIXES", "Backbone", "SourceFormat", "clean_state_dict", "load_backbone"]
