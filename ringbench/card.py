@@ -206,9 +206,12 @@ def _unpickler_detail(text: str) -> str:
     return (lines[0] if lines else "unreadable")[:160]
 
 
-def check_tensors(state: Mapping[str, Any], source: str, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
-    """The weights themselves: every floating tensor finite, and (given the architecture's
-    ``shapes``) every shared key of the right shape. One :class:`UserError` listing what is wrong."""
+def check_tensors(
+    state: Mapping[str, Any], source: str, shapes: Mapping[str, tuple[int, ...]] | None = None, finite: bool = True
+) -> None:
+    """The weights themselves: every floating tensor finite (unless ``finite=False``: already checked), and
+    (given the architecture's ``shapes``) every shared key of the right shape. One :class:`UserError` listing
+    what is wrong."""
     if shapes:
         wrong = [
             f"{k} {tuple(v.shape)} (expected {tuple(shapes[k])})"
@@ -220,6 +223,8 @@ def check_tensors(state: Mapping[str, Any], source: str, shapes: Mapping[str, tu
                 f"{source}: {len(wrong)} tensors have the wrong shape for the architecture: {'; '.join(wrong[:3])}"
                 + ("; ..." if len(wrong) > 3 else "")
             )
+    if not finite:
+        return
     bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not _all_finite(v)]
     if bad:
         raise UserError(f"{source}: {len(bad)} tensors hold NaN or infinite values: {bad[:5]}")

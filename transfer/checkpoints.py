@@ -315,7 +315,7 @@ def backbone_from_checkpoint(
         state = dict(raw["state_dict"])
         expected = _expected_shapes(raw["arch"], raw["stem"], card_meta, path)
         _check_keys(path, "card", state, set(expected), SOURCE_FORMATS["card"])
-        check_tensors(state, str(path), expected)
+        check_tensors(state, str(path), expected, finite=False)  # validate_card_dict checked the values
         return Backbone(
             name=name,
             path=path,
