@@ -151,3 +151,13 @@ def test_backbone_zoo_name_uses_the_checked_cached_file(tmp_path, monkeypatch):
     cached.write_bytes(cached.read_bytes()[:-1] + b"x")  # the cached file changed: refused on use
     with pytest.raises(UserError, match="remove it and fetch"):
         load_backbone("zoo:m")
+
+
+def test_published_rows_match_the_zoo():
+    """Every zoo entry's published top-1 is a published linear_imagenet row named by the entry, with its source."""
+    from ringbench.published import published_numbers
+
+    rows = {r.method: r for r in published_numbers("linear_imagenet")}
+    for entry in read_zoo().values():
+        (row,) = [r for m, r in rows.items() if m.endswith(f"(zoo:{entry.name})")]
+        assert (row.value, row.source, row.metric) == (entry.top1, entry.top1_source, "acc")
