@@ -16,6 +16,7 @@ cards (CMC) set ``meta["streams"]`` to the stream names and prefix state-dict ke
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import math
 import os
@@ -172,7 +173,10 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # argparse.Namespace: the training flags that DINO, PyContrast and MoCo checkpoints keep
+            # beside the weights (an attribute bag; building one runs nothing from the file)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         detail = _unpickler_detail(text)
@@ -202,9 +206,12 @@ def _unpickler_detail(text: str) -> str:
     return (lines[0] if lines else "unreadable")[:160]
 
 
-def check_tensors(state: Mapping[str, Any], source: str, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
-    """The weights themselves: every floating tensor finite, and (given the architecture's
-    ``shapes``) every shared key of the right shape. One :class:`UserError` listing what is wrong."""
+def check_tensors(
+    state: Mapping[str, Any], source: str, shapes: Mapping[str, tuple[int, ...]] | None = None, finite: bool = True
+) -> None:
+    """The weights themselves: every floating tensor finite (unless ``finite=False``: already checked), and
+    (given the architecture's ``shapes``) every shared key of the right shape. One :class:`UserError` listing
+    what is wrong."""
     if shapes:
         wrong = [
             f"{k} {tuple(v.shape)} (expected {tuple(shapes[k])})"
@@ -216,18 +223,30 @@ def check_tensors(state: Mapping[str, Any], source: str, shapes: Mapping[str, tu
                 f"{source}: {len(wrong)} tensors have the wrong shape for the architecture: {'; '.join(wrong[:3])}"
                 + ("; ..." if len(wrong) > 3 else "")
             )
-    bad = [
-        k
-        for k, v in state.items()
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
-    ]
+    if not finite:
+        return
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not _all_finite(v)]
     if bad:
         raise UserError(f"{source}: {len(bad)} tensors hold NaN or infinite values: {bad[:5]}")
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite. A finite sum proves it in one pass without a mask the size of
+    the tensor (any NaN or infinity makes the sum NaN or infinite); only a sum that overflows looks element
+    by element."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 class NumpyUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists, strings, numbers and NumPy arrays, and refuses every other global:
-    for the pickled formats the suite reads (Detectron2 ``.pkl`` weights, CIFAR batches)."""
+    for the pickled formats the suite reads (Detectron2 ``.pkl`` weights, CIFAR batches).
+
+    With ``stand_ins=True`` it also reads BYOL's published Haiku checkpoint: the NamedTuples of its
+    experiment (``byol.*``, ``optax.*``) become plain tuples and Haiku's immutable mappings plain
+    dicts. Stand-ins are inert containers: nothing named in the file is imported or called.
+    """
 
     _allowed: ClassVar[frozenset[tuple[str, str]]] = frozenset(
         {
@@ -241,39 +260,115 @@ class NumpyUnpickler(pickle.Unpickler):
         }
     )
 
+    def __init__(self, *args: Any, stand_ins: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stand_ins = stand_ins
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._allowed:
             return super().find_class(module, name)
+        if self._stand_ins and name.isidentifier():
+            if module.split(".")[0] == "haiku" and name in ("FlatMapping", "FlatMap", "frozendict"):
+                return HaikuMapping
+            if module.split(".")[0] in ("byol", "optax"):
+                return _record_type(module, name)
+            if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes (NumPy's array data)
+                return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a data or weights pickle")
 
 
-def load_numpy_pickle(path: str | os.PathLike, what: str = "Detectron2 weights pickle") -> Any:
+class HaikuMapping(dict):
+    """Stand-in for Haiku's immutable mappings in a pickle: a plain dict of what they held."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        for arg in args:
+            if isinstance(arg, (Mapping, list, tuple)):
+                self.update(arg)
+        self.update(kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, Mapping):
+            for value in state.values():
+                if isinstance(value, Mapping):
+                    self.update(value)
+
+
+class PickledRecord(tuple):
+    """Stand-in for a NamedTuple in a pickle (BYOL's experiment state): its values, in order."""
+
+    pickled_name: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any) -> PickledRecord:
+        return tuple.__new__(cls, args)
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _record_type(module: str, name: str) -> type[PickledRecord]:
+    return type(name, (PickledRecord,), {"pickled_name": f"{module}.{name}"})
+
+
+def load_numpy_pickle(path: str | os.PathLike, what: str = "Detectron2 weights pickle", stand_ins: bool = False) -> Any:
     """A pickle of dicts, lists, numbers, strings and NumPy arrays (Detectron2 ``.pkl`` weights,
     CIFAR batches) through :class:`NumpyUnpickler`: any other global is refused, so nothing in
     the file runs. Every problem is a :class:`UserError` naming the file."""
     try:
         with open(path, "rb") as handle:
-            return NumpyUnpickler(handle, encoding="latin1").load()
+            return NumpyUnpickler(handle, encoding="latin1", stand_ins=stand_ins).load()
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError, TypeError, IndexError) as exc:
         raise UserError(f"{path}: not a {what} ({' '.join(str(exc).split())[:160]})") from exc
 
 
 def _load_detectron2_pickle(path: Path) -> Any:
-    """Detectron2 ``.pkl`` model files: a dict of numpy arrays, sometimes under ``"model"``."""
-    import numpy as np
-
-    data = load_numpy_pickle(path)
+    """``.pkl`` weights: Detectron2's dict of numpy arrays (sometimes under ``"model"``), or BYOL's
+    Haiku checkpoint (``experiment_state``: the online network's parameters and state, flattened
+    to ``"<module>/<name>"`` keys, returned as ``{"__byol__": True, "state_dict": ...}``)."""
+    data = load_numpy_pickle(path, what="weights pickle (Detectron2 or BYOL)", stand_ins=True)
+    if isinstance(data, Mapping) and "experiment_state" in data:
+        return _byol_state(path, data["experiment_state"])
+    carried = data.get("ringbench_meta") if isinstance(data, Mapping) else None
     if isinstance(data, Mapping) and "model" in data and isinstance(data["model"], Mapping):
         data = data["model"]
     if not isinstance(data, Mapping):
         raise UserError(f"{path}: Detectron2 pickle does not hold a dict of weights")
+    return {"__detectron2__": True, "state_dict": _tensors(data), "ringbench_meta": carried}
+
+
+# The fields of BYOL's ``_ByolExperimentState`` (byol/byol_experiment.py), in their order.
+BYOL_STATE_FIELDS = ("online_params", "target_params", "online_state", "target_state", "opt_state")
+
+
+def _byol_state(path: Path, state: Any) -> dict[str, Any]:
+    if isinstance(state, tuple) and len(state) == len(BYOL_STATE_FIELDS):
+        state = dict(zip(BYOL_STATE_FIELDS, state, strict=True))
+    if not isinstance(state, Mapping) or not all(
+        isinstance(state.get(k), Mapping) for k in ("online_params", "online_state")
+    ):
+        raise UserError(f"{path}: BYOL checkpoint has no online_params / online_state mappings")
+    flat: dict[str, Any] = {}
+    for field_name in ("online_params", "online_state"):
+        for module, values in state[field_name].items():
+            if not isinstance(values, Mapping):
+                raise UserError(f"{path}: BYOL {field_name}[{module!r}] is not a mapping of arrays")
+            for name, value in values.items():
+                flat[f"{module}/{name}"] = value
+    dropped = [k for k in BYOL_STATE_FIELDS if k not in ("online_params", "online_state")]
+    return {"__byol__": True, "state_dict": _tensors(flat), "dropped": dropped}
+
+
+def _tensors(data: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    import numpy as np
+
     out = {}
     for key, value in data.items():
         if isinstance(value, np.ndarray):
-            out[key] = torch.from_numpy(np.ascontiguousarray(value))
+            # not np.ascontiguousarray: it turns a 0-d array (a BN counter) into shape (1,)
+            out[str(key)] = torch.from_numpy(value if value.flags.c_contiguous else value.copy(order="C"))
         elif isinstance(value, torch.Tensor):
-            out[key] = value
-    return {"__detectron2__": True, "state_dict": out}
+            out[str(key)] = value
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -67,6 +67,7 @@ def test_installed_wheel_runs_from_another_folder(tmp_path):
     assert "ringbench/configs/pretrain/official/moco_ring_cifar10.yaml" in names
     assert "ringbench/configs/transfer/detectron2/voc_det.yaml" in names
     assert "ringbench/configs/published.yaml" in names  # the published reference numbers (ringbench.published)
+    assert "ringbench/configs/zoo.yaml" in names  # the zoo of published checkpoints (transfer.zoo)
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
@@ -99,5 +100,9 @@ def test_installed_wheel_runs_from_another_folder(tmp_path):
     assert "queue_size: 4096" in official.stdout and "cap_queue: false" in official.stdout
     tasks = run(str(target / "bin" / "ringbench-transfer"), "--list-tasks")
     assert tasks.returncode == 0 and "voc_det" in tasks.stdout and "fewshot_digits" in tasks.stdout
+    zoo = run(str(target / "bin" / "ringbench-zoo"), "--cache-dir", str(tmp_path / "zoo-cache"), "list")
+    assert zoo.returncode == 0 and "moco-v2" in zoo.stdout, zoo.stderr
+    convert = run(str(target / "bin" / "ringbench-convert"), "--help")
+    assert convert.returncode == 0 and "--to" in convert.stdout
     bad = run(str(target / "bin" / "ringbench-pretrain"), "--config", "nope")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

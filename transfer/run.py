@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backbone",
         type=Path,
-        help="checkpoint: ringbench card (.pth), MoCo, Lightning, torchvision, timm or Detectron2 .pkl",
+        help="checkpoint: a ringbench card (.pth) or any format of docs/formats.md (MoCo, VISSL, solo-learn, "
+        "mmselfsup, DINO, SwAV, BYOL .pkl, Detectron2 .pkl, ...), or zoo:NAME (a fetched ringbench-zoo entry)",
     )
     parser.add_argument("--task", help="task name (see --list-tasks)")
     parser.add_argument("--name", help="backbone name in results (default: the file's stem)")
