@@ -421,8 +421,17 @@ def read_cifar_listing(root: Path, num_classes: int) -> Listing:
     """CIFAR-10/100 in the "python version" layout (``ringbench.readers``): arrays in memory."""
     from ringbench.readers import cifar, cifar_class_names
 
-    folder_name = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
-    folder = root / folder_name if (root / folder_name).is_dir() else root
+    folder_name, files = (
+        ("cifar-10-batches-py", [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"])
+        if num_classes == 10
+        else ("cifar-100-python", ["train", "test"])
+    )
+    folder = next((f for f in (root / folder_name, root) if all((f / n).is_file() for n in files)), None)
+    if folder is None:
+        raise UserError(
+            f"CIFAR-{num_classes}: expected {root / folder_name}/ holding {', '.join(files)} (torchvision's "
+            '"python version" layout); nothing is downloaded'
+        )
     splits = {}
     for split in ("train", "test"):
         ds = cifar(root, split, num_classes)

@@ -34,6 +34,7 @@ _TASK_MODULES: dict[str, tuple[str, ...]] = {
     "transfer.d2.tasks": ("detectron2", "fvcore", "pycocotools"),
     "transfer.fewshot": (),
     "transfer.linear": (),
+    "transfer.kornblith": (),
 }
 
 
