@@ -50,7 +50,7 @@ def test_regularisation_choice_matches_sklearn():
     tx = tx + 0.5 * rng.normal(size=tx.shape).astype(np.float32)
     train, val, test = (x[:120], y[:120]), (x[120:], y[120:]), (tx, ty)
     path = [1e-2, 1.0, 10.0, 100.0, 1000.0]
-    out = kornblith_evaluation(train, val, test, 4, "mean_per_class", path, tol=1e-8)
+    out = kornblith_evaluation(train, val, test, 4, "mean_per_class", path, tol=1e-8, dtype=torch.float64)
 
     def sk(fit_x, fit_y, value):
         return LogisticRegression(C=1 / value, tol=1e-10, max_iter=5000).fit(fit_x.astype(float), fit_y)
