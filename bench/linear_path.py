@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # run by path
@@ -68,7 +69,7 @@ def ssl_transfer(train, val, test, path) -> dict:
     return {"value": best, "test": clf.score(*test), "val_curve": curve}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bench/linear_path.py",
         description=__doc__.split("\n\n")[0],
