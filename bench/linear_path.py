@@ -36,14 +36,22 @@ import numpy as np
 from ringbench.cli import add_common_flags, run_main
 
 
-def features(train: int, test: int, dim: int, classes: int, separation: float, seed: int = 0):
-    """``(x, y)`` of train and of test: ``max(0, mean_y + N(0, 1))``, ``mean_y ~ separation * N(0, 1)``."""
+def features(train: int, test: int, dim: int, classes: int, separation: float, flip: float = 0.2, seed: int = 0):
+    """``(x, y)`` of train and of test: ``max(0, mean_y + z)``, ``mean_y ~ separation * N(0, I)`` and ``z``
+    anisotropic Gaussian noise (a random rotation of standard deviations ``2 (i + 1)^-0.5``): correlated
+    coordinates with a few dominant directions, as a network's pooled features have, so that the nearest
+    class mean is not already the best classifier; a share ``flip`` of the labels replaced by random ones (the
+    ambiguous images of a real data set), so that the weakest regularisation overfits and the best value lies
+    inside the path."""
     rng = np.random.default_rng(seed)
     means = separation * rng.normal(size=(classes, dim))
+    rotation, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    mixing = (2.0 * np.arange(1, dim + 1) ** -0.5)[:, None] * rotation
 
     def draw(n: int):
         y = np.arange(n) % classes
-        return np.maximum(means[y] + rng.normal(size=(n, dim)), 0).astype(np.float32), y
+        x = np.maximum(means[y] + rng.normal(size=(n, dim)) @ mixing, 0).astype(np.float32)
+        return x, np.where(rng.random(n) < flip, rng.integers(0, classes, n), y)
 
     return draw(train), draw(test)
 
@@ -79,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=2000, help="test images")
     parser.add_argument("--dim", type=int, default=512, help="feature dimensions")
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--separation", type=float, default=0.2, help="scale of the class means (difficulty)")
+    parser.add_argument("--flip", type=float, default=0.2, help="share of labels replaced by random ones")
+    parser.add_argument("--separation", type=float, default=0.04, help="scale of the class means (difficulty)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (scikit-learn's takes minutes)")
     parser.add_argument("--device", default="cpu", help="where our solver runs (cpu, cuda)")
     add_common_flags(parser)
@@ -91,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transfer.kornblith import KORNBLITH_PATH, kornblith_evaluation
     from transfer.linear import stratified_holdout
 
-    (x, y), test = features(args.train, args.test, args.dim, args.classes, args.separation)
+    (x, y), test = features(args.train, args.test, args.dim, args.classes, args.separation, args.flip)
     held = stratified_holdout(y, 0.2, 0)
     train, val = (x[~held], y[~held]), (x[held], y[held])
     path = list(KORNBLITH_PATH)
