@@ -102,11 +102,11 @@ def test_the_embedded_twin_end_to_end(tmp_path):
     config = task.make_config(
         _args(
             "--linear-synthetic-classes",
-            "4",
+            "3",
             "--linear-synthetic-train",
             "10",
             "--linear-synthetic-test",
-            "4",
+            "3",
             "--linear-path",
             "1e-2:1e2:5",
         )
@@ -117,7 +117,7 @@ def test_the_embedded_twin_end_to_end(tmp_path):
     ctx = TaskContext(output_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
     result = task.run(backbone, config, ctx)
     assert 0 <= result.metrics["acc"] <= 100 and result.extra["metric"] == "top1"
-    assert result.extra["train_images"] + result.extra["val_images"] == 40 and result.extra["test_images"] == 16
+    assert result.extra["train_images"] + result.extra["val_images"] == 30 and result.extra["test_images"] == 9
     assert len(result.extra["val_curve"]) == 5 and result.extra["regularisation"] in config["path"]
     again = task.run(backbone, config, ctx)
     assert again.extra["feature_cache"]["train"]["hit"] and again.metrics == result.metrics
@@ -134,3 +134,22 @@ def test_a_battery_task_names_its_missing_data(tmp_path):
         from transfer.run import main
 
         main(["--backbone", "x.pth", "--task", "linear_flowers102", "--linear-grid", "1"])
+
+
+@pytest.mark.parametrize("extrapolate", [False, True])
+def test_the_path_solver_finds_each_value_s_solution(extrapolate):
+    """``solve_logreg_path`` (features prepared once, warm starts, optional secant predictor) against
+    ``solve_logreg`` from zero for each value."""
+    from ringbench.logreg import solve_logreg, solve_logreg_path
+
+    rng = np.random.default_rng(1)
+    x, y = _gaussians(rng, 60, classes=3, dim=5)
+    xt = torch.tensor(x, dtype=torch.float64)[None]
+    yt = torch.tensor(y)[None]
+    weights, mask = torch.ones(1, 1, 60, dtype=torch.float64), torch.ones(1, 3, dtype=torch.bool)
+    lams = [1.0, 0.1, 0.01]
+    path = list(solve_logreg_path(xt, yt, weights, mask, lams, tol=1e-10, extrapolate=extrapolate))
+    for lam, (w, b) in zip(lams, path):
+        ref_w, ref_b = solve_logreg(xt, yt, weights, mask, torch.tensor([[lam]], dtype=torch.float64), tol=1e-10)
+        torch.testing.assert_close(w, ref_w, atol=1e-6, rtol=0)
+        torch.testing.assert_close(b - b.mean(), ref_b - ref_b.mean(), atol=1e-6, rtol=0)

@@ -22,9 +22,12 @@ Birdsnap, SUN397, Stanford Cars, FGVC-Aircraft, DTD, Oxford-IIIT Pet, Caltech-10
 (the refit on train + validation keeps ``c``, as ssl-transfer keeps ``C``). The bias is not penalised
 in either.
 
-**The path** is solved from the strongest regularisation to the weakest, each fit started from the
-previous one's solution (a warm start, ``solve_logreg(init=...)``), and the refit from the chosen value's
-solution. Features are centred and rotated to the principal axes of train + validation first: exact (the
+**The path** is solved from the strongest regularisation to the weakest (``solve_logreg_path``), each fit
+started from the previous solution moved on by the last step (a warm start with a secant predictor: the values
+are evenly log-spaced), and the refit from the chosen value's solution. Fits stop at a preconditioned
+gradient of 1e-4: at the weakest values (``lambda`` ~ 1e-10, nearly separable data) the solution is not
+unique in practice and the validation curve there depends on the path, as scikit-learn's does.
+Features are centred and rotated to the principal axes of train + validation first: exact (the
 bias absorbs the shift, the penalty is rotation invariant) and well conditioned for the solver's diagonal
 preconditioner.
 """
@@ -47,7 +50,7 @@ from metadataset.sources import ImageSet, data_digest
 from ringbench.config import settings_from_args
 from ringbench.errors import UserError
 from ringbench.fileio import resolved_path
-from ringbench.logreg import logreg_logits, solve_logreg
+from ringbench.logreg import logreg_logits, solve_logreg, solve_logreg_path
 from transfer.battery_data import BATTERY, BatterySet, Listing, Split
 from transfer.linear import DATA_ROOT_ENV, LinearSettings, add_linear_arguments, stratified_holdout
 from transfer.tasks import Task, TaskContext, TaskResult, register
@@ -150,9 +153,15 @@ def kornblith_evaluation(
     x_train, x_val = rotate(train_x), rotate(val_x)
     curve: dict[float, float] = {}
     models: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
-    model = None
-    for value in reversed(values):  # strongest first: each fit starts from the previous solution
-        model = _fit(x_train, train_y, value, num_classes, model, max_iter, tol)
+    n = x_train.shape[1]
+    labels = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=x_train.device)[None]
+    weights = torch.ones(1, 1, n, dtype=dtype, device=x_train.device)
+    mask = torch.ones(1, num_classes, dtype=torch.bool, device=x_train.device)
+    strongest_first = list(reversed(values))  # each fit starts from the previous (stronger) one's solution
+    fits = solve_logreg_path(
+        x_train, labels, weights, mask, [v / n for v in strongest_first], max_iter, tol, extrapolate=True
+    )
+    for value, model in zip(strongest_first, fits):
         models[value] = model
         curve[value] = score(_predict(x_val, model), val_y, num_classes)
     best = max(values, key=lambda v: (curve[v], -v))  # ties: the smallest value, as ssl-transfer
