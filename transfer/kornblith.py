@@ -114,13 +114,14 @@ def _fit(
     init: tuple[torch.Tensor, torch.Tensor] | None,
     max_iter: int,
     tol: float,
+    ftol: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[1]
     labels = torch.as_tensor(y, dtype=torch.long, device=x.device)[None]
     lam = torch.tensor([[value / n]], dtype=x.dtype, device=x.device)
     weights = torch.ones(1, 1, n, dtype=x.dtype, device=x.device)
     mask = torch.ones(1, num_classes, dtype=torch.bool, device=x.device)
-    return solve_logreg(x, labels, weights, mask, lam, max_iter=max_iter, tol=tol, init=init)
+    return solve_logreg(x, labels, weights, mask, lam, max_iter=max_iter, tol=tol, ftol=ftol, init=init)
 
 
 def _predict(x: torch.Tensor, model: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
@@ -158,9 +159,9 @@ def kornblith_evaluation(
     weights = torch.ones(1, 1, n, dtype=dtype, device=x_train.device)
     mask = torch.ones(1, num_classes, dtype=torch.bool, device=x_train.device)
     strongest_first = list(reversed(values))  # each fit starts from the previous (stronger) one's solution
-    fits = solve_logreg_path(
-        x_train, labels, weights, mask, [v / n for v in strongest_first], max_iter, tol, extrapolate=True
-    )
+    ftol = 64 * torch.finfo(dtype).eps  # as scikit-learn's lbfgs: no progress left to make at this precision
+    lams = [v / n for v in strongest_first]
+    fits = solve_logreg_path(x_train, labels, weights, mask, lams, max_iter, tol, ftol=ftol, extrapolate=True)
     for value, model in zip(strongest_first, fits):
         models[value] = model
         curve[value] = score(_predict(x_val, model), val_y, num_classes)
@@ -169,7 +170,7 @@ def kornblith_evaluation(
     start = time.perf_counter()
     x_all = torch.cat([x_train, x_val], 1)
     y_all = np.concatenate([np.asarray(train_y), np.asarray(val_y)])
-    final = _fit(x_all, y_all, best, num_classes, models[best], max_iter, tol)
+    final = _fit(x_all, y_all, best, num_classes, models[best], max_iter, tol, ftol)
     test_score = score(_predict(rotate(test_x), final), test_y, num_classes)
     return {
         "test": test_score,
