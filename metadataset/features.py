@@ -15,8 +15,12 @@ differs from the expected one (another backbone, another version of this code, c
 whose arrays do not match its index is rebuilt with a message, never reused. Every file is
 written to a temporary name and renamed.
 
-Images are resized to ``image_size`` squared (no crop, as Meta-Dataset does) and normalised with
-the backbone's own mean and std. A corrupt image is skipped with a warning and counted.
+Images are resized to ``image_size`` squared (no crop, as Meta-Dataset does; ``resize="square"``) or,
+with ``resize="shorter-bicubic-crop"`` (Kornblith et al. 2019's linear evaluation), their shorter side
+to ``image_size`` by bicubic interpolation and then centre-cropped to ``image_size`` squared
+(torchvision's ``Resize(size, BICUBIC)`` + ``CenterCrop(size)``); then normalised with the backbone's
+own mean and std. The resize is part of the key when it is not the default. A corrupt image is
+skipped with a warning and counted.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump whenever extraction changes what is stored
 POOLINGS = ("avg",)  # the backbone's global average pooling
+RESIZES = ("square", "shorter-bicubic-crop")
 MAX_WARNINGS = 20
 
 
@@ -79,9 +84,9 @@ def precision_of(device: str) -> str:
 
 
 def cache_key(
-    backbone: Any, image_set: ImageSet, image_size: int, pooling: str, precision: str = "fp32"
+    backbone: Any, image_set: ImageSet, image_size: int, pooling: str, precision: str = "fp32", resize: str = "square"
 ) -> dict[str, Any]:
-    return {
+    key = {
         "backbone_sha256": backbone.sha256,
         "source": image_set.name,
         "split": image_set.split,
@@ -93,10 +98,15 @@ def cache_key(
         "std": [float(v) for v in backbone.std],
         "code_version": code_version(),
     }
+    if resize != "square":  # the default is left out of the key: entries written before it existed stay valid
+        key["resize"] = resize
+    return key
 
 
 def cache_folder(cache_dir: Path, key: dict[str, Any]) -> Path:
     name = f"{key['source']}-{key['split']}-{key['image_size']}px-{key['pooling']}-{key['precision']}"
+    if "resize" in key:
+        name += f"-{key['resize']}"
     name += f"-{key['backbone_sha256'][:16]}"
     return Path(cache_dir) / "features" / name
 
@@ -137,12 +147,19 @@ def load_cached(folder: Path, key: dict[str, Any]) -> FeatureSet | None:
     )
 
 
-def preprocess(image: Any, image_size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """PIL image -> normalised ``(3, S, S)`` float tensor (bilinear resize to a square, no crop)."""
+def preprocess(
+    image: Any, image_size: int, mean: torch.Tensor, std: torch.Tensor, resize: str = "square"
+) -> torch.Tensor:
+    """PIL image -> normalised ``(3, S, S)`` float tensor: bilinear resize to a square, no crop
+    (``square``), or shorter side to ``S`` bicubic then the centre ``S x S`` (``shorter-bicubic-crop``)."""
     from PIL import Image
 
     image = image.convert("RGB")
-    if image.size != (image_size, image_size):
+    if resize == "shorter-bicubic-crop":
+        import torchvision.transforms.functional as tf
+
+        image = tf.center_crop(tf.resize(image, image_size, tf.InterpolationMode.BICUBIC), [image_size, image_size])
+    elif image.size != (image_size, image_size):
         # Pillow sets its module-level filter constants with setattr, out of mypy's sight; the
         # typed Image.Resampling needs Pillow >= 9.1 (the project allows 9.0).
         image = image.resize((image_size, image_size), Image.BILINEAR)  # type: ignore[attr-defined]
@@ -151,13 +168,19 @@ def preprocess(image: Any, image_size: int, mean: torch.Tensor, std: torch.Tenso
 
 
 def _batches(
-    image_set: ImageSet, image_size: int, mean: torch.Tensor, std: torch.Tensor, batch_size: int, skipped: list[str]
+    image_set: ImageSet,
+    image_size: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    batch_size: int,
+    skipped: list[str],
+    resize: str = "square",
 ) -> Iterator[tuple[torch.Tensor, list[int]]]:
     images: list[torch.Tensor] = []
     labels: list[int] = []
     for label, ref, load in image_set.items():
         try:
-            images.append(preprocess(load(), image_size, mean, std))
+            images.append(preprocess(load(), image_size, mean, std, resize))
         except Exception as exc:
             skipped.append(ref)
             if len(skipped) <= MAX_WARNINGS:
@@ -182,13 +205,16 @@ def cached_features(
     device: str = "cpu",
     batch_size: int = 128,
     progress: bool = True,
+    resize: str = "square",
 ) -> FeatureSet:
     """Features of every image of ``image_set``: from the cache when its key matches, else
-    computed (``backbone.build_model``) and cached."""
+    computed (``backbone.build_model``) and cached. ``resize``: one of :data:`RESIZES` (module docstring)."""
     if pooling not in POOLINGS:
         raise UserError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}")
+    if resize not in RESIZES:
+        raise UserError(f"unknown resize {resize!r}; choose one of {list(RESIZES)}")
     image_size = int(image_size or backbone.default_image_size)
-    key = cache_key(backbone, image_set, image_size, pooling, precision_of(device))
+    key = cache_key(backbone, image_set, image_size, pooling, precision_of(device), resize)
     folder = cache_folder(Path(cache_dir), key)
     cached = load_cached(folder, key)
     if cached is not None:
@@ -221,7 +247,7 @@ def cached_features(
         raise as_write_error(folder, exc) from exc
     try:
         with os.fdopen(fd, "wb") as raw, torch.inference_mode():
-            for images, batch_labels in _batches(image_set, image_size, mean, std, batch_size, skipped):
+            for images, batch_labels in _batches(image_set, image_size, mean, std, batch_size, skipped, resize):
                 images = images.to(device, non_blocking=True)
                 if cuda:
                     images = images.to(memory_format=torch.channels_last)

@@ -16,7 +16,7 @@ one large problem, a grid of ``lambda``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,6 +112,48 @@ def solve_logreg(
         return problem.weight_and_bias(_lbfgs(problem, start, max_iter, tol, history, ftol))
 
 
+def solve_logreg_path(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sample_weight: torch.Tensor,
+    class_mask: torch.Tensor,
+    lams: Sequence[float],
+    max_iter: int = 500,
+    tol: float = 1e-6,
+    history: int = 10,
+    ftol: float = 1e-14,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    extrapolate: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A regularisation path: the problems of :func:`solve_logreg` (``P = 1``: ``sample_weight (B, 1, N)``)
+    solved for each ``lambda`` of ``lams`` in turn, each started from the previous solution (the first from
+    ``init``, default zero); yields ``(weight (B, D, 1, K), bias (B, 1, K))`` per value.
+
+    The same solutions as calling :func:`solve_logreg` with ``init`` along the path, without preparing the
+    features again for every value: only the ridge and the diagonal preconditioner change (the scale is
+    applied to the parameters, not folded into the features). ``extrapolate``: start each fit after the second
+    from ``2 theta_k - theta_{k-1}`` (a secant predictor, for evenly spaced values on a log scale), which
+    saves about a third of the evaluations along Kornblith et al.'s path."""
+    b, _, d = x.shape
+    zero = x.new_zeros(b, 1)
+    with few_threads_if_small(x.numel() * class_mask.shape[1]):
+        problem = _Problem.build(x, y, sample_weight, class_mask, zero, precondition=True, fold=False)
+        data_diagonal = _curvature_diagonal(x, sample_weight, class_mask, zero)  # (B, 1, D+1), lambda = 0
+        assert problem.unscale is not None
+        theta = problem.zeros() if init is None else problem.variables(*init) * problem.unscale
+        before = None
+        for lam in lams:
+            diagonal = data_diagonal.clone()
+            diagonal[..., :-1] += float(lam)
+            unscale = diagonal.rsqrt()[:, :, None]  # (B, 1, 1, D+1)
+            problem.ridge[..., :d] = float(lam)
+            problem.scale = problem.unscale = unscale
+            start = theta if before is None or not extrapolate else 2 * theta - before
+            phi = _lbfgs(problem, start / unscale, max_iter, tol, history, ftol)
+            before, theta = theta, phi * unscale
+            yield problem.weight_and_bias(phi)
+
+
 @contextlib.contextmanager
 def few_threads_if_small(work: int, small: int = 1 << 30) -> Iterator[None]:
     """One intra-op thread for small problems: thread synchronisation would cost more than the
@@ -150,7 +192,7 @@ class _Problem:
     shape: tuple[int, int, int, int]  # B, P, K, D+1
 
     @classmethod
-    def build(cls, x, y, sample_weight, class_mask, lam, precondition: bool) -> _Problem:
+    def build(cls, x, y, sample_weight, class_mask, lam, precondition: bool, fold: bool | None = None) -> _Problem:
         b, n, d = x.shape
         p, k = lam.shape[1], class_mask.shape[1]
         share = (sample_weight / sample_weight.sum(-1, keepdim=True).clamp_min(1.0))[:, :, None]  # (B, P, 1, N)
@@ -161,7 +203,7 @@ class _Problem:
             None if bool(class_mask.all()) else torch.where(class_mask, 0.0, MASKED_LOGIT).to(x.dtype)[:, None, :, None]
         )
         unscale = _curvature_diagonal(x, sample_weight, class_mask, lam).rsqrt()[:, :, None] if precondition else None
-        fold = p == 1
+        fold = p == 1 if fold is None else fold
         # [x, 1] (times the scale when folded), written once, transposed: (B, D+1, N)
         features_t = torch.empty(b, d + 1, n, dtype=x.dtype, device=x.device)
         if unscale is not None and fold:

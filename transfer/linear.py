@@ -1,7 +1,8 @@
 """Many-shot linear evaluation: a multinomial logistic regression on frozen, cached features.
 
-Tasks ``linear_cifar10``, ``linear_cifar100``, ``linear_stl10``, ``linear_imagenet`` and
-``linear_synthetic`` (embedded shapes, nothing on disk). Protocol:
+Tasks ``linear_stl10``, ``linear_imagenet`` and ``linear_synthetic`` (embedded shapes, nothing on
+disk); ``linear_cifar10`` and ``linear_cifar100`` follow Kornblith et al. 2019 (``transfer.kornblith``,
+which shares this family's flags and readers). Protocol:
 
 1. features of every train and test image (``metadataset.features``: cached per backbone hash);
 2. L2-normalised features; hold out a stratified 20% of train; fit one model per weight decay of a
@@ -55,6 +56,10 @@ class LinearSettings:
     linear_grid: str = field(
         default=",".join(f"{g:g}" for g in DEFAULT_GRID),
         metadata={"help": "comma-separated weight decays to choose from"},
+    )
+    linear_path: str = field(
+        default="1e-6:1e5:45",
+        metadata={"help": "Kornblith tasks: the regularisation path (1/C), start:stop:num log-spaced"},
     )
     linear_val_fraction: float = field(
         default=0.2, metadata={"help": "fraction of train held out to choose the weight decay", "range": ((0,), (1,))}
@@ -373,15 +378,13 @@ def make_linear_task(dataset: str, description: str) -> Task:
         add_arguments=add_linear_arguments,
         primary_metric="acc",
         needs_data=dataset != "synthetic",
-        unused_flags=()
+        unused_flags=("linear_path",)
         if dataset == "synthetic"
-        else ("linear_synthetic_classes", "linear_synthetic_train", "linear_synthetic_test"),
+        else ("linear_path", "linear_synthetic_classes", "linear_synthetic_train", "linear_synthetic_test"),
     )
 
 
 for _name, _text in (
-    ("cifar10", "linear evaluation on CIFAR-10 (torchvision layout under --data-root)"),
-    ("cifar100", "linear evaluation on CIFAR-100 (torchvision layout under --data-root)"),
     ("stl10", "linear evaluation on STL-10 labelled train/test (torchvision layout under --data-root)"),
     ("imagenet", "linear evaluation on ImageNet (ImageFolder train/ and val/ under --data-root)"),
     ("synthetic", "linear evaluation on the synthetic shapes (embedded)"),

@@ -36,6 +36,7 @@ _TASK_MODULES: dict[str, tuple[str, ...]] = {
     "transfer.knn": (),
     "transfer.linear": (),
     "transfer.svm": (),
+    "transfer.kornblith": (),
 }
 
 

@@ -1,0 +1,155 @@
+"""Kornblith et al. 2019's linear path (``transfer.kornblith``): the regularisation choice against
+scikit-learn on the same split, mean per-class accuracy against a reference, the preprocessing against
+torchvision's transforms, and the embedded twin ``linear_kornblith_synthetic`` end to end."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+
+from ringbench.errors import UserError
+from tests.helpers import write_card
+from tests.test_metadataset_probes import _one_blas_thread  # noqa: F401 (autouse fixture)
+from transfer.checkpoints import load_backbone
+from transfer.kornblith import KORNBLITH_PATH, kornblith_evaluation, mean_per_class_accuracy, parse_path
+from transfer.linear import add_linear_arguments
+from transfer.tasks import TaskContext, get_task
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data-root", default=None)
+    add_linear_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _gaussians(rng, n, classes=4, dim=8, spread=2.0):
+    means = rng.normal(size=(classes, dim))
+    y = np.arange(n) % classes
+    return (means[y] + spread * rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+def test_the_path_is_kornblith_s():
+    assert len(KORNBLITH_PATH) == 45 and KORNBLITH_PATH[0] == pytest.approx(1e-6) and KORNBLITH_PATH[-1] == 1e5
+    assert parse_path("1e-6:1e5:45") == pytest.approx(KORNBLITH_PATH)
+    with pytest.raises(UserError, match="--linear-path"):
+        parse_path("1e-6,1e5")
+
+
+def test_regularisation_choice_matches_sklearn():
+    """Every value's validation score and the chosen value as scikit-learn's ``LogisticRegression(C=1/value)``
+    fitted to convergence on the same split; the refit on train + validation scores the same on test."""
+    rng = np.random.default_rng(0)
+    x, y = _gaussians(rng, 200)
+    tx, ty = _gaussians(np.random.default_rng(0), 120)  # same means (same seed), other noise
+    tx = tx + 0.5 * rng.normal(size=tx.shape).astype(np.float32)
+    train, val, test = (x[:120], y[:120]), (x[120:], y[120:]), (tx, ty)
+    path = [1e-2, 1.0, 10.0, 100.0, 1000.0]
+    out = kornblith_evaluation(train, val, test, 4, "mean_per_class", path, tol=1e-8, dtype=torch.float64)
+
+    def sk(fit_x, fit_y, value):
+        return LogisticRegression(C=1 / value, tol=1e-10, max_iter=5000).fit(fit_x.astype(float), fit_y)
+
+    curve = {}
+    for value in path:
+        pred = sk(*train, value).predict(val[0].astype(float))
+        curve[value] = balanced_accuracy_score(val[1], pred)
+        assert out["val_curve"][f"{value:.6g}"] == pytest.approx(curve[value], abs=1.01 / 20)  # one image of 80
+    best = max(path, key=lambda v: (out["val_curve"][f"{v:.6g}"], -v))
+    assert out["value"] == best and curve[best] == pytest.approx(max(curve.values()), abs=1.01 / 20)
+    ref = sk(np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]), best)
+    assert out["test"] == pytest.approx(balanced_accuracy_score(ty, ref.predict(tx.astype(float))), abs=1.01 / 30)
+
+
+def test_mean_per_class_accuracy_against_a_reference():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 7, 300)
+    labels[labels == 5] = 6  # class 5 absent from the labels: not averaged over
+    pred = np.where(rng.random(300) < 0.6, labels, rng.choice([0, 1, 2, 3, 4, 6], 300))
+    assert mean_per_class_accuracy(pred, labels, 7) == pytest.approx(balanced_accuracy_score(labels, pred))
+    recalls = [np.mean(pred[labels == c] == c) for c in np.unique(labels)]
+    assert mean_per_class_accuracy(pred, labels, 7) == pytest.approx(np.mean(recalls))
+
+
+def test_preprocessing_is_torchvision_s_resize_and_centre_crop():
+    from PIL import Image
+    from torchvision import transforms
+
+    from metadataset.features import preprocess
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 47, 3), dtype=np.uint8))
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    reference = transforms.Compose(
+        [
+            transforms.Resize(16, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(16),
+            transforms.ToTensor(),
+            transforms.Normalize(mean.tolist(), std.tolist()),
+        ]
+    )(image)
+    got = preprocess(image, 16, mean, std, "shorter-bicubic-crop")
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=0)
+
+
+def test_the_embedded_twin_end_to_end(tmp_path):
+    card = write_card(tmp_path / "card.pth", image_size=16)
+    task = get_task("linear_kornblith_synthetic")
+    config = task.make_config(
+        _args(
+            "--linear-synthetic-classes",
+            "3",
+            "--linear-synthetic-train",
+            "10",
+            "--linear-synthetic-test",
+            "3",
+            "--linear-path",
+            "1e-2:1e2:5",
+        )
+    )
+    assert config["resize"] == "shorter-bicubic-crop" and config["protocol"] == "kornblith2019"
+    backbone = load_backbone(card)
+    task.validate(backbone, config)
+    ctx = TaskContext(output_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
+    result = task.run(backbone, config, ctx)
+    assert 0 <= result.metrics["acc"] <= 100 and result.extra["metric"] == "top1"
+    assert result.extra["train_images"] + result.extra["val_images"] == 30 and result.extra["test_images"] == 9
+    assert len(result.extra["val_curve"]) == 5 and result.extra["regularisation"] in config["path"]
+    again = task.run(backbone, config, ctx)
+    assert again.extra["feature_cache"]["train"]["hit"] and again.metrics == result.metrics
+
+
+def test_a_battery_task_names_its_missing_data(tmp_path):
+    task = get_task("linear_flowers102")
+    assert task.primary_metric == "mean_per_class_acc"
+    with pytest.raises(UserError, match="--data-root"):
+        task.validate(None, task.make_config(_args()))
+    with pytest.raises(UserError, match=r"expected .*flowers-102.*imagelabels\.mat"):
+        task.validate(None, task.make_config(_args("--data-root", str(tmp_path))))
+    with pytest.raises(UserError, match="--linear-grid: not used"):
+        from transfer.run import main
+
+        main(["--backbone", "x.pth", "--task", "linear_flowers102", "--linear-grid", "1"])
+
+
+@pytest.mark.parametrize("extrapolate", [False, True])
+def test_the_path_solver_finds_each_value_s_solution(extrapolate):
+    """``solve_logreg_path`` (features prepared once, warm starts, optional secant predictor) against
+    ``solve_logreg`` from zero for each value."""
+    from ringbench.logreg import solve_logreg, solve_logreg_path
+
+    rng = np.random.default_rng(1)
+    x, y = _gaussians(rng, 60, classes=3, dim=5)
+    xt = torch.tensor(x, dtype=torch.float64)[None]
+    yt = torch.tensor(y)[None]
+    weights, mask = torch.ones(1, 1, 60, dtype=torch.float64), torch.ones(1, 3, dtype=torch.bool)
+    lams = [1.0, 0.1, 0.01]
+    path = list(solve_logreg_path(xt, yt, weights, mask, lams, tol=1e-8, extrapolate=extrapolate))
+    for lam, (w, b) in zip(lams, path):
+        ref_w, ref_b = solve_logreg(xt, yt, weights, mask, torch.tensor([[lam]], dtype=torch.float64), tol=1e-8)
+        torch.testing.assert_close(w, ref_w, atol=1e-5, rtol=0)
+        torch.testing.assert_close(b - b.mean(), ref_b - ref_b.mean(), atol=1e-5, rtol=0)

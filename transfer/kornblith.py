@@ -1,0 +1,373 @@
+"""Many-shot linear evaluation as Kornblith et al. 2019 ("Do Better ImageNet Models Transfer Better?",
+CVPR; restated in SimCLR's appendix B.8, implemented in ``linusericsson/ssl-transfer``'s ``linear.py``).
+
+Tasks ``linear_<name>`` for the data sets of ``transfer.battery_data.BATTERY`` (Food-101, CIFAR-10/100,
+Birdsnap, SUN397, Stanford Cars, FGVC-Aircraft, DTD, Oxford-IIIT Pet, Caltech-101, Flowers-102) and
+``linear_kornblith_synthetic``, the same path on the embedded shapes (nothing on disk). Protocol:
+
+1. images: shorter side to 224 by bicubic interpolation, the centre 224 x 224, the card's mean and std
+   (``metadataset.features``, ``resize="shorter-bicubic-crop"``); features from the global average pool
+   (CMC: both streams), cached per backbone hash; used as they are (no normalisation, as ssl-transfer);
+2. an L2-regularised multinomial logistic regression by L-BFGS for each of 45 values log-spaced over
+   [1e-6, 1e5] (:data:`KORNBLITH_PATH`), fitted on train, scored on validation with the data set's metric:
+   the creators' validation split (Aircraft, DTD, Flowers), else a seeded stratified 20% of train;
+3. the best value (ties: the smallest, as ssl-transfer's strict ``>`` over ascending values) refitted on
+   train + validation; the metric on test: top-1 accuracy, or mean per-class accuracy (Aircraft, Pets,
+   Caltech-101, Flowers).
+
+**The regularisation value** ``c`` of the path is scikit-learn's ``1 / C`` (ssl-transfer sets
+``C = 1 / c``): scikit-learn minimises ``C sum_i CE_i + ||W||^2 / 2``, which is ``C n`` times
+``mean_i CE_i + ||W||^2 / (2 C n)``; the solver here (``ringbench.logreg``) minimises
+``mean_i CE_i + (lambda / 2) ||W||^2``, so ``lambda = c / n``, ``n`` the number of images of that fit
+(the refit on train + validation keeps ``c``, as ssl-transfer keeps ``C``). The bias is not penalised
+in either.
+
+**The path** is solved from the strongest regularisation to the weakest (``solve_logreg_path``), each fit
+started from the previous solution moved on by the last step (a warm start with a secant predictor: the values
+are evenly log-spaced), and the refit from the chosen value's solution. Fits stop at a preconditioned
+gradient of 1e-4: at the weakest values (``lambda`` ~ 1e-10, nearly separable data) the solution is not
+unique in practice and the validation curve there depends on the path, as scikit-learn's does.
+Features are centred and rotated to the principal axes of train + validation first: exact (the
+bias absorbs the shift, the penalty is rotation invariant) and well conditioned for the solver's diagonal
+preconditioner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metadataset.features import cached_features
+from metadataset.sources import ImageSet, data_digest
+from ringbench.config import settings_from_args
+from ringbench.errors import UserError
+from ringbench.fileio import resolved_path
+from ringbench.logreg import logreg_logits, solve_logreg, solve_logreg_path
+from transfer.battery_data import BATTERY, BatterySet, Listing, Split
+from transfer.linear import DATA_ROOT_ENV, LinearSettings, add_linear_arguments, stratified_holdout
+from transfer.tasks import Task, TaskContext, TaskResult, register
+
+KORNBLITH_PATH = tuple(float(v) for v in np.logspace(-6, 5, 45))  # 1 / C, Kornblith et al. 2019
+KORNBLITH_IMAGE_SIZE = 224
+RESIZE = "shorter-bicubic-crop"
+PATH_TOL = 1e-4  # gradient tolerance (in the preconditioned variables) of every fit along the path
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+
+def top1(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """Share of images whose predicted class is their label."""
+    return float(np.mean(np.asarray(pred) == np.asarray(labels))) if len(labels) else 0.0
+
+
+def mean_per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """Mean over the classes present in ``labels`` of each class's recall (ssl-transfer: the confusion
+    matrix's diagonal over its row sums, averaged)."""
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    present = np.unique(labels)
+    if not len(present):
+        return 0.0
+    hits = np.bincount(labels[pred == labels], minlength=num_classes)[present]
+    return float(np.mean(hits / np.bincount(labels, minlength=num_classes)[present]))
+
+
+# metric key -> (function, name of the record's metric, words)
+METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray, int], float], str, str]] = {
+    "top1": (top1, "acc", "top-1 accuracy"),
+    "mean_per_class": (mean_per_class_accuracy, "mean_per_class_acc", "mean per-class accuracy"),
+}
+
+
+# --- the path --------------------------------------------------------------------------------------
+
+
+class _Rotated:
+    """Features centred and rotated to the principal axes of ``reference`` (exact for the model)."""
+
+    def __init__(self, reference: np.ndarray, device: str, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.device = device
+        x = torch.tensor(np.asarray(reference), dtype=self.dtype, device=device)
+        self.mean = x.mean(0)
+        centred = x - self.mean
+        _, self.axes = torch.linalg.eigh(centred.T @ centred)
+
+    def __call__(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.tensor(np.asarray(x), dtype=self.dtype, device=self.device)  # a copy: cached features are read-only
+        return ((t - self.mean) @ self.axes)[None]
+
+
+def _fit(
+    x: torch.Tensor,
+    y: np.ndarray,
+    value: float,
+    num_classes: int,
+    init: tuple[torch.Tensor, torch.Tensor] | None,
+    max_iter: int,
+    tol: float,
+    ftol: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[1]
+    labels = torch.as_tensor(y, dtype=torch.long, device=x.device)[None]
+    lam = torch.tensor([[value / n]], dtype=x.dtype, device=x.device)
+    weights = torch.ones(1, 1, n, dtype=x.dtype, device=x.device)
+    mask = torch.ones(1, num_classes, dtype=torch.bool, device=x.device)
+    return solve_logreg(x, labels, weights, mask, lam, max_iter=max_iter, tol=tol, ftol=ftol, init=init)
+
+
+def _predict(x: torch.Tensor, model: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
+    return logreg_logits(x, *model)[0, :, 0].argmax(-1).cpu().numpy()
+
+
+def kornblith_evaluation(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    num_classes: int,
+    metric: str = "top1",
+    path: tuple[float, ...] | list[float] = KORNBLITH_PATH,
+    device: str = "cpu",
+    max_iter: int = 1000,
+    tol: float = PATH_TOL,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Steps 2-3 of the module docstring on ``(features, labels)`` of train, validation and test.
+
+    ``dtype``: the solver's arithmetic, float32 by default on every device (twice as fast as float64 on
+    CPUs; the path's fits stop at a gradient of ``tol`` = 1e-4, well above float32's resolution, and CPU and
+    GPU then agree). Returns the test metric (a fraction), the chosen value (``1 / C``), the validation
+    curve ``{value: metric}`` and the seconds of the path and of the refit."""
+    score = METRICS[metric][0]
+    values = sorted(float(v) for v in path)
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = train, val, test
+    start = time.perf_counter()
+    rotate = _Rotated(np.concatenate([np.asarray(train_x), np.asarray(val_x)]), device, dtype)
+    x_train, x_val = rotate(train_x), rotate(val_x)
+    curve: dict[float, float] = {}
+    models: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    n = x_train.shape[1]
+    labels = torch.as_tensor(np.asarray(train_y), dtype=torch.long, device=x_train.device)[None]
+    weights = torch.ones(1, 1, n, dtype=dtype, device=x_train.device)
+    mask = torch.ones(1, num_classes, dtype=torch.bool, device=x_train.device)
+    strongest_first = list(reversed(values))  # each fit starts from the previous (stronger) one's solution
+    ftol = 64 * torch.finfo(dtype).eps  # as scikit-learn's lbfgs: no progress left to make at this precision
+    lams = [v / n for v in strongest_first]
+    fits = solve_logreg_path(x_train, labels, weights, mask, lams, max_iter, tol, ftol=ftol, extrapolate=True)
+    for value, model in zip(strongest_first, fits):
+        models[value] = model
+        curve[value] = score(_predict(x_val, model), val_y, num_classes)
+    best = max(values, key=lambda v: (curve[v], -v))  # ties: the smallest value, as ssl-transfer
+    path_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    x_all = torch.cat([x_train, x_val], 1)
+    y_all = np.concatenate([np.asarray(train_y), np.asarray(val_y)])
+    final = _fit(x_all, y_all, best, num_classes, models[best], max_iter, tol, ftol)
+    test_score = score(_predict(rotate(test_x), final), test_y, num_classes)
+    return {
+        "test": test_score,
+        "value": best,
+        "val_curve": {f"{v:.6g}": curve[v] for v in values},
+        "path_seconds": path_seconds,
+        "refit_seconds": time.perf_counter() - start,
+    }
+
+
+# --- tasks -----------------------------------------------------------------------------------------
+
+
+def parse_path(text: str) -> tuple[float, ...]:
+    """``start:stop:num`` (log-spaced, inclusive) -> the values."""
+    try:
+        start, stop, num = (float(p) for p in str(text).split(":"))
+    except ValueError:
+        raise UserError(f"--linear-path must be start:stop:num (log-spaced), got {text!r}") from None
+    if not (0 < start <= stop < float("inf")) or num < 1 or num != int(num):
+        raise UserError(f"--linear-path needs 0 < start <= stop and a whole num >= 1, got {text!r}")
+    return tuple(float(v) for v in np.logspace(np.log10(start), np.log10(stop), int(num)))
+
+
+def _image_set(task: str, listing: Listing, split: str) -> ImageSet:
+    data = listing.splits[split]
+
+    def items() -> Iterator[tuple[int, str, Any]]:
+        for i, ref in enumerate(data.refs):
+            yield int(data.labels[i]), ref, (lambda i=i: data.load(i))
+
+    return ImageSet(
+        name=task,
+        split=split,
+        class_names=listing.classes,
+        items=items,
+        counts=np.bincount(data.labels, minlength=len(listing.classes)).astype(np.int64),
+        fingerprint=data_digest(task, split, data.fingerprint),
+        info=dict(listing.info),
+    )
+
+
+def _first_of(dataset: Any) -> Callable[[int], Any]:
+    return lambda i: dataset[i][0]
+
+
+def synthetic_listing(config: dict[str, Any], image_size: int) -> Listing:
+    """The embedded twin's data: the shared shapes renderer's train and test splits."""
+    from ringbench.shapes import SyntheticShapes
+
+    splits = {}
+    for split in ("train", "test"):
+        ds = SyntheticShapes(
+            num_classes=config["synthetic"]["classes"],
+            images_per_class=config["synthetic"][split],
+            image_size=image_size,
+            seed=0,
+            split=split,
+        )
+        splits[split] = Split(
+            refs=[f"{split}/{i}" for i in range(len(ds))],
+            labels=np.asarray(ds.targets, dtype=np.int64),
+            load=_first_of(ds),
+            fingerprint=[config["synthetic"], image_size],
+        )
+    return Listing("synthetic", Path("."), list(ds.classes), splits)
+
+
+SYNTHETIC = BatterySet(
+    "kornblith_synthetic", "synthetic shapes", lambda root, seed: Listing("", Path("."), [], {}), "embedded",
+    "train_fraction", "top1", 0,
+)  # fmt: skip
+
+
+def make_kornblith_task(spec: BatterySet) -> Task:
+    synthetic = spec is SYNTHETIC
+    task_name = f"linear_{spec.name}"
+    metric_name = METRICS[spec.metric][1]
+
+    def make_config(args: argparse.Namespace) -> dict[str, Any]:
+        settings = settings_from_args(args, LinearSettings)
+        config: dict[str, Any] = {
+            "dataset": spec.name,
+            "protocol": "kornblith2019",
+            "path": list(parse_path(settings["linear_path"])),
+            "validation": spec.validation,
+            "val_fraction": settings["linear_val_fraction"] if spec.validation == "train_fraction" else None,
+            "seed": settings["linear_seed"],
+            "metric": spec.metric,
+            "max_iter": settings["linear_max_iter"],
+            "tol": PATH_TOL,
+            "image_size": settings["linear_image_size"] or (None if synthetic else KORNBLITH_IMAGE_SIZE),
+            "resize": RESIZE,
+            "pooling": "avg",
+            "features": "raw",
+        }
+        if synthetic:
+            config["synthetic"] = {
+                "classes": settings["linear_synthetic_classes"],
+                "train": settings["linear_synthetic_train"],
+                "test": settings["linear_synthetic_test"],
+            }
+        else:
+            root = getattr(args, "data_root", None) or os.environ.get(DATA_ROOT_ENV)
+            config["data_root"] = str(resolved_path(root, "--data-root")) if root else None
+        return config
+
+    def read(config: dict[str, Any], image_size: int) -> Listing:
+        if synthetic:
+            return synthetic_listing(config, image_size)
+        if config["data_root"] is None:
+            raise UserError(
+                f"{task_name} needs its data: pass --data-root (the folder holding {spec.layout}) or set "
+                f"${DATA_ROOT_ENV}; nothing is downloaded"
+            )
+        return spec.read(Path(config["data_root"]), config["seed"])
+
+    def validate(backbone: Any, config: dict[str, Any]) -> None:
+        if not synthetic:
+            read(config, KORNBLITH_IMAGE_SIZE)
+
+    def run(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
+        image_size = config["image_size"] or backbone.default_image_size
+        listing = read(config, image_size)
+        parts = ["train", "val", "test"] if spec.validation == "creators" else ["train", "test"]
+        feats = {
+            part: cached_features(
+                backbone,
+                _image_set(task_name, listing, part),
+                ctx.feature_cache_dir,
+                image_size=image_size,
+                pooling=config["pooling"],
+                device=ctx.device,
+                progress=not ctx.debug,
+                resize=config["resize"],
+            )
+            for part in parts
+        }
+        arrays = {p: (np.asarray(f.features), f.labels) for p, f in feats.items()}
+        if spec.validation == "train_fraction":
+            x, y = arrays.pop("train")
+            held = stratified_holdout(y, config["val_fraction"], config["seed"])
+            arrays["train"], arrays["val"] = (x[~held], y[~held]), (x[held], y[held])
+        num_classes = len(listing.classes)
+        out = kornblith_evaluation(
+            arrays["train"],
+            arrays["val"],
+            arrays["test"],
+            num_classes,
+            spec.metric,
+            config["path"],
+            ctx.device,
+            config["max_iter"],
+            config["tol"],
+        )
+        words = METRICS[spec.metric][2]
+        print(f"{task_name}: test {words} {100 * out['test']:.2f}% (1/C = {out['value']:.3g})", file=sys.stderr)
+        extra = {
+            "metric": spec.metric,
+            "metric_name": words,
+            "regularisation": out["value"],
+            "regularisation_meaning": "1/C of scikit-learn's LogisticRegression (lambda = value / n)",
+            "val_curve": {k: 100 * v for k, v in out["val_curve"].items()},
+            "train_images": len(arrays["train"][1]),
+            "val_images": len(arrays["val"][1]),
+            "test_images": len(arrays["test"][1]),
+            "skipped_images": {p: len(f.skipped) for p, f in feats.items()},
+            "feature_cache": {p: {"hit": f.from_cache, "path": str(f.path)} for p, f in feats.items()},
+            "data": listing.info,
+            "path_seconds": round(out["path_seconds"], 3),
+            "refit_seconds": round(out["refit_seconds"], 3),
+        }
+        return TaskResult(metrics={metric_name: 100 * out["test"]}, seeds=[config["seed"]], extra=extra)
+
+    unused = ["linear_grid"]
+    if not synthetic:
+        unused += ["linear_synthetic_classes", "linear_synthetic_train", "linear_synthetic_test"]
+    if spec.validation == "creators":
+        unused.append("linear_val_fraction")
+    description = (
+        "Kornblith et al. 2019 linear path on the synthetic shapes (embedded)"
+        if synthetic
+        else f"Kornblith et al. 2019 linear evaluation on {spec.title} ({METRICS[spec.metric][2]}; --data-root)"
+    )
+    return Task(
+        name=task_name,
+        family="linear",
+        description=description,
+        make_config=make_config,
+        run=run,
+        validate=validate,
+        add_arguments=add_linear_arguments,
+        primary_metric=metric_name,
+        needs_data=not synthetic,
+        unused_flags=tuple(unused),
+    )
+
+
+for _spec in [*BATTERY.values(), SYNTHETIC]:
+    register(make_kornblith_task(_spec))
