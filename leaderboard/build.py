@@ -200,10 +200,20 @@ def with_published(table: Table, numbers: Iterable[Published]) -> Table:
             continue
         sources = sorted({n.source + (f" ({n.protocol})" if n.protocol else "") for n in found})
         row = Row(f"published:{method}", f"{method} (published)", [], {"source": "; ".join(sources)})
-        rows.append(row)
+        measured = _rows_of_checkpoint(rows, {n.checkpoint for n in found if n.checkpoint})
+        # beside the same checkpoint's measured row (whether the suite reproduces it, at a glance), else last
+        rows.insert(rows.index(measured[-1]) + 1 if measured else len(rows), row)
         for col, number in placed:
             cells[(row.key, col)] = Estimate(float(number.value), method="published")
     return replace(table, rows=rows, cells=cells)
+
+
+def _rows_of_checkpoint(rows: Sequence[Row], names: set[str]) -> list[Row]:
+    """The measured rows of a published checkpoint (a zoo entry): loaded as ``zoo:NAME`` (the row's name) or
+    converted from it into a card (``source_name`` in the card's meta)."""
+    if not names:
+        return []
+    return [r for r in rows if r.cards and (r.name in names or r.meta.get("source_name") in names)]
 
 
 def find_pairs(rows: Sequence[Row], same_seed: bool = False) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ from ringbench.errors import UserError
 
 PUBLISHED_FILE = "published.yaml"
 FIELDS = ("task", "metric", "value", "method", "source")  # every entry has these
-OPTIONAL_FIELDS = ("protocol",)
+OPTIONAL_FIELDS = ("protocol", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Published:
     method: str  # e.g. "MoCo v2, 800 epochs"
     source: str  # where the table is: paper and table, or repository file
     protocol: str = ""  # the protocol it was measured with, if the task's name does not say it all
+    checkpoint: str = ""  # the zoo entry whose published number this is: its row sits beside that card's
 
 
 def published_numbers(task: str | None = None, path: str | os.PathLike | None = None) -> list[Published]:
@@ -60,7 +61,7 @@ def read_published(path: str | os.PathLike) -> list[Published]:
         extra = sorted(map(str, set(entry) - {*FIELDS, *OPTIONAL_FIELDS}))
         if missing or extra:
             wrong = ", ".join(f"{what} {keys}" for what, keys in (("missing", missing), ("unknown", extra)) if keys)
-            raise UserError(f"{where}: {wrong} (fields: {', '.join(FIELDS)}, optional: protocol)")
+            raise UserError(f"{where}: {wrong} (fields: {', '.join(FIELDS)}, optional: {', '.join(OPTIONAL_FIELDS)})")
         for name in (*FIELDS, *OPTIONAL_FIELDS):
             if name != "value" and name in entry and not (isinstance(entry[name], str) and entry[name].strip()):
                 raise UserError(f"{where}: {name} must be non-empty text, got {entry[name]!r}")

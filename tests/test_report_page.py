@@ -248,3 +248,24 @@ def test_page_in_headless_chromium_fits_1280px_and_loads_every_figure(tmp_path):
     assert probe["scrollWidth"] <= probe["clientWidth"] and probe["tooWide"] == 0, probe
     assert probe["images"] == 3 and probe["loaded"] == 3, probe
     assert probe["tables"] == 3
+
+
+def test_a_zoo_checkpoints_published_row_sits_beside_its_measured_row():
+    """A published number of a zoo entry (``checkpoint``) is placed right after the row of that checkpoint,
+    measured here: loaded as ``zoo:NAME`` (the row's name) or converted into a card (``source_name``)."""
+    from tests.test_leaderboard import _fewshot, _meta
+
+    rng = np.random.default_rng(0)
+    records = [
+        _fewshot(name, rng.uniform(0.2, 0.3, 20), meta=_meta(**meta))
+        for name, meta in (("a-card", {}), ("moco-v2", {}), ("mine", {"source_name": "dino"}), ("z-card", {}))
+    ]
+    numbers = [
+        Published("fewshot_digits", "acc", 60.0, "MoCo v2 (zoo:moco-v2)", "a README", checkpoint="moco-v2"),
+        Published("fewshot_digits", "acc", 70.0, "DINO (zoo:dino)", "a README", checkpoint="dino"),
+        Published("fewshot_digits", "acc", 50.0, "elsewhere", "a paper"),
+    ]
+    names = [r.name for r in with_published(build_table(records, view="cards"), numbers).rows]
+    assert names.index("MoCo v2 (zoo:moco-v2) (published)") == names.index("moco-v2") + 1
+    assert names.index("DINO (zoo:dino) (published)") == names.index("mine") + 1
+    assert names[-1] == "elsewhere (published)"  # no checkpoint: after every card, as before

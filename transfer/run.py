@@ -251,8 +251,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _meta_summary(meta: dict) -> dict:
     """The card metadata a leaderboard needs: method, loss and its parameters, data, epochs, the
     pretraining seed and config (cards whose configs differ only in the seed form a recipe) and
-    when the card was made."""
-    keys = ("method", "loss", "loss_params", "dataset", "epochs", "streams", "image_size", "seed", "config", "created")
+    when the card was made, and the published checkpoint it was converted from (``source_name``: its published
+    row sits beside it)."""
+    keys = (
+        "method",
+        "loss",
+        "loss_params",
+        "dataset",
+        "epochs",
+        "streams",
+        "image_size",
+        "seed",
+        "config",
+        "created",
+        "source_name",
+    )
     return {k: meta[k] for k in keys if k in meta}
 
 
