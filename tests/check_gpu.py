@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_TESTS = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:xdist", "-q", "-rs", "tests/test_gpu.py"]
+# every test marked gpu (tests/test_gpu.py, and the families' own, such as the kNN search's)
+GPU_TESTS = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:xdist", "-q", "-rs", "tests"]
 # step -> (command, seconds allowed): the tests first, so that a broken CUDA path is seen before timings
 STEPS = {
     "pytest -m gpu": (GPU_TESTS, 300),

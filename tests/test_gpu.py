@@ -175,7 +175,8 @@ def test_the_few_shot_probes_on_the_device_predict_as_on_the_cpu(tmp_path, small
         assert (a == b).float().mean() >= 0.995, probe  # episodes whose every query is predicted alike
 
 
-def test_the_linear_task_on_the_device_matches_the_cpu(tmp_path, small_card):
-    here = _transfer(tmp_path, small_card, "linear_synthetic", DEVICE)
-    cpu = _transfer(tmp_path, small_card, "linear_synthetic", "cpu")
+@pytest.mark.parametrize("task", ["linear_synthetic", "linear_kornblith_synthetic"])  # the grid; Kornblith's path
+def test_the_linear_tasks_on_the_device_match_the_cpu(tmp_path, small_card, task):
+    here = _transfer(tmp_path, small_card, task, DEVICE)
+    cpu = _transfer(tmp_path, small_card, task, "cpu")
     assert abs(here["metrics"]["acc"] - cpu["metrics"]["acc"]) <= 0.5
