@@ -16,7 +16,14 @@ from ringbench.errors import UserError
 from tests.helpers import write_card
 from tests.test_metadataset_probes import _one_blas_thread  # noqa: F401 (autouse fixture)
 from transfer.checkpoints import load_backbone
-from transfer.kornblith import KORNBLITH_PATH, kornblith_evaluation, mean_per_class_accuracy, parse_path
+from transfer.kornblith import (
+    KORNBLITH_PATH,
+    kornblith_evaluation,
+    mean_per_class_accuracy,
+    parse_path,
+    per_image_values,
+    top1,
+)
 from transfer.linear import add_linear_arguments
 from transfer.tasks import TaskContext, get_task
 
@@ -76,6 +83,27 @@ def test_mean_per_class_accuracy_against_a_reference():
     assert mean_per_class_accuracy(pred, labels, 7) == pytest.approx(np.mean(recalls))
 
 
+@pytest.mark.parametrize("metric", ["top1", "mean_per_class"])
+def test_per_image_values_average_to_the_metric_and_pair_cards(metric):
+    """The per-image samples' plain mean is the metric (top-1, or mean per-class accuracy with unequal
+    classes), and the mean of two cards' paired differences is the difference of their metrics."""
+    from leaderboard.cells import make_cell
+
+    rng = np.random.default_rng(4)
+    labels = np.repeat([0, 1, 2, 4], [5, 17, 2, 9])  # class 3 absent, unequal counts
+    score = {"top1": top1, "mean_per_class": mean_per_class_accuracy}[metric]
+    preds = [np.where(rng.random(len(labels)) < p, labels, (labels + 1) % 5) for p in (0.4, 0.8)]
+    samples = [per_image_values(pred == labels, labels, metric) for pred in preds]
+    for pred, values in zip(preds, samples):
+        assert len(values) == len(labels) and np.mean(values) == pytest.approx(100 * score(pred, labels, 5))
+    diffs = np.subtract(samples[1], samples[0])
+    assert diffs.mean() == pytest.approx(100 * (score(preds[1], labels, 5) - score(preds[0], labels, 5)))
+    record = {"metrics": {"m": float(np.mean(samples[0]))}, "extra": {"per_episode": {"m": samples[0]}}}
+    record["extra"]["samples_over"] = "test images"
+    cell = make_cell(record, "m")
+    assert cell.n == len(labels) and cell.over == "test images" and cell.lo <= cell.mean <= cell.hi
+
+
 def test_preprocessing_is_torchvision_s_resize_and_centre_crop():
     from PIL import Image
     from torchvision import transforms
@@ -119,6 +147,9 @@ def test_the_embedded_twin_end_to_end(tmp_path):
     assert 0 <= result.metrics["acc"] <= 100 and result.extra["metric"] == "top1"
     assert result.extra["train_images"] + result.extra["val_images"] == 30 and result.extra["test_images"] == 9
     assert len(result.extra["val_curve"]) == 5 and result.extra["regularisation"] in config["path"]
+    samples = result.extra["per_episode"]["acc"]
+    assert result.extra["samples_over"] == "test images" and len(samples) == 9 and set(samples) <= {0.0, 100.0}
+    assert np.mean(samples) == pytest.approx(result.metrics["acc"])
     again = task.run(backbone, config, ctx)
     assert again.extra["feature_cache"]["train"]["hit"] and again.metrics == result.metrics
 

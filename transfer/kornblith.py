@@ -15,6 +15,10 @@ Birdsnap, SUN397, Stanford Cars, FGVC-Aircraft, DTD, Oxford-IIIT Pet, Caltech-10
    train + validation; the metric on test: top-1 accuracy, or mean per-class accuracy (Aircraft, Pets,
    Caltech-101, Flowers).
 
+Every record keeps one value per test image (``extra.per_episode``, ``extra.samples_over: "test images"``,
+:func:`per_image_values`) whose mean is the metric, so that the leaderboard's interval is over test images
+and a Δ between two cards is paired image by image, as the kNN tasks'.
+
 **The regularisation value** ``c`` of the path is scikit-learn's ``1 / C`` (ssl-transfer sets
 ``C = 1 / c``): scikit-learn minimises ``C sum_i CE_i + ||W||^2 / 2``, which is ``C n`` times
 ``mean_i CE_i + ||W||^2 / (2 C n)``; the solver here (``ringbench.logreg``) minimises
@@ -78,6 +82,27 @@ def mean_per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: i
         return 0.0
     hits = np.bincount(labels[pred == labels], minlength=num_classes)[present]
     return float(np.mean(hits / np.bincount(labels, minlength=num_classes)[present]))
+
+
+def per_image_values(correct: np.ndarray, labels: np.ndarray, metric: str) -> list[float]:
+    """One value per test image (percentage points, in the images' order) whose plain mean is the metric,
+    so that the leaderboard's interval is a bootstrap over test images and a Δ between two cards pairs
+    them image by image (``leaderboard/cells.py``).
+
+    ``top1``: 100 for a correct image, 0 for a wrong one. ``mean_per_class``: a correct image of class
+    ``c`` is worth ``100 N / (K n_c)`` (``N`` test images, ``K`` classes present, ``n_c`` of them in
+    ``c``), a wrong one 0: the mean over images is then ``(1/K) sum_c hits_c / n_c``, the mean per-class
+    accuracy exactly, and the paired differences of two cards average to the difference of their metrics.
+    A bootstrap over these values treats the class counts as random (they are fixed by the test split):
+    with balanced classes its variance is at least the stratified one, so the interval is conservative."""
+    correct, labels = np.asarray(correct, dtype=bool), np.asarray(labels)
+    if metric == "top1":
+        return [100.0 * float(c) for c in correct]
+    if metric != "mean_per_class":
+        raise ValueError(f"no per-image values for the metric {metric!r}")
+    present, index, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    worth = 100.0 * len(labels) / (len(present) * counts[index])
+    return np.where(correct, worth, 0.0).tolist()
 
 
 # metric key -> (function, name of the record's metric, words)
@@ -144,8 +169,9 @@ def kornblith_evaluation(
 
     ``dtype``: the solver's arithmetic, float32 by default on every device (twice as fast as float64 on
     CPUs; the path's fits stop at a gradient of ``tol`` = 1e-4, well above float32's resolution, and CPU and
-    GPU then agree). Returns the test metric (a fraction), the chosen value (``1 / C``), the validation
-    curve ``{value: metric}`` and the seconds of the path and of the refit."""
+    GPU then agree). Returns the test metric (a fraction), each test image's correctness (``correct``, bool),
+    the chosen value (``1 / C``), the validation curve ``{value: metric}`` and the seconds of the path and of
+    the refit."""
     score = METRICS[metric][0]
     values = sorted(float(v) for v in path)
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = train, val, test
@@ -171,9 +197,11 @@ def kornblith_evaluation(
     x_all = torch.cat([x_train, x_val], 1)
     y_all = np.concatenate([np.asarray(train_y), np.asarray(val_y)])
     final = _fit(x_all, y_all, best, num_classes, models[best], max_iter, tol, ftol)
-    test_score = score(_predict(rotate(test_x), final), test_y, num_classes)
+    test_pred = _predict(rotate(test_x), final)
+    test_score = score(test_pred, test_y, num_classes)
     return {
         "test": test_score,
+        "correct": test_pred == np.asarray(test_y),
         "value": best,
         "val_curve": {f"{v:.6g}": curve[v] for v in values},
         "path_seconds": path_seconds,
@@ -329,6 +357,9 @@ def make_kornblith_task(spec: BatterySet) -> Task:
         words = METRICS[spec.metric][2]
         print(f"{task_name}: test {words} {100 * out['test']:.2f}% (1/C = {out['value']:.3g})", file=sys.stderr)
         extra = {
+            "samples_over": "test images",  # what the leaderboard's interval is over
+            # one value per test image in the images' fixed order, whose mean is the metric (per_image_values)
+            "per_episode": {metric_name: per_image_values(out["correct"], arrays["test"][1], spec.metric)},
             "metric": spec.metric,
             "metric_name": words,
             "regularisation": out["value"],
