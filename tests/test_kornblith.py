@@ -19,6 +19,7 @@ from transfer.checkpoints import load_backbone
 from transfer.kornblith import (
     KORNBLITH_PATH,
     kornblith_evaluation,
+    kornblith_multilabel_evaluation,
     mean_per_class_accuracy,
     parse_path,
     per_image_values,
@@ -184,3 +185,85 @@ def test_the_path_solver_finds_each_value_s_solution(extrapolate):
         ref_w, ref_b = solve_logreg(xt, yt, weights, mask, torch.tensor([[lam]], dtype=torch.float64), tol=1e-8)
         torch.testing.assert_close(w, ref_w, atol=1e-5, rtol=0)
         torch.testing.assert_close(b - b.mean(), ref_b - ref_b.mean(), atol=1e-5, rtol=0)
+
+
+def test_multilabel_path_matches_sklearn_per_class():
+    """linear_voc2007's path: per class a two-class softmax (ssl-transfer's ``multi_class='multinomial'`` on
+    binary labels, i.e. scikit-learn's binary ``LogisticRegression(C=2/value)``), difficult images negative in
+    training and ignored by the devkit's AP; one value for all classes, chosen by validation 11-point mAP."""
+    from transfer.voc07 import voc11_mean_average_precision
+
+    rng = np.random.default_rng(5)
+    centres = 1.5 * rng.normal(size=(3, 6))
+
+    def draw(m):
+        y = np.where(rng.random((m, 3)) < 0.4, 1, -1).astype(np.int8)
+        y[rng.random((m, 3)) < 0.1] = 0  # difficult
+        x = (y != -1).astype(float) @ centres + rng.normal(size=(m, 6))
+        return x.astype(np.float32), y
+
+    train, val, test = draw(80), draw(40), draw(60)
+    path = [1e-2, 1.0, 10.0, 100.0]
+    out = kornblith_multilabel_evaluation(train, val, test, path, tol=1e-9, dtype=torch.float64)
+
+    def scores(fit, value, x):
+        return np.stack(
+            [
+                LogisticRegression(C=2 / value, tol=1e-12, max_iter=5000)
+                .fit(fit[0].astype(float), fit[1][:, c] == 1)
+                .decision_function(x.astype(float))
+                for c in range(3)
+            ],
+            1,
+        )
+
+    curve = {v: voc11_mean_average_precision(scores(train, v, val[0]), val[1])[0] for v in path}
+    for value in path:
+        assert out["val_curve"][f"{value:.6g}"] == pytest.approx(curve[value], abs=1e-9)
+    assert out["value"] == max(path, key=lambda v: (curve[v], -v)) and out["val_classes"] == 3
+    trainval = (np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))
+    ref_map, ref_aps = voc11_mean_average_precision(scores(trainval, out["value"], test[0]), test[1])
+    assert out["test"] == pytest.approx(ref_map, abs=1e-9) and out["ap"] == pytest.approx(ref_aps, abs=1e-9)
+
+
+def test_linear_voc2007_names_its_missing_data(tmp_path):
+    task = get_task("linear_voc2007")
+    assert task.primary_metric == "map11"
+    with pytest.raises(UserError, match=r"VOC2007: expected .*VOCdevkit/VOC2007/ImageSets/Main/ \(the VOC devkit"):
+        task.validate(None, task.make_config(_args("--data-root", str(tmp_path))))
+
+
+@pytest.mark.slow
+def test_linear_voc2007_on_a_devkit_layout(tmp_path, twin_card):
+    from PIL import Image
+
+    from tests.test_voc07 import write_voc2007
+    from transfer.voc07 import DIFFICULT, NEGATIVE, POSITIVE
+
+    task = get_task("linear_voc2007")
+    rng = np.random.default_rng(0)
+    ids = {s: [f"{s[:2]}{i:04d}" for i in range(20)] for s in ("train", "val", "test")}
+    labels = {}
+    for split in ids:
+        matrix = np.full((20, 20), NEGATIVE, dtype=np.int8)
+        matrix[np.arange(20), np.arange(20)] = POSITIVE
+        matrix[np.arange(20), (np.arange(20) + 1) % 20] = DIFFICULT
+        labels[split] = matrix
+    write_voc2007(tmp_path / "data", ids, labels)
+    jpegs = tmp_path / "data" / "VOCdevkit" / "VOC2007" / "JPEGImages"
+    for names in ids.values():
+        for i in names:
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(jpegs / f"{i}.jpg")
+    card, cache = twin_card
+    backbone = load_backbone(card)
+    flags = ["--data-root", str(tmp_path / "data"), "--linear-image-size", "16", "--linear-path", "1e-1:1e1:3"]
+    config = task.make_config(_args(*flags))
+    assert config["validation"] == "creators" and config["metric"] == "map11"
+    task.validate(backbone, config)
+    result = task.run(backbone, config, TaskContext(output_dir=tmp_path / "run", cache_dir=cache))
+    assert set(result.metrics) == {"map11"} and 0 < result.metrics["map11"] <= 100
+    assert len(result.extra["ap"]) == 20 and result.metrics["map11"] == pytest.approx(
+        np.mean([*result.extra["ap"].values()])
+    )
+    assert result.extra["train_images"] == result.extra["val_images"] == result.extra["test_images"] == 20
+    assert len(result.extra["val_curve"]) == 3 and "per_episode" not in result.extra
