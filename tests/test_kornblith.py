@@ -267,3 +267,42 @@ def test_linear_voc2007_on_a_devkit_layout(tmp_path, twin_card):
     )
     assert result.extra["train_images"] == result.extra["val_images"] == result.extra["test_images"] == 20
     assert len(result.extra["val_curve"]) == 3 and "per_episode" not in result.extra
+
+
+def test_linear_kornblith_runs_every_set_into_one_record(tmp_path, twin_card):
+    """The all-sets task on two stand-in sets (the shapes read as a top-1 and a mean per-class set): each
+    set's metric, chosen value, curve and per-image samples, and their mean; the real task names the first
+    missing data set."""
+    from transfer.battery_data import BatterySet
+    from transfer.kornblith import make_kornblith_all_task, synthetic_listing
+
+    task = get_task("linear_kornblith")
+    assert task.headline_metrics[0] == "mean" and len(task.headline_metrics) == 13
+    assert "voc2007/map11" in task.headline_metrics and "flowers102/mean_per_class_acc" in task.headline_metrics
+    with pytest.raises(UserError, match=r"first missing is Food-101 .*expected .*food-101/meta/train\.json"):
+        task.validate(None, task.make_config(_args("--data-root", str(tmp_path))))
+    shapes = {"synthetic": {"classes": 3, "train": 8, "test": 3}}
+
+    def read(root, seed):
+        return synthetic_listing(shapes, 16)
+
+    sets = {
+        "a": BatterySet("a", "A", read, "a/", "train_fraction", "top1", 3),
+        "b": BatterySet("b", "B", read, "b/", "train_fraction", "mean_per_class", 3),
+    }
+    both = make_kornblith_all_task(sets, name="linear_two")
+    flags = ["--data-root", str(tmp_path), "--linear-image-size", "16", "--linear-path", "1e-1:1e1:3"]
+    config = both.make_config(_args(*flags))
+    assert config["sets"]["a"] == get_task("linear_cifar10").make_config(_args(*flags)) | {
+        "dataset": "a"
+    }  # each set's config is its own task's
+    card, cache = twin_card
+    result = both.run(load_backbone(card), config, TaskContext(output_dir=tmp_path / "run", cache_dir=cache))
+    assert list(result.metrics) == ["mean", "a/acc", "b/mean_per_class_acc"]
+    assert result.metrics["mean"] == pytest.approx(
+        (result.metrics["a/acc"] + result.metrics["b/mean_per_class_acc"]) / 2
+    )
+    for metric, samples in result.extra["per_episode"].items():
+        assert len(samples) == 9 and np.mean(samples) == pytest.approx(result.metrics[metric])
+    assert set(result.extra["sets"]) == {"a", "b"} and len(result.extra["sets"]["b"]["val_curve"]) == 3
+    assert result.extra["regularisation"]["a"] == result.extra["sets"]["a"]["regularisation"]

@@ -1,9 +1,12 @@
 """Many-shot linear evaluation as Kornblith et al. 2019 ("Do Better ImageNet Models Transfer Better?",
 CVPR; restated in SimCLR's appendix B.8, implemented in ``linusericsson/ssl-transfer``'s ``linear.py``).
 
-Tasks ``linear_<name>`` for the data sets of ``transfer.battery_data.BATTERY`` (Food-101, CIFAR-10/100,
-Birdsnap, SUN397, Stanford Cars, FGVC-Aircraft, DTD, Oxford-IIIT Pet, Caltech-101, Flowers-102) and
-``linear_kornblith_synthetic``, the same path on the embedded shapes (nothing on disk). Protocol:
+Tasks ``linear_<name>`` for the twelve data sets of ``transfer.battery_data.BATTERY`` (Food-101,
+CIFAR-10/100, Birdsnap, SUN397, Stanford Cars, FGVC-Aircraft, VOC2007, DTD, Oxford-IIIT Pet, Caltech-101,
+Flowers-102), ``linear_kornblith`` (all twelve in one record: each one's metric and their mean) and
+``linear_kornblith_synthetic``, the same path on the embedded shapes (nothing on disk). VOC2007 is
+multi-label: one two-class model per class, 11-point mAP (:func:`kornblith_multilabel_evaluation`).
+Protocol:
 
 1. images: shorter side to 224 by bicubic interpolation, the centre 224 x 224, the card's mean and std
    (``metadataset.features``, ``resize="shorter-bicubic-crop"``); features from the global average pool
@@ -54,7 +57,7 @@ from metadataset.sources import ImageSet, data_digest
 from ringbench.config import settings_from_args
 from ringbench.errors import UserError
 from ringbench.fileio import resolved_path
-from ringbench.logreg import logreg_logits, solve_logreg, solve_logreg_path
+from ringbench.logreg import few_threads_if_small, logreg_logits, solve_logreg, solve_logreg_path
 from transfer.battery_data import BATTERY, BatterySet, Listing, Split
 from transfer.linear import DATA_ROOT_ENV, LinearSettings, add_linear_arguments, stratified_holdout
 from transfer.tasks import Task, TaskContext, TaskResult, register
@@ -131,7 +134,8 @@ class _Rotated:
         x = torch.tensor(np.asarray(reference), dtype=self.dtype, device=device)
         self.mean = x.mean(0)
         centred = x - self.mean
-        _, self.axes = torch.linalg.eigh(centred.T @ centred)
+        with few_threads_if_small(x.shape[1] ** 3):  # a small eigh is slower with threads on a busy machine
+            _, self.axes = torch.linalg.eigh(centred.T @ centred)
 
     def __call__(self, x: np.ndarray) -> torch.Tensor:
         t = torch.tensor(np.asarray(x), dtype=self.dtype, device=self.device)  # a copy: cached features are read-only
@@ -521,5 +525,79 @@ def make_kornblith_task(spec: BatterySet) -> Task:
     )
 
 
+def make_kornblith_all_task(sets: dict[str, BatterySet], name: str = "linear_kornblith") -> Task:
+    """``linear_kornblith``: every data set of ``sets`` (the twelve of :data:`BATTERY`) in one record.
+
+    Each data set runs exactly as its own task ``linear_<set>`` (the same config, ``config["sets"][set]``,
+    and the same feature cache entries); the metrics are ``<set>/<metric>`` (``acc``,
+    ``mean_per_class_acc`` or ``map11``) and ``mean``, their unweighted mean. ``extra["sets"][set]`` holds
+    each one's chosen value, validation curve, image counts and timings; ``extra["per_episode"]`` the
+    per-image values of the single-label sets (``<set>/<metric>``: intervals over their test images).
+    ``mean`` has no samples: it averages over different test sets.
+
+    All twelve are required: a data set missing under ``--data-root`` is a one-line error naming the
+    first missing one's expected file and layout. There is no subset flag: a mean over another selection
+    is another number, and each data set has its own task (``linear_<set>``) for a partial battery."""
+    metric_of = {s: f"{s}/{METRICS[spec.metric][1]}" for s, spec in sets.items()}
+
+    def make_config(args: argparse.Namespace) -> dict[str, Any]:
+        settings = settings_from_args(args, LinearSettings)
+        root = getattr(args, "data_root", None) or os.environ.get(DATA_ROOT_ENV)
+        return {
+            "dataset": "kornblith",
+            "protocol": "kornblith2019",
+            "sets": {s: set_config(spec, settings, root) for s, spec in sets.items()},
+        }
+
+    def validate(backbone: Any, config: dict[str, Any]) -> None:
+        for s, spec in sets.items():
+            cfg = config["sets"][s]
+            if cfg["data_root"] is None:
+                raise UserError(
+                    f"{name} needs its data: pass --data-root (the folder holding all {len(sets)} data sets' "
+                    f"layouts, docs/battery.md) or set ${DATA_ROOT_ENV}; nothing is downloaded"
+                )
+            try:
+                read_set(spec, cfg, KORNBLITH_IMAGE_SIZE, name)
+            except UserError as exc:
+                raise UserError(
+                    f"{name} runs all {len(sets)} data sets; the first missing is {spec.title} "
+                    f"(linear_{s} alone runs one): {exc}"
+                ) from None
+
+    def run(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
+        metrics: dict[str, float] = {}
+        extra: dict[str, Any] = {"samples_over": "test images", "per_episode": {}, "sets": {}, "regularisation": {}}
+        for s, spec in sets.items():
+            values, set_extra = evaluate_set(spec, backbone, config["sets"][s], ctx, f"linear_{s}")
+            (value,) = values.values()
+            metrics[metric_of[s]] = value
+            for metric, samples in set_extra.pop("per_episode", {}).items():
+                extra["per_episode"][f"{s}/{metric}"] = samples
+            set_extra.pop("samples_over", None)
+            extra["sets"][s] = set_extra
+            extra["regularisation"][s] = set_extra["regularisation"]
+        metrics["mean"] = float(np.mean([metrics[m] for m in metric_of.values()]))
+        extra["mean_over"] = list(metric_of.values())
+        print(f"{name}: mean over {len(sets)} data sets {metrics['mean']:.2f}", file=sys.stderr)
+        seeds = sorted({c["seed"] for c in config["sets"].values()})
+        return TaskResult(metrics={"mean": metrics.pop("mean"), **metrics}, seeds=seeds, extra=extra)
+
+    return Task(
+        name=name,
+        family="linear",
+        description=f"Kornblith et al. 2019 linear evaluation, all {len(sets)} data sets and their mean (--data-root)",
+        make_config=make_config,
+        run=run,
+        validate=validate,
+        add_arguments=add_linear_arguments,
+        primary_metric="mean",
+        headline=("mean", *metric_of.values()),
+        needs_data=True,
+        unused_flags=("linear_grid", "linear_synthetic_classes", "linear_synthetic_train", "linear_synthetic_test"),
+    )
+
+
 for _spec in [*BATTERY.values(), SYNTHETIC]:
     register(make_kornblith_task(_spec))
+register(make_kornblith_all_task(BATTERY))
