@@ -227,12 +227,32 @@ def test_birdsnap(tmp_path):
     _missing(read_birdsnap, tmp_path, base / "test_images.txt")
 
 
-def test_the_table_names_eleven_data_sets_with_their_rules():
-    assert len(BATTERY) == 11
-    assert {n for n, s in BATTERY.items() if s.validation == "creators"} == {"aircraft", "dtd", "flowers102"}
+def test_the_table_names_twelve_data_sets_with_their_rules():
+    assert len(BATTERY) == 12
+    assert {n for n, s in BATTERY.items() if s.validation == "creators"} == {"aircraft", "voc2007", "dtd", "flowers102"}
+    assert {n for n, s in BATTERY.items() if s.problem == "multilabel"} == {"voc2007"}
+    assert BATTERY["voc2007"].metric == "map11"
     assert {n for n, s in BATTERY.items() if s.metric == "mean_per_class"} == {
         "aircraft",
         "pets",
         "caltech101",
         "flowers102",
     }
+
+
+def test_voc2007_listing_keeps_the_devkit_matrix(tmp_path):
+    from tests.test_voc07 import write_voc2007
+    from transfer.battery_data import read_voc2007
+
+    ids = {"train": ["000005", "000007"], "val": ["000009"], "test": ["000001", "000002"]}
+    labels = {s: np.full((len(i), 20), -1, dtype=np.int8) for s, i in ids.items()}
+    labels["train"][0, 3], labels["train"][1, 3], labels["test"][1, 19] = 1, 0, 1
+    write_voc2007(tmp_path, ids, labels)
+    listing = read_voc2007(tmp_path)
+    assert listing.classes[0] == "aeroplane" and set(listing.splits) == {"train", "val", "test"}
+    assert listing.splits["train"].refs == ["JPEGImages/000005.jpg", "JPEGImages/000007.jpg"]
+    np.testing.assert_array_equal(listing.splits["train"].labels, labels["train"])
+    np.testing.assert_array_equal(listing.splits["test"].labels, labels["test"])
+    (tmp_path / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "dog_val.txt").unlink()
+    with pytest.raises(UserError, match=r"expected .*ImageSets/Main/dog_val\.txt"):
+        read_voc2007(tmp_path)

@@ -30,6 +30,10 @@ official archives is asked for, so subsets work. Layouts under ``--data-root``:
   train. Images the download did not get are absent (Flickr removes photos): the listed test images
   that are missing are counted in the record, not an error.
 * CIFAR-10/100: the "python version" batches (``ringbench.readers``).
+* PASCAL VOC2007 classification (the devkit's layout, ``transfer.voc07``): ``VOCdevkit/VOC2007/
+  {ImageSets/Main/<class>_{train,val,test}.txt, JPEGImages/<id>.jpg}``; the creators' train / val / test.
+  Its labels are a matrix ``(N, 20)`` in the devkit's encoding (1 positive, 0 difficult, -1 negative):
+  a multi-label problem, one binary classifier per class.
 
 A missing file or folder is a one-line :class:`UserError` naming the expected path and the layout.
 Each reader returns :class:`Listing`: class names and, per split, labels and a loader per image.
@@ -49,6 +53,8 @@ import numpy as np
 
 from ringbench.errors import UserError
 from ringbench.readers import walk_files
+from transfer.voc07 import LAYOUT as VOC_LAYOUT
+from transfer.voc07 import VOC_CLASSES, read_voc2007_classification, voc2007_folder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CALTECH_TRAIN_PER_CLASS = 30  # Kornblith et al. 2019, as Fei-Fei et al. 2004
@@ -446,6 +452,27 @@ def read_cifar_listing(root: Path, num_classes: int) -> Listing:
     return Listing(f"cifar{num_classes}", folder, cifar_class_names(root, num_classes), splits)
 
 
+def _path_loader(paths: list[Path]) -> Callable[[int], Any]:
+    return lambda i: _open_image(paths[i])
+
+
+def read_voc2007(root: Path, seed: int = 0) -> Listing:
+    """VOC2007 classification's train, val and test (``transfer.voc07``); each split's ``labels`` the
+    devkit's ``int8 (N, 20)`` matrix (1 / 0 difficult / -1), its ``refs`` ``JPEGImages/<id>.jpg``."""
+    folder = voc2007_folder(root)
+    splits = {}
+    for split in ("train", "val", "test"):
+        paths, matrix = read_voc2007_classification(root, split)
+        refs = [f"JPEGImages/{p.name}" for p in paths]
+        splits[split] = Split(
+            refs=refs,
+            labels=matrix,
+            load=_path_loader(paths),
+            fingerprint=[refs, [p.stat().st_size for p in paths], matrix.tolist()],
+        )
+    return Listing("voc2007", folder, list(VOC_CLASSES), splits)
+
+
 # --- the table ------------------------------------------------------------------------------------------
 
 
@@ -455,7 +482,8 @@ class BatterySet:
 
     ``validation``: ``"creators"`` (the creators' ``val`` split) or ``"train_fraction"`` (a seeded
     stratified share of train). ``metric``: a key of ``transfer.kornblith.METRICS``. ``problem``:
-    ``"multiclass"`` (one multinomial model); VOC2007 will add ``"multilabel"`` (one binary model per class)."""
+    ``"multiclass"`` (one multinomial model, labels ``(N,)``) or ``"multilabel"`` (VOC2007: one binary
+    model per class, labels the devkit's ``(N, classes)`` matrix)."""
 
     name: str  # task linear_<name>
     title: str
@@ -493,6 +521,7 @@ BATTERY: dict[str, BatterySet] = {
         BatterySet("sun397", "SUN397", read_sun397, SUN_LAYOUT, "train_fraction", "top1", 397),
         BatterySet("cars", "Stanford Cars", read_cars, CARS_LAYOUT, "train_fraction", "top1", 196),
         BatterySet("aircraft", "FGVC-Aircraft", read_aircraft, AIRCRAFT_LAYOUT, "creators", "mean_per_class", 100),
+        BatterySet("voc2007", "PASCAL VOC2007", read_voc2007, VOC_LAYOUT, "creators", "map11", 20, "multilabel"),
         BatterySet("dtd", "DTD", read_dtd, DTD_LAYOUT, "creators", "top1", 47),
         BatterySet("pets", "Oxford-IIIT Pet", read_pets, PETS_LAYOUT, "train_fraction", "mean_per_class", 37),
         BatterySet(
