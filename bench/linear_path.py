@@ -8,7 +8,7 @@ means. 20% of train (stratified, seed 0) is the validation split. Both contender
 45 values of ``1 / C`` log-spaced over [1e-6, 1e5], each fitted on train and scored on validation (top-1),
 then the best refitted on train + validation and scored on test.
 
-* ours: ``transfer.kornblith.kornblith_evaluation`` (the batched L-BFGS of ``ringbench.logreg``, strongest
+* ours: ``transfer.kornblith_protocol.kornblith_evaluation`` (the batched L-BFGS of ``ringbench.logreg``, strongest
   regularisation first with warm starts, features rotated to their principal axes, float32);
 * scikit-learn as ``linusericsson/ssl-transfer``'s ``linear.py`` does it: one
   ``LogisticRegression(solver="lbfgs", warm_start=True)`` (its defaults otherwise: ``max_iter=100``,
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from bench.interleave import interleaved, machine_line
-    from transfer.kornblith import KORNBLITH_PATH, kornblith_evaluation
+    from transfer.kornblith_protocol import KORNBLITH_PATH, kornblith_evaluation
     from transfer.linear import stratified_holdout
 
     (x, y), test = features(args.train, args.test, args.dim, args.classes, args.separation, args.flip)

@@ -16,7 +16,7 @@ from ringbench.errors import UserError
 from tests.helpers import write_card
 from tests.test_metadataset_probes import _one_blas_thread  # noqa: F401 (autouse fixture)
 from transfer.checkpoints import load_backbone
-from transfer.kornblith import (
+from transfer.kornblith_protocol import (
     KORNBLITH_PATH,
     kornblith_evaluation,
     kornblith_multilabel_evaluation,

@@ -481,7 +481,7 @@ class BatterySet:
     """One data set of the battery: how to read it, how to choose the regularisation, how to score.
 
     ``validation``: ``"creators"`` (the creators' ``val`` split) or ``"train_fraction"`` (a seeded
-    stratified share of train). ``metric``: a key of ``transfer.kornblith.METRICS``. ``problem``:
+    stratified share of train). ``metric``: a key of ``transfer.kornblith_protocol.METRICS``. ``problem``:
     ``"multiclass"`` (one multinomial model, labels ``(N,)``) or ``"multilabel"`` (VOC2007: one binary
     model per class, labels the devkit's ``(N, classes)`` matrix)."""
 

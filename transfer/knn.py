@@ -25,7 +25,6 @@ its Δ between two cards is paired over the same images.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -38,8 +37,7 @@ import torch
 from metadataset.features import cached_features
 from ringbench.config import add_schema_flags, settings_from_args
 from ringbench.errors import UserError
-from ringbench.fileio import resolved_path
-from transfer.linear import DATA_ROOT_ENV, dataset_folder, open_linear_split
+from transfer.linear import data_root_setting, dataset_folder, open_linear_split
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
 KS = (20, 200)  # neighbour counts reported (Wu et al. 2018 use 200; mmselfsup reports 10, 20, 100, 200)
@@ -198,8 +196,7 @@ def make_knn_task(dataset: str, description: str) -> Task:
                 "test": settings["knn_synthetic_test"],
             }
         else:
-            root = getattr(args, "data_root", None) or os.environ.get(DATA_ROOT_ENV)
-            config["data_root"] = str(resolved_path(root, "--data-root")) if root else None
+            config["data_root"] = data_root_setting(args)
         return config
 
     def validate(backbone: Any, config: dict[str, Any]) -> None:

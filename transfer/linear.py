@@ -88,6 +88,13 @@ def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
 # --- datasets ------------------------------------------------------------------------------------
 
 
+def data_root_setting(args: argparse.Namespace) -> str | None:
+    """The data root of a task's config: ``--data-root``, else ``$RINGBENCH_DATA``, resolved (a symlink loop is
+    one line); None when neither is given (the task's ``validate`` then names the layout it expects)."""
+    root = getattr(args, "data_root", None) or os.environ.get(DATA_ROOT_ENV)
+    return str(resolved_path(root, "--data-root")) if root else None
+
+
 def dataset_folder(name: str, root: str | os.PathLike | None) -> Path:
     """The dataset's folder in its usual layout, or a :class:`UserError` naming the expected path."""
     folder_name, required = LAYOUTS[name]
@@ -316,8 +323,7 @@ def make_linear_task(dataset: str, description: str) -> Task:
                 "test": settings["linear_synthetic_test"],
             }
         else:
-            root = getattr(args, "data_root", None) or os.environ.get(DATA_ROOT_ENV)
-            config["data_root"] = str(resolved_path(root, "--data-root")) if root else None
+            config["data_root"] = data_root_setting(args)
         return config
 
     def validate(backbone: Any, config: dict[str, Any]) -> None:

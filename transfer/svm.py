@@ -35,7 +35,6 @@ VISSL's number (its maximum) can be read.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -48,8 +47,7 @@ import numpy as np
 from metadataset.features import cached_features
 from ringbench.config import add_schema_flags, settings_from_args
 from ringbench.errors import UserError
-from ringbench.fileio import resolved_path
-from transfer.linear import DATA_ROOT_ENV, open_linear_split
+from transfer.linear import data_root_setting, open_linear_split
 from transfer.tasks import Task, TaskContext, TaskResult, register
 from transfer.voc07 import (
     NEGATIVE,
@@ -374,8 +372,7 @@ def make_svm_task(dataset: str, lowshot: bool, description: str) -> Task:
                 "test": settings["svm_synthetic_test"],
             }
         else:
-            root = getattr(args, "data_root", None) or os.environ.get(DATA_ROOT_ENV)
-            config["data_root"] = str(resolved_path(root, "--data-root")) if root else None
+            config["data_root"] = data_root_setting(args)
         return config
 
     def validate(backbone: Any, config: dict[str, Any]) -> None:
