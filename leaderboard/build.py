@@ -82,8 +82,10 @@ def build_table(
     card_cells: dict[tuple[str, Column], Estimate] = {}
     card_nonfinite: dict[tuple[str, Column], str] = {}
     card_implausible: set[tuple[str, Column]] = set()
+    headline_order: dict[str, dict[str, int]] = {}  # task -> its metrics in the order its records name them
     for (sha, task, cfg), rec in chosen.items():
         metrics = rec.get("metrics") or {}
+        headline_order.setdefault(task, {m: i for i, m in enumerate(record_headline(rec))})
         for metric in list(metrics) if all_metrics else record_headline(rec):
             value = metrics.get(metric)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -113,7 +115,7 @@ def build_table(
                     f"[{cell.lo:.2f}, {cell.hi:.2f}] ({cell.method} over {cell.over}): the metric disagrees with "
                     "its samples; Δs that pair them are refused"
                 )
-    ordered_columns = sorted(columns, key=_column_order)
+    ordered_columns = sorted(columns, key=lambda col: _column_order(col, headline_order.get(col.task, {})))
     warnings += _unit_warnings(chosen.values(), ordered_columns)
     rows = _card_rows(cards) if view == "cards" else _recipe_rows(cards, warnings)
     rows.sort(key=lambda r: (REFERENCE_METHODS.index(r.reference) if r.reference else len(REFERENCE_METHODS), r.name))
@@ -372,6 +374,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 24 else text[:21] + "..."
 
 
-def _column_order(col: Column) -> tuple:
+def _column_order(col: Column, headline: Mapping[str, int]) -> tuple:
+    """Families in their order, then tasks and configs; a task's metrics in its headline's order (a battery's
+    mean first, then its data sets), the others after them by name."""
     family = FAMILY_ORDER.index(col.family) if col.family in FAMILY_ORDER else len(FAMILY_ORDER)
-    return (family, col.task, col.config_label, col.metric)
+    return (family, col.task, col.config_label, headline.get(col.metric, len(headline)), col.metric)

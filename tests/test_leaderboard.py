@@ -466,3 +466,17 @@ def test_a_record_names_what_its_samples_are():
     text = render_markdown(build_table([knn, lowshot, unnamed], view="cards"))
     assert "(200 img)" in text and "(3 smp)" in text and "(200 ep)" in text  # an unknown name: the default
     assert "interval over n test images" in text and "interval over n low-shot samples" in text
+
+
+def test_a_tasks_columns_follow_its_headline():
+    """A battery's record names its mean first, then its data sets: the table keeps that order, not the
+    alphabet's; metrics outside the headline (``--all-metrics``) come after it."""
+    rec = _rec(
+        "a",
+        "linear_kornblith",
+        {"mean": 50.0, "cars/acc": 40.0, "aircraft/mean_per_class_acc": 60.0, "wall": 1.0},
+        "linear",
+        headline=["mean", "cars/acc", "aircraft/mean_per_class_acc"],
+    )
+    metrics = [c.metric for c in build_table([rec], view="cards", all_metrics=True).columns]
+    assert metrics == ["mean", "cars/acc", "aircraft/mean_per_class_acc", "wall"]
