@@ -13,7 +13,7 @@ from ringbench.errors import UserError
 from sweep import cli
 from sweep.expand import Job, expand, flag_argv
 from sweep.plan import Layout, load_plan
-from tests.helpers import write_card
+from tests.helpers import REPO, write_card
 
 TINY_FEWSHOT = "  fewshot_digits: {episodes: 6, max_images_per_class: 12, shots: 2, queries: 3}\n"
 TINY_LINEAR = "  linear_synthetic: {linear_synthetic_classes: 3, linear_synthetic_train: 4, linear_synthetic_test: 2}\n"
@@ -297,3 +297,14 @@ def test_pretrain_recipe_questions(tmp_path):
     assert card_changes(tmp_path / "none.pth", cfg) is None
     with pytest.raises(UserError, match="unrecognized arguments: --nope"):
         recipe_config("moco_ring", ["--nope"])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs" / "sweeps").glob("*.yaml")))
+def test_every_shipped_plan_expands(tmp_path, two_cards, capsys, name):
+    """The shipped plans (the demo, the example and zoo cluster plans) expand into jobs with their cards in place:
+    every task, flag and resource they name is one the suite takes (``--dry-run``: nothing is submitted)."""
+    (tmp_path / "zoo-cards").mkdir()
+    (tmp_path / "zoo-cards" / "moco-v2.pth").symlink_to(two_cards[0])
+    argv = ["--plan", name, "--workdir", str(tmp_path), "--executor", "local", "--dry-run", "--device", "cpu"]
+    assert run_main(cli.main, argv) == 0
+    assert " submit " in capsys.readouterr().out
