@@ -178,7 +178,7 @@ def test_local_sweep_runs_each_job_once(tmp_path, capsys):
     run_two_by_two(tmp_path, capsys, "local", "--jobs", "2")
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # the default suite runs the same path through a backgrounded shell (tests/test_guarantees.py)
 def test_sigterm_to_a_local_sweep_stops_its_jobs(tmp_path):
     """``kill`` (SIGTERM) reaches only the sweep's process; the jobs it started end with it."""
     import contextlib
