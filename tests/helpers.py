@@ -94,3 +94,13 @@ def _process_entry(rank: int, fn, world: int, port: int, args: tuple) -> None:
     )
     torch.set_num_threads(1)
     fn(rank, world, *args)
+
+
+def family_args(add_arguments, *argv: str):
+    """``argv`` parsed as ``transfer/run.py`` parses a task family's flags (its ``add_arguments``, ``--data-root``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data-root", default=None)
+    add_arguments(parser)
+    return parser.parse_args(list(argv))

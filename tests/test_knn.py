@@ -3,13 +3,12 @@ end to end (per-image correctness for the leaderboard's paired bootstrap)."""
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
 
 from ringbench.errors import UserError
+from tests.helpers import family_args
 from transfer.checkpoints import load_backbone
 from transfer.knn import add_knn_arguments, knn_evaluation, knn_peak_bytes
 from transfer.tasks import TaskContext, get_task
@@ -31,10 +30,7 @@ def _brute_force(train_x, train_y, test_x, k, t, num_classes):
 
 
 def _args(*argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data-root", default=None)
-    add_knn_arguments(parser)
-    return parser.parse_args(list(argv))
+    return family_args(add_knn_arguments, *argv)
 
 
 @pytest.mark.parametrize("chunk,query_batch", [(7, 5), (1000, 1000)])

@@ -4,8 +4,6 @@ torchvision's transforms, and the embedded twin ``linear_kornblith_synthetic`` e
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
 from ringbench.errors import UserError
-from tests.helpers import write_card
+from tests.helpers import family_args, write_card
 from tests.test_metadataset_probes import _one_blas_thread  # noqa: F401 (autouse fixture)
 from transfer.checkpoints import load_backbone
 from transfer.kornblith_protocol import (
@@ -30,10 +28,7 @@ from transfer.tasks import TaskContext, get_task
 
 
 def _args(*argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data-root", default=None)
-    add_linear_arguments(parser)
-    return parser.parse_args(list(argv))
+    return family_args(add_linear_arguments, *argv)
 
 
 def _gaussians(rng, n, classes=4, dim=8, spread=2.0):

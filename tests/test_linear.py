@@ -3,7 +3,6 @@ written in the real formats, and ``linear_synthetic`` end to end."""
 
 from __future__ import annotations
 
-import argparse
 import pickle
 
 import numpy as np
@@ -12,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 
 from ringbench.errors import UserError
 from ringbench.logreg import l2_normalise
-from tests.helpers import write_card
+from tests.helpers import family_args, write_card
 from tests.test_metadataset_probes import _one_blas_thread  # noqa: F401 (autouse fixture)
 from transfer.checkpoints import load_backbone
 from transfer.linear import (
@@ -33,10 +32,7 @@ def _gaussians(rng, n_per_class, classes=4, dim=16, spread=1.5):
 
 
 def _args(*argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data-root", default=None)
-    add_linear_arguments(parser)
-    return parser.parse_args(list(argv))
+    return family_args(add_linear_arguments, *argv)
 
 
 def test_stratified_holdout():

@@ -3,13 +3,12 @@ VOC2007 tasks on a devkit layout, and the embedded twins end to end."""
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 from sklearn.model_selection import cross_val_score
 
 from ringbench.errors import UserError
+from tests.helpers import family_args
 from tests.test_voc07 import write_voc2007
 from transfer.checkpoints import load_backbone
 from transfer.svm import (
@@ -27,10 +26,7 @@ from transfer.voc07 import DIFFICULT, NEGATIVE, POSITIVE
 
 
 def _args(*argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data-root", default=None)
-    add_svm_arguments(parser)
-    return parser.parse_args(list(argv))
+    return family_args(add_svm_arguments, *argv)
 
 
 def test_published_values():

@@ -34,10 +34,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from metadataset.features import cached_features
 from ringbench.config import add_schema_flags, settings_from_args
-from ringbench.errors import UserError
-from transfer.linear import data_root_setting, dataset_folder, open_linear_split
+from transfer.linear import data_root_setting, dataset_folder, split_features, synthetic_setting
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
 KS = (20, 200)  # neighbour counts reported (Wu et al. 2018 use 200; mmselfsup reports 10, 20, 100, 200)
@@ -170,13 +168,6 @@ def knn_peak_bytes(
 # --- tasks -----------------------------------------------------------------------------------------
 
 
-def _data_folder(dataset: str, root: Any) -> None:
-    try:
-        dataset_folder(dataset, root)
-    except UserError as exc:  # its messages name the linear task; these are the kNN task's
-        raise UserError(str(exc).replace(f"linear_{dataset}", f"knn_{dataset}", 1)) from None
-
-
 def make_knn_task(dataset: str, description: str) -> Task:
     def make_config(args: argparse.Namespace) -> dict[str, Any]:
         settings = settings_from_args(args, KnnSettings)
@@ -190,33 +181,17 @@ def make_knn_task(dataset: str, description: str) -> Task:
             "similarity": "cosine",
         }
         if dataset == "synthetic":
-            config["synthetic"] = {
-                "classes": settings["knn_synthetic_classes"],
-                "train": settings["knn_synthetic_train"],
-                "test": settings["knn_synthetic_test"],
-            }
+            config["synthetic"] = synthetic_setting(settings, "knn")
         else:
             config["data_root"] = data_root_setting(args)
         return config
 
     def validate(backbone: Any, config: dict[str, Any]) -> None:
         if dataset != "synthetic":
-            _data_folder(dataset, config["data_root"])
+            dataset_folder(dataset, config["data_root"], f"knn_{dataset}")
 
     def run(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
-        image_size = config["image_size"] or backbone.default_image_size
-        feats = {}
-        for split in ("train", "test"):
-            image_set = open_linear_split(dataset, split, config.get("data_root"), config, image_size)
-            feats[split] = cached_features(
-                backbone,
-                image_set,
-                ctx.feature_cache_dir,
-                image_size=image_size,
-                pooling=config["pooling"],
-                device=ctx.device,
-                progress=not ctx.debug,
-            )
+        feats = split_features(backbone, dataset, config, ctx)
         start = time.perf_counter()
         correct = knn_evaluation(
             feats["train"].features,

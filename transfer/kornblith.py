@@ -50,7 +50,14 @@ from transfer.kornblith_protocol import (
     parse_path,
     per_image_values,
 )
-from transfer.linear import DATA_ROOT_ENV, LinearSettings, add_linear_arguments, data_root_setting, stratified_holdout
+from transfer.linear import (
+    DATA_ROOT_ENV,
+    LinearSettings,
+    add_linear_arguments,
+    data_root_setting,
+    stratified_holdout,
+    synthetic_setting,
+)
 from transfer.tasks import Task, TaskContext, TaskResult, register
 
 
@@ -136,11 +143,7 @@ def set_config(spec: BatterySet, settings: dict[str, Any], root: str | None) -> 
         "features": "raw",
     }
     if spec is SYNTHETIC:
-        config["synthetic"] = {
-            "classes": settings["linear_synthetic_classes"],
-            "train": settings["linear_synthetic_train"],
-            "test": settings["linear_synthetic_test"],
-        }
+        config["synthetic"] = synthetic_setting(settings, "linear")
     else:
         config["data_root"] = root
     return config

@@ -95,12 +95,38 @@ def data_root_setting(args: argparse.Namespace) -> str | None:
     return str(resolved_path(root, "--data-root")) if root else None
 
 
-def dataset_folder(name: str, root: str | os.PathLike | None) -> Path:
-    """The dataset's folder in its usual layout, or a :class:`UserError` naming the expected path."""
+def synthetic_setting(settings: dict[str, Any], prefix: str) -> dict[str, int]:
+    """The embedded shapes' sizes of a family's twin, from its ``--<prefix>-synthetic-*`` settings."""
+    return {part: settings[f"{prefix}_synthetic_{part}"] for part in ("classes", "train", "test")}
+
+
+def split_features(backbone: Any, dataset: str, config: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """The card's frozen features of the data set's train and test splits (``metadataset.features``, cached per
+    backbone hash), at the config's image size (the card's by default): what the linear and kNN tasks read."""
+    image_size = config["image_size"] or backbone.default_image_size
+    feats = {}
+    for split in ("train", "test"):
+        image_set = open_linear_split(dataset, split, config.get("data_root"), config, image_size)
+        feats[split] = cached_features(
+            backbone,
+            image_set,
+            ctx.feature_cache_dir,
+            image_size=image_size,
+            pooling=config["pooling"],
+            device=ctx.device,
+            progress=not ctx.debug,
+        )
+    return feats
+
+
+def dataset_folder(name: str, root: str | os.PathLike | None, task: str | None = None) -> Path:
+    """The dataset's folder in its usual layout, or a :class:`UserError` naming the expected path and the task
+    (``linear_<name>`` by default) that needs it."""
+    task = task or f"linear_{name}"
     folder_name, required = LAYOUTS[name]
     if root is None:
         raise UserError(
-            f"linear_{name} needs its data: pass --data-root (the folder holding {folder_name}/) or set "
+            f"{task} needs its data: pass --data-root (the folder holding {folder_name}/) or set "
             f"${DATA_ROOT_ENV}; nothing is downloaded"
         )
     root = Path(root).expanduser()
@@ -109,7 +135,7 @@ def dataset_folder(name: str, root: str | os.PathLike | None) -> Path:
         if all((folder / r).exists() for r in required):
             return folder
     raise UserError(
-        f"linear_{name}: expected {root / folder_name}/ holding {', '.join(required)} "
+        f"{task}: expected {root / folder_name}/ holding {', '.join(required)} "
         f"(the torchvision / ImageFolder layout); nothing is downloaded"
     )
 
@@ -317,11 +343,7 @@ def make_linear_task(dataset: str, description: str) -> Task:
             "features": "l2-normalised",
         }
         if dataset == "synthetic":
-            config["synthetic"] = {
-                "classes": settings["linear_synthetic_classes"],
-                "train": settings["linear_synthetic_train"],
-                "test": settings["linear_synthetic_test"],
-            }
+            config["synthetic"] = synthetic_setting(settings, "linear")
         else:
             config["data_root"] = data_root_setting(args)
         return config
@@ -331,20 +353,7 @@ def make_linear_task(dataset: str, description: str) -> Task:
             dataset_folder(dataset, config["data_root"])
 
     def run(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
-        image_size = config["image_size"] or backbone.default_image_size
-        cache_dir = ctx.feature_cache_dir
-        feats = {}
-        for split in ("train", "test"):
-            image_set = open_linear_split(dataset, split, config.get("data_root"), config, image_size)
-            feats[split] = cached_features(
-                backbone,
-                image_set,
-                cache_dir,
-                image_size=image_size,
-                pooling=config["pooling"],
-                device=ctx.device,
-                progress=not ctx.debug,
-            )
+        feats = split_features(backbone, dataset, config, ctx)
         num_classes = feats["train"].num_classes
         start = time.perf_counter()
         out = linear_evaluation(

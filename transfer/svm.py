@@ -47,7 +47,7 @@ import numpy as np
 from metadataset.features import cached_features
 from ringbench.config import add_schema_flags, settings_from_args
 from ringbench.errors import UserError
-from transfer.linear import data_root_setting, open_linear_split
+from transfer.linear import data_root_setting, open_linear_split, synthetic_setting
 from transfer.tasks import Task, TaskContext, TaskResult, register
 from transfer.voc07 import (
     NEGATIVE,
@@ -366,11 +366,7 @@ def make_svm_task(dataset: str, lowshot: bool, description: str) -> Task:
             if 1 in config["lowshot"]["ks"] and 2 not in config["lowshot"]["ks"]:
                 raise UserError("--svm-lowshot-ks: k = 1 takes its cost from k = 2; add 2")
         if dataset == "synthetic":
-            config["synthetic"] = {
-                "classes": settings["svm_synthetic_classes"],
-                "train": settings["svm_synthetic_train"],
-                "test": settings["svm_synthetic_test"],
-            }
+            config["synthetic"] = synthetic_setting(settings, "svm")
         else:
             config["data_root"] = data_root_setting(args)
         return config
