@@ -27,7 +27,7 @@ from transfer.resolve import flag_argv, task_config
 # would make a job do something else than run: a plan that sets them is refused
 OWNED_TASK_FLAGS = (
     "backbone", "task", "name", "results", "output_dir", "cache_dir", "device", "force", "list_tasks",
-    "print_config", "readme", "debug", "num_gpus", "num_machines", "machine_rank", "dist_url",
+    "print_config", "readme", "debug", "num_gpus", "num_machines", "machine_rank", "dist_url", "grid_point",
 )  # fmt: skip
 OWNED_PRETRAIN_FLAGS = ("--config", "--out", "--workdir", "--device", "--seed", "--fresh", "--print-config")
 CARD_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".pkl")  # what transfer/run.py reads as a card or checkpoint

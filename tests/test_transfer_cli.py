@@ -52,3 +52,12 @@ def _any_task() -> str:
     from transfer.tasks import all_tasks
 
     return next(iter(all_tasks()), "fewshot_digits")
+
+
+def test_grid_point_needs_a_task_with_a_grid(tmp_path, capsys):
+    card = write_card(tmp_path / "c.pth")
+    argv = ["--backbone", str(card), "--task", "fewshot_digits", "--grid-point", "lr0.1", "--results", str(tmp_path)]
+    code = run_main(main, argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "--grid-point: task fewshot_digits searches no grid" in err
+    assert not list(tmp_path.glob("fewshot_digits/*.json")), "nothing written on bad input"

@@ -40,3 +40,12 @@ def task_config(task: str, flags: Mapping[str, Any] | None = None) -> tuple[dict
     refuse_foreign_flags(args, spec)
     config = spec.make_config(args)
     return config, config_hash(config)
+
+
+def task_grid_points(task: str, config: Mapping[str, Any]) -> list[str]:
+    """The grid points of ``task`` with ``config`` (``transfer/run.py --grid-point NAME`` runs one alone), or ``[]``
+    for a task without a grid: a sweep makes one job of each point, then the task's own job after them."""
+    from transfer.tasks import get_task
+
+    spec = get_task(task)
+    return list(spec.grid_points(dict(config))) if spec.grid_points is not None else []

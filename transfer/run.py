@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tasks that train (Detectron2) write no TensorBoard event files (written into their output folder)",
     )
+    parser.add_argument(
+        "--grid-point",
+        metavar="NAME",
+        help="tasks that search a grid (finetune_*): run this point only and write no record (a sweep runs each "
+        "point as its own job; the task's run without it reuses the finished points); --print-config lists them",
+    )
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     parser.add_argument(
         "--print-config",
@@ -182,7 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             launch=launch,
         )
         print(task.describe_config(backbone, config, ctx) if task.describe_config else json.dumps(config, indent=1))
+        if task.grid_points is not None:
+            print("grid points (--grid-point): " + " ".join(task.grid_points(config)))
         return 0
+    check_grid_point(task, config, args.grid_point)
     existing = existing_record(args, backbone.sha256, config)
     if existing and not args.force:
         print(
@@ -206,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         force=args.force,
         tensorboard=not args.no_tensorboard,
         launch=launch,
+        grid_point=args.grid_point,
     )
     check_writable_dir(ctx.output_dir, "--output-dir")
     check_writable_dir(args.results / task.name, "--results")
@@ -218,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     start = time.perf_counter()
     result = task.run(backbone, config, ctx)
+    if args.grid_point is not None:
+        print(f"{task.name}: grid point {args.grid_point} done; the task's run without --grid-point writes the record")
+        return 0
     if not result.write_record:
         print(f"{task.name}: this machine's part is done; machine 0 writes the record", file=sys.stderr)
         return 0
@@ -246,6 +259,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_metrics(record))
     print(f"record written to {path}", file=sys.stderr)
     return 0
+
+
+def check_grid_point(task, config: dict, point: str | None) -> None:
+    """``--grid-point`` only for a task with a grid, and only one of its points (else a one-line error)."""
+    if point is None:
+        return
+    if task.grid_points is None:
+        raise UserError(f"--grid-point: task {task.name} searches no grid")
+    points = task.grid_points(config)
+    if point not in points:
+        raise UserError(f"--grid-point {point!r}: not a point of {task.name}'s grid; its points: {', '.join(points)}")
 
 
 def _meta_summary(meta: dict) -> dict:

@@ -15,6 +15,10 @@ Contract, used by ``transfer/run.py``:
 * ``task.run(backbone, config, ctx) -> TaskResult``.
 * Optional: ``describe_config`` (``--print-config``) and ``make_launch`` (several processes or machines:
   the launch goes to ``ctx.launch``, outside the config and so outside the record's identity).
+* Optional: ``grid_points(config) -> [name, ...]``: a task that searches a grid (fine-tuning's learning rate x
+  weight decay) names its points. ``transfer/run.py --grid-point NAME`` runs one point alone (``ctx.grid_point``;
+  no record; a sweep makes one job of each, then the task's own job, which reuses the finished points, chooses
+  and writes the one record). Without ``--grid-point`` the task runs every point itself.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class TaskContext:
     force: bool = False  # --force: start again (no reuse of finished seeds or checkpoints)
     tensorboard: bool = True  # tasks that train (Detectron2) write TensorBoard events; --no-tensorboard: not
     launch: Any = None  # multi-process families (Detectron2): the resolved launch (transfer.d2.launch.Launch)
+    grid_point: str | None = None  # --grid-point: run this point of the task's grid only (Task.grid_points)
 
     @property
     def feature_cache_dir(self) -> Path:
@@ -102,6 +107,8 @@ class Task:
     describe_config: Callable[[Any, dict[str, Any], TaskContext], str] | None = None
     # the launch of a multi-process family from the CLI flags and the device (None: one process)
     make_launch: Callable[[argparse.Namespace, str], Any] | None = None
+    # the names of the points of the grid a config searches, each runnable alone by --grid-point (None: no grid)
+    grid_points: Callable[[dict[str, Any]], list[str]] | None = None
 
     @property
     def headline_metrics(self) -> tuple[str, ...]:
