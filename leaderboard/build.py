@@ -83,8 +83,11 @@ def build_table(
     card_nonfinite: dict[tuple[str, Column], str] = {}
     card_implausible: set[tuple[str, Column]] = set()
     headline_order: dict[str, dict[str, int]] = {}  # task -> its metrics in the order its records name them
+    parts_of: dict[tuple[str, str, str], list[str]] = {}  # (task, config, aggregate metric) -> the metrics it sums up
     for (sha, task, cfg), rec in chosen.items():
         metrics = rec.get("metrics") or {}
+        for metric, parts in record_aggregates(rec).items():
+            parts_of.setdefault((task, cfg, metric), parts)
         headline_order.setdefault(task, {m: i for i, m in enumerate(record_headline(rec))})
         for metric in list(metrics) if all_metrics else record_headline(rec):
             value = metrics.get(metric)
@@ -166,16 +169,45 @@ def build_table(
         implausible=implausible,
     )
     table.tied = ties_with_best(table, n_boot, rng)
+    ranked = ranked_columns(ordered_columns, parts_of)
     scores = [  # an implausible value takes no rank (it would take the first)
-        [
-            cells[(r.key, c)].mean if (r.key, c) in cells and (r.key, c) not in implausible else None
-            for c in ordered_columns
-        ]
+        [cells[(r.key, c)].mean if (r.key, c) in cells and (r.key, c) not in implausible else None for c in ranked]
         for r in rows
     ]
     table.ranks = {r.key: rank for r, rank in zip(rows, stats.average_ranks(scores))}
+    table.ranked = len(ranked)
     table.above_random, table.below_random = versus_random(table, n_boot, rng)
     return table
+
+
+def record_aggregates(record: Mapping[str, Any]) -> dict[str, list[str]]:
+    """The metrics of a record that sum up others (``extra.aggregates``: ``{"mean": ["cifar10/acc", ...]}``;
+    ``extra.mean_over``, a list, of ``linear_kornblith`` records written before it), each with its parts.
+    Anything malformed (the record is untrusted) declares nothing."""
+    extra = record.get("extra")
+    if not isinstance(extra, Mapping):
+        return {}
+    declared = extra.get("aggregates")
+    if declared is None and isinstance(extra.get("mean_over"), list):
+        declared = {"mean": extra["mean_over"]}
+    if not isinstance(declared, Mapping):
+        return {}
+    return {
+        str(metric): [str(p) for p in parts]
+        for metric, parts in declared.items()
+        if isinstance(parts, list) and all(isinstance(p, str) for p in parts)
+    }
+
+
+def ranked_columns(columns: Sequence[Column], parts_of: Mapping[tuple[str, str, str], list[str]]) -> list[Column]:
+    """The columns an average rank counts: all but an aggregate (a battery's mean, Meta-Dataset's average)
+    whose parts are columns too, which would count the same results twice."""
+    shown = {(c.task, c.config_hash, c.metric) for c in columns}
+    return [
+        c
+        for c in columns
+        if not any((c.task, c.config_hash, p) in shown for p in parts_of.get((c.task, c.config_hash, c.metric), ()))
+    ]
 
 
 def table_name(rows: Sequence[Row], key: str) -> str:

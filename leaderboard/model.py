@@ -174,6 +174,7 @@ class Table:
     view: str = "recipes"
     tied: set[tuple[str, Column]] = field(default_factory=set)  # not significantly below the best
     ranks: dict[str, tuple[float | None, int]] = field(default_factory=dict)
+    ranked: int = 0  # the columns an average rank is over (all but aggregates whose parts are shown)
     warnings: list[str] = field(default_factory=list)
     above_random: set[tuple[str, Column]] = field(default_factory=set)  # significantly above the random row
     below_random: set[tuple[str, Column]] = field(default_factory=set)  # significantly below it

@@ -176,7 +176,7 @@ def _summary(table: Table) -> str:
         if row.published:
             continue
         seeds = ", ".join(str(c.seed) for c in row.cards if c.seed is not None) or MISSING
-        rank = fmt_rank(table.ranks.get(row.key, (None, 0)), len(table.columns))
+        rank = fmt_rank(table.ranks.get(row.key, (None, 0)), table.ranked)
         lines.append(
             f"<tr><td>{_e(row.name)}</td><td>{_e(str(row.meta.get('method', MISSING)))}</td>"
             f"<td>{_e(str(row.meta.get('loss', MISSING)))}</td><td>{len(row.cards)}</td>"

@@ -157,7 +157,7 @@ def body_rows(table: Table, mark_tied: Callable[[str], str], columns: list[Colum
         deltas_after.setdefault(d.variant, []).append(d)
     for row in table.rows:
         cells = [cell_text(table, row.key, col, mark_tied) for col in columns]
-        rank = MISSING if row.published else fmt_rank(table.ranks.get(row.key, (None, 0)), len(table.columns))
+        rank = MISSING if row.published else fmt_rank(table.ranks.get(row.key, (None, 0)), table.ranked)
         rows.append([visible(row.name), *cells, rank])
         for delta in deltas_after.get(row.key, []):
             rows.append([delta_label(table, delta), *(fmt_delta(delta.cells.get(c)) for c in columns), ""])
@@ -221,7 +221,8 @@ def legend(table: Table) -> list[str]:
         )
     notes.append(
         "Marked: not significantly below the column's best (Meta-Dataset's rule; an entry with no interval "
-        "cannot be shown to be below). avg rank: mean rank over the columns a row has (of all columns)."
+        "cannot be shown to be below). avg rank: mean rank over the columns a row has (of all ranked columns; "
+        "a mean or average is not ranked beside its own parts)."
     )
     marks = [
         (m, word)

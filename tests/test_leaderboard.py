@@ -480,3 +480,27 @@ def test_a_tasks_columns_follow_its_headline():
     )
     metrics = [c.metric for c in build_table([rec], view="cards", all_metrics=True).columns]
     assert metrics == ["mean", "cars/acc", "aircraft/mean_per_class_acc", "wall"]
+
+
+def test_an_aggregate_is_not_ranked_beside_its_parts():
+    """A battery's mean sums up its data sets: ranked beside them it would count each result twice; shown alone
+    (its parts not in the table) it is ranked. Rows: a wins cifar10 and loses dtd; b the other way; a's mean is
+    higher. Over the two parts they tie (1.5 each); counting the mean too would put a ahead."""
+    head = ["mean", "cifar10/acc", "dtd/acc"]
+
+    def battery(name, cifar, dtd, **kw):
+        metrics = {"mean": (cifar + dtd) / 2, "cifar10/acc": cifar, "dtd/acc": dtd}
+        return _rec(name, "linear_kornblith", metrics, "linear", headline=head, extra=kw)
+
+    for extra in ({"aggregates": {"mean": head[1:]}}, {"mean_over": head[1:]}):  # mean_over: older records
+        table = build_table([battery("a", 90.0, 40.0, **extra), battery("b", 80.0, 45.0, **extra)], view="cards")
+        assert table.ranked == 2
+        assert {r.name: table.ranks[r.key] for r in table.rows} == {"a": (1.5, 2), "b": (1.5, 2)}
+        assert "1.5 (2/2)" in render_markdown(table)
+    only_mean = [battery("a", 90.0, 40.0, aggregates={"mean": head[1:]}), battery("b", 80.0, 45.0)]
+    for rec in only_mean:
+        rec["headline"] = ["mean"]
+    table = build_table(only_mean, view="cards")
+    assert table.ranked == 1 and {r.name: table.ranks[r.key][0] for r in table.rows} == {"a": 1.0, "b": 2.0}
+    damaged = battery("a", 90.0, 40.0, aggregates={"mean": "cifar10/acc"})  # not a list: declares nothing
+    assert build_table([damaged, battery("b", 80.0, 45.0)], view="cards").ranked == 3

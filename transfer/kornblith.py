@@ -315,7 +315,7 @@ def make_kornblith_all_task(sets: dict[str, BatterySet], name: str = "linear_kor
             extra["sets"][s] = set_extra
             extra["regularisation"][s] = set_extra["regularisation"]
         metrics["mean"] = float(np.mean([metrics[m] for m in metric_of.values()]))
-        extra["mean_over"] = list(metric_of.values())
+        extra["aggregates"] = {"mean": list(metric_of.values())}  # the leaderboard's average rank leaves it out
         print(f"{name}: mean over {len(sets)} data sets {metrics['mean']:.2f}", file=sys.stderr)
         seeds = sorted({c["seed"] for c in config["sets"].values()})
         return TaskResult(metrics={"mean": metrics.pop("mean"), **metrics}, seeds=seeds, extra=extra)
