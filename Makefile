@@ -66,9 +66,10 @@ demo: setup
 bench: setup
 	for script in $(filter-out bench/interleave.py bench/common.py bench/gpu.py,$(wildcard bench/*.py)); do echo "== $$script"; $(PYTHON) $$script || exit 1; done
 
-# Refresh the README's task list from the registry (tests/test_readme.py checks it).
+# Refresh the task tables from the registry: the README's families, docs/tasks.md's tasks (tests/test_readme.py checks them).
 readme: setup
 	$(PYTHON) transfer/run.py --list-tasks --readme README.md
+	$(PYTHON) transfer/run.py --list-tasks --readme docs/tasks.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the task's resolved config (Detectron2 tasks: the full Detectron2 config) and exit; needs no data",
     )
-    parser.add_argument("--readme", type=Path, help=argparse.SUPPRESS)  # with --list-tasks: refresh README's list
+    # with --list-tasks: refresh the generated task tables of a page (make readme)
+    parser.add_argument("--readme", type=Path, help=argparse.SUPPRESS)
     add_common_flags(parser)
     family_flags: dict[object, dict[str, str]] = {}
     for task in all_tasks().values():
@@ -106,7 +107,7 @@ def refuse_foreign_flags(args: argparse.Namespace, task) -> None:
 
 
 def list_tasks(tablefmt: str = "simple") -> str:
-    """The registry as a table; ``tablefmt="github"`` gives the README's task list."""
+    """The registry as a table; ``tablefmt="github"`` gives the task list of docs/tasks.md."""
     from tabulate import tabulate
 
     from transfer.tasks import all_tasks
@@ -117,22 +118,44 @@ def list_tasks(tablefmt: str = "simple") -> str:
     )
 
 
-README_TASKS = ("<!-- tasks:begin -->", "<!-- tasks:end -->")
+def list_families(tablefmt: str = "simple") -> str:
+    """One row per task family: its tasks, and those of them that run on embedded data (the README's summary)."""
+    from tabulate import tabulate
+
+    from transfer.tasks import all_tasks
+
+    families: dict[str, list] = {}
+    for t in all_tasks().values():
+        families.setdefault(t.family, []).append(t)
+    rows = [
+        (family, len(tasks), ", ".join(t.name for t in tasks if not t.needs_data) or "none")
+        for family, tasks in sorted(families.items())
+    ]
+    return tabulate(rows, headers=["family", "tasks", "of them on embedded data (nothing on disk)"], tablefmt=tablefmt)
 
 
-def readme_tasks_block() -> str:
-    return f"{README_TASKS[0]}\n{list_tasks('github')}\n{README_TASKS[1]}"
+def generated_block(name: str) -> str:
+    """A generated block of the documentation, between its markers: ``tasks`` (every task, docs/tasks.md) or
+    ``task-families`` (one row per family, the README)."""
+    table = {"tasks": list_tasks, "task-families": list_families}[name]("github")
+    return f"<!-- {name}:begin -->\n{table}\n<!-- {name}:end -->"
 
 
-def write_readme_tasks(readme: Path) -> None:
-    """Replace the README's task list (between the markers) with the registry's."""
+def write_generated_blocks(path: Path) -> None:
+    """Replace every generated block in ``path`` (README.md, docs/tasks.md) with the registry's (``make readme``)."""
     from ringbench.fileio import atomic_write_text
 
-    text = readme.read_text()
-    start, end = text.find(README_TASKS[0]), text.find(README_TASKS[1])
-    if start < 0 or end < start:
-        raise UserError(f"{readme}: no {README_TASKS[0]} ... {README_TASKS[1]} block")
-    atomic_write_text(readme, text[:start] + readme_tasks_block() + text[end + len(README_TASKS[1]) :])
+    text = path.read_text()
+    found = False
+    for name in ("tasks", "task-families"):
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        start, stop = text.find(begin), text.find(end)
+        if start >= 0 and stop > start:
+            text = text[:start] + generated_block(name) + text[stop + len(end) :]
+            found = True
+    if not found:
+        raise UserError(f"{path}: no <!-- tasks:begin --> or <!-- task-families:begin --> block")
+    atomic_write_text(path, text)
 
 
 def existing_record(args: argparse.Namespace, backbone_sha256: str, config: dict | None = None) -> dict | None:
@@ -150,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_tasks and args.readme:
-        write_readme_tasks(args.readme)
+        write_generated_blocks(args.readme)
         return 0
     if args.list_tasks:
         print(list_tasks())
