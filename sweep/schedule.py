@@ -235,9 +235,11 @@ class Sweep:
                 self.states[key] = "pending"
         self.save()
 
-    def wait(self, progress: bool = True, poll_s: float = 2.0) -> None:
+    def wait(self, progress: bool = True, poll_s: float = 2.0, gone_s: float = 30.0) -> None:
         """Until every submitted job is done, failed or gone: read from the jobs' state files and
-        ``squeue`` (submitit's own watcher needs ``sacct``, which clusters without accounting lack)."""
+        ``squeue`` (submitit's own watcher needs ``sacct``, which clusters without accounting lack). A job that
+        left the queue without a word for ``gone_s`` is cancelled; one that never started (Slurm removed it when
+        a job it waits for failed, or it was scancelled) says so in its state file, for ``--status``."""
         gone: dict[str, float] = {}
         while True:
             queue = squeue_states()
@@ -250,8 +252,12 @@ class Sweep:
                 if state in ("done", "failed", "cancelled"):
                     self._set(key, state, status.get("error", ""), progress)
                 elif queued is None:  # left the queue: its state file should say how; give it a moment
-                    if time.monotonic() - gone.setdefault(key, time.monotonic()) > 30:
-                        self._set(key, "cancelled", "left the queue without finishing", progress)
+                    if time.monotonic() - gone.setdefault(key, time.monotonic()) > gone_s:
+                        note = "left the queue without finishing"
+                        if status.get("state", "pending") == "pending":
+                            note = "left the queue without starting (a job it waits for failed, or scancel)"
+                            write_status(status_file(self.layout, key), "cancelled", error=note)
+                        self._set(key, "cancelled", note, progress)
                 else:
                     gone.pop(key, None)
                     if state != self.states.get(key):

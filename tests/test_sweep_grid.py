@@ -285,3 +285,14 @@ def test_slurm_task_job_waits_for_its_point_jobs_array_tasks(tmp_path, monkeypat
     ]
     saved = json.loads((layout.sweep_dir / "jobs.json").read_text())["jobs"]
     assert {e["key"]: e["job_id"] for e in saved}["t/r"] == "103_0" and saved[6]["after"] == ["t/old/a", "t/old/b"]
+    # the task job's point failed: Slurm removes it unstarted (kill-on-invalid-dep); waiting says so, --status too
+    from sweep import status as status_module
+
+    monkeypatch.setattr(schedule, "squeue_states", dict)
+    monkeypatch.setattr(status_module, "squeue_states", dict)
+    for key in ("pretrain/r", "t/r/a", "t/r/b", "t/r", "t/old/b"):
+        write_status(status_file(layout, key), "failed" if key == "t/old/b" else "done")
+    sweep.wait(progress=False, poll_s=0, gone_s=0)
+    assert sweep.states["t/old"] == "cancelled" and "without starting" in sweep.notes["t/old"]
+    row = next(r for r in status_module.status_rows(layout) if r[0] == "t/old")
+    assert row[1] == "cancelled" and "a job it waits for failed" in row[5]
