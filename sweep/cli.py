@@ -18,8 +18,10 @@ per pretraining seed) and tasks with their flags (named like ``transfer/run.py``
 
 Each pretraining and each transfer is one submitit job running the stage's own ``main`` (the
 commands a user would type). A job whose result exists is not submitted: a card made with the config
-the plan resolves to, a record with the same identity. On Slurm, jobs go in job arrays (one per stage,
-card and resources); transfer jobs wait for their card: a Slurm dependency (``afterok``) on a cluster,
+the plan resolves to, a record with the same identity. A task with a grid (fine-tuning's learning rate x
+weight decay) runs each point as a job of its own (``--grid-point``), then its own job, which writes the record.
+On Slurm, jobs go in job arrays (one per stage, jobs waited for and resources); transfer jobs wait for their
+card (and a grid task's job for its points): a Slurm dependency (``afterok``) on a cluster,
 ordering on one machine, where ``--jobs`` jobs run at once
 through submitit's local executor. Jobs are checkpointable: a preempted or requeued job starts again
 (pretraining resumes from its work folder's checkpoint; a transfer job reuses its feature cache).
@@ -103,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             [
                 j.key,
                 j.skip_reason or "submit",
-                j.depends_on or "",
+                _after_text(j),
                 _resource_text(j.resources),
                 j.stage,
                 " ".join(j.argv),
@@ -162,8 +164,14 @@ def _mark(jobs: list[Job], layout: Layout, args: argparse.Namespace) -> None:
     if args.retry_failed:
         failed_before = {r[0] for r in status_rows(layout) if r[1] in ("failed", "cancelled")}
         for job in jobs:
-            if job.key not in failed_before and job.depends_on not in failed_before and not job.skip_reason:
+            if not job.skip_reason and not {job.key, *job.needs()} & failed_before:
                 job.skip_reason = "not failed"
+
+
+def _after_text(job: Job) -> str:
+    """What a job waits for, in a ``--dry-run`` row: its card's job and how many grid point jobs."""
+    points = f"{len(job.after)} grid point job(s)" if job.after else ""
+    return " + ".join(t for t in (job.depends_on or "", points) if t)
 
 
 def _resource_text(res: Resources) -> str:

@@ -3,11 +3,14 @@ checked before anything is submitted; :func:`mark_existing` marks the jobs whose
 
 The stages are asked library questions (:mod:`pretrain.recipe`, :mod:`transfer.resolve`), never handed a
 command line to parse back. A task's config is the same for every card, so it is resolved and hashed once per
-(task, flags): a plan of thousands of cards costs about what one card does.
+(task, flags): a plan of thousands of cards costs about what one card does. A task whose config has a grid
+(:func:`transfer.resolve.task_grid_points`, asked as often) gets one job per card and point
+(``<task>/<card>/<point>``, ``--grid-point``), and its own job per card runs after them (``Job.after``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import os
@@ -21,7 +24,7 @@ from ringbench.config import find_config
 from ringbench.errors import UserError
 from ringbench.fileio import path_component
 from sweep.plan import Layout, Resources, parse_resources
-from transfer.resolve import flag_argv, task_config
+from transfer.resolve import flag_argv, task_config, task_grid_points
 
 # transfer/run.py flags a sweep sets itself (from --workdir, --results, --device, resources and the card), or that
 # would make a job do something else than run: a plan that sets them is refused
@@ -47,7 +50,7 @@ class Recipe:
 class Job:
     """One stage run: ``python <stage>/run.py <argv>`` as a submitit job."""
 
-    key: str  # unique in the sweep: "pretrain/<card>" or "<task>/<card>"
+    key: str  # unique in the sweep: "pretrain/<card>", "<task>/<card>" or "<task>/<card>/<grid point>"
     stage: str  # "pretrain" | "transfer"
     argv: list[str]
     card: str  # the card file this job writes (pretrain) or reads (transfer)
@@ -57,6 +60,12 @@ class Job:
     task: Optional[str] = None  # transfer jobs: the task and its resolved config's hash (the record's identity)
     config_hash: Optional[str] = None
     recipe: Optional[Recipe] = None  # pretraining jobs: what the card is made from
+    grid_point: Optional[str] = None  # a grid point's job: the point it runs (--grid-point)
+    after: list[str] = field(default_factory=list)  # a grid task's own job: the keys of its point jobs
+
+    def needs(self) -> list[str]:
+        """The keys of the jobs this one waits for: its card's pretraining job, then its grid points' jobs."""
+        return [*([self.depends_on] if self.depends_on else []), *self.after]
 
 
 def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = False) -> list[Job]:
@@ -90,7 +99,6 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
     twice = sorted(name for name, count in Counter(c.stem for c, _ in cards).items() if count > 1)
     if twice:
         raise UserError(f"plan: several cards are named {twice}; card names (file stems) must be unique")
-    by_task: list[tuple[str, dict[str, Any], list[Job]]] = []
     for task, settings in plan["tasks"].items():
         if settings is not None and not isinstance(settings, dict):
             raise UserError(f"plan tasks.{task}: expected a mapping of flags, got {type(settings).__name__}")
@@ -101,6 +109,13 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
         resources = parse_resources(settings.pop("resources", None), f"plan tasks.{task}.resources")
         if resources.nodes > 1 and tasks[task].family != "detectron2":
             raise UserError(f"plan tasks.{task}.resources: nodes > 1 needs a Detectron2 task (multi-machine launch)")
+        if not cards:
+            continue
+        try:  # flags parse and configs resolve before anything is submitted, once per (task, flags)
+            config, digest = task_config(task, settings)
+            points = _grid_points(task, config)
+        except UserError as exc:
+            raise UserError(f"plan job {task}/{cards[0][0].stem}: {exc}") from exc
         # --num-gpus: the Detectron2 family's launcher; the other families run on one device
         gpus = ["--num-gpus", str(resources.gpus)] if resources.gpus and tasks[task].family == "detectron2" else []
         # several nodes: machine rank and rendezvous come from the job environment (StageJob)
@@ -112,8 +127,8 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
             *nodes,
             *flag_argv(settings),
         ]
-        task_jobs = [
-            Job(
+        for card, maker in cards:
+            job = Job(
                 f"{task}/{card.stem}",
                 "transfer",
                 ["--backbone", str(card), "--task", task, *common],
@@ -121,19 +136,15 @@ def expand(plan: dict[str, Any], layout: Layout, device: str, quick: bool = Fals
                 resources,
                 depends_on=maker,
                 task=task,
+                config_hash=digest,
             )
-            for card, maker in cards
-        ]
-        jobs += task_jobs
-        by_task.append((task, settings, task_jobs))
-    for task, settings, task_jobs in by_task:  # flags parse and configs resolve before anything is submitted
-        if task_jobs:
-            try:
-                _, digest = task_config(task, settings)
-            except UserError as exc:
-                raise UserError(f"plan job {task_jobs[0].key}: {exc}") from exc
-            for job in task_jobs:
-                job.config_hash = digest
+            for point in points:  # each point alone, then the task's own job, which reuses them and writes the record
+                key = f"{job.key}/{point}"
+                argv = [*job.argv, "--grid-point", point]
+                jobs.append(dataclasses.replace(job, key=key, argv=argv, grid_point=point, after=[]))
+                job.after.append(key)
+            jobs.append(job)
+    _refuse_shared_state_files(jobs)
     return jobs
 
 
@@ -174,6 +185,27 @@ def _recipe_jobs(entry: dict[str, Any], where: str, plan: dict[str, Any], layout
         recipe = Recipe(str(config), args, seed)
         jobs.append(Job(f"pretrain/{stem}", "pretrain", argv, str(card), resources, recipe=recipe))
     return jobs
+
+
+def _grid_points(task: str, config: dict[str, Any]) -> list[str]:
+    """The task's grid points with ``config`` (``[]``: no grid), checked: each a distinct name that can be a job's
+    key, a file name and one argument."""
+    points = task_grid_points(task, config)
+    bad = [p for p in points if not isinstance(p, str) or not re.fullmatch(r"[A-Za-z0-9_.=+-]+", p)]
+    if bad or len(set(points)) != len(points):
+        raise UserError(
+            f"task {task}: its grid points must be distinct names of letters, digits and '_.=+-', got "
+            f"{(bad or points)[:5]!r}"
+        )
+    return list(points)
+
+
+def _refuse_shared_state_files(jobs: list[Job]) -> None:
+    """Two jobs whose keys map to one state file (``a/b__c`` and ``a/b/c``) are a one-line error naming them."""
+    names = Counter(job.key.replace("/", "__") for job in jobs)
+    clash = sorted(job.key for job in jobs if names[job.key.replace("/", "__")] > 1)
+    if clash:
+        raise UserError(f"plan: jobs {clash[:4]} would share one state file; rename the cards ('__' in a card name)")
 
 
 def check_task_settings(task: str, settings: dict[str, Any]) -> None:
@@ -223,11 +255,13 @@ def _refuse_non_cards(matched: list[Path], where: str, pattern: str) -> None:
 
 def mark_existing(jobs: list[Job], results: Path, force: bool = False) -> None:
     """Set ``skip_reason`` on jobs whose result exists: a card made with its recipe's config, a record
-    with the job's identity in ``results`` (the lookup ``transfer/run.py`` makes before it runs)."""
+    with the job's identity in ``results`` (the lookup ``transfer/run.py`` makes before it runs). A grid point's
+    job has its task's identity: with the task's record there, its points are not run either."""
     from pretrain.recipe import card_changes, recipe_config
     from ringbench.store import find_record
 
     fresh: set[str] = set()
+    found: dict[tuple[str, str, str], bool] = {}  # asked once per record, not once per grid point
     for job in jobs:
         if job.stage == "pretrain":
             assert job.recipe is not None  # set by expand()
@@ -242,7 +276,10 @@ def mark_existing(jobs: list[Job], results: Path, force: bool = False) -> None:
                     job.argv.append("--fresh")
         elif not force and job.depends_on not in fresh and Path(job.card).is_file():
             assert job.task is not None and job.config_hash is not None  # set by expand()
-            if find_record(results, card_sha256(job.card), job.task, job.config_hash):
+            identity = (card_sha256(job.card), job.task, job.config_hash)
+            if identity not in found:
+                found[identity] = bool(find_record(results, *identity))
+            if found[identity]:
                 job.skip_reason = "record exists"
         if force and job.stage == "transfer" and "--force" not in job.argv:
             job.argv.append("--force")

@@ -1,6 +1,6 @@
 """Running a sweep's jobs: submitit executors (Slurm job arrays, local workers, the debug executor) and the
-:class:`Sweep` scheduler, which orders transfer jobs after their card's job and records every job in
-``jobs.json``."""
+:class:`Sweep` scheduler, which orders transfer jobs after their card's job (a grid task's own job also after
+its grid points' jobs) and records every job in ``jobs.json``."""
 
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ class Sweep:
     handles: dict[str, Any] = field(default_factory=dict)  # key -> submitit job
     states: dict[str, str] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # key -> the last error line or why it was not run
+    poll_s: float = 0.2  # the local scheduler's pause between looks at its jobs
 
     def failures(self) -> str:
         """``N job(s) failed: key (its last error line); ...``, or "" when none failed or was cancelled."""
@@ -122,7 +123,8 @@ class Sweep:
         return handle
 
     def run_local(self, progress: bool = True) -> None:
-        """At most ``parallel`` jobs at once; a transfer job starts once its card's job is done. Stopped
+        """At most ``parallel`` jobs at once, in the jobs' order; a transfer job starts once its card's job is
+        done, a grid task's own job once its grid points' jobs are done too (else it is cancelled). Stopped
         (KeyboardInterrupt: Ctrl-C, or SIGTERM through :func:`ringbench.cli.sigterm_as_interrupt`), it stops the
         jobs it started with SIGTERM, marks them cancelled and raises KeyboardInterrupt again."""
         todo = [j for j in self.jobs if not j.skip_reason]
@@ -168,13 +170,12 @@ class Sweep:
     def _schedule(self, todo: list[Job], running: dict[str, Any], progress: bool) -> None:
         while todo or running:
             for job in list(todo):
-                dep = self.states.get(job.depends_on or "", "done" if job.depends_on is None else "pending")
-                if dep == "skipped":  # its card's job was not run now: the card is there or it is not
-                    dep = "done" if Path(job.card).is_file() else "failed"
-                if dep in ("failed", "cancelled"):
+                ready, never = self._ready(job)
+                if never:
                     todo.remove(job)
-                    self._set(job.key, "cancelled", f"no card: its job {job.depends_on} did not make it", progress)
-                elif dep == "done" and len(running) < self.parallel:
+                    write_status(status_file(self.layout, job.key), "cancelled", key=job.key, error=never)
+                    self._set(job.key, "cancelled", never, progress)
+                elif ready and len(running) < self.parallel:
                     todo.remove(job)
                     running[job.key] = self.submit(job)
                     self.save()
@@ -187,24 +188,45 @@ class Sweep:
                 del running[key]
                 state, error = outcome(read_status(status_file(self.layout, key)), getattr(handle, "_process", None))
                 self._set(key, state, error, progress)
-            time.sleep(0.2)
+            time.sleep(self.poll_s)
+
+    def _ready(self, job: Job) -> tuple[bool, str]:
+        """Whether ``job`` may start now, and why it never will ("" while it may): its card's job did not make the
+        card, or one of its grid points' jobs failed or was cancelled."""
+        if job.depends_on is not None:
+            dep = self.states.get(job.depends_on, "pending")
+            if dep == "skipped":  # its card's job was not run now: the card is there or it is not
+                dep = "done" if Path(job.card).is_file() else "failed"
+            if dep in ("failed", "cancelled"):
+                return False, f"no card: its job {job.depends_on} did not make it"
+            if dep != "done":
+                return False, ""
+        states = [self.states.get(key, "pending") for key in job.after]
+        for key, state in zip(job.after, states):
+            if state in ("failed", "cancelled"):
+                return False, f"its grid point job {key} {state}"
+        return all(state in ("done", "skipped") for state in states), ""
 
     def run_slurm(self) -> None:
-        """Slurm job arrays: one per (stage, card's pretraining job, resources), at most
-        ``cluster.array_parallelism`` tasks of an array at once; a transfer array waits (``afterok``)
-        for the pretraining job of its card, and is cancelled if that fails."""
-        groups: dict[tuple[str, str, str], list[Job]] = {}
-        for job in self.jobs:
+        """Slurm job arrays: one per (stage, jobs waited for, resources), at most ``cluster.array_parallelism``
+        tasks of an array at once. An array waits (``afterok``) for the jobs its members need, named by their array
+        task ids (``123_4``): a transfer array for its card's pretraining job, a grid task's own job also for each
+        of its grid points' jobs; it is cancelled if one of them fails (``kill-on-invalid-dep``)."""
+        groups: dict[tuple[str, tuple[str, ...], str], list[Job]] = {}
+        for job in self.jobs:  # a job's needs come before it, so each group's come in earlier groups
             if job.skip_reason:
                 self.states[job.key] = "skipped"
                 continue
-            groups.setdefault((job.stage, job.depends_on or "", repr(job.resources)), []).append(job)
-        for (stage, depends_on, _), members in groups.items():  # pretraining groups come first
+            groups.setdefault((job.stage, tuple(job.needs()), repr(job.resources)), []).append(job)
+        for (stage, needs, _), members in groups.items():  # pretraining groups come first
             executor = make_executor(self.executor, self.layout, members[0].resources, self.plan, stage)
-            maker = self.handles.get(depends_on)
-            if maker is not None:
+            unsubmitted = [k for k in needs if k not in self.handles and self.states.get(k) != "skipped"]
+            if unsubmitted:
+                raise RuntimeError(f"{members[0].key}: submitted before {unsubmitted[0]}, which it waits for")
+            ids = [str(self.handles[k].job_id) for k in needs if k in self.handles]
+            if ids:
                 executor.update_parameters(
-                    slurm_additional_parameters={"dependency": f"afterok:{maker.job_id}", "kill-on-invalid-dep": "yes"}
+                    slurm_additional_parameters={"dependency": "afterok:" + ":".join(ids), "kill-on-invalid-dep": "yes"}
                 )
             with executor.batch():
                 submitted = [(job.key, executor.submit(self._stage_job(job))) for job in members]
@@ -213,9 +235,11 @@ class Sweep:
                 self.states[key] = "pending"
         self.save()
 
-    def wait(self, progress: bool = True, poll_s: float = 2.0) -> None:
+    def wait(self, progress: bool = True, poll_s: float = 2.0, gone_s: float = 30.0) -> None:
         """Until every submitted job is done, failed or gone: read from the jobs' state files and
-        ``squeue`` (submitit's own watcher needs ``sacct``, which clusters without accounting lack)."""
+        ``squeue`` (submitit's own watcher needs ``sacct``, which clusters without accounting lack). A job that
+        left the queue without a word for ``gone_s`` is cancelled; one that never started (Slurm removed it when
+        a job it waits for failed, or it was scancelled) says so in its state file, for ``--status``."""
         gone: dict[str, float] = {}
         while True:
             queue = squeue_states()
@@ -228,8 +252,12 @@ class Sweep:
                 if state in ("done", "failed", "cancelled"):
                     self._set(key, state, status.get("error", ""), progress)
                 elif queued is None:  # left the queue: its state file should say how; give it a moment
-                    if time.monotonic() - gone.setdefault(key, time.monotonic()) > 30:
-                        self._set(key, "cancelled", "left the queue without finishing", progress)
+                    if time.monotonic() - gone.setdefault(key, time.monotonic()) > gone_s:
+                        note = "left the queue without finishing"
+                        if status.get("state", "pending") == "pending":
+                            note = "left the queue without starting (a job it waits for failed, or scancel)"
+                            write_status(status_file(self.layout, key), "cancelled", error=note)
+                        self._set(key, "cancelled", note, progress)
                 else:
                     gone.pop(key, None)
                     if state != self.states.get(key):

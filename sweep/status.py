@@ -43,12 +43,22 @@ def read_jobs_file(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"{path}: damaged, not JSON ({exc}); remove it, then run the sweep again") from exc
     jobs = data.get("jobs") if isinstance(data, dict) else None
-    fields = {"key": str, "skip_reason": str}
-    if not isinstance(jobs, list) or not all(
-        isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in fields.items()) for e in jobs
-    ):
+    if not isinstance(jobs, list) or not all(isinstance(e, dict) and _entry_ok(e) for e in jobs):
         raise UserError(f"{path}: damaged, not a sweep's list of jobs; remove it, then run the sweep again")
     return data
+
+
+def _entry_ok(entry: dict[str, Any]) -> bool:
+    """Whether a ``jobs.json`` entry has the fields it is read for, of their types: ``key``, ``skip_reason``, and
+    where present ``depends_on`` and ``grid_point`` (a key, a name or null) and ``after`` (a list of keys)."""
+    after = entry.get("after", [])
+    return (
+        isinstance(entry.get("key"), str)
+        and isinstance(entry.get("skip_reason"), str)
+        and all(isinstance(entry.get(k), (str, type(None))) for k in ("depends_on", "grid_point"))
+        and isinstance(after, list)
+        and all(isinstance(k, str) for k in after)
+    )
 
 
 def status_rows(layout: Layout) -> list[list[Any]]:

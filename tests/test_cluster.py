@@ -205,3 +205,45 @@ def test_requeued_sweep_job_finishes_with_one_record(tmp_path: Path, capsys) -> 
     status = read_status(status_path)
     assert status["state"] == "done" and status["starts"] == 2, status
     assert len(load_records(tmp_path / "results")) == 1
+
+
+def test_grid_task_job_waits_for_its_point_jobs_on_slurm(tmp_path: Path) -> None:
+    """A grid task's job waits (``afterok`` on its points' array task ids): it runs after its points when they
+    succeed, and Slurm removes it unstarted when one fails (``kill-on-invalid-dep``), which the sweep marks
+    cancelled. The jobs run ``transfer/run.py --list-tasks`` (succeeds) or an unknown task (fails): no grid task
+    is needed in the jobs' processes."""
+    import threading
+
+    from sweep.expand import Job
+    from sweep.jobs import read_status, status_file
+    from sweep.plan import Layout, Resources
+    from sweep.schedule import Sweep
+
+    layout = Layout(tmp_path, tmp_path / "results", tmp_path / "sweeps" / "plan")
+    layout.status_dir.mkdir(parents=True)
+    ok, bad = ["--list-tasks"], ["--task", "no_such_task"]
+    jobs = []
+    for card, argvs in (("good", (ok, ok)), ("bad", (ok, bad))):
+        points = [f"t/{card}/{p}" for p in ("a", "b")]
+        jobs += [Job(key, "transfer", argv, "", Resources()) for key, argv in zip(points, argvs)]
+        jobs.append(Job(f"t/{card}", "transfer", ok, "", Resources(), after=points))
+    cluster = {"partition": _partition(), "array_parallelism": 2, "account": None, "qos": None, "constraint": None}
+    sweep = Sweep(jobs, layout, {"cluster": cluster}, "slurm", "plan")
+    sweep.run_slurm()
+    waiter = threading.Thread(target=sweep.wait, kwargs={"progress": False, "poll_s": 1, "gone_s": 10}, daemon=True)
+    waiter.start()
+    waiter.join(JOB_TIMEOUT_S)
+    if waiter.is_alive():
+        _cancel(list(sweep.handles.values()))
+        pytest.fail(f"the sweep's jobs did not end: {sweep.states}; queue:\n{_run('squeue')}")
+    assert sweep.states == {
+        "t/good/a": "done",
+        "t/good/b": "done",
+        "t/good": "done",
+        "t/bad/a": "done",
+        "t/bad/b": "failed",
+        "t/bad": "cancelled",
+    }, sweep.notes
+    assert read_status(status_file(layout, "t/bad"))["state"] == "cancelled"
+    started = read_status(status_file(layout, "t/good"))["updated"]
+    assert started > max(read_status(status_file(layout, f"t/good/{p}"))["updated"] for p in "ab")
