@@ -31,6 +31,7 @@ from transfer.resolve import flag_argv, task_config, task_grid_points
 OWNED_TASK_FLAGS = (
     "backbone", "task", "name", "results", "output_dir", "cache_dir", "device", "force", "list_tasks",
     "print_config", "readme", "debug", "num_gpus", "num_machines", "machine_rank", "dist_url", "grid_point",
+    "keep_grid_points",
 )  # fmt: skip
 OWNED_PRETRAIN_FLAGS = ("--config", "--out", "--workdir", "--device", "--seed", "--fresh", "--print-config")
 CARD_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".pkl")  # what transfer/run.py reads as a card or checkpoint
@@ -283,6 +284,8 @@ def mark_existing(jobs: list[Job], results: Path, force: bool = False) -> None:
                 job.skip_reason = "record exists"
         if force and job.stage == "transfer" and "--force" not in job.argv:
             job.argv.append("--force")
+            if job.after:  # its points were just run again by their own jobs: rewrite the record from them
+                job.argv.append("--keep-grid-points")
 
 
 @functools.lru_cache(maxsize=4096)

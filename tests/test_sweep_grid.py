@@ -112,7 +112,7 @@ def test_keys_sharing_a_state_file_are_refused(work):
 
 def test_point_jobs_are_skipped_with_their_tasks_record(work, monkeypatch):
     """A task's record there: its point jobs are not run either (the lookup made once per record); --force runs
-    them all again."""
+    them all again, and the task's job then reuses the points its point jobs just made (--keep-grid-points)."""
     from ringbench import store
 
     ring = expand_module.card_sha256(work / "cards" / "ring.pth")
@@ -132,6 +132,9 @@ def test_point_jobs_are_skipped_with_their_tasks_record(work, monkeypatch):
     jobs = _expand(work)
     mark_existing(jobs, _layout(work).results, force=True)
     assert not any(j.skip_reason for j in jobs) and jobs[0].argv[-3:] == ["--grid-point", "c0.1", "--force"]
+    task_job = next(j for j in jobs if j.key == "grid_toy/ring")
+    assert task_job.argv[-2:] == ["--force", "--keep-grid-points"]
+    assert "--keep-grid-points" not in jobs[0].argv
 
 
 def test_dry_run_lists_point_jobs(work, capsys):

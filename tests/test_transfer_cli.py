@@ -61,3 +61,10 @@ def test_grid_point_needs_a_task_with_a_grid(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--grid-point: task fewshot_digits searches no grid" in err
     assert not list(tmp_path.glob("fewshot_digits/*.json")), "nothing written on bad input"
+
+
+def test_keep_grid_points_needs_a_task_with_a_grid(tmp_path, capsys):
+    card = write_card(tmp_path / "c.pth")
+    argv = ["--backbone", str(card), "--task", "fewshot_digits", "--keep-grid-points", "--results", str(tmp_path)]
+    assert run_main(main, argv) == 2
+    assert "--keep-grid-points: task fewshot_digits searches no grid" in capsys.readouterr().err

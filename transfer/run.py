@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tasks that search a grid (finetune_*): run this point only and write no record (a sweep runs each "
         "point as its own job; the task's run without it reuses the finished points); --print-config lists them",
     )
+    parser.add_argument(
+        "--keep-grid-points",
+        action="store_true",
+        help="with --force on a task that searches a grid: write the record again but reuse the points' finished "
+        "results (a sweep's task job, after its points' own --force jobs)",
+    )
     parser.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
     parser.add_argument(
         "--print-config",
@@ -214,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if task.grid_points is not None:
             print("grid points (--grid-point): " + " ".join(task.grid_points(config)))
         return 0
-    check_grid_point(task, config, args.grid_point)
+    check_grid_point(task, config, args.grid_point, args.keep_grid_points)
     existing = existing_record(args, backbone.sha256, config)
     if existing and not args.force:
         print(
@@ -239,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tensorboard=not args.no_tensorboard,
         launch=launch,
         grid_point=args.grid_point,
+        keep_grid_points=args.keep_grid_points,
     )
     check_writable_dir(ctx.output_dir, "--output-dir")
     check_writable_dir(args.results / task.name, "--results")
@@ -284,8 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def check_grid_point(task, config: dict, point: str | None) -> None:
-    """``--grid-point`` only for a task with a grid, and only one of its points (else a one-line error)."""
+def check_grid_point(task, config: dict, point: str | None, keep: bool = False) -> None:
+    """``--grid-point`` (one of its points) and ``--keep-grid-points`` only for a task with a grid (else a one-line
+    error)."""
+    if task.grid_points is None and keep:
+        raise UserError(f"--keep-grid-points: task {task.name} searches no grid")
     if point is None:
         return
     if task.grid_points is None:

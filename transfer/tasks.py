@@ -18,7 +18,9 @@ Contract, used by ``transfer/run.py``:
 * Optional: ``grid_points(config) -> [name, ...]``: a task that searches a grid (fine-tuning's learning rate x
   weight decay) names its points. ``transfer/run.py --grid-point NAME`` runs one point alone (``ctx.grid_point``;
   no record; a sweep makes one job of each, then the task's own job, which reuses the finished points, chooses
-  and writes the one record). Without ``--grid-point`` the task runs every point itself.
+  and writes the one record). Without ``--grid-point`` the task runs every point itself. ``ctx.force`` runs a point
+  again (its own job, or the task's run without ``--grid-point``); with ``ctx.keep_grid_points`` too the task's run
+  reuses finished points (a forced sweep's task job, after its forced point jobs).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class TaskContext:
     tensorboard: bool = True  # tasks that train (Detectron2) write TensorBoard events; --no-tensorboard: not
     launch: Any = None  # multi-process families (Detectron2): the resolved launch (transfer.d2.launch.Launch)
     grid_point: str | None = None  # --grid-point: run this point of the task's grid only (Task.grid_points)
+    keep_grid_points: bool = False  # --keep-grid-points: with force, reuse the finished points, redo the rest
 
     @property
     def feature_cache_dir(self) -> Path:
