@@ -140,6 +140,9 @@ def test_a_killed_training_resumes_to_the_same_weights(tmp_path, twin_card):
     config = _config(*TINY, "--finetune-steps", "3", "--finetune-checkpoint-every", "2")
     whole, info = _train(backbone, config, tmp_path / "whole")
     assert info["resumed_from_step"] == 0 and (tmp_path / "whole" / "checkpoint.pth").exists()
+    # 6 training images (2 of 8 held out), batches of 4: 2 steps per epoch, momentum min(10 / 2, 0.1) = 0.1
+    assert info["steps_per_epoch"] == 2 and whole.backbone.bn1.momentum == pytest.approx(0.1)
+    assert not torch.equal(whole.backbone.bn1.running_mean.cpu(), backbone.state_dict["bn1.running_mean"])
 
     with pytest.raises(KeyboardInterrupt):
         _train(backbone, config, tmp_path / "killed", after_step=_kill_at(2))
@@ -190,3 +193,42 @@ def test_grid_point_jobs_then_the_task_s_run_through_main(tmp_path, twin_card, c
     assert "lr0.1_wd0 test top-1 accuracy" in capsys.readouterr().err
     with pytest.raises(UserError, match="--finetune-val-fraction: not used"):
         main(["--backbone", str(card), "--task", "finetune_dtd", "--finetune-val-fraction", "0.1"])
+
+
+def test_voc2007_is_multi_label_and_frozen_batch_norm_keeps_the_card_s_statistics(tmp_path, twin_card):
+    from PIL import Image
+
+    from tests.test_voc07 import write_voc2007
+    from transfer.checkpoints import load_backbone
+    from transfer.finetune_train import _criterion, read_checkpoint
+    from transfer.voc07 import DIFFICULT, NEGATIVE, POSITIVE
+
+    ids = {s: [f"{s[:2]}{i:04d}" for i in range(20)] for s in ("train", "val", "test")}
+    matrix = np.full((20, 20), NEGATIVE, dtype=np.int8)
+    matrix[np.arange(20), np.arange(20)] = POSITIVE
+    matrix[np.arange(20), (np.arange(20) + 1) % 20] = DIFFICULT
+    write_voc2007(tmp_path / "data", ids, dict.fromkeys(ids, matrix))
+    rng = np.random.default_rng(0)
+    for names in ids.values():
+        for i in names:
+            image = Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8))
+            image.save(tmp_path / "data" / "VOCdevkit" / "VOC2007" / "JPEGImages" / f"{i}.jpg")
+    task = get_task("finetune_voc2007")
+    flags = [*TINY[:6], "--finetune-workers", "0", "--finetune-steps", "1", "--finetune-lrs", "0.01"]
+    args = family_args(add_finetune_arguments, "--data-root", str(tmp_path / "data"), *flags,
+                       "--finetune-wds", "0", "--finetune-batch-norm", "frozen")  # fmt: skip
+    config = task.make_config(args)
+    assert config["validation"] == "creators" and config["metric"] == "map11" and config["val_fraction"] is None
+    backbone = load_backbone(twin_card[0])
+    task.validate(backbone, config)
+    result = task.run(backbone, config, TaskContext(output_dir=tmp_path / "run", debug=True))
+    assert set(result.metrics) == {"map11"} and 0 <= result.metrics["map11"] <= 100
+    assert result.metrics["map11"] == pytest.approx(np.mean([*result.extra["ap"].values()]))
+    assert "per_episode" not in result.extra and result.extra["train_images"] == 20
+    assert [row["point"] for row in result.extra["grid"]] == ["lr0.01_wd0"]
+    weights = read_checkpoint(tmp_path / "run" / "final" / "lr0.01_wd0" / "checkpoint.pth")["model"]
+    assert torch.equal(weights["backbone.bn1.running_mean"], backbone.state_dict["bn1.running_mean"])
+    assert not torch.equal(weights["backbone.conv1.weight"], backbone.state_dict["conv1.weight"])
+    out, labels = torch.zeros(2, 20), torch.as_tensor(matrix[:2])
+    reference = torch.nn.functional.binary_cross_entropy_with_logits(out, (labels == POSITIVE).float())
+    assert _criterion(True)(out, labels) == reference  # difficult (0) is a negative, as ssl-transfer's target == 1
