@@ -1,5 +1,5 @@
-"""Full fine-tuning as Kornblith et al. 2019 ("Do Better ImageNet Models Transfer Better?", CVPR, section 3 and
-appendix A.3), as implemented in ``linusericsson/ssl-transfer``'s ``finetune.py`` (Ericsson et al. 2021).
+"""Full fine-tuning as Kornblith et al. 2019 ("Do Better ImageNet Models Transfer Better?", CVPR; its fine-tuning
+setup), as implemented in ``linusericsson/ssl-transfer``'s ``finetune.py`` (Ericsson et al., CVPR 2021).
 
 Tasks ``finetune_<name>`` for the data sets of ``transfer.battery_data.BATTERY`` and ``finetune_synthetic`` (the
 embedded shapes; nothing on disk). For each point of the grid (learning rate x weight decay,
@@ -57,7 +57,7 @@ BATCH_NORM_MODES = {
     "ssl-transfer's model.train()",
     "frozen": "BatchNorm in eval mode: the card's running statistics, kept; its scale and shift still trained",
 }
-TWIN = {"steps": 40, "image_size": 32, "workers": 0}  # finetune_synthetic's defaults (CPU-sized)
+TWIN = {"steps": 10, "image_size": 16, "workers": 0}  # finetune_synthetic's defaults (CPU-sized)
 
 
 @dataclass
@@ -331,10 +331,9 @@ def make_finetune_task(spec: BatterySet) -> Task:
         unused.append("finetune_val_fraction")
     description = (
         f"Kornblith et al. 2019 fine-tuning grid on the synthetic shapes (embedded; {TWIN['image_size']} px, "
-        f"{TWIN['steps']} steps per training by default)"
+        f"{TWIN['steps']} steps)"
         if twin
-        else f"Kornblith et al. 2019 fine-tuning on {spec.title} ({METRICS[spec.metric][2]}; --data-root; "
-        "one job per grid point with --grid-point)"
+        else f"Kornblith et al. 2019 fine-tuning on {spec.title} ({METRICS[spec.metric][2]}; --data-root)"
     )
     return Task(
         name=task_name,

@@ -1,6 +1,6 @@
 """The fine-tuning protocol's pure parts: the grid, the choice rule, the schedules, the data order and the
 training augmentation's random draws (Kornblith et al. 2019, "Do Better ImageNet Models Transfer Better?",
-CVPR, section 3 and appendix A.3 "Fine-tuning"; as implemented in ``linusericsson/ssl-transfer``'s
+CVPR, its fine-tuning setup; as implemented in ``linusericsson/ssl-transfer``'s
 ``finetune.py``). The tasks that use them are :mod:`transfer.finetune`; the protocol is docs/finetune.md.
 
 Everything here is a function of its arguments (no global random state), so that a run killed and started
@@ -89,8 +89,7 @@ def bn_momentum(steps_per_epoch: int) -> float:
     ``m = 1 - d = min(10 / s, 0.1)``: 0.1 (PyTorch's default) for up to 100 steps per epoch, smaller above."""
     if steps_per_epoch < 1:
         raise ValueError("steps per epoch must be >= 1")
-    decay = max(1.0 - 10.0 / steps_per_epoch, 0.9)
-    return 1.0 - decay
+    return min(10.0 / steps_per_epoch, 0.1)  # = 1 - max(1 - 10 / s, 0.9), without 1 - 0.9's rounding
 
 
 def steps_per_epoch(images: int, batch_size: int) -> int:
