@@ -232,3 +232,74 @@ def test_voc2007_is_multi_label_and_frozen_batch_norm_keeps_the_card_s_statistic
     out, labels = torch.zeros(2, 20), torch.as_tensor(matrix[:2])
     reference = torch.nn.functional.binary_cross_entropy_with_logits(out, (labels == POSITIVE).float())
     assert _criterion(True)(out, labels) == reference  # difficult (0) is a negative, as ssl-transfer's target == 1
+
+
+def test_a_damaged_point_result_is_one_line_naming_force(tmp_path, twin_card):
+    from transfer.checkpoints import load_backbone
+
+    task = get_task("finetune_synthetic")
+    config = _config(*TINY, "--finetune-lrs", "0.1", "--finetune-wds", "0")
+    folder = tmp_path / "run" / "points" / "lr0.1_wd0"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text('{"point": "lr0.1_wd0", "lr": 0.1')
+    ctx = TaskContext(output_dir=tmp_path / "run", debug=True, grid_point="lr0.1_wd0")
+    with pytest.raises(UserError, match=r"result\.json: damaged grid-point result.*--force") as err:
+        task.run(load_backbone(twin_card[0]), config, ctx)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_loader_processes_draw_the_same_batches(tmp_path, twin_card):
+    from transfer.checkpoints import load_backbone
+
+    backbone = load_backbone(twin_card[0])
+    weights = []
+    for workers in ("0", "2"):
+        config = _config(*TINY, "--finetune-steps", "3", "--finetune-workers", workers)
+        model, _ = _train(backbone, config, tmp_path / workers)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.slow
+def test_a_job_killed_by_sigkill_resumes_through_main(tmp_path, twin_card):
+    """transfer/run.py in a subprocess, killed (SIGKILL) once a point's checkpoint exists, started again: the same
+    validation metric, refit weights and record as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO
+    from transfer.finetune_train import read_checkpoint
+
+    def argv(out: Path) -> list[str]:
+        return [sys.executable, "transfer/run.py", "--backbone", str(twin_card[0]), "--task", "finetune_synthetic",
+                "--results", str(out / "results"), "--output-dir", str(out / "runs"), "--cache-dir", str(out / "c"),
+                "--device", "cpu", "--debug", *TINY, "--finetune-steps", "30",
+                "--finetune-checkpoint-every", "1", "--finetune-lrs", "0.1", "--finetune-wds", "0"]  # fmt: skip
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(argv(tmp_path / "killed"), cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "killed").rglob("points/*/checkpoint.pth")) and time.monotonic() < deadline:
+        assert job.poll() is None, "the job ended before its first checkpoint"
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert not list((tmp_path / "killed").rglob("result.json"))
+    for out in (tmp_path / "killed", tmp_path / "whole"):
+        done = subprocess.run(argv(out), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    (resumed,) = (tmp_path / "killed").rglob("points/*/result.json")
+    (whole,) = (tmp_path / "whole").rglob("points/*/result.json")
+    assert json.loads(resumed.read_text())["resumed_from_step"] > 0
+    assert json.loads(resumed.read_text())["val"] == json.loads(whole.read_text())["val"]
+    finals = [read_checkpoint(next(out.rglob("final/*/checkpoint.pth")))["model"] for out in (tmp_path / "killed",
+              tmp_path / "whole")]  # fmt: skip
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    records = [json.loads(next((out / "results").rglob("*.json")).read_text()) for out in (tmp_path / "killed",
+               tmp_path / "whole")]  # fmt: skip
+    assert records[0]["metrics"] == records[1]["metrics"]
+    assert records[0]["extra"]["per_episode"] == records[1]["extra"]["per_episode"]

@@ -160,13 +160,17 @@ def point_folder(ctx: TaskContext, point: GridPoint) -> Path:
     return Path(ctx.output_dir) / "points" / point.name
 
 
+REQUIRED_KEYS = ("point", "lr", "wd", "weight_decay", "val", "steps_per_epoch", "bn_momentum", "train_seconds")
+
+
 def read_point_result(path: Path) -> dict[str, Any]:
+    """A finished point's ``result.json``; a damaged one is one line naming ``--force``."""
     try:
         row = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: damaged grid-point result ({type(exc).__name__}); {FORCE_HINT}") from None
-    if not isinstance(row, dict) or not all(k in row for k in ("point", "lr", "wd", "val")):
-        raise UserError(f"{path}: damaged grid-point result (no point, lr, wd, val); {FORCE_HINT}")
+    if not isinstance(row, dict) or not all(k in row for k in REQUIRED_KEYS):
+        raise UserError(f"{path}: damaged grid-point result (not all of {', '.join(REQUIRED_KEYS)}); {FORCE_HINT}")
     return row
 
 
