@@ -246,6 +246,9 @@ def test_a_damaged_point_result_is_one_line_naming_force(tmp_path, twin_card):
     with pytest.raises(UserError, match=r"result\.json: damaged grid-point result.*--force") as err:
         task.run(load_backbone(twin_card[0]), config, ctx)
     assert "\n" not in str(err.value)
+    ctx.grid_point = "lr0.2_wd0"
+    with pytest.raises(UserError, match="not a point of finetune_synthetic's grid"):
+        task.run(load_backbone(twin_card[0]), config, ctx)
 
 
 @pytest.mark.slow

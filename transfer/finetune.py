@@ -219,6 +219,8 @@ def run_task(spec: BatterySet, backbone: Any, config: dict[str, Any], ctx: TaskC
     points = {p.name: p for p in expand_grid(config["lrs"], config["wds"])}
     metric_name, words = METRICS[config["metric"]][1:]
     if ctx.grid_point is not None:
+        if ctx.grid_point not in points:
+            raise UserError(f"--grid-point {ctx.grid_point!r}: not a point of {task_name}'s grid ({', '.join(points)})")
         row = run_point(backbone, config, ctx, data, points[ctx.grid_point], task_name)
         return TaskResult(metrics={f"val_{metric_name}": row["val"]}, extra=row, write_record=False)
     rows = [run_point(backbone, config, ctx, data, p, task_name) for p in points.values()]
