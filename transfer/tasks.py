@@ -39,6 +39,7 @@ from ringbench.errors import UserError
 _TASK_MODULES: dict[str, tuple[str, ...]] = {
     "transfer.d2.tasks": ("detectron2", "fvcore", "pycocotools"),
     "transfer.fewshot": (),
+    "transfer.finetune": (),
     "transfer.knn": (),
     "transfer.linear": (),
     "transfer.svm": (),
