@@ -191,6 +191,10 @@ def test_grid_point_jobs_then_the_task_s_run_through_main(tmp_path, twin_card, c
     assert np.mean(samples) == pytest.approx(record["metrics"]["acc"])
     assert extra["steps"] == 2 and record["config"]["lrs"] == [0.1, 0.01] and record["family"] == "finetune"
     assert "lr0.1_wd0 test top-1 accuracy" in capsys.readouterr().err
+    # a forced sweep: the point jobs ran again with --force; its task job rewrites the record and keeps them
+    assert main([*common, "--force", "--keep-grid-points"]) == 0
+    assert point.stat().st_mtime_ns == before
+    assert json.loads(path.read_text())["extra"]["grid_reused"] == ["lr0.1_wd0", "lr0.01_wd0"]
     with pytest.raises(UserError, match="--finetune-val-fraction: not used"):
         main(["--backbone", str(card), "--task", "finetune_dtd", "--finetune-val-fraction", "0.1"])
 

@@ -178,11 +178,12 @@ def run_point(
     backbone: Any, config: dict[str, Any], ctx: TaskContext, data: Data, point: GridPoint, task_name: str
 ) -> dict[str, Any]:
     """One grid point: train on train, score on validation, write ``points/<name>/result.json`` (then its
-    checkpoint goes: the result is what is reused). A finished point is read back, not trained again."""
+    checkpoint goes: the result is what is reused). A finished point is read back, not trained again, unless
+    ``--force`` without ``--keep-grid-points`` (a forced sweep's task job keeps what its forced point jobs made)."""
     folder = point_folder(ctx, point)
     result = folder / "result.json"
     with folder_lock(folder, f"grid point {point.name}"):
-        if ctx.force:
+        if ctx.force and not ctx.keep_grid_points:
             result.unlink(missing_ok=True)
         elif result.exists():
             return {**read_point_result(result), "reused": True}
