@@ -94,6 +94,19 @@ def test_the_default_grid_is_ssl_transfer_s():
             _config(*flags)
 
 
+def test_loader_processes_and_checkpoint_interval_are_not_the_record_s_identity():
+    """They change how a run goes, not its weights (test_loader_processes_draw_the_same_batches): ctx.options, so a
+    sweep's point jobs and its task job agree on the identity whatever each machine's loader count."""
+    from transfer.resolve import task_config
+
+    plain = task_config("finetune_synthetic", {})
+    assert task_config("finetune_synthetic", {"finetune_workers": 3, "finetune_checkpoint_every": 7}) == plain
+    assert task_config("finetune_synthetic", {"finetune_steps": 3})[1] != plain[1]
+    args = family_args(add_finetune_arguments, "--finetune-workers", "3", "--finetune-checkpoint-every", "7")
+    assert get_task("finetune_dtd").make_options(args) == {"workers": 3, "checkpoint_every": 7}
+    assert get_task("finetune_synthetic").make_options(family_args(add_finetune_arguments))["workers"] == 0
+
+
 def test_the_choice_rule_and_its_ties():
     def table(values):
         return [{"point": f"p{i}", "lr": lr, "wd": wd, "val": v} for i, (lr, wd, v) in enumerate(values)]
@@ -119,9 +132,9 @@ def test_data_order_and_crops_are_functions_of_the_step():
         assert CROP_SCALE[0] * 1200 * 0.9 <= w * h and CROP_RATIO[0] * 0.8 <= w / h <= CROP_RATIO[1] * 1.2
 
 
-def _train(backbone, config, folder: Path, **kw):
+def _train(backbone, config, folder: Path, options: dict | None = None, **kw):
     data = read_data(SYNTHETIC, config, "finetune_synthetic")
-    ctx = TaskContext(output_dir=folder, debug=True, force=kw.pop("force", False))
+    ctx = TaskContext(output_dir=folder, debug=True, force=kw.pop("force", False), options=options or {})
     return finetune(backbone, len(data.classes), data.train, 0.05, 1e-3, config, folder, ctx, "t", **kw)
 
 
@@ -137,16 +150,17 @@ def test_a_killed_training_resumes_to_the_same_weights(tmp_path, twin_card):
     from transfer.checkpoints import load_backbone
 
     backbone = load_backbone(twin_card[0])
-    config = _config(*TINY, "--finetune-steps", "3", "--finetune-checkpoint-every", "2")
-    whole, info = _train(backbone, config, tmp_path / "whole")
+    config = _config(*TINY, "--finetune-steps", "3")
+    every = {"checkpoint_every": 2}
+    whole, info = _train(backbone, config, tmp_path / "whole", every)
     assert info["resumed_from_step"] == 0 and (tmp_path / "whole" / "checkpoint.pth").exists()
     # 6 training images (2 of 8 held out), batches of 4: 2 steps per epoch, momentum min(10 / 2, 0.1) = 0.1
     assert info["steps_per_epoch"] == 2 and whole.backbone.bn1.momentum == pytest.approx(0.1)
     assert not torch.equal(whole.backbone.bn1.running_mean.cpu(), backbone.state_dict["bn1.running_mean"])
 
     with pytest.raises(KeyboardInterrupt):
-        _train(backbone, config, tmp_path / "killed", after_step=_kill_at(2))
-    resumed, info = _train(backbone, config, tmp_path / "killed")
+        _train(backbone, config, tmp_path / "killed", every, after_step=_kill_at(2))
+    resumed, info = _train(backbone, config, tmp_path / "killed", every)
     assert info["resumed_from_step"] == 2
     a, b = whole.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -261,9 +275,9 @@ def test_loader_processes_draw_the_same_batches(tmp_path, twin_card):
 
     backbone = load_backbone(twin_card[0])
     weights = []
-    for workers in ("0", "2"):
-        config = _config(*TINY, "--finetune-steps", "3", "--finetune-workers", workers)
-        model, _ = _train(backbone, config, tmp_path / workers)
+    config = _config(*TINY, "--finetune-steps", "3")
+    for workers in (0, 2):
+        model, _ = _train(backbone, config, tmp_path / str(workers), {"workers": workers})
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 

@@ -47,7 +47,7 @@ from transfer.finetune_protocol import (
     expand_grid,
     parse_values,
 )
-from transfer.finetune_train import FORCE_HINT, Pool, finetune, pool_of, predict, score
+from transfer.finetune_train import CHECKPOINT_EVERY, FORCE_HINT, Pool, finetune, pool_of, predict, score
 from transfer.kornblith_protocol import KORNBLITH_IMAGE_SIZE, METRICS, RESIZE, per_image_values
 from transfer.linear import DATA_ROOT_ENV, data_root_setting, stratified_holdout, synthetic_setting
 from transfer.tasks import Task, TaskContext, TaskResult, register
@@ -99,10 +99,19 @@ class FinetuneSettings:
         default=10, metadata={"help": "finetune_synthetic: test images per class", "range": (1, None)}
     )
     finetune_workers: Optional[int] = field(
-        default=None, metadata={"help": "data-loading processes (default 8; 0 for the twin)", "range": (0, None)}
+        default=None,
+        metadata={
+            "help": "data-loading processes (default 8; 0 for the twin); the same weights with any number, so "
+            "not part of the record's identity",
+            "range": (0, None),
+        },
     )
     finetune_checkpoint_every: int = field(
-        default=500, metadata={"help": "steps between checkpoints (and one at the end)", "range": (1, None)}
+        default=CHECKPOINT_EVERY,
+        metadata={
+            "help": "steps between checkpoints (and one at the end); not part of the record's identity",
+            "range": (1, None),
+        },
     )
 
 
@@ -305,10 +314,7 @@ def make_config(spec: BatterySet, settings: dict[str, Any], root: str | None) ->
         "val_fraction": settings["finetune_val_fraction"] if spec.validation == "train_fraction" else None,
         "seed": settings["finetune_seed"],
         "metric": spec.metric,
-        "workers": settings["finetune_workers"] if settings["finetune_workers"] is not None else
-                   (TWIN["workers"] if twin else 8),
-        "checkpoint_every": settings["finetune_checkpoint_every"],
-    }  # fmt: skip
+    }
     if twin:
         config["synthetic"] = synthetic_setting(settings, "finetune")
     else:
@@ -326,6 +332,15 @@ def make_finetune_task(spec: BatterySet) -> Task:
     def validate(backbone: Any, config: dict[str, Any]) -> None:
         if not twin:
             read_listing(spec, config, task_name)
+
+    def options(args: argparse.Namespace) -> dict[str, Any]:
+        """How to run, not what: the same weights with any number of loader processes or checkpoints (tested)."""
+        settings = settings_from_args(args, FinetuneSettings)
+        workers = settings["finetune_workers"]
+        return {
+            "workers": workers if workers is not None else (TWIN["workers"] if twin else 8),
+            "checkpoint_every": settings["finetune_checkpoint_every"],
+        }
 
     def run(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> TaskResult:
         return run_task(spec, backbone, config, ctx, task_name)
@@ -354,6 +369,7 @@ def make_finetune_task(spec: BatterySet) -> Task:
         needs_data=not twin,
         unused_flags=tuple(unused),
         grid_points=grid_points,
+        make_options=options,
     )
 
 

@@ -33,6 +33,7 @@ from transfer.tasks import TaskContext
 
 CHECKPOINT_FORMAT = "ringbench-finetune-checkpoint-1"
 FORCE_HINT = "rerun with --force to train it again from the card"
+CHECKPOINT_EVERY = 500  # steps between checkpoints unless --finetune-checkpoint-every (ctx.options) says otherwise
 
 
 @dataclass
@@ -236,7 +237,11 @@ def finetune(
         set_train_mode(model, config["batch_norm"])
         batches = TrainBatches(pool, batch, config["seed"], config["image_size"], backbone.mean, backbone.std)
         loader = torch.utils.data.DataLoader(
-            batches, batch_size=None, sampler=range(start, total), num_workers=config["workers"], pin_memory=cuda
+            batches,
+            batch_size=None,
+            sampler=range(start, total),
+            num_workers=ctx.options.get("workers", 0),
+            pin_memory=cuda,
         )
         bar = tqdm(total=total, initial=start, desc=desc, file=sys.stderr, disable=ctx.debug, leave=False)
         for step, (x, y) in zip(range(start, total), loader):
@@ -252,7 +257,7 @@ def finetune(
             loss.backward()
             optimizer.step()
             done = step + 1
-            if done % config["checkpoint_every"] == 0 or done == total:
+            if done % ctx.options.get("checkpoint_every", CHECKPOINT_EVERY) == 0 or done == total:
                 save(done)
             bar.update(1)
             if after_step is not None:
@@ -274,7 +279,7 @@ def predict(model: nn.Module, pool: Pool, config: dict[str, Any], backbone: Any,
     loader = torch.utils.data.DataLoader(
         TestImages(pool, config["image_size"], backbone.mean, backbone.std),
         batch_size=config["batch_size"],
-        num_workers=config["workers"],
+        num_workers=ctx.options.get("workers", 0),
         pin_memory=cuda,
     )
     model.eval()

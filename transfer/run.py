@@ -246,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         launch=launch,
         grid_point=args.grid_point,
         keep_grid_points=args.keep_grid_points,
+        options=task.make_options(args) if task.make_options else {},
     )
     check_writable_dir(ctx.output_dir, "--output-dir")
     check_writable_dir(args.results / task.name, "--results")

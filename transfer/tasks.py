@@ -15,6 +15,8 @@ Contract, used by ``transfer/run.py``:
 * ``task.run(backbone, config, ctx) -> TaskResult``.
 * Optional: ``describe_config`` (``--print-config``) and ``make_launch`` (several processes or machines:
   the launch goes to ``ctx.launch``, outside the config and so outside the record's identity).
+* Optional: ``make_options(args) -> dict``: settings that change how a run goes but not its result (data-loading
+  processes, the checkpoint interval), in ``ctx.options``: outside the config, so outside the record's identity.
 * Optional: ``grid_points(config) -> [name, ...]``: a task that searches a grid (fine-tuning's learning rate x
   weight decay) names its points. ``transfer/run.py --grid-point NAME`` runs one point alone (``ctx.grid_point``;
   no record; a sweep makes one job of each, then the task's own job, which reuses the finished points, chooses
@@ -81,6 +83,7 @@ class TaskContext:
     launch: Any = None  # multi-process families (Detectron2): the resolved launch (transfer.d2.launch.Launch)
     grid_point: str | None = None  # --grid-point: run this point of the task's grid only (Task.grid_points)
     keep_grid_points: bool = False  # --keep-grid-points: with force, reuse the finished points, redo the rest
+    options: dict[str, Any] = field(default_factory=dict)  # Task.make_options: how to run, not what (no identity)
 
     @property
     def feature_cache_dir(self) -> Path:
@@ -113,6 +116,8 @@ class Task:
     make_launch: Callable[[argparse.Namespace, str], Any] | None = None
     # the names of the points of the grid a config searches, each runnable alone by --grid-point (None: no grid)
     grid_points: Callable[[dict[str, Any]], list[str]] | None = None
+    # settings that change how a run goes but not its result (ctx.options; not in the config)
+    make_options: Callable[[argparse.Namespace], dict[str, Any]] | None = None
 
     @property
     def headline_metrics(self) -> tuple[str, ...]:
