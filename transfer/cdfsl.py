@@ -244,7 +244,12 @@ for _set, _about in CDFSL_SETS.items():
         )
     )
 register(
-    make_task("cdfsl", "cdfsl_all", list(CDFSL_SETS), "BSCD-FSL, all four data sets: each one's and mean accuracy")
+    make_task(
+        "cdfsl",
+        "cdfsl_all",
+        list(CDFSL_SETS),
+        "BSCD-FSL, all four data sets: 5/20/50-shot accuracy of each and their mean (--data-root)",
+    )
 )
 register(
     make_task(
