@@ -4,10 +4,10 @@ on a tiny CIFAR-10 written in its python-batch layout."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
+import zlib
 
 import numpy as np
 import pytest
@@ -32,18 +32,15 @@ CHESTX_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
     "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
 )
-_ENCODED: dict[tuple[str, int], bytes] = {}
 
 
 def _image(path, fmt="JPEG", shade=0):
-    """A tiny image file (6x4, one colour per shade)."""
-    if (fmt, shade) not in _ENCODED:
-        buffer = io.BytesIO()
-        mode = "L" if fmt == "PNG" else "RGB"
-        Image.new(mode, (6, 4), 40 * shade if mode == "L" else (40 * shade, 90, 200 - 30 * shade)).save(buffer, fmt)
-        _ENCODED[fmt, shade] = buffer.getvalue()
+    """A tiny image file (6x4): noise around one colour per shade, so that classes overlap a little."""
+    rng = np.random.default_rng(zlib.crc32(str(path.name).encode()))
+    pixels = np.clip(40 * shade + rng.normal(scale=60, size=(4, 6, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels[..., 0]) if fmt == "PNG" else Image.fromarray(pixels)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(_ENCODED[fmt, shade])
+    image.save(path, fmt)
 
 
 def write_cropdiseases(root, per_class=(5, 5, 5, 5, 5)):
@@ -87,9 +84,10 @@ def write_chestx(root, per_class=(5, 5, 5, 5, 5, 0, 1)):
 
 
 def _one_line_error(reader, root, path):
+    """The reader's error is one line naming the missing ``path`` and the expected layout."""
     with pytest.raises(UserError) as info:
         reader(root)
-    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert str(path) in str(info.value) and "layout" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_image_folder_readers_and_a_symlink_cycle(tmp_path):
@@ -152,7 +150,9 @@ def test_chestx_keeps_the_benchmarks_single_label_classes(tmp_path):
     ]
     loaded = split.load(3)
     assert loaded.size == (256, 256) and loaded.mode == "RGB"  # the loader's resize((256, 256)).convert('RGB')
-    assert np.asarray(loaded)[100, 100].tolist() == [240, 240, 240]
+    with Image.open(tmp_path / "chestX" / "images" / "00006_000.png") as raw:  # grey, resized, then RGB
+        expected = np.asarray(raw.resize((256, 256), Image.BICUBIC))  # type: ignore[attr-defined]
+    assert (np.asarray(loaded) == expected[..., None]).all()
     (tmp_path / "chestX" / "images" / "00002_001.png").unlink()
     _one_line_error(read_chestx, tmp_path, tmp_path / "chestX" / "images" / "00002_001.png")
     (tmp_path / "chestX" / "Data_Entry_2017.csv").unlink()
@@ -221,20 +221,25 @@ def test_cdfsl_all_on_the_four_layouts(card, tmp_path):
     write_isic(tmp_path, (3, 3, 3, 3, 3, 2, 2))
     write_chestx(tmp_path, (3, 3, 3, 3, 3, 2, 2))
     task = get_task("cdfsl_all")
-    config = task.make_config(
-        family_args(add_fewshot_arguments, "--data-root", str(tmp_path), "--cdfsl-shots", "2,1", "--queries", "1",
-                    "--episodes", "4", "--image-size", "8", "--probe", "centroid")
-    )  # fmt: skip
+    argv = ["--data-root", str(tmp_path), "--cdfsl-shots", "2,1", "--queries", "1", "--episodes", "4"]
+    config = task.make_config(family_args(add_fewshot_arguments, *argv, "--image-size", "8", "--probe", "centroid"))
     assert config["probe"] == {"probe": "centroid"} and config["sets"] == ["cropdiseases", "eurosat", "isic", "chestx"]
     backbone = load_backbone(card)
     task.validate(backbone, config)
-    result = task.run(backbone, config, TaskContext(output_dir=tmp_path / "run", cache_dir=tmp_path / "cache"))
+    ctx = TaskContext(output_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
+    result = task.run(backbone, config, ctx)
     for k in (1, 2):
         per_set = [result.metrics[f"{s}/acc_{k}shot"] for s in config["sets"]]
         assert result.metrics[f"acc_{k}shot"] == pytest.approx(np.mean(per_set))
+        intervals = [result.ci95[f"{s}/acc_{k}shot"] for s in config["sets"]]
+        assert result.ci95[f"acc_{k}shot"] == pytest.approx(np.sqrt(np.sum(np.square(intervals))) / 4)
         paired = np.mean([result.extra["per_episode"][f"{s}/acc_{k}shot"] for s in config["sets"]], axis=0)
         np.testing.assert_allclose(result.extra["per_episode"][f"acc_{k}shot"], paired, atol=1e-3)
     assert result.extra["images"] == {"cropdiseases": 15, "eurosat": 15, "isic": 19, "chestx": 19}
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "features").iterdir())
+    assert cached == ["cdfsl_chestx", "cdfsl_cropdiseases", "cdfsl_eurosat", "cdfsl_isic"]  # shared with cdfsl_<set>
+    single = get_task("cdfsl_isic").make_config(family_args(add_fewshot_arguments, *argv, "--image-size", "8"))
+    assert get_task("cdfsl_isic").run(backbone, single, ctx).extra["feature_cache"]["isic"]["hit"]
     config["queries"] = 2  # 2 shots + 2 queries: no class of 3 images has that many
     with pytest.raises(UserError, match=r"cdfsl_all \(cropdiseases\): 5-way 2-shot 2-query episodes need 5 classes"):
         task.validate(backbone, config)

@@ -96,11 +96,14 @@ def _listing(kind: str, name: str, config: dict[str, Any], task: str) -> Listing
 
 
 def open_set(kind: str, name: str, config: dict[str, Any], render_size: int, task: str) -> ImageSet:
-    """The image pool of one data set (``kind``: ``cdfsl``, ``battery`` or ``synthetic``)."""
+    """The image pool of one data set (``kind``: ``cdfsl``, ``battery`` or ``synthetic``), named ``cdfsl_<set>`` or
+    ``fewshot_<set>`` whichever task reads it, so that ``cdfsl_all`` and ``cdfsl_<set>`` share cached features."""
     if kind == "synthetic":
         image_set = synthetic_source(config["synthetic"]["classes"], config["synthetic"]["images"], render_size)
     else:
-        image_set = pooled_image_set(task, _listing(kind, name, config, task))
+        image_set = pooled_image_set(
+            f"{kind if kind == 'cdfsl' else 'fewshot'}_{name}", _listing(kind, name, config, task)
+        )
     return limit_per_class(image_set, config["max_images_per_class"])
 
 
