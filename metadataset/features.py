@@ -18,9 +18,12 @@ written to a temporary name and renamed.
 Images are resized to ``image_size`` squared (no crop, as Meta-Dataset does; ``resize="square"``) or,
 with ``resize="shorter-bicubic-crop"`` (Kornblith et al. 2019's linear evaluation), their shorter side
 to ``image_size`` by bicubic interpolation and then centre-cropped to ``image_size`` squared
-(torchvision's ``Resize(size, BICUBIC)`` + ``CenterCrop(size)``); then normalised with the backbone's
-own mean and std. The resize is part of the key when it is not the default. A corrupt image is
-skipped with a warning and counted.
+(torchvision's ``Resize(size, BICUBIC)`` + ``CenterCrop(size)``), or, with ``resize="scale-1.15-crop"``
+(BSCD-FSL's and ssl-transfer ``few_shot.py``'s test transform, ``Scale`` then ``CenterCrop``), to the square
+``int(1.15 * image_size)`` by bilinear interpolation and then centre-cropped to ``image_size`` squared
+(torchvision's ``Resize([s, s])`` + ``CenterCrop(size)``); then normalised with the backbone's own mean and
+std. The resize is part of the key when it is not the default. A corrupt image is skipped with a warning and
+counted.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +52,8 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump whenever extraction changes what is stored
 POOLINGS = ("avg",)  # the backbone's global average pooling
-RESIZES = ("square", "shorter-bicubic-crop")
+RESIZES = ("square", "shorter-bicubic-crop", "scale-1.15-crop")
+SCALE_BEFORE_CROP = 1.15  # BSCD-FSL: ``Scale([int(1.15 * size)] * 2)`` before ``CenterCrop(size)``
 MAX_WARNINGS = 20
 
 
@@ -151,7 +155,8 @@ def preprocess(
     image: Any, image_size: int, mean: torch.Tensor, std: torch.Tensor, resize: str = "square"
 ) -> torch.Tensor:
     """PIL image -> normalised ``(3, S, S)`` float tensor: bilinear resize to a square, no crop
-    (``square``), or shorter side to ``S`` bicubic then the centre ``S x S`` (``shorter-bicubic-crop``)."""
+    (``square``), or shorter side to ``S`` bicubic then the centre ``S x S`` (``shorter-bicubic-crop``), or
+    bilinear to the square ``int(1.15 S)`` then the centre ``S x S`` (``scale-1.15-crop``)."""
     from PIL import Image
 
     image = image.convert("RGB")
@@ -159,6 +164,13 @@ def preprocess(
         import torchvision.transforms.functional as tf
 
         image = tf.center_crop(tf.resize(image, image_size, tf.InterpolationMode.BICUBIC), [image_size, image_size])
+    elif resize == "scale-1.15-crop":
+        import torchvision.transforms.functional as tf
+
+        scaled = int(image_size * SCALE_BEFORE_CROP)
+        image = tf.center_crop(
+            tf.resize(image, [scaled, scaled], tf.InterpolationMode.BILINEAR), [image_size, image_size]
+        )
     elif image.size != (image_size, image_size):
         # Pillow sets its module-level filter constants with setattr, out of mypy's sight; the
         # typed Image.Resampling needs Pillow >= 9.1 (the project allows 9.0).
@@ -206,9 +218,11 @@ def cached_features(
     batch_size: int = 128,
     progress: bool = True,
     resize: str = "square",
+    build_model: Callable[[str], Any] | None = None,
 ) -> FeatureSet:
     """Features of every image of ``image_set``: from the cache when its key matches, else
-    computed (``backbone.build_model``) and cached. ``resize``: one of :data:`RESIZES` (module docstring)."""
+    computed (``backbone.build_model``, or ``build_model(device)``: one model built once for several image
+    sets) and cached. ``resize``: one of :data:`RESIZES` (module docstring)."""
     if pooling not in POOLINGS:
         raise UserError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}")
     if resize not in RESIZES:
@@ -220,7 +234,7 @@ def cached_features(
     if cached is not None:
         return cached
     start = time.perf_counter()
-    model = backbone.build_model(device)
+    model = (build_model or backbone.build_model)(device)
     cuda = torch.device(device).type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)

@@ -10,6 +10,8 @@
   exact up to float32 rounding).
 * :class:`CentroidProbe`: nearest class mean under cosine similarity (ProtoNet-style).
 * :class:`KNNProbe`: k nearest support examples under cosine similarity, majority vote.
+* :class:`metadataset.sgd_probe.SGDLinearProbe` (``sgd_linear``): BSCD-FSL's frozen-feature baseline, a linear
+  layer trained by SGD on the raw support features, batched over episodes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from metadataset.episode_batch import (
     score_queries,
     stack_padded,
 )
+from metadataset.sgd_probe import SGDLinearProbe
 from ringbench.errors import UserError
 from ringbench.logreg import (
     MASKED_LOGIT,
@@ -248,17 +251,20 @@ class KNNProbe(_PerEpisode):
         return classes[np.argmax(votes + 1e-3 * scores / (k + 1), axis=1)]
 
 
-PROBES = ("logreg", "centroid", "knn")
+PROBES = ("logreg", "centroid", "knn", "sgd_linear")
 
 
 def make_probe(name: str, weight_decay: float | str = "cv", knn_k: int = 1, device: str = "cpu", **kwargs):
-    """Build a probe by name (``logreg``, ``centroid``, ``knn``)."""
+    """Build a probe by name (``logreg``, ``centroid``, ``knn``, ``sgd_linear``); ``weight_decay`` is logreg's
+    (``sgd_linear`` keeps BSCD-FSL's own values, its fields)."""
     if name == "logreg":
         return LogisticRegressionProbe(weight_decay=weight_decay, device=device, **kwargs)
     if name == "centroid":
         return CentroidProbe()
     if name == "knn":
         return KNNProbe(k=knn_k)
+    if name == "sgd_linear":
+        return SGDLinearProbe(device=device)
     raise UserError(f"unknown probe {name!r}; choose one of {list(PROBES)}")
 
 
@@ -270,4 +276,6 @@ def probe_from_config(config: dict[str, Any], device: str = "cpu"):
         return LogisticRegressionProbe(device=device, **cfg)
     if name == "knn":
         return KNNProbe(k=cfg.get("k", 1))
+    if name == "sgd_linear":
+        return SGDLinearProbe(device=device, **cfg)
     return make_probe(name)

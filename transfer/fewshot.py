@@ -34,6 +34,7 @@ MD_ROOT_ENV = "RINGBENCH_MD_ROOT"
 
 
 MAX_EPISODES = 100_000  # Meta-Dataset uses 600; more is a typo, not a protocol
+CDFSL_ONLY_FLAGS = ("cdfsl_shots", "cdfsl_synthetic_images")  # the settings only transfer.cdfsl's tasks read
 
 
 def _help(text: str, low: int | None = None) -> Any:
@@ -86,11 +87,19 @@ class FewShotSettings:
     synthetic_images: int = field(
         default=40, metadata={"help": "fewshot_synthetic: images per class", "range": (2, None)}
     )
+    cdfsl_shots: str = field(
+        default="5,20,50",
+        metadata={"help": "cdfsl_* tasks: comma-separated shots, one metric each (BSCD-FSL: 5,20,50)"},
+    )
+    cdfsl_synthetic_images: int = field(
+        default=65,
+        metadata={"help": "cdfsl_synthetic: images per class (50 shots + 15 queries)", "range": (2, None)},
+    )
 
 
 def add_fewshot_arguments(parser: argparse.ArgumentParser) -> None:
     """The few-shot family's flags (added once to the shared ``transfer/run.py`` parser)."""
-    group = add_schema_flags(parser, FewShotSettings, "few-shot tasks (md_*, fewshot_*)")
+    group = add_schema_flags(parser, FewShotSettings, "few-shot tasks (md_*, fewshot_*, cdfsl_*)")
     if group is None:
         return
     group.add_argument(
@@ -191,7 +200,8 @@ def make_fewshot_task(name: str, sources: list[str], description: str, needs_dat
         primary_metric="acc_avg" if len(sources) > 1 else "acc",
         needs_data=needs_data,
         unused_flags=(() if "synthetic" in sources else ("synthetic_classes", "synthetic_images"))
-        + (() if needs_data else ("md_root", "md_split")),
+        + (() if needs_data else ("md_root", "md_split"))
+        + CDFSL_ONLY_FLAGS,
     )
 
 

@@ -46,6 +46,7 @@ _TASK_MODULES: dict[str, tuple[str, ...]] = {
     "transfer.linear": (),
     "transfer.svm": (),
     "transfer.kornblith": (),
+    "transfer.cdfsl": (),
 }
 
 
