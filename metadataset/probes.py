@@ -9,6 +9,7 @@
   ``D`` when there are fewer support examples than dimensions (``metadataset.episode_batch``:
   exact up to float32 rounding).
 * :class:`CentroidProbe`: nearest class mean under cosine similarity (ProtoNet-style).
+* :class:`ProtoNetProbe`: nearest class mean of the raw features under Euclidean distance (ProtoNet's own rule).
 * :class:`KNNProbe`: k nearest support examples under cosine similarity, majority vote.
 * :class:`metadataset.sgd_probe.SGDLinearProbe` (``sgd_linear``): BSCD-FSL's frozen-feature baseline, a linear
   layer trained by SGD on the raw support features, batched over episodes.
@@ -224,6 +225,27 @@ class CentroidProbe(_PerEpisode):
 
 
 @dataclass
+class ProtoNetProbe(_PerEpisode):
+    """Nearest class mean of the raw features under squared Euclidean distance: Prototypical Networks' rule (Snell
+    et al. 2017, eq. 1-2), which BSCD-FSL's and ssl-transfer's few-shot scripts use on frozen features."""
+
+    name: str = field(default="protonet", init=False)
+
+    def config(self) -> dict[str, Any]:
+        return {"probe": self.name}
+
+    def fit_predict(self, support_x, support_y, query_x) -> np.ndarray:
+        classes, codes = remap_labels(support_y)
+        sx = np.asarray(support_x, dtype=np.float64)
+        prototypes = np.zeros((len(classes), sx.shape[1]), dtype=np.float64)
+        np.add.at(prototypes, codes, sx)
+        prototypes /= np.bincount(codes)[:, None]
+        qx = np.asarray(query_x, dtype=np.float64)
+        # ||q - p||^2 = ||q||^2 - 2 q.p + ||p||^2; ||q||^2 is the same for every class
+        return classes[np.argmin((prototypes**2).sum(1)[None, :] - 2 * qx @ prototypes.T, axis=1)]
+
+
+@dataclass
 class KNNProbe(_PerEpisode):
     """k nearest support examples under cosine similarity; majority vote, ties to the larger
     summed similarity."""
@@ -251,16 +273,18 @@ class KNNProbe(_PerEpisode):
         return classes[np.argmax(votes + 1e-3 * scores / (k + 1), axis=1)]
 
 
-PROBES = ("logreg", "centroid", "knn", "sgd_linear")
+PROBES = ("logreg", "centroid", "protonet", "knn", "sgd_linear")
 
 
 def make_probe(name: str, weight_decay: float | str = "cv", knn_k: int = 1, device: str = "cpu", **kwargs):
-    """Build a probe by name (``logreg``, ``centroid``, ``knn``, ``sgd_linear``); ``weight_decay`` is logreg's
-    (``sgd_linear`` keeps BSCD-FSL's own values, its fields)."""
+    """Build a probe by name (``logreg``, ``centroid``, ``protonet``, ``knn``, ``sgd_linear``); ``weight_decay`` is
+    logreg's (``sgd_linear`` keeps BSCD-FSL's own values, its fields)."""
     if name == "logreg":
         return LogisticRegressionProbe(weight_decay=weight_decay, device=device, **kwargs)
     if name == "centroid":
         return CentroidProbe()
+    if name == "protonet":
+        return ProtoNetProbe()
     if name == "knn":
         return KNNProbe(k=knn_k)
     if name == "sgd_linear":

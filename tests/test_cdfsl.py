@@ -235,6 +235,7 @@ def test_cdfsl_all_on_the_four_layouts(card, tmp_path):
         assert result.ci95[f"acc_{k}shot"] == pytest.approx(np.sqrt(np.sum(np.square(intervals))) / 4)
         paired = np.mean([result.extra["per_episode"][f"{s}/acc_{k}shot"] for s in config["sets"]], axis=0)
         np.testing.assert_allclose(result.extra["per_episode"][f"acc_{k}shot"], paired, atol=1e-3)
+        assert result.extra["aggregates"][f"acc_{k}shot"] == [f"{s}/acc_{k}shot" for s in config["sets"]]
     assert result.extra["images"] == {"cropdiseases": 15, "eurosat": 15, "isic": 19, "chestx": 19}
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "features").iterdir())
     assert cached == ["cdfsl_chestx", "cdfsl_cropdiseases", "cdfsl_eurosat", "cdfsl_isic"]  # shared with cdfsl_<set>

@@ -10,7 +10,7 @@ from sklearn.metrics.pairwise import cosine_similarity
 from sklearn.neighbors import KNeighborsClassifier
 
 from metadataset.episode_batch import episode_cost, gram_factor, pad_batch, plan_chunks
-from metadataset.probes import CentroidProbe, KNNProbe, LogisticRegressionProbe, make_probe
+from metadataset.probes import CentroidProbe, KNNProbe, LogisticRegressionProbe, make_probe, probe_from_config
 from ringbench.errors import UserError
 from ringbench.logreg import l2_normalise, logreg_logits, solve_logreg
 
@@ -130,6 +130,21 @@ def test_centroid_probe_is_cosine_to_class_means():
     means = np.stack([l2_normalise(sx)[sy == c].mean(0) for c in range(5)])
     expected = cosine_similarity(qx, means).argmax(1)
     np.testing.assert_array_equal(CentroidProbe().fit_predict(sx, sy, qx), expected)
+
+
+def test_protonet_probe_is_sklearn_s_nearest_centroid():
+    """Snell et al.'s rule: the nearest class mean of the raw features in Euclidean distance (scikit-learn's
+    NearestCentroid); it differs from the cosine centroid when the features' norms differ."""
+    from sklearn.neighbors import NearestCentroid
+
+    rng = np.random.default_rng(7)
+    sx, sy, qx, _ = _episode(rng)
+    sx = sx * rng.uniform(0.2, 5.0, (len(sx), 1))  # norms that differ: cosine and Euclidean disagree
+    labels = np.array([3, 9, 4, 7, 1])[sy]  # any class ids
+    ref = NearestCentroid().fit(sx, labels).predict(qx)
+    got = probe_from_config(make_probe("protonet").config()).fit_predict(sx, labels, qx)
+    np.testing.assert_array_equal(got, ref)
+    assert (CentroidProbe().fit_predict(sx, labels, qx) != got).any()
 
 
 @pytest.mark.parametrize("k", [1, 3])
