@@ -118,9 +118,15 @@ def test_demo_plan_as_a_user_runs_it(tmp_path):
     assert len(load_records(work / "results")) == 1
 
 
-@pytest.mark.parametrize("plan", sorted((REPO / "configs" / "sweeps").glob("demo*.yaml")), ids=lambda p: p.name)
+EMBEDDED_PLANS = sorted(
+    [*(REPO / "configs" / "sweeps").glob("demo*.yaml"), REPO / "configs/sweeps/transfer_suite_quick.yaml"]
+)
+
+
+@pytest.mark.parametrize("plan", EMBEDDED_PLANS, ids=lambda p: p.name)
 def test_shipped_demo_plans_resolve(plan, tmp_path):
-    """Every shipped demo plan expands: its configs resolve with its flags, its tasks exist and need no data."""
+    """Every shipped plan on the embedded data (the demos, the quick transfer suite) expands: its configs resolve
+    with its flags, its tasks exist and need no data."""
     from transfer.tasks import all_tasks
 
     spec = load_plan(plan)
@@ -134,7 +140,9 @@ def test_shipped_demo_plans_resolve(plan, tmp_path):
         assert resolve_config(build_parser().parse_args(job.argv))["data"]["name"] == "synthetic"
     tasks = all_tasks()
     assert spec["tasks"] and not any(tasks[name].needs_data for name in spec["tasks"])
-    assert len(jobs) == len(pretrain) * (1 + len(spec["tasks"]))
+    points = sum(1 for j in jobs if j.grid_point)  # a grid task's points are jobs of their own, before its job
+    assert len(jobs) == len(pretrain) * (1 + len(spec["tasks"])) + points
+    assert points == (6 if plan.name == "transfer_suite_quick.yaml" else 0)  # 3 cards x finetune's 2 points
 
 
 def test_shipped_example_plan_lists_its_jobs(tmp_path, capsys):
