@@ -71,8 +71,7 @@ def run_processes(fn, world: int, *args) -> None:
 
     Forked, not spawned: the workers start with torch and the test module already imported (seconds
     less). An exception in a worker is raised here; a port taken by another program between its choice
-    and the rendezvous (the machine is shared), or a gloo connection reset by the shared machine's network stack
-    (seen once in a loaded CI run, in DDP's first collective), is retried on another port, twice at most.
+    and the rendezvous (the machine is shared) is retried with another.
     """
     import torch.multiprocessing as mp
 
@@ -83,8 +82,7 @@ def run_processes(fn, world: int, *args) -> None:
             )
             return
         except mp.ProcessRaisedException as error:
-            transient = ("address already in use", "connection reset by peer")
-            if not any(t in str(error).lower() for t in transient) or attempt == 2:
+            if "address already in use" not in str(error).lower() or attempt == 2:
                 raise
 
 

@@ -208,8 +208,17 @@ def _equal_worker(rank: int, world: int, cases: list[str], steps: int, folder: s
 
 
 def _primitives_then_equal_worker(rank: int, world: int, folder: str) -> None:
-    _primitives_worker(rank, world, folder)
-    _equal_worker(rank, world, ["simclr_ring_drawn"], 2, folder)
+    """Both parts in one process group, joined here: the parts' own ``init_from_env`` finds it and their ``leave``
+    keeps it (a caller's group). Leaving and joining again on the same port between the parts raced: a rank
+    could reach the first part's store as rank 0 closed it (seen twice in loaded fresh-clone runs)."""
+    import torch.distributed
+
+    torch.distributed.init_process_group(backend="gloo", timeout=dist.TIMEOUT)
+    try:
+        _primitives_worker(rank, world, folder)
+        _equal_worker(rank, world, ["simclr_ring_drawn"], 2, folder)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _check_equal(tmp_path: Path, cases: list[str], steps: int) -> None:
