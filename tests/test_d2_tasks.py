@@ -154,9 +154,9 @@ def test_syn_task_trains_and_evaluates(card, tmp_path, name, expected):
     lines = [json.loads(line) for line in (seed_dir / "metrics.json").read_text().splitlines()]
     assert lines[-1]["iteration"] == 2 and math.isfinite(lines[-1]["total_loss"])
     assert result.extra["timings"][0]["iters_per_s"] > 0
-    from tests.test_pretrain_train import _scalars
+    from tests.helpers import tensorboard_scalars
 
-    scalars = _scalars(seed_dir)  # Detectron2's TensorboardXWriter, beside metrics.json
+    scalars = tensorboard_scalars(seed_dir)  # Detectron2's TensorboardXWriter, beside metrics.json
     assert scalars["total_loss"][-1] == (2, pytest.approx(lines[-1]["total_loss"], rel=1e-5))
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ringbench.errors import UserError
-from tests.helpers import family_args
+from tests.helpers import family_args, tensorboard_scalars
 from transfer.finetune import SYNTHETIC, FinetuneSettings, add_finetune_arguments, make_config, read_data
 from transfer.finetune_protocol import (
     CROP_RATIO,
@@ -164,6 +164,8 @@ def test_a_killed_training_resumes_to_the_same_weights(tmp_path, twin_card):
     assert info["resumed_from_step"] == 2
     a, b = whole.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    curves = [tensorboard_scalars(tmp_path / run / "tensorboard") for run in ("whole", "killed")]
+    assert curves[0]["train/loss"] == curves[1]["train/loss"] and [p[0] for p in curves[0]["train/lr"]] == [3]
     start = build_classifier(backbone, 2, config["seed"]).state_dict()
     assert not torch.equal(a["head.weight"], start["head.weight"]) and torch.equal(a["head.bias"], b["head.bias"])
 

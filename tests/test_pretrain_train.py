@@ -14,6 +14,7 @@ from pretrain.config import load_config
 from pretrain.methods import build_method
 from ringbench.card import load_card, load_checkpoint_file
 from ringbench.errors import UserError
+from tests.helpers import tensorboard_scalars
 from tests.test_pretrain_methods import one_thread  # noqa: F401  (autouse fixture)
 
 TINY_RUN = [
@@ -58,20 +59,11 @@ def test_card_meta_and_log(tmp_path: Path):
 
     backbone = load_backbone(result.card_path)  # the transfer stage reads it strictly
     assert backbone.stem == "cifar" and backbone.build_model()(torch.zeros(1, 3, 16, 16)).shape == (1, 512)
-    scalars = _scalars(tmp_path / "work")  # TensorBoard events beside the log, the same numbers
+    scalars = tensorboard_scalars(tmp_path / "work")  # TensorBoard events beside the log, the same numbers
     assert [step for step, _ in scalars["train/loss"]] == [1, 2]  # one point per logged step
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([line["loss"] for line in lines if "step" in line])
     assert scalars["ring/kept_share"][0][1] == pytest.approx(0.5 * (1 - 0.25))  # w_outer (1 - w_inner)
     assert {"train/lr", "train/images_per_s", "epoch/loss", "epoch/knn_top1"} <= set(scalars)
-
-
-def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of the TensorBoard event files in ``folder``, read back with TensorBoard's own reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, monkeypatch):
@@ -184,12 +176,3 @@ def test_the_loop_calls_its_hooks_in_order(tmp_path: Path, monkeypatch):
     trainer.train(tiny_cfg("knn.enabled=false"), None, tmp_path / "w", progress=False)
     epoch = lambda e: [f"before_epoch {e}", "step 0", "step 1", f"after_epoch {e}, checkpoint of epoch {e + 1}"]  # noqa: E731
     assert calls == ["before_train", *epoch(0), *epoch(1), "after_train"]
-
-
-def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of the TensorBoard event files in ``folder``, read back with TensorBoard's own reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -33,6 +33,7 @@ from transfer.tasks import TaskContext
 
 CHECKPOINT_FORMAT = "ringbench-finetune-checkpoint-1"
 FORCE_HINT = "rerun with --force to train it again from the card"
+LOG_EVERY = 10  # steps between TensorBoard points (each reads the loss back from the device)
 CHECKPOINT_EVERY = 500  # steps between checkpoints unless --finetune-checkpoint-every (ctx.options) says otherwise
 
 
@@ -244,6 +245,11 @@ def finetune(
             pin_memory=cuda,
         )
         bar = tqdm(total=total, initial=start, desc=desc, file=sys.stderr, disable=ctx.debug, leave=False)
+        writer = None
+        if ctx.tensorboard:  # beside the checkpoint; a resumed run purges the points past it (no doubled curve)
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(folder / "tensorboard"), purge_step=start + 1 if start else None)
         for step, (x, y) in zip(range(start, total), loader):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(lr, step, total)
@@ -257,12 +263,19 @@ def finetune(
             loss.backward()
             optimizer.step()
             done = step + 1
+            if writer is not None and (done % LOG_EVERY == 0 or done == total):
+                writer.add_scalar("train/loss", float(loss), done)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], done)
             if done % ctx.options.get("checkpoint_every", CHECKPOINT_EVERY) == 0 or done == total:
+                if writer is not None:
+                    writer.flush()  # the events up to the checkpoint are on disk with it
                 save(done)
             bar.update(1)
             if after_step is not None:
                 after_step(done)
         bar.close()
+        if writer is not None:
+            writer.close()
     info = {
         "steps_per_epoch": per_epoch,
         "bn_momentum": momentum,

@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-tensorboard",
         action="store_true",
-        help="tasks that train (Detectron2) write no TensorBoard event files (written into their output folder)",
+        help="tasks that train (Detectron2, fine-tuning) write no TensorBoard event files (written into their output "
+        "folder)",
     )
     parser.add_argument(
         "--grid-point",
