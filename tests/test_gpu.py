@@ -4,7 +4,8 @@ Skipped where CUDA is absent and never part of ``make test``'s selection. What i
 method two steps on CUDA with AMP and channels-last, its card loading on the CPU with the same features; the
 ring on CUDA against the CPU (same members, values to 1e-5, also under autocast); DDP over NCCL in one
 process, with SimCLR's SyncBatchNorm and MoCo's shuffle-BN; Detectron2's synthetic tasks on CUDA, in this
-process and through the launcher; the few-shot probes and the many-shot linear task on CUDA against the CPU.
+process and through the launcher; the few-shot probes, the many-shot linear task and cross-domain few-shot on CUDA
+against the CPU; fine-tuning in bf16 with its CUDA generator checkpointed.
 
 ``RINGBENCH_GPU_TEST_DEVICE=cpu`` runs the same tests on the CPU (AMP and channels-last then stay off, as the
 trainer rules): a check of the tests themselves on a machine without a GPU.
@@ -180,3 +181,32 @@ def test_the_linear_tasks_on_the_device_match_the_cpu(tmp_path, small_card, task
     here = _transfer(tmp_path, small_card, task, DEVICE)
     cpu = _transfer(tmp_path, small_card, task, "cpu")
     assert abs(here["metrics"]["acc"] - cpu["metrics"]["acc"]) <= 0.5
+
+
+def test_cross_domain_few_shot_on_the_device_as_on_the_cpu(tmp_path, small_card):
+    """BSCD-FSL's twin: ProtoNet's rule predicts alike; the support-set SGD baseline (seeded from each episode's
+    support features, which differ in their last bits between devices) scores alike on average."""
+    for probe, tolerance in (("protonet", 0.0), ("sgd_linear", 3.0)):
+        flags = ("--probe", probe, "--episodes", "100", "--cdfsl-shots", "5,20", "--cdfsl-synthetic-images", "35")
+        here = _transfer(tmp_path / probe, small_card, "cdfsl_synthetic", DEVICE, *flags)
+        cpu = _transfer(tmp_path / probe, small_card, "cdfsl_synthetic", "cpu", *flags)
+        for metric in ("acc_5shot", "acc_20shot"):
+            a, b = torch.tensor(here["extra"]["per_episode"][metric]), torch.tensor(cpu["extra"]["per_episode"][metric])
+            assert len(a) == len(b) == 100
+            if tolerance:
+                assert abs(here["metrics"][metric] - cpu["metrics"][metric]) <= tolerance, (probe, metric)
+            else:
+                assert (a == b).float().mean() >= 0.99, (probe, metric)
+
+
+def test_fine_tuning_trains_on_the_device_in_bf16_and_checkpoints_its_generator(tmp_path, small_card):
+    """finetune_synthetic on the device (bf16 autocast and channels-last on CUDA): two grid points, the refit and
+    the test; the refit's checkpoint holds the CUDA generator's state, so a requeued job resumes it."""
+    from transfer.finetune_train import read_checkpoint
+
+    flags = ("--finetune-lrs", "0.1,0.01", "--finetune-wds", "0", "--finetune-steps", "20", "--finetune-workers", "2")
+    record = _transfer(tmp_path, small_card, "finetune_synthetic", DEVICE, *flags)
+    assert 0 <= record["metrics"]["acc"] <= 100 and len(record["extra"]["grid"]) == 2
+    assert all(row["val"] == row["val"] for row in record["extra"]["grid"])  # no NaN
+    (checkpoint,) = (tmp_path / f"runs-{DEVICE}").rglob("final/*/checkpoint.pth")
+    assert ("cuda_rng" in read_checkpoint(checkpoint)) == ON_CUDA
