@@ -73,14 +73,16 @@ def evaluate_source(
     counts = np.bincount(labels, minlength=len(class_names))
     validate_episodes(class_names, counts, rules, where=source)
     start = time.perf_counter()
-    drawn = iter_episodes(episode_seed(seed, source), labels, len(class_names), episodes, rules, structure)
+    identity = episode_seed(seed, source)
+    drawn = iter_episodes(identity, labels, len(class_names), episodes, rules, structure)
     accuracies: list[float] = []
     ways: list[int] = []
     support_sizes: list[int] = []
     with tqdm(total=episodes, desc=f"episodes {source}", unit="ep", disable=not progress, leave=False) as bar:
         while chunk := list(itertools.islice(drawn, EPISODE_CHUNK)):
             tasks = [(np.asarray(features[e.support]), e.support_labels, np.asarray(features[e.query])) for e in chunk]
-            preds = probe.fit_predict_many(tasks)
+            keys = [(*identity, len(accuracies) + i) for i in range(len(chunk))]  # episode i of these episodes
+            preds = probe.fit_predict_many(tasks, keys=keys)
             accuracies.extend(float(np.mean(p == e.query_labels)) for p, e in zip(preds, chunk))
             ways.extend(len(np.unique(e.support_labels)) for e in chunk)
             support_sizes.extend(len(e.support) for e in chunk)

@@ -1,4 +1,6 @@
-"""Probes on frozen features: one interface, ``fit_predict(support_x, support_y, query_x) -> query_pred``.
+"""Probes on frozen features: one interface, ``fit_predict(support_x, support_y, query_x) -> query_pred``, and
+``fit_predict_many(tasks, keys=None)`` for many episodes at once (``keys``: each episode's identity, for a probe
+that draws random numbers, so that every card draws the same ones on the same episode).
 
 * :class:`LogisticRegressionProbe`: multinomial logistic regression on L2-normalised features,
   ``min_{W,b} mean_i CE(W^T x_i + b, y_i) + (lambda/2) ||W||^2`` (the bias is not penalised; this is
@@ -96,9 +98,12 @@ class LogisticRegressionProbe:
     def fit_predict(self, support_x: np.ndarray, support_y: np.ndarray, query_x: np.ndarray) -> np.ndarray:
         return self.fit_predict_many([(support_x, support_y, query_x)])[0]
 
-    def fit_predict_many(self, tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    def fit_predict_many(
+        self, tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], keys: Sequence[Sequence[int]] | None = None
+    ) -> list[np.ndarray]:
         """Predictions for many episodes, solved in as few batched problems as memory allows
-        (episodes of similar sizes together, so that little is padding)."""
+        (episodes of similar sizes together, so that little is padding). ``keys`` (the episodes' identities) are
+        not needed: the solution draws no random numbers."""
         remapped = remap_labels_many([sy for _, sy, _ in tasks])
         problems = len(self.grid) * self.folds if self.weight_decay == "cv" else 1
         dim = tasks[0][0].shape[1] if tasks else 0
@@ -202,7 +207,7 @@ class _PerEpisode:
 
         def fit_predict(self, support_x: np.ndarray, support_y: np.ndarray, query_x: np.ndarray) -> np.ndarray: ...
 
-    def fit_predict_many(self, tasks):
+    def fit_predict_many(self, tasks, keys=None):  # no random numbers: the episodes' keys are not needed
         return [self.fit_predict(*t) for t in tasks]
 
 

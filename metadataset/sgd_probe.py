@@ -13,8 +13,11 @@ Episodes with fewer support examples (variable-way episodes) are padded and simp
 epoch is over, exactly as their own loop would stop. The SGD step is PyTorch's (``torch.optim.SGD``): weight
 decay added to the gradient, the momentum buffer the first gradient itself, then ``b <- m b + (1 - d) g``,
 ``p <- p - lr b``. An episode's random numbers (initial weights, then one permutation per epoch) come from
-``numpy.random.default_rng([seed, crc32(support features), crc32(support labels)])``: a function of the
-episode alone, the same however episodes are grouped.
+``numpy.random.default_rng([seed, *key])``, ``key`` the episode's identity that :func:`metadataset.evaluate.
+evaluate_source` passes (its episodes' seed and its index): the same for every card on the same episode, so two
+cards' accuracies pair on the initial weights and minibatches as well as on the images. Without keys (one call by
+hand) the key is a checksum of the support features and labels. Either way a function of the episode alone, the
+same however episodes are grouped.
 """
 
 from __future__ import annotations
@@ -44,13 +47,19 @@ class EpisodeRandomness:
 
 
 def episode_randomness(
-    support_x: np.ndarray, support_y: np.ndarray, ways: int, epochs: int, seed: int
+    support_x: np.ndarray,
+    support_y: np.ndarray,
+    ways: int,
+    epochs: int,
+    seed: int,
+    key: Sequence[int] | None = None,
 ) -> EpisodeRandomness:
-    """The episode's initial classifier (``nn.Linear``'s default law) and its epochs' permutations."""
+    """The episode's initial classifier (``nn.Linear``'s default law) and its epochs' permutations, drawn from
+    ``(seed, *key)`` (``key``: the episode's identity; None: a checksum of its support set)."""
     support_x = np.ascontiguousarray(support_x, dtype=np.float32)
-    rng = np.random.default_rng(
-        [int(seed), zlib.crc32(support_x.tobytes()), zlib.crc32(np.ascontiguousarray(support_y).tobytes())]
-    )
+    if key is None:
+        key = (zlib.crc32(support_x.tobytes()), zlib.crc32(np.ascontiguousarray(support_y).tobytes()))
+    rng = np.random.default_rng([int(seed), *(int(k) for k in key)])
     dim = support_x.shape[1]
     bound = 1.0 / np.sqrt(dim)
     weight = rng.uniform(-bound, bound, size=(ways, dim))
@@ -97,14 +106,21 @@ class SGDLinearProbe:
     def fit_predict(self, support_x: np.ndarray, support_y: np.ndarray, query_x: np.ndarray) -> np.ndarray:
         return self.fit_predict_many([(support_x, support_y, query_x)])[0]
 
-    def fit_predict_many(self, tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    def fit_predict_many(
+        self,
+        tasks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+        keys: Sequence[Sequence[int]] | None = None,
+    ) -> list[np.ndarray]:
+        """Predictions for many episodes; ``keys[i]``: episode ``i``'s identity, which seeds its random numbers."""
         if not tasks:
             return []
+        if keys is not None and len(keys) != len(tasks):
+            raise ValueError(f"{len(keys)} episode keys for {len(tasks)} episodes")
         remapped = remap_labels_many([sy for _, sy, _ in tasks])
         ways = max(len(classes) for classes, _ in remapped)
         draws = [
-            episode_randomness(sx, codes, len(classes), self.epochs, self.seed)
-            for (sx, _, _), (classes, codes) in zip(tasks, remapped)
+            episode_randomness(sx, codes, len(classes), self.epochs, self.seed, None if keys is None else keys[i])
+            for i, ((sx, _, _), (classes, codes)) in enumerate(zip(tasks, remapped))
         ]
         weight, bias = self.train(
             [t[0] for t in tasks], [codes for _, codes in remapped], draws, ways, [len(c) for c, _ in remapped]

@@ -105,6 +105,35 @@ def test_an_episode_draws_its_own_randomness_whatever_the_batch():
     assert np.abs(one.weight).max() <= bound and np.abs(one.bias).max() <= bound
 
 
+def test_every_card_draws_the_same_randomness_on_the_same_episode():
+    """Through ``evaluate_source`` an episode's draws come from its identity (the episodes' seed and its index), not
+    from its features: two cards start each episode from the same weights and see the same minibatches, so their
+    accuracies pair on those too; another episode draws others."""
+    from metadataset.evaluate import episode_seed, evaluate_source
+    from metadataset.sampling import FixedEpisodes
+
+    seen: list[list] = []
+
+    class Recording(SGDLinearProbe):
+        def fit_predict_many(self, tasks, keys=None):
+            seen.append([episode_randomness(t[0], t[1], 5, self.epochs, self.seed, k) for t, k in zip(tasks, keys)])
+            return super().fit_predict_many(tasks, keys)
+
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(6), 8)
+    for dim in (12, 12):  # two cards: other features of the same width
+        evaluate_source("s", rng.normal(size=(48, dim)), labels, list("abcdef"), Recording(epochs=2),
+                        FixedEpisodes(5, 2, 2), episodes=3)  # fmt: skip
+    first, second = seen
+    for a, b in zip(first, second):
+        assert np.array_equal(a.weight, b.weight) and np.array_equal(a.permutations, b.permutations)
+    assert not np.array_equal(first[0].weight, first[1].weight)
+    key = (*episode_seed(0, "s"), 1)
+    assert np.array_equal(first[1].weight, episode_randomness(np.zeros((10, 12)), np.zeros(10), 5, 2, 0, key).weight)
+    with pytest.raises(ValueError, match="2 episode keys for 1 episodes"):
+        SGDLinearProbe().fit_predict_many(_episodes(rng, [(5, 2)]), keys=[(0,), (1,)])
+
+
 def test_labels_are_mapped_back_and_the_probe_is_registered():
     (sx, sy, qx), *_ = _episodes(np.random.default_rng(3), [(3, 3)])
     pred = SGDLinearProbe(epochs=2).fit_predict(sx, sy * 7 + 2, qx)
