@@ -184,8 +184,8 @@ def test_the_linear_tasks_on_the_device_match_the_cpu(tmp_path, small_card, task
 
 
 def test_cross_domain_few_shot_on_the_device_as_on_the_cpu(tmp_path, small_card):
-    """BSCD-FSL's twin: ProtoNet's rule predicts alike; the support-set SGD baseline (seeded from each episode's
-    support features, which differ in their last bits between devices) scores alike on average."""
+    """BSCD-FSL's twin: ProtoNet's rule predicts alike; the support-set SGD baseline (the same draws on both
+    devices, but 100 epochs of float32 steps on features that differ in their last bits) scores alike on average."""
     for probe, tolerance in (("protonet", 0.0), ("sgd_linear", 3.0)):
         flags = ("--probe", probe, "--episodes", "100", "--cdfsl-shots", "5,20", "--cdfsl-synthetic-images", "35")
         here = _transfer(tmp_path / probe, small_card, "cdfsl_synthetic", DEVICE, *flags)
