@@ -238,6 +238,12 @@ def image_folder(root: str | Path, split: str) -> ImageFolder:
                 raise UserError(f"ImageFolder: no folder {folder} (expected {root}/{split}/<class>/<images>)")
     except OSError as exc:  # a root that is a symlink to itself
         raise UserError(f"ImageFolder {root}: cannot follow ({exc.strerror or exc})") from exc
+    return image_folder_dataset(folder)
+
+
+def image_folder_dataset(folder: str | Path) -> ImageFolder:
+    """torchvision's ``ImageFolder`` over ``folder/<class>/<image>`` (its classes, suffixes and order), its files
+    walked by :func:`walk_files`; no class folder, or a class without an image, is a one-line :class:`UserError`."""
     try:
         return _image_folder_class()(str(folder))
     except (FileNotFoundError, RuntimeError) as exc:

@@ -92,7 +92,8 @@ def _missing(name: str, path: Path, layout: str) -> UserError:
     return UserError(f"{name}: expected {path} ({layout}); nothing is downloaded")
 
 
-def _need(name: str, path: Path, layout: str, folder: bool = False) -> Path:
+def need_path(name: str, path: Path, layout: str, folder: bool = False) -> Path:
+    """``path`` (a folder if ``folder``), or a one-line :class:`UserError` naming it and the data set's layout."""
     if not (path.is_dir() if folder else path.is_file()):
         raise _missing(name, path, layout)
     return path
@@ -108,7 +109,7 @@ def _lines(path: Path) -> list[str]:
 def _loadmat(name: str, path: Path, layout: str, keys: tuple[str, ...]) -> dict[str, Any]:
     import scipy.io
 
-    _need(name, path, layout)
+    need_path(name, path, layout)
     try:
         mat = scipy.io.loadmat(str(path), squeeze_me=True)
     except Exception as exc:  # scipy raises ValueError, TypeError, MatReadError... on a bad file
@@ -165,12 +166,12 @@ AIRCRAFT_LAYOUT = (
 def read_aircraft(root: Path, seed: int = 0) -> Listing:
     name = "FGVC-Aircraft"
     data = root / "fgvc-aircraft-2013b" / "data"
-    classes = _lines(_need(name, data / "variants.txt", AIRCRAFT_LAYOUT))
+    classes = _lines(need_path(name, data / "variants.txt", AIRCRAFT_LAYOUT))
     index = {c: i for i, c in enumerate(classes)}
     splits = {}
     for split in ("train", "val", "test"):
         refs, labels = [], []
-        for line in _lines(_need(name, data / f"images_variant_{split}.txt", AIRCRAFT_LAYOUT)):
+        for line in _lines(need_path(name, data / f"images_variant_{split}.txt", AIRCRAFT_LAYOUT)):
             image, _, label = line.partition(" ")
             if label not in index:
                 raise UserError(f"{data / f'images_variant_{split}.txt'}: variant {label!r} is not in variants.txt")
@@ -196,7 +197,7 @@ def read_cars(root: Path, seed: int = 0) -> Listing:
         ("train", base / "devkit" / "cars_train_annos.mat"),
         ("test", base / "cars_test_annos_withlabels.mat"),
     ):
-        images = _need(name, base / f"cars_{split}", CARS_LAYOUT, folder=True)
+        images = need_path(name, base / f"cars_{split}", CARS_LAYOUT, folder=True)
         records = np.atleast_1d(_loadmat(name, annos, CARS_LAYOUT, ("annotations",))["annotations"])
         try:
             refs = [f"{images.name}/{_within(base, str(r['fname']))}" for r in records]
@@ -220,7 +221,7 @@ def read_dtd(root: Path, seed: int = 0) -> Listing:
     base = root / "dtd" / "dtd"
     if not (base / "labels").is_dir() and (root / "dtd" / "labels").is_dir():
         base = root / "dtd"
-    lists = {s: _lines(_need(name, base / "labels" / f"{s}1.txt", DTD_LAYOUT)) for s in ("train", "val", "test")}
+    lists = {s: _lines(need_path(name, base / "labels" / f"{s}1.txt", DTD_LAYOUT)) for s in ("train", "val", "test")}
     classes = sorted({line.split("/")[0] for lines in lists.values() for line in lines})
     index = {c: i for i, c in enumerate(classes)}
     splits = {
@@ -269,7 +270,7 @@ def read_food(root: Path, seed: int = 0) -> Listing:
     base = root / "food-101"
     meta = {}
     for split in ("train", "test"):
-        path = _need(name, base / "meta" / f"{split}.json", FOOD_LAYOUT)
+        path = need_path(name, base / "meta" / f"{split}.json", FOOD_LAYOUT)
         try:
             meta[split] = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -302,7 +303,7 @@ def read_pets(root: Path, seed: int = 0) -> Listing:
     names: dict[int, str] = {}
     parsed = {}
     for split, file in (("train", "trainval"), ("test", "test")):
-        path = _need(name, base / "annotations" / f"{file}.txt", PETS_LAYOUT)
+        path = need_path(name, base / "annotations" / f"{file}.txt", PETS_LAYOUT)
         refs, labels = [], []
         for line in _lines(path):
             if line.startswith("#"):
@@ -328,13 +329,13 @@ SUN_LAYOUT = (
 def read_sun397(root: Path, seed: int = 0) -> Listing:
     name = "SUN397"
     base = root / "SUN397"
-    entries = _lines(_need(name, base / "ClassName.txt", SUN_LAYOUT))  # "/a/abbey", "/o/outhouse/outdoor"
+    entries = _lines(need_path(name, base / "ClassName.txt", SUN_LAYOUT))  # "/a/abbey", "/o/outhouse/outdoor"
     index = {e.rstrip("/"): i for i, e in enumerate(entries)}
     classes = [e[3:].strip() for e in entries]  # torchvision's names: "abbey", "outhouse/outdoor"
     partitions = base / "Partitions" if (base / "Partitions" / "Training_01.txt").is_file() else base
     splits = {}
     for split, file in (("train", "Training_01.txt"), ("test", "Testing_01.txt")):
-        path = _need(name, partitions / file, SUN_LAYOUT)
+        path = need_path(name, partitions / file, SUN_LAYOUT)
         refs, labels = [], []
         for line in _lines(path):
             parent = line.rsplit("/", 1)[0]
@@ -353,7 +354,7 @@ def read_caltech101(root: Path, seed: int = 0) -> Listing:
     """30 random images of each class train (seeded), the rest test; ``BACKGROUND_Google`` left out."""
     name = "Caltech-101"
     base = root / "caltech101"
-    categories = _need(name, base / "101_ObjectCategories", CALTECH_LAYOUT, folder=True)
+    categories = need_path(name, base / "101_ObjectCategories", CALTECH_LAYOUT, folder=True)
     classes = sorted(p.name for p in categories.iterdir() if p.is_dir() and p.name != "BACKGROUND_Google")
     rng = np.random.default_rng(seed)
     parts: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "test": ([], [])}
@@ -382,12 +383,12 @@ BIRDSNAP_LAYOUT = (
 def read_birdsnap(root: Path, seed: int = 0) -> Listing:
     name = "Birdsnap"
     base = root / "birdsnap"
-    species_path = _need(name, base / "species.txt", BIRDSNAP_LAYOUT)
-    test_path = _need(name, base / "test_images.txt", BIRDSNAP_LAYOUT)
+    species_path = need_path(name, base / "species.txt", BIRDSNAP_LAYOUT)
+    test_path = need_path(name, base / "test_images.txt", BIRDSNAP_LAYOUT)
     images = base / "download" / "images"
     if not images.is_dir() and (base / "images").is_dir():
         images = base / "images"
-    _need(name, images, BIRDSNAP_LAYOUT, folder=True)
+    need_path(name, images, BIRDSNAP_LAYOUT, folder=True)
     rows = [line.split("\t") for line in species_path.read_text().splitlines() if line.strip()]
     header = [h.strip() for h in rows[0]] if rows else []
     if not {"id", "common", "dir"} <= set(header):

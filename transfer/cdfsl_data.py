@@ -14,7 +14,8 @@
   (Pillow's bicubic, as the loader's ``Image.resize((256, 256))``) and made RGB.
 
 The whole data set is the pool of every episode, as in the benchmark. A missing file is a one-line
-:class:`UserError` naming it and the layout; folders are walked cycle-safely (``ringbench.readers.walk_files``).
+:class:`UserError` naming it and the layout; image folders are torchvision's ``ImageFolder`` walked cycle-safely
+(``ringbench.readers.image_folder_dataset``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from ringbench.errors import UserError
-from ringbench.readers import walk_files
-from transfer.battery_data import Listing, Split, file_split
+from ringbench.readers import image_folder_dataset
+from transfer.battery_data import Listing, Split, file_split, need_path
 
-# torchvision.datasets.folder.IMG_EXTENSIONS: what ImageFolder reads
-IMAGE_FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CHESTX_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumothorax")
 CHESTX_LEFT_OUT = ("No Finding", "Pneumonia")
 CHESTX_SIZE = 256  # Chest_few_shot.py resizes every image to 256 x 256 before its transform
@@ -42,33 +41,16 @@ ISIC_LAYOUT = f"ISIC 2018 task 3 in BSCD-FSL's layout: ISIC/{{{ISIC_CSV}, ISIC20
 CHESTX_LAYOUT = "ChestX-ray8 in BSCD-FSL's layout: chestX/{Data_Entry_2017.csv, images/<Image Index>}"
 
 
-def _need(name: str, path: Path, layout: str, folder: bool = False) -> Path:
-    if not (path.is_dir() if folder else path.is_file()):
-        raise UserError(f"{name}: expected {path} ({layout}); nothing is downloaded")
-    return path
-
-
 def image_folder(name: str, folder: Path, layout: str) -> tuple[list[str], list[str], list[int]]:
-    """torchvision ``ImageFolder``'s classes (sorted sub-folders) and its images (every file with an image
-    suffix below each, sorted), walked cycle-safely: ``(classes, refs relative to folder, labels)``."""
-    _need(name, folder, layout, folder=True)
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-    if not classes:
-        raise UserError(f"{name}: no class folder in {folder} ({layout})")
-    refs: list[str] = []
-    labels: list[int] = []
-    seen = {os.path.realpath(folder): str(folder)}
-    for label, cls in enumerate(classes):
-        files = sorted(
-            os.path.relpath(p, folder).replace(os.sep, "/")
-            for p in walk_files(folder / cls, seen)
-            if p.lower().endswith(IMAGE_FOLDER_SUFFIXES)
-        )
-        if not files:
-            raise UserError(f"{name}: no image in {folder / cls} ({layout})")
-        refs += files
-        labels += [label] * len(files)
-    return classes, refs, labels
+    """torchvision ``ImageFolder``'s classes (sorted sub-folders) and images, as the benchmark's loaders read them,
+    walked cycle-safely (``ringbench.readers.image_folder_dataset``): ``(classes, refs relative to folder, labels)``."""
+    need_path(name, folder, layout, folder=True)
+    try:
+        dataset = image_folder_dataset(folder)
+    except UserError as exc:
+        raise UserError(f"{name}: {exc} ({layout})") from None
+    refs = [os.path.relpath(path, folder).replace(os.sep, "/") for path, _ in dataset.samples]
+    return list(dataset.classes), refs, [label for _, label in dataset.samples]
 
 
 def _rows(path: Path, layout: str) -> tuple[list[str], list[list[str]]]:
@@ -101,8 +83,8 @@ def read_eurosat(root: Path) -> Listing:
 
 def read_isic(root: Path) -> Listing:
     name, base = "ISIC 2018", root / "ISIC"
-    path = _need(name, base / ISIC_CSV, ISIC_LAYOUT)
-    _need(name, base / "ISIC2018_Task3_Training_Input", ISIC_LAYOUT, folder=True)
+    path = need_path(name, base / ISIC_CSV, ISIC_LAYOUT)
+    need_path(name, base / "ISIC2018_Task3_Training_Input", ISIC_LAYOUT, folder=True)
     header, rows = _rows(path, ISIC_LAYOUT)
     if len(header) < 3 or header[0] != "image":
         raise UserError(f"{path}: expected the header 'image,MEL,NV,BCC,AKIEC,BKL,DF,VASC', got {','.join(header)!r}")
@@ -123,8 +105,8 @@ def read_isic(root: Path) -> Listing:
 
 def read_chestx(root: Path) -> Listing:
     name, base = "ChestX-ray8", root / "chestX"
-    path = _need(name, base / "Data_Entry_2017.csv", CHESTX_LAYOUT)
-    _need(name, base / "images", CHESTX_LAYOUT, folder=True)
+    path = need_path(name, base / "Data_Entry_2017.csv", CHESTX_LAYOUT)
+    need_path(name, base / "images", CHESTX_LAYOUT, folder=True)
     header, rows = _rows(path, CHESTX_LAYOUT)
     if header[:2] != ["Image Index", "Finding Labels"]:
         raise UserError(f"{path}: expected the columns 'Image Index,Finding Labels,...', got {','.join(header[:2])!r}")
