@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from metadataset.evaluate import SourceResult, evaluate_source
-from metadataset.features import POOLINGS, cached_features
+from metadataset.features import POOLINGS
 from metadataset.probes import make_probe, probe_from_config
 from metadataset.sampling import FixedEpisodes, validate_episodes
 from metadataset.sources import ImageSet, data_digest, limit_per_class, synthetic_source
@@ -150,16 +150,8 @@ def run_sets(kind: str, backbone: Any, config: dict[str, Any], ctx: TaskContext,
     build = functools.cache(backbone.build_model)  # one model for every set whose features are not cached
     for name in config["sets"]:
         image_set = open_set(kind, name, config, image_size, task)
-        feats = cached_features(
-            backbone,
-            image_set,
-            ctx.feature_cache_dir,
-            image_size=image_size,
-            pooling=config["pooling"],
-            device=ctx.device,
-            progress=not ctx.debug,
-            resize=config["resize"],
-            build_model=build,
+        feats = ctx.features(
+            backbone, image_set, image_size, config["pooling"], resize=config["resize"], build_model=build
         )
         for k in config["shots"]:
             tag = f"{name}/{k}shot" if config["protocol"] == "bscd-fsl" else name

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from metadataset.evaluate import SourceResult, evaluate_source, summarise, table_rows
-from metadataset.features import POOLINGS, cached_features
+from metadataset.features import POOLINGS
 from metadataset.probes import PROBES, make_probe, probe_from_config
 from metadataset.sampling import FixedEpisodes, VariableEpisodes, validate_episodes
 from metadataset.sources import MD_SOURCES, limit_per_class, open_source
@@ -225,7 +225,6 @@ def run_fewshot(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> Task
 
     rules = _rules_from_config(config)
     probe = probe_from_config(config["probe"], device=ctx.device)
-    cache_dir = ctx.feature_cache_dir
     results: list[SourceResult] = []
     extra: dict[str, Any] = {
         "episode_accuracies": {},
@@ -240,15 +239,7 @@ def run_fewshot(backbone: Any, config: dict[str, Any], ctx: TaskContext) -> Task
     }
     for source in config["sources"]:
         image_set = _open(source, config, backbone)
-        feats = cached_features(
-            backbone,
-            image_set,
-            cache_dir,
-            image_size=config["image_size"],
-            pooling=config["pooling"],
-            device=ctx.device,
-            progress=not ctx.debug,
-        )
+        feats = ctx.features(backbone, image_set, config["image_size"], config["pooling"])
         result = evaluate_source(
             source,
             feats.features,

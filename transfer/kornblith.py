@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from metadataset.features import cached_features
 from metadataset.sources import ImageSet, data_digest
 from ringbench.config import settings_from_args
 from ringbench.errors import UserError
@@ -170,15 +169,8 @@ def evaluate_set(
     listing = read_set(spec, config, image_size, task_name)
     parts = ["train", "val", "test"] if spec.validation == "creators" else ["train", "test"]
     feats = {
-        part: cached_features(
-            backbone,
-            _image_set(task_name, listing, part),
-            ctx.feature_cache_dir,
-            image_size=image_size,
-            pooling=config["pooling"],
-            device=ctx.device,
-            progress=not ctx.debug,
-            resize=config["resize"],
+        part: ctx.features(
+            backbone, _image_set(task_name, listing, part), image_size, config["pooling"], resize=config["resize"]
         )
         for part in parts
     }

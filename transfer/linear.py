@@ -31,7 +31,6 @@ from typing import Any, Optional, cast
 import numpy as np
 import torch
 
-from metadataset.features import cached_features
 from metadataset.probes import DEFAULT_GRID
 from metadataset.sources import ImageSet, data_digest, decode_image
 from ringbench.config import add_schema_flags, settings_from_args
@@ -107,15 +106,7 @@ def split_features(backbone: Any, dataset: str, config: dict[str, Any], ctx: Tas
     feats = {}
     for split in ("train", "test"):
         image_set = open_linear_split(dataset, split, config.get("data_root"), config, image_size)
-        feats[split] = cached_features(
-            backbone,
-            image_set,
-            ctx.feature_cache_dir,
-            image_size=image_size,
-            pooling=config["pooling"],
-            device=ctx.device,
-            progress=not ctx.debug,
-        )
+        feats[split] = ctx.features(backbone, image_set, image_size, config["pooling"])
     return feats
 
 

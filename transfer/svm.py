@@ -44,7 +44,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-from metadataset.features import cached_features
 from ringbench.config import add_schema_flags, settings_from_args
 from ringbench.errors import UserError
 from transfer.linear import data_root_setting, open_linear_split, synthetic_setting
@@ -321,15 +320,7 @@ def _features(
             image_set = open_linear_split("synthetic", split, None, config, image_size)
             matrix = None
             names = list(image_set.class_names)
-        fs = cached_features(
-            backbone,
-            image_set,
-            ctx.feature_cache_dir,
-            image_size=image_size,
-            pooling=config["pooling"],
-            device=ctx.device,
-            progress=not ctx.debug,
-        )
+        fs = ctx.features(backbone, image_set, image_size, config["pooling"])
         if matrix is None:  # one-vs-rest: positive for its class, negative for every other
             matrix = np.where(np.eye(len(names), dtype=bool)[fs.labels], POSITIVE, NEGATIVE).astype(np.int8)
         else:  # rows of the images whose features exist (a corrupt image is skipped)

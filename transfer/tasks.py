@@ -91,6 +91,22 @@ class TaskContext:
         """Where frozen features are cached: ``cache_dir``, else the run's own folder."""
         return Path(self.cache_dir) if self.cache_dir else Path(self.output_dir) / "cache"
 
+    def features(self, backbone: Any, image_set: Any, image_size: int | None, pooling: str, **options: Any) -> Any:
+        """``metadataset.features.cached_features`` for this run: its feature cache, its device, a progress bar
+        unless ``--debug`` (``options``: ``resize``, ``build_model``)."""
+        from metadataset.features import cached_features
+
+        return cached_features(
+            backbone,
+            image_set,
+            self.feature_cache_dir,
+            image_size=image_size,
+            pooling=pooling,
+            device=self.device,
+            progress=not self.debug,
+            **options,
+        )
+
     def output_dir_for(self, config: dict[str, Any]) -> Path:
         """The output folder of the run of the same backbone and task with another ``config``."""
         from ringbench.records import config_hash
