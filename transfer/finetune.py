@@ -50,7 +50,7 @@ from transfer.finetune_protocol import (
 from transfer.finetune_train import CHECKPOINT_EVERY, FORCE_HINT, Pool, finetune, pool_of, predict, score
 from transfer.kornblith_protocol import KORNBLITH_IMAGE_SIZE, METRICS, RESIZE, per_image_values
 from transfer.linear import DATA_ROOT_ENV, data_root_setting, stratified_holdout, synthetic_setting
-from transfer.tasks import Task, TaskContext, TaskResult, register
+from transfer.tasks import Task, TaskContext, TaskResult, check_grid_point, get_task, register
 
 BATCH_NORM_MODES = {
     "train": "BatchNorm in training mode (batch statistics; running averages with Kornblith's momentum), as "
@@ -225,12 +225,11 @@ GRID_KEYS = ("point", "lr", "wd", "weight_decay", "val")
 
 def run_task(spec: BatterySet, backbone: Any, config: dict[str, Any], ctx: TaskContext, task_name: str) -> TaskResult:
     """The task: one point (``ctx.grid_point``), or every point, the choice, the refit on train + val and the test."""
+    check_grid_point(get_task(task_name), config, ctx.grid_point)  # before any data is read
     data = read_data(spec, config, task_name)
     points = {p.name: p for p in expand_grid(config["lrs"], config["wds"])}
     metric_name, words = METRICS[config["metric"]][1:]
     if ctx.grid_point is not None:
-        if ctx.grid_point not in points:
-            raise UserError(f"--grid-point {ctx.grid_point!r}: not a point of {task_name}'s grid ({', '.join(points)})")
         row = run_point(backbone, config, ctx, data, points[ctx.grid_point], task_name)
         return TaskResult(metrics={f"val_{metric_name}": row["val"]}, extra=row, write_record=False)
     rows = [run_point(backbone, config, ctx, data, p, task_name) for p in points.values()]

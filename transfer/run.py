@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ringbench.records import config_hash, engine_versions_now, make_record
     from ringbench.store import write_record
     from transfer.checkpoints import load_backbone
-    from transfer.tasks import TaskContext, get_task, run_dir
+    from transfer.tasks import TaskContext, check_grid_point, get_task, run_dir
 
     task = get_task(args.task)
     refuse_foreign_flags(args, task)
@@ -291,20 +291,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_metrics(record))
     print(f"record written to {path}", file=sys.stderr)
     return 0
-
-
-def check_grid_point(task, config: dict, point: str | None, keep: bool = False) -> None:
-    """``--grid-point`` (one of its points) and ``--keep-grid-points`` only for a task with a grid (else a one-line
-    error)."""
-    if task.grid_points is None and keep:
-        raise UserError(f"--keep-grid-points: task {task.name} searches no grid")
-    if point is None:
-        return
-    if task.grid_points is None:
-        raise UserError(f"--grid-point: task {task.name} searches no grid")
-    points = task.grid_points(config)
-    if point not in points:
-        raise UserError(f"--grid-point {point!r}: not a point of {task.name}'s grid; its points: {', '.join(points)}")
 
 
 def _meta_summary(meta: dict) -> dict:

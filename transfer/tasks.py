@@ -182,3 +182,17 @@ def get_task(name: str) -> Task:
             hint = " (not loaded: " + "; ".join(f"{m}: {e}" for m, e in _LOAD_ERRORS.items()) + ")"
         raise UserError(f"unknown task {name!r}; available: {', '.join(tasks) or 'none'}{hint}")
     return tasks[name]
+
+
+def check_grid_point(task: Task, config: dict[str, Any], point: str | None, keep: bool = False) -> None:
+    """``--grid-point`` (one of its points) and ``--keep-grid-points`` only for a task with a grid (else a one-line
+    error)."""
+    if task.grid_points is None and keep:
+        raise UserError(f"--keep-grid-points: task {task.name} searches no grid")
+    if point is None:
+        return
+    if task.grid_points is None:
+        raise UserError(f"--grid-point: task {task.name} searches no grid")
+    points = task.grid_points(config)
+    if point not in points:
+        raise UserError(f"--grid-point {point!r}: not a point of {task.name}'s grid; its points: {', '.join(points)}")
