@@ -306,6 +306,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         handle.write(text)
 
 
+def read_json_object(path: str | os.PathLike, what: str, hint: str, required: tuple[str, ...] = ()) -> dict:
+    """A JSON object a finished piece of work left (a seed's results, a grid point's result), with ``required`` keys;
+    anything else (unreadable, not UTF-8, not JSON, not an object, a key missing) is one line naming the file,
+    ``what`` it should be and ``hint`` (how to make it again). Never guessed at."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: damaged {what} ({type(exc).__name__}: {exc}); {hint}") from None
+    missing = [key for key in required if not isinstance(data, dict) or key not in data]
+    if not isinstance(data, dict) or missing:
+        raise UserError(f"{path}: damaged {what} (not a JSON object with {', '.join(required) or 'keys'}); {hint}")
+    return data
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes (a backbone's identity in results)."""
     digest = hashlib.sha256()

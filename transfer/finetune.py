@@ -34,7 +34,7 @@ import numpy as np
 
 from ringbench.config import add_schema_flags, settings_from_args
 from ringbench.errors import UserError
-from ringbench.fileio import atomic_write_text, folder_lock
+from ringbench.fileio import atomic_write_text, folder_lock, read_json_object
 from transfer.battery_data import BATTERY, BatterySet, Listing
 from transfer.finetune_protocol import (
     CHOICE_RULE,
@@ -174,13 +174,7 @@ REQUIRED_KEYS = ("point", "lr", "wd", "weight_decay", "val", "steps_per_epoch", 
 
 def read_point_result(path: Path) -> dict[str, Any]:
     """A finished point's ``result.json``; a damaged one is one line naming ``--force``."""
-    try:
-        row = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: damaged grid-point result ({type(exc).__name__}); {FORCE_HINT}") from None
-    if not isinstance(row, dict) or not all(k in row for k in REQUIRED_KEYS):
-        raise UserError(f"{path}: damaged grid-point result (not all of {', '.join(REQUIRED_KEYS)}); {FORCE_HINT}")
-    return row
+    return read_json_object(path, "grid-point result", FORCE_HINT, required=REQUIRED_KEYS)
 
 
 def run_point(

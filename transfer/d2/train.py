@@ -30,7 +30,7 @@ from typing import Any
 
 from ringbench.config import config_root
 from ringbench.errors import UserError
-from ringbench.fileio import atomic_write_text
+from ringbench.fileio import atomic_write_text, read_json_object
 from ringbench.resnets import RESNETS
 from transfer.d2 import convert
 from transfer.d2.compat import d2, has_compiled_ops
@@ -409,10 +409,7 @@ def launch_seed(payload: dict[str, Any], spec: Any) -> dict[str, Any] | None:
 
 def read_seed_results(path: Path) -> dict[str, Any]:
     """A seed's ``results.json``; a damaged one is one line (it is never guessed at)."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: damaged seed results ({exc}); {FORCE_HINT}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
-        raise UserError(f"{path}: damaged seed results (no 'metrics' object); {FORCE_HINT}")
+    data = read_json_object(path, "seed results", FORCE_HINT, required=("metrics",))
+    if not isinstance(data["metrics"], dict):
+        raise UserError(f"{path}: damaged seed results ('metrics' is not an object); {FORCE_HINT}")
     return data
